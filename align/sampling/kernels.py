@@ -1,0 +1,223 @@
+"""Step kernels: pure functions that take one denoising step and report its Gaussian log-prob.
+
+Every kernel has the signature
+
+    kernel(x, model_out, level, level_next, *, noise=None, prev_sample=None, generator=None,
+           mean_shift=None, reduce="mean", **params) -> StepOut
+
+``level`` / ``level_next`` are sigmas for flow models (1 = noise, 0 = clean) and cumulative alphas
+(alpha_bar) for DDPM-family models; each is a float, a 0-d tensor or a (B,) tensor. Pass ``noise``
+(or let the kernel draw it from ``generator``) to sample, or ``prev_sample`` to re-score a stored
+transition. ``mean_shift`` is a drift added to the sample only (guided sampling): the reported
+log-prob uses the unguided mean, so training distils the guidance into the model.
+
+All math runs in float32 whatever the model dtype. Log-probs are the mean over latent elements by
+default (as the public reference implementations do: ratios stay near 1); ``reduce="sum"`` gives the
+full-dimensional log-density.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class StepOut:
+    prev_sample: Tensor  # the next (less noisy) sample, float32
+    mean: Tensor  # the Gaussian mean of the step (unguided)
+    std: Tensor  # (B,) standard deviation of the step noise (0 for deterministic steps)
+    log_prob: Tensor  # (B,) log-prob of prev_sample under N(mean, std^2)
+
+
+def per_sample(value: float | Tensor, x: Tensor) -> Tensor:
+    """A float, 0-d or (B,) tensor -> float32 tensor of shape (B, 1, ..., 1) that broadcasts over x."""
+    v = torch.as_tensor(value, dtype=torch.float32, device=x.device)
+    if v.ndim == 0:
+        v = v.expand(x.shape[0])
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def reduce_elements(values: Tensor, reduce: str = "mean") -> Tensor:
+    """Mean (default) or sum over every dimension but the batch."""
+    dims = tuple(range(1, values.ndim))
+    if reduce == "mean":
+        return values.mean(dim=dims)
+    if reduce == "sum":
+        return values.sum(dim=dims)
+    raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+
+
+def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
+    """log N(sample; mean, std^2) per element, reduced over elements:
+    -(sample - mean)^2 / (2 std^2) - log std - log sqrt(2 pi)."""
+    std = std.float()
+    elementwise = -((sample.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+    return reduce_elements(elementwise, reduce)
+
+
+def _finish(mean: Tensor, std: Tensor, x: Tensor, noise, prev_sample, generator, mean_shift,
+            reduce: str, log_prob_fn=None) -> StepOut:
+    """Sample (or take) the next state and score it against the unguided mean."""
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device="cpu" if generator is None
+                                else generator.device, dtype=torch.float32).to(x.device)
+        shifted = mean if mean_shift is None else mean + mean_shift.float()
+        prev_sample = shifted + std * noise.float()
+    else:
+        prev_sample = prev_sample.float()
+    if log_prob_fn is not None:
+        log_prob = log_prob_fn(prev_sample, mean)
+    elif bool((std > 0).all()):
+        log_prob = gaussian_log_prob(prev_sample, mean, std, reduce)
+    else:  # a deterministic step has no density
+        log_prob = torch.zeros(x.shape[0], device=x.device)
+    return StepOut(prev_sample, mean, std.reshape(x.shape[0], -1)[:, 0].expand(x.shape[0]), log_prob)
+
+
+# --- flow models (velocity v ~ eps - x0, x_sigma = (1 - sigma) x0 + sigma eps) ----------------------
+
+
+def euler_step(x, model_out, level, level_next, *, noise=None, prev_sample=None, generator=None,
+               mean_shift=None, reduce="mean") -> StepOut:
+    """ODE (Euler): x' = x + v dt, dt = sigma' - sigma. Deterministic, log-prob 0."""
+    x, v = x.float(), model_out.float()
+    dt = per_sample(level_next, x) - per_sample(level, x)
+    mean = x + v * dt
+    if mean_shift is not None:
+        mean = mean + mean_shift.float()
+    prev = mean if prev_sample is None else prev_sample.float()
+    zeros = torch.zeros(x.shape[0], device=x.device)
+    return StepOut(prev, mean, zeros, zeros)
+
+
+def flow_grpo_std(sigma: Tensor, sigma_next: Tensor, noise_level: float) -> Tensor:
+    """std_t = a sqrt(sigma / (1 - sigma)); at sigma = 1 the denominator uses the next sigma."""
+    denominator = 1 - torch.where(sigma >= 1, sigma_next, sigma)
+    return noise_level * torch.sqrt(sigma / denominator)
+
+
+def flow_grpo_sde_step(x, model_out, level, level_next, *, noise=None, prev_sample=None,
+                       generator=None, mean_shift=None, reduce="mean", noise_level=0.7) -> StepOut:
+    """Flow-GRPO SDE: mean = x + [v + std_t^2 (x + (1 - sigma) v) / (2 sigma)] dt,
+    x' = mean + std_t sqrt(-dt) eps."""
+    x, v = x.float(), model_out.float()
+    sigma, sigma_next = per_sample(level, x), per_sample(level_next, x)
+    dt = sigma_next - sigma
+    std_t = flow_grpo_std(sigma, sigma_next, noise_level)
+    mean = x + (v + std_t**2 * (x + (1 - sigma) * v) / (2 * sigma)) * dt
+    std = std_t * torch.sqrt(-dt)
+    return _finish(mean, std, x, noise, prev_sample, generator, mean_shift, reduce)
+
+
+def dance_grpo_sde_step(x, model_out, level, level_next, *, noise=None, prev_sample=None,
+                        generator=None, mean_shift=None, reduce="mean", eta=0.3) -> StepOut:
+    """DanceGRPO SDE: score = -(x + (1 - sigma) v) / sigma; mean = x + v dt - 0.5 eta^2 score dt;
+    std = eta sqrt(sigma - sigma')."""
+    x, v = x.float(), model_out.float()
+    sigma, sigma_next = per_sample(level, x), per_sample(level_next, x)
+    dt = sigma_next - sigma
+    score = -(x + (1 - sigma) * v) / sigma
+    mean = x + v * dt - 0.5 * eta**2 * score * dt
+    std = eta * torch.sqrt(sigma - sigma_next)
+    return _finish(mean, std, x, noise, prev_sample, generator, mean_shift, reduce)
+
+
+def cps_step(x, model_out, level, level_next, *, noise=None, prev_sample=None, generator=None,
+             mean_shift=None, reduce="mean", noise_level=0.7) -> StepOut:
+    """Coefficients-preserving sampling: s = sigma' sin(a pi / 2), x0_hat = x - sigma v,
+    x1_hat = x + (1 - sigma) v, mean = (1 - sigma') x0_hat + sqrt(sigma'^2 - s^2) x1_hat,
+    x' = mean + s eps, log p = -mean((x' - mean)^2) (constants dropped, as in the method)."""
+    x, v = x.float(), model_out.float()
+    sigma, sigma_next = per_sample(level, x), per_sample(level_next, x)
+    s = sigma_next * math.sin(noise_level * math.pi / 2)
+    x0_hat = x - sigma * v
+    x1_hat = x + (1 - sigma) * v
+    mean = (1 - sigma_next) * x0_hat + torch.sqrt((sigma_next**2 - s**2).clamp_min(0)) * x1_hat
+    return _finish(mean, s, x, noise, prev_sample, generator, mean_shift, reduce,
+                   log_prob_fn=lambda sample, m: -reduce_elements((sample - m) ** 2, reduce))
+
+
+# --- DDPM-family models (UNet, eps or v prediction, levels = alpha_bar) -----------------------------
+
+
+def ddim_x0_eps(x: Tensor, model_out: Tensor, alpha: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """(x0_hat, eps_hat) from the model output at x_t with cumulative alpha ``alpha``."""
+    if prediction_type == "epsilon":
+        eps = model_out
+        x0 = (x - torch.sqrt(1 - alpha) * eps) / torch.sqrt(alpha)
+    elif prediction_type == "v_prediction":
+        x0 = torch.sqrt(alpha) * x - torch.sqrt(1 - alpha) * model_out
+        eps = torch.sqrt(alpha) * model_out + torch.sqrt(1 - alpha) * x
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    return x0, eps
+
+
+def ddim_step(x, model_out, level, level_next, *, noise=None, prev_sample=None, generator=None,
+              mean_shift=None, reduce="mean", eta=1.0, prediction_type="epsilon",
+              clip_sample: float | None = None) -> StepOut:
+    """DDIM with log-prob (DDPO): var = (1 - a') / (1 - a) (1 - a / a'), std = eta sqrt(var),
+    mean = sqrt(a') x0_hat + sqrt(1 - a' - std^2) eps_hat, x' = mean + std eps. eta = 0 is the
+    deterministic DDIM ODE."""
+    x, out = x.float(), model_out.float()
+    alpha, alpha_next = per_sample(level, x), per_sample(level_next, x)
+    x0, eps = ddim_x0_eps(x, out, alpha, prediction_type)
+    if clip_sample is not None:
+        x0 = x0.clamp(-clip_sample, clip_sample)
+    variance = (1 - alpha_next) / (1 - alpha) * (1 - alpha / alpha_next)
+    std = eta * torch.sqrt(variance.clamp_min(0))
+    mean = torch.sqrt(alpha_next) * x0 + torch.sqrt((1 - alpha_next - std**2).clamp_min(0)) * eps
+    if eta == 0:
+        if mean_shift is not None:
+            mean = mean + mean_shift.float()
+        prev = mean if prev_sample is None else prev_sample.float()
+        zeros = torch.zeros(x.shape[0], device=x.device)
+        return StepOut(prev, mean, zeros, zeros)
+    return _finish(mean, std, x, noise, prev_sample, generator, mean_shift, reduce)
+
+
+def ddim_ode_step(x, model_out, level, level_next, **kwargs) -> StepOut:
+    """Deterministic DDIM (eta = 0): the ODE of DDPM-family models."""
+    kwargs["eta"] = 0.0
+    return ddim_step(x, model_out, level, level_next, **kwargs)
+
+
+# --- registry ------------------------------------------------------------------------------------
+
+Kernel = Callable[..., StepOut]
+
+#: stochastic kernels by name, and the schedule kind each one applies to
+KERNELS: dict[str, tuple[Kernel, str]] = {
+    "flow_grpo": (flow_grpo_sde_step, "flow"),
+    "dance_grpo": (dance_grpo_sde_step, "flow"),
+    "cps": (cps_step, "flow"),
+    "ddim": (ddim_step, "ddpm"),
+    "ode": (euler_step, "flow"),
+}
+
+#: the deterministic kernel of each schedule kind
+ODE_KERNELS: dict[str, Kernel] = {"flow": euler_step, "ddpm": ddim_ode_step}
+
+
+def get_kernel(name: str, schedule_kind: str) -> Kernel:
+    """Kernel by name; "ode" resolves to the deterministic kernel of the schedule kind."""
+    from align.config import unknown_name_error
+
+    if name == "ode":
+        return ODE_KERNELS[schedule_kind]
+    if name not in KERNELS:
+        raise unknown_name_error("step kernel", name, KERNELS)
+    kernel, kind = KERNELS[name]
+    if kind != schedule_kind:
+        valid = sorted(k for k, (_, s) in KERNELS.items() if s == schedule_kind)
+        raise ValueError(f"step kernel {name!r} is for {kind} schedules; this model uses a "
+                         f"{schedule_kind} schedule (use one of {valid})")
+    return kernel

@@ -1,0 +1,180 @@
+"""The one small interface every model adapter implements.
+
+An adapter wraps a denoiser (a diffusers transformer / UNet, or the embedded toy model) and gives the
+rollout engine five things: ``encode`` prompts into a :class:`Conditioning`, ``predict`` the model
+output at (x, t) with classifier-free guidance run as one batch, ``decode`` latents to float
+images / videos in [0, 1], the sampling ``schedule``, and LoRA attach / disable (the reference policy
+is the same model with its adapters disabled).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Schedule:
+    """Noise levels of one sampling run.
+
+    ``timesteps[i]`` is what the model receives at step i; ``levels`` has one entry more than
+    ``timesteps`` and holds, for flow models, the sigmas (1 = noise ... 0 = clean) and, for
+    DDPM-family models (``kind == "ddpm"``), the cumulative alphas (alpha_bar) of each step.
+    """
+
+    timesteps: Tensor
+    levels: Tensor
+    kind: str = "flow"
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+@dataclass
+class Conditioning:
+    """Batch-first prompt encodings; ``negative`` holds the unconditional branch for CFG.
+
+    Every tensor in ``tensors`` / ``negative`` has the batch as its first dimension, so rows can be
+    selected or repeated (trees, groups) with :meth:`select`. ``extra`` holds values shared by the
+    whole batch (for example FLUX's distilled guidance or SDXL's image size).
+    """
+
+    tensors: dict[str, Tensor]
+    negative: dict[str, Tensor] | None = None
+    guidance_scale: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.negative is not None and self.guidance_scale != 1.0
+
+    def select(self, index: Tensor | Sequence[int]) -> "Conditioning":
+        """Rows ``index`` of every tensor (repeats allowed)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+
+        def pick(d):
+            return None if d is None else {k: v[index.to(v.device)] for k, v in d.items()}
+
+        return Conditioning(pick(self.tensors), pick(self.negative), self.guidance_scale, dict(self.extra))
+
+    def repeat_interleave(self, n: int) -> "Conditioning":
+        return self.select(torch.arange(len(self)).repeat_interleave(n))
+
+
+def _as_batch(t: Tensor | float, batch: int, device, dtype=torch.float32) -> Tensor:
+    t = torch.as_tensor(t, device=device, dtype=dtype)
+    return t.expand(batch) if t.ndim == 0 else t
+
+
+class ModelAdapter(abc.ABC):
+    """Base class: subclasses set ``denoiser`` and implement ``encode``, ``forward``, ``decode``,
+    ``schedule`` and ``latent_shape``.
+
+    ``nfe`` counts per-sample model evaluations made through :meth:`predict` (a CFG pair counts once;
+    ``transformer_rows`` counts the rows the network actually saw, CFG rows included).
+    """
+
+    name: str = "base"
+    #: "flow" (velocity, sigma schedule), "epsilon" or "v_prediction" (DDPM alphas)
+    prediction_type: str = "flow"
+    #: default sampling settings of this model family
+    default_steps: int = 10
+    default_guidance: float = 4.5
+    default_height: int = 512
+    default_width: int = 512
+    is_video: bool = False
+
+    denoiser: torch.nn.Module
+
+    def __init__(self) -> None:
+        self.nfe = 0
+        self.transformer_rows = 0
+
+    # --- to implement -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = "",
+               guidance_scale: float | None = None) -> Conditioning:
+        """Prompts (and CFG negatives when the guidance scale is not 1) -> Conditioning."""
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor, t: Tensor, tensors: dict[str, Tensor], extra: dict) -> Tensor:
+        """One raw network call on a batch; ``t`` has shape (B,) in the model's own timestep units."""
+
+    @abc.abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> float images (B, C, H, W) or videos (B, F, C, H, W) in [0, 1]."""
+
+    @abc.abstractmethod
+    def schedule(self, num_steps: int, *, latent_shape: tuple | None = None) -> Schedule:
+        """Timesteps and noise levels of a ``num_steps`` sampling run (some models shift the
+        schedule by the latent size, hence ``latent_shape``)."""
+
+    @abc.abstractmethod
+    def latent_shape(self, height: int | None = None, width: int | None = None,
+                     num_frames: int | None = None) -> tuple[int, ...]:
+        """Shape of one sample's latent, without the batch dimension."""
+
+    # --- shared ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    def predict(self, x: Tensor, t: Tensor | float, cond: Conditioning) -> Tensor:
+        """Model output at (x, t) with classifier-free guidance as one batch:
+        out = u + g (c - u), u the unconditional and c the conditional prediction."""
+        batch = x.shape[0]
+        t = _as_batch(t, batch, x.device)
+        self.nfe += batch
+        x_in = x.to(self.dtype)
+        if cond.uses_cfg:
+            tensors = {k: torch.cat([cond.negative[k], cond.tensors[k]]) for k in cond.tensors}
+            self.transformer_rows += 2 * batch
+            out = self.forward(torch.cat([x_in, x_in]), torch.cat([t, t]), tensors, cond.extra)
+            uncond, c = out.float().chunk(2)
+            return uncond + cond.guidance_scale * (c - uncond)
+        self.transformer_rows += batch
+        return self.forward(x_in, t, cond.tensors, cond.extra).float()
+
+    def initial_noise(self, batch: int, generator: torch.Generator | None = None, *,
+                      height: int | None = None, width: int | None = None,
+                      num_frames: int | None = None) -> Tensor:
+        shape = (batch, *self.latent_shape(height, width, num_frames))
+        return torch.randn(shape, generator=generator, device="cpu").to(self.device)
+
+    # --- LoRA (peft through diffusers' PeftAdapterMixin) ---------------------------------------
+    default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def add_lora(self, rank: int = 32, alpha: float = 64, target_modules: Sequence[str] | None = None,
+                 adapter_name: str = "default") -> None:
+        from peft import LoraConfig
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                            target_modules=list(target_modules or self.default_lora_targets))
+        self.denoiser.add_adapter(config, adapter_name=adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """The reference policy: the same network with every LoRA adapter switched off."""
+        has_adapters = getattr(self.denoiser, "_hf_peft_config_loaded", False)
+        if has_adapters:
+            self.denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            if has_adapters:
+                self.denoiser.enable_adapters()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.denoiser.parameters() if p.requires_grad]

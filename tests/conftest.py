@@ -1,0 +1,75 @@
+"""Shared fixtures: an analytic flow model whose exact velocity is known in closed form."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from pipelines.base import Conditioning, ModelAdapter, Schedule  # noqa: E402
+
+SHARED_ASSETS = ROOT.parent / "shared" / "assets"
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """Exact velocity of data x0 ~ N(mu, s0^2 I) under x_sigma = (1 - sigma) x0 + sigma eps:
+    with var = (1 - sigma)^2 s0^2 + sigma^2 and r = x - (1 - sigma) mu,
+    E[eps | x] = sigma r / var and E[x0 | x] = mu + (1 - sigma) s0^2 r / var; v = E[eps|x] - E[x0|x].
+    ``gain`` (1.0) is a trainable scale so gradients have something to reach."""
+
+    def __init__(self, s0: float = 0.5):
+        super().__init__()
+        self.s0 = s0
+        self.gain = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, sigma, mu):
+        sigma = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        mu = mu.reshape(x.shape)
+        var = (1 - sigma) ** 2 * self.s0**2 + sigma**2
+        r = x - (1 - sigma) * mu
+        eps_hat = sigma * r / var
+        x0_hat = mu + (1 - sigma) * self.s0**2 * r / var
+        return self.gain * (eps_hat - x0_hat)
+
+
+class GaussianAdapter(ModelAdapter):
+    """A model adapter over :class:`GaussianDenoiser`; prompt k means data centred at mu = k."""
+
+    name = "gaussian"
+    default_guidance = 1.0
+
+    def __init__(self, shape=(2, 4, 4), s0: float = 0.5):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.denoiser = GaussianDenoiser(s0)
+
+    def encode(self, prompts, negative_prompt="", guidance_scale=None):
+        mu = torch.tensor([float(p) for p in prompts])[:, None].expand(-1, int(torch.tensor(self.shape).prod()))
+        scale = self.default_guidance if guidance_scale is None else guidance_scale
+        negative = {"mu": torch.zeros_like(mu)} if scale != 1.0 else None
+        return Conditioning({"mu": mu.contiguous()}, negative, scale)
+
+    def forward(self, x, t, tensors, extra):
+        return self.denoiser(x, t / 1000, tensors["mu"])
+
+    def decode(self, latents):
+        return latents.clamp(0, 1)
+
+    def schedule(self, num_steps, *, latent_shape=None):
+        sigmas = torch.linspace(1, 0, num_steps + 1)
+        return Schedule(sigmas[:-1] * 1000, sigmas, "flow")
+
+    def latent_shape(self, height=None, width=None, num_frames=None):
+        return self.shape
+
+
+@pytest.fixture
+def gaussian_adapter():
+    return GaussianAdapter()
