@@ -1,0 +1,123 @@
+"""Sampling from any adapter over any topology, and writing images / videos and a grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.config import ConfigError
+from align.sampling.rollout import RolloutConfig, rollout
+
+
+@dataclass
+class ModelConfig:
+    #: adapter name (`align models` lists them): toy, sd3, flux, wan, sd, sdxl
+    name: str = "toy"
+    #: local directory or hub name (null: the embedded weights, for the toy model)
+    path: str | None = None
+    #: float32, bfloat16 or float16 (auto: bfloat16 on GPU, float32 on CPU)
+    dtype: str = "auto"
+    #: cpu, cuda, cuda:1, ... (auto: cuda when available)
+    device: str = "auto"
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+
+
+@dataclass
+class SampleConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(kernel="ode", num_steps=0))
+    prompts: list[str] = field(default_factory=lambda: ["a red digit 7"])
+    negative_prompt: str = ""
+    #: samples per prompt (for a tree: root trajectories per prompt; each yields its leaves)
+    num_per_prompt: int = 8
+    seed: int = 0
+    out: str = "samples"
+    #: video frames per second of the written MP4 files
+    fps: int = 8
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        from align.config import unknown_name_error
+
+        raise unknown_name_error("dtype", dtype, DTYPES)
+    return DTYPES[dtype]
+
+
+def load_model(config: ModelConfig):
+    from pipelines.registry import load_adapter
+
+    device = resolve_device(config.device)
+    return load_adapter(config.name, config.path, device=device, torch_dtype=resolve_dtype(config.dtype, device))
+
+
+def generate(adapter, config: SampleConfig):
+    """Encode the prompts, roll out, decode. Returns (images or videos in [0, 1], prompt of each)."""
+    rollout_config = config.rollout
+    if rollout_config.num_steps <= 0:  # 0 means: the model family's default
+        rollout_config = RolloutConfig(**{**vars(rollout_config), "num_steps": adapter.default_steps})
+    cond = adapter.encode(config.prompts, config.negative_prompt, config.rollout.guidance_scale)
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.no_grad():
+        result = rollout(adapter, cond, rollout_config, group_size=config.num_per_prompt, generator=generator,
+                         height=config.model.height, width=config.model.width,
+                         num_frames=config.model.num_frames)
+        pixels = adapter.decode(result.samples.to(adapter.dtype)).float().cpu()
+    prompts = [config.prompts[i] for i in result.prompt_index.tolist()]
+    return pixels, prompts, result
+
+
+def write_samples(pixels: torch.Tensor, prompts: list[str], out: str | Path, columns: int, fps: int = 8) -> Path:
+    """One PNG per image (MP4 per video), and grid.png of all images (first frames for videos)."""
+    from diffusers.utils import export_to_video, make_image_grid
+    from torchvision.transforms.functional import to_pil_image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    firsts = []
+    with open(out / "prompts.txt", "w") as index:
+        for i, (sample, prompt) in enumerate(zip(pixels, prompts)):
+            if sample.ndim == 4:  # (F, C, H, W)
+                frames = [to_pil_image(f) for f in sample]
+                export_to_video(frames, str(out / f"{i:04d}.mp4"), fps=fps)
+                firsts.append(frames[0])
+                index.write(f"{i:04d}.mp4\t{prompt}\n")
+            else:
+                image = to_pil_image(sample)
+                image.save(out / f"{i:04d}.png")
+                firsts.append(image)
+                index.write(f"{i:04d}.png\t{prompt}\n")
+    columns = max(1, min(columns, len(firsts)))
+    rows = -(-len(firsts) // columns)
+    firsts += [firsts[0].copy().point(lambda _: 0)] * (rows * columns - len(firsts))
+    grid = make_image_grid(firsts, rows=rows, cols=columns)
+    grid.save(out / "grid.png")
+    return out / "grid.png"
+
+
+def check_sample_config(config: SampleConfig) -> None:
+    if not config.prompts:
+        raise ConfigError("prompts is empty: give at least one --prompt")
+    if config.num_per_prompt < 1:
+        raise ConfigError(f"num_per_prompt must be >= 1, got {config.num_per_prompt}")
+    from pipelines.registry import ADAPTERS
+    from align.config import unknown_name_error
+
+    if config.model.name not in ADAPTERS:
+        raise unknown_name_error("model", config.model.name, ADAPTERS)
+    resolve_dtype(config.model.dtype, torch.device("cpu"))

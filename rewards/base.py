@@ -1,0 +1,231 @@
+"""One small reward interface, a registry by name, and a weighted combination.
+
+A reward maps a batch of images (B, C, H, W) or videos (B, F, C, H, W), float in [0, 1], plus the
+prompts (and optional context such as reference images, step index, noisy latents) to named scores
+per sample and a weighted total. Preprocessing is done in torch so gradients flow where the model
+allows; ``differentiable`` says whether they do.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from align.config import ConfigError, unknown_name_error
+
+ENTRY_POINT_GROUP = "align.rewards"
+
+
+class RewardError(RuntimeError):
+    """A reward could not score a batch (NaN output, failing server, bad input); one line."""
+
+
+@dataclass
+class RewardOutput:
+    #: named dimensions, each (B,)
+    scores: dict[str, Tensor]
+    #: weighted total (B,)
+    total: Tensor
+    #: False where a sample could not be scored (and was skipped by policy)
+    valid: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.total.shape[0]
+
+
+def check_samples(samples: Tensor, prompts: Sequence[str], who: str) -> None:
+    """Shape, finiteness and prompt count, checked before any model runs."""
+    if not isinstance(samples, Tensor) or samples.ndim not in (4, 5):
+        shape = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
+        raise RewardError(f"{who}: expected images (B, C, H, W) or videos (B, F, C, H, W), got {shape}")
+    channels = samples.shape[-3]
+    if channels not in (1, 3):
+        raise RewardError(f"{who}: expected 1 or 3 colour channels at dim -3, got shape {tuple(samples.shape)}")
+    if len(prompts) != samples.shape[0]:
+        raise RewardError(f"{who}: {samples.shape[0]} samples but {len(prompts)} prompts")
+    if not torch.isfinite(samples).all():
+        raise RewardError(f"{who}: samples contain NaN or inf")
+
+
+class Reward(abc.ABC):
+    """Base class. Subclasses implement :meth:`score` returning a dict of (B,) tensors, one per
+    name in ``dimensions``; ``weights`` (default 1 each) make the total."""
+
+    name: str = "reward"
+    differentiable: bool = False
+    dimensions: tuple[str, ...] = ("score",)
+    #: accepts videos natively; otherwise videos are scored frame by frame and averaged
+    handles_video: bool = False
+
+    def __init__(self, weights: dict[str, float] | None = None) -> None:
+        self.weights = {d: 1.0 for d in self.dimensions}
+        for key, value in (weights or {}).items():
+            if key not in self.weights:
+                raise unknown_name_error(f"dimension of reward {self.name!r}", key, self.dimensions)
+            self.weights[key] = float(value)
+        self.device = torch.device("cpu")
+
+    @abc.abstractmethod
+    def score(self, samples: Tensor, prompts: Sequence[str], **context) -> dict[str, Tensor]:
+        """Named (B,) scores of images in [0, 1] (videos when ``handles_video``)."""
+
+    def to(self, device) -> "Reward":
+        self.device = torch.device(device)
+        for value in vars(self).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(self.device)
+        return self
+
+    def __call__(self, samples: Tensor, prompts: Sequence[str], **context) -> RewardOutput:
+        check_samples(samples, prompts, f"reward {self.name!r}")
+        if samples.ndim == 5 and not self.handles_video:
+            b, f = samples.shape[:2]
+            frame_prompts = [p for p in prompts for _ in range(f)]
+            per_frame = self.score(samples.flatten(0, 1), frame_prompts, **context)
+            scores = {k: v.reshape(b, f).mean(1) for k, v in per_frame.items()}
+        else:
+            scores = self.score(samples, prompts, **context)
+        missing = [d for d in self.dimensions if d not in scores]
+        if missing:
+            raise RewardError(f"reward {self.name!r} returned no {missing[0]!r} dimension")
+        valid = scores.pop("_valid", None)
+        for key, value in scores.items():
+            bad = ~torch.isfinite(value) if valid is None else ~torch.isfinite(value) & valid
+            if bad.any():
+                raise RewardError(f"reward {self.name!r} returned NaN/inf in {key!r} for sample {int(bad.nonzero()[0])}")
+        total = sum(self.weights[d] * scores[d].float() for d in self.dimensions)
+        return RewardOutput(scores, total, valid)
+
+
+# --- registry ------------------------------------------------------------------------------------
+
+REWARDS: dict[str, Callable[..., Reward] | str] = {}
+
+
+def register_reward(name: str):
+    """Class decorator: ``@register_reward("jpeg_compressibility")``."""
+
+    def wrap(cls):
+        REWARDS[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def _load_entry_points() -> None:
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        REWARDS.setdefault(entry.name, entry.value)
+
+
+def available_rewards() -> list[str]:
+    import rewards  # noqa: F401 - registers the built-in rewards
+
+    _load_entry_points()
+    return sorted(REWARDS)
+
+
+def reward_class(name: str):
+    if name not in available_rewards():
+        raise unknown_name_error("reward", name, REWARDS)
+    target = REWARDS[name]
+    if isinstance(target, str):  # "module:attr" from an entry point
+        import importlib
+
+        module, _, attr = target.partition(":")
+        target = getattr(importlib.import_module(module), attr)
+        REWARDS[name] = target
+    return target
+
+
+def build_reward(spec: str | dict) -> Reward:
+    """A reward from its name or a config dict ``{name, weight?, normalize?, **options}``; an unknown
+    name or option is a one-line ConfigError."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    spec = dict(spec)
+    if "name" not in spec:
+        raise ConfigError(f"reward config {spec} has no 'name'")
+    name = spec.pop("name")
+    spec.pop("weight", None), spec.pop("normalize", None)
+    cls = reward_class(name)
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    for key in spec:
+        if key not in params and not accepts_any:
+            raise unknown_name_error(f"option of reward {name!r}", key, [p for p in params if p != "self"])
+    return cls(**spec)
+
+
+class CombinedReward(Reward):
+    """Weighted sum of several rewards: total = sum_k w_k * norm_k(total_k), with per-reward
+    normalisation "none" or "batch" ((r - mean) / (std + 1e-6) over the batch). Every reward's
+    total is also reported as a dimension named after it."""
+
+    name = "combined"
+
+    def __init__(self, rewards: dict[str, Reward], weights: dict[str, float] | None = None,
+                 normalize: dict[str, str] | str = "none") -> None:
+        self.rewards = dict(rewards)
+        self.dimensions = tuple(self.rewards)
+        super().__init__(weights)
+        if isinstance(normalize, str):
+            normalize = {k: normalize for k in self.rewards}
+        for key, mode in normalize.items():
+            if mode not in ("none", "batch"):
+                raise ConfigError(f"normalize for reward {key!r} must be 'none' or 'batch', got {mode!r}")
+        self.normalize = {k: normalize.get(k, "none") for k in self.rewards}
+        self.differentiable = all(r.differentiable for r in self.rewards.values())
+        self.handles_video = True
+
+    def to(self, device) -> "CombinedReward":
+        for reward in self.rewards.values():
+            reward.to(device)
+        self.device = torch.device(device)
+        return self
+
+    def score(self, samples, prompts, **context):
+        return {key: reward(samples, prompts, **context).total for key, reward in self.rewards.items()}
+
+    def __call__(self, samples, prompts, **context) -> RewardOutput:
+        check_samples(samples, prompts, "combined reward")
+        outputs = {key: reward(samples, prompts, **context) for key, reward in self.rewards.items()}
+        scores, total, valid = {}, 0.0, None
+        for key, out in outputs.items():
+            scores[key] = out.total
+            for dim, value in out.scores.items():
+                if len(out.scores) > 1:
+                    scores[f"{key}.{dim}"] = value
+            value = out.total
+            if self.normalize[key] == "batch":
+                value = (value - value.mean()) / (value.std(unbiased=False) + 1e-6)
+            total = total + self.weights[key] * value
+            if out.valid is not None:
+                valid = out.valid if valid is None else valid & out.valid
+        return RewardOutput(scores, total, valid)
+
+
+def build_rewards(specs: Sequence[str | dict]) -> Reward:
+    """One reward for one spec; a :class:`CombinedReward` for several (weights / normalize per spec)."""
+    if not specs:
+        raise ConfigError("no reward configured: give at least one reward")
+    only = {"name": specs[0]} if isinstance(specs[0], str) else dict(specs[0])
+    if len(specs) == 1 and float(only.get("weight", 1.0)) == 1.0 and only.get("normalize", "none") == "none":
+        return build_reward(only)
+    rewards, weights, normalize = {}, {}, {}
+    for spec in specs:
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+        key = spec.get("key", spec.get("name"))
+        spec.pop("key", None)
+        weights[key] = float(spec.get("weight", 1.0))
+        normalize[key] = spec.get("normalize", "none")
+        rewards[key] = build_reward(spec)
+    return CombinedReward(rewards, weights, normalize)
