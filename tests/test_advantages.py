@@ -1,0 +1,117 @@
+"""Advantage and loss formulas against hand-computed values."""
+
+import math
+
+import torch
+
+from align.advantages import (RunningPromptStats, dense_step_gains, depth_advantages, fuse_leaf_rewards,
+                              group_advantages, mixed_advantages, per_step_advantages)
+from align.losses import flow_matching_target, mean_kl, nft_loss, normalize_log_ratio, ppo_clip_loss
+
+
+def test_group_advantages_closed_form_and_zero_std_groups_dropped():
+    rewards = torch.tensor([1.0, 3.0, 5.0, 5.0, 2.0, 4.0])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    adv, keep = group_advantages(rewards, groups, eps=0.0)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0, -1.0, 1.0]))
+    assert keep.tolist() == [True, True, False, False, True, True]
+    glob, _ = group_advantages(rewards, groups, std="global", eps=0.0)
+    torch.testing.assert_close(glob[:2], torch.tensor([-1.0, 1.0]) / rewards.std(unbiased=False))
+
+
+def test_group_advantages_are_clipped():
+    rewards = torch.tensor([0.0] * 99 + [1.0])
+    adv, _ = group_advantages(rewards, torch.zeros(100, dtype=torch.long), clip=5.0)
+    assert adv.max().item() == 5.0
+
+
+def test_mixed_advantages_sum_of_advantages_vs_sum_of_rewards():
+    groups = torch.tensor([0, 0])
+    r = {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([0.0, 100.0])}
+    sum_adv, _ = mixed_advantages(r, {"a": 1.0, "b": 1.0}, groups, mode="sum_advantages", eps=0.0)
+    torch.testing.assert_close(sum_adv, torch.tensor([-2.0, 2.0]))
+    sum_r, _ = mixed_advantages(r, {"a": 1.0, "b": 0.0}, groups, mode="sum_rewards", eps=0.0)
+    torch.testing.assert_close(sum_r, torch.tensor([-1.0, 1.0]))
+
+
+def test_tree_fusion_mean_and_logp_weighting():
+    leaves = torch.tensor([1.0, 3.0, 10.0, 20.0])
+    node = torch.tensor([0, 0, 1, 1])
+    torch.testing.assert_close(fuse_leaf_rewards(leaves, node, 2), torch.tensor([2.0, 15.0]))
+    lp = torch.tensor([0.0, math.log(3.0), 0.0, 0.0])
+    fused = fuse_leaf_rewards(leaves, node, 2, mode="logp", leaf_log_probs=lp)
+    torch.testing.assert_close(fused, torch.tensor([(1 * 1 + 3 * 3) / 4, 15.0]))
+
+
+def test_depth_advantages_normalise_within_each_tree():
+    rewards = torch.tensor([1.0, 2.0, 10.0, 30.0])
+    trees = torch.tensor([0, 0, 1, 1])
+    torch.testing.assert_close(depth_advantages(rewards, trees, eps=0.0), torch.tensor([-1.0, 1.0, -1.0, 1.0]))
+
+
+def test_dense_gains_telescope_to_the_total_improvement():
+    completions = torch.tensor([[0.1, 0.3, 0.2, 0.9], [0.5, 0.5, 0.6, 0.4]])
+    gains = dense_step_gains(completions)
+    torch.testing.assert_close(gains, torch.tensor([[0.2, -0.1, 0.7], [0.0, 0.1, -0.2]]))
+    torch.testing.assert_close(gains.sum(1), completions[:, -1] - completions[:, 0])
+    adv = per_step_advantages(gains, eps=0.0)
+    torch.testing.assert_close(adv[:, 0], torch.tensor([1.0, -1.0]))
+
+
+def test_ppo_loss_at_ratio_one_is_minus_mean_advantage():
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    lp = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
+    loss, stats = ppo_clip_loss(lp, lp.detach(), adv, clip_range=1e-4)
+    torch.testing.assert_close(loss, -adv.mean())
+    assert stats["clip_fraction"] == 0 and stats["ratio_mean"] == 1 and stats["approx_kl"] == 0
+    loss.backward()
+    torch.testing.assert_close(lp.grad, -adv / 3)  # d/dlogp of -A exp(logp - old) at rho = 1
+
+
+def test_ppo_clip_cuts_the_gradient_outside_the_range():
+    adv = torch.tensor([1.0])
+    lp = torch.tensor([0.5], requires_grad=True)
+    loss, stats = ppo_clip_loss(lp, torch.tensor([0.0]), adv, clip_range=0.2)
+    loss.backward()
+    assert lp.grad.item() == 0.0 and stats["clip_fraction"] == 1.0
+    torch.testing.assert_close(loss, torch.tensor(-1.2))
+
+
+def test_mean_kl_closed_form():
+    mean, ref = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    torch.testing.assert_close(mean_kl(mean, ref, torch.tensor([1.0, 0.5])), torch.tensor([0.5, 2.0]))
+
+
+def test_normalize_log_ratio_centres_and_rescales():
+    d = torch.tensor([-3.0, -2.0, -1.0], requires_grad=True)
+    out = normalize_log_ratio(d, target_std=0.1)
+    torch.testing.assert_close(out.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.std(unbiased=False), torch.tensor(0.1), rtol=1e-4, atol=1e-6)
+
+
+def test_nft_loss_is_plain_flow_matching_at_r_one_and_reverse_at_r_zero():
+    v_old, v_theta, target = torch.zeros(1, 4), torch.ones(1, 4), torch.full((1, 4), 2.0)
+    beta = 0.5
+    # r = 1: ||(1 - b) v_old + b v_theta - v||^2 = (0.5 - 2)^2
+    torch.testing.assert_close(nft_loss(v_theta, v_old, target, torch.tensor([1.0]), beta), torch.tensor(2.25))
+    # r = 0: ||(1 + b) v_old - b v_theta - v||^2 = (-0.5 - 2)^2
+    torch.testing.assert_close(nft_loss(v_theta, v_old, target, torch.tensor([0.0]), beta), torch.tensor(6.25))
+
+
+def test_flow_matching_target():
+    x0, eps = torch.ones(2, 3), torch.zeros(2, 3)
+    xt, v = flow_matching_target(x0, eps, torch.tensor([0.25, 1.0]))
+    torch.testing.assert_close(xt, torch.tensor([[0.75] * 3, [0.0] * 3]))
+    torch.testing.assert_close(v, -x0)
+
+
+def test_running_prompt_stats_switch_from_batch_to_prompt_statistics():
+    stats = RunningPromptStats(buffer_size=4, min_count=4)
+    first = stats.advantages(["a", "a", "b", "b"], torch.tensor([1.0, 3.0, 10.0, 30.0]))
+    batch = torch.tensor([1.0, 3.0, 10.0, 30.0])
+    torch.testing.assert_close(first, (batch - batch.mean()) / (batch.std(unbiased=False) + 1e-6))
+    second = stats.advantages(["a", "a"], torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(second, torch.tensor([-1.0, 1.0]), rtol=1e-5, atol=1e-5)
+    copy = RunningPromptStats(4, 4)
+    copy.load_state_dict(stats.state_dict())
+    assert copy.history == stats.history
