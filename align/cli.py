@@ -1,6 +1,7 @@
 """The ``align`` command.
 
     align sample --model toy --prompt "a red digit 7" --num 8 --out samples/ [key=value ...]
+    align train flow_grpo --config configs/quickstart.yaml [key=value ...]
     align env
     align models
 
@@ -44,6 +45,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from align.trainers import trainer_module
+
+    module = trainer_module(args.method)
+    config = load_config(module.CONFIG, args.config, list(args.overrides))
+    module.train(config)
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     from align.env import environment_report
 
@@ -78,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", help="output directory")
     sample.add_argument("overrides", nargs="*", help="key=value config overrides")
     sample.set_defaults(func=cmd_sample)
+
+    train = sub.add_parser("train", help="fine-tune a model against rewards with one method")
+    train.add_argument("method", help="trainer name, e.g. flow_grpo")
+    train.add_argument("--config", help="YAML config of the trainer")
+    train.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=1e-4")
+    train.set_defaults(func=cmd_train)
 
     env = sub.add_parser("env", help="versions, devices and attention backends")
     env.set_defaults(func=cmd_env)

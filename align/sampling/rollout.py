@@ -98,6 +98,12 @@ class Transition:
     #: factor applied to the kernel's noise level (split steps of a tree)
     noise_scale: float = 1.0
 
+    def subset(self, index: Tensor) -> "Transition":
+        """The transitions of rows ``index``."""
+        return Transition(self.step, self.latents[index], self.next_latents[index], self.mean[index],
+                          self.std[index], self.log_prob[index], self.prompt_index[index], self.parent[index],
+                          self.rows[index], self.branch, self.noise_scale)
+
 
 @dataclass
 class Rollout:

@@ -1,0 +1,347 @@
+"""What every trainer shares: accelerate set-up, LoRA / full fine-tuning, optimizer, prompts,
+atomic checkpoints with resume, trackers, evaluation on fixed prompts and seeds, sample grids,
+metrics, and LoRA export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from align.config import ConfigError, save_config, to_dict
+from align.sample import ModelConfig, load_model, resolve_device
+from align.sampling.rollout import RolloutConfig, rollout
+
+TOY_PROMPTS = [f"a {c} digit {d}" for d in range(10) for c in ("red", "green", "blue", "yellow")]
+TOY_EVAL_PROMPTS = ["a red digit 3", "a blue digit 5", "a green digit 8", "a yellow digit 1"]
+
+
+@dataclass
+class LoraSettings:
+    #: false: full fine-tuning of the denoiser (the reference is then a frozen copy)
+    enabled: bool = True
+    rank: int = 32
+    alpha: float = 64.0
+    #: module names to adapt (null: the adapter's attention projections)
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    #: exponential moving average of the trained weights (null: off), e.g. 0.99
+    ema_decay: float | None = None
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    #: "latest" resumes from the newest checkpoint in output_dir (if any), or a checkpoint path
+    resume: str | None = "latest"
+    checkpoint_every: int = 10
+    checkpoint_limit: int = 2
+    #: tensorboard (offline, default), wandb, or none
+    log_with: str = "tensorboard"
+    #: no, bf16 or fp16 (accelerate autocast)
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    #: write a sample grid of the evaluation prompts every N iterations (0: only before / after)
+    sample_every: int = 0
+    #: evaluation samples per evaluation prompt (fixed seeds)
+    eval_per_prompt: int = 4
+    #: sampling steps of the evaluation (null: the rollout's)
+    eval_steps: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint."""
+
+    iteration: int = 0
+    nfe: int = 0
+    reward_before: float | None = None
+    heldout_before: dict | None = None
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def prompt_list(prompts: Sequence[str] | None, prompt_file: str | None, default: Sequence[str]) -> list[str]:
+    if prompt_file:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise ConfigError(f"prompt_file not found: {path}")
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ConfigError(f"prompt_file {path} has no prompts")
+        return lines
+    return list(prompts) if prompts else list(default)
+
+
+def prompts_for_iteration(prompts: Sequence[str], count: int, seed: int, iteration: int,
+                          process_index: int = 0, num_processes: int = 1) -> list[str]:
+    """A deterministic draw per (seed, iteration): a resumed run sees the same prompts; each
+    process takes its own slice."""
+    rng = random.Random(f"{seed}-{iteration}")
+    total = count * num_processes
+    chosen = rng.sample(list(prompts), total) if total <= len(prompts) else rng.choices(list(prompts), k=total)
+    return chosen[process_index * count:(process_index + 1) * count]
+
+
+def iteration_generator(seed: int, iteration: int, process_index: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((seed, iteration, process_index)) % (2**63))
+
+
+class Run:
+    """The training session of one trainer: model, optimizer, accelerator, run folder."""
+
+    def __init__(self, config: Any, *, model: ModelConfig, lora: LoraSettings, optim: OptimConfig,
+                 run: RunConfig, adapter=None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        if run.log_with not in ("tensorboard", "wandb", "none"):
+            raise ConfigError(f"run.log_with must be tensorboard, wandb or none, got {run.log_with!r}")
+        self.config, self.run_config = config, run
+        self.dir = Path(run.output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cpu = resolve_device(model.device).type == "cpu"
+        self.accelerator = Accelerator(
+            mixed_precision=run.mixed_precision, cpu=cpu,
+            gradient_accumulation_steps=run.gradient_accumulation_steps,
+            log_with=None if run.log_with == "none" else run.log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.dir), logging_dir=str(self.dir / "logs")))
+        set_seed(run.seed)
+        self.adapter = adapter if adapter is not None else load_model(model)
+        self.adapter.denoiser.to(self.accelerator.device)
+        self._setup_parameters(lora)
+        params = self.adapter.trainable_parameters()
+        if not params:
+            raise ConfigError("nothing to train: no trainable parameter after the LoRA / fine-tune set-up")
+        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                           weight_decay=optim.weight_decay)
+        self.optim_config = optim
+        self.adapter.denoiser, self.optimizer = self.accelerator.prepare(self.adapter.denoiser, self.optimizer)
+        self.ema = None
+        if optim.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(params, decay=optim.ema_decay)
+            self.accelerator.register_for_checkpointing(self.ema)
+        self.state = TrainState()
+        self.accelerator.register_for_checkpointing(self.state)
+        self._register_trainable_only_checkpoints()
+        if self.is_main:
+            save_config(config, self.dir / "config.yaml")
+            if run.log_with != "none":
+                flat = {k: str(v) for k, v in _flatten(to_dict(config)).items()}
+                self.accelerator.init_trackers("align", config=flat)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.phase_seconds: dict[str, float] = {}
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def _setup_parameters(self, lora: LoraSettings) -> None:
+        base = self.adapter.base_denoiser
+        if lora.enabled:
+            base.requires_grad_(False)
+            self.adapter.add_lora(lora.rank, lora.alpha, lora.target_modules)
+            for param in base.parameters():  # peft leaves only LoRA weights trainable
+                if param.requires_grad:
+                    param.data = param.data.float()
+        else:
+            self.adapter.keep_reference_copy()
+            base.requires_grad_(True)
+
+    def _register_trainable_only_checkpoints(self) -> None:
+        """Checkpoints hold the trainable weights only (LoRA: a few MB instead of the whole model)."""
+        from safetensors.torch import load_file, save_file
+
+        def trainable_state(model):
+            return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+        def save_hook(models, weights, output_dir):
+            for i, model in enumerate(models):
+                save_file(trainable_state(self.accelerator.unwrap_model(model)),
+                          Path(output_dir) / f"trainable_{i}.safetensors")
+            weights.clear()
+
+        def load_hook(models, input_dir):
+            while models:
+                model = self.accelerator.unwrap_model(models.pop())
+                state = load_file(Path(input_dir) / f"trainable_{len(models)}.safetensors")
+                expected = set(trainable_state(model))
+                if set(state) != expected:
+                    missing = sorted(expected - set(state))[:1] or sorted(set(state) - expected)[:1]
+                    raise ConfigError(f"checkpoint {input_dir} does not match the model's trainable weights "
+                                      f"(first difference: {missing[0]}); was it made with other LoRA settings?")
+                model.load_state_dict(state, strict=False)
+
+        self.accelerator.register_save_state_pre_hook(save_hook)
+        self.accelerator.register_load_state_pre_hook(load_hook)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        folder = self.dir / "checkpoints"
+        return sorted(folder.glob("iteration-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
+
+    def save_checkpoint(self) -> Path:
+        """Written to a temporary folder and renamed when complete: a kill mid-write leaves the
+        previous checkpoint intact."""
+        folder = self.dir / "checkpoints"
+        final = folder / f"iteration-{self.state.iteration:06d}"
+        tmp = folder / f".tmp-{final.name}"
+        if self.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in self.checkpoints()[:-max(1, self.run_config.checkpoint_limit)]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def maybe_resume(self) -> bool:
+        resume = self.run_config.resume
+        if not resume:
+            return False
+        if resume == "latest":
+            found = self.checkpoints()
+            if not found:
+                return False
+            path = found[-1]
+        else:
+            path = Path(resume)
+            if not path.is_dir():
+                raise ConfigError(f"run.resume: checkpoint folder not found: {path}")
+        self.accelerator.load_state(str(path))
+        self.log_text(f"resumed from {path} at iteration {self.state.iteration}")
+        return True
+
+    # --- training helpers -----------------------------------------------------------------------
+    def step_optimizer(self) -> float:
+        """Clip, step, zero; returns the gradient norm (before clipping)."""
+        norm = 0.0
+        if self.accelerator.sync_gradients and self.optim_config.max_grad_norm:
+            norm = float(self.accelerator.clip_grad_norm_(self.adapter.trainable_parameters(),
+                                                          self.optim_config.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None and self.accelerator.sync_gradients:
+            self.ema.step(self.adapter.trainable_parameters())
+        return norm
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        return self.accelerator.gather(tensor.to(self.accelerator.device).contiguous()).cpu()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics.update({f"time/{k}": v for k, v in self.phase_seconds.items()})
+        self.phase_seconds = {}
+        if self.run_config.log_with != "none":
+            self.accelerator.log(metrics, step=step)
+        if self.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"iteration": step, **metrics}) + "\n")
+
+    def log_text(self, text: str) -> None:
+        if self.is_main:
+            with open(self.dir / "log.txt", "a") as f:
+                f.write(text + "\n")
+
+    @contextmanager
+    def ema_weights(self):
+        """Evaluate with the EMA weights when EMA is on."""
+        if self.ema is None:
+            yield
+            return
+        params = self.adapter.trainable_parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, reward, prompts: Sequence[str], rollout_config: RolloutConfig, *,
+                 heldout: dict | None = None, grid_name: str | None = None) -> dict[str, float]:
+        """Mean reward of ODE samples of fixed prompts and seeds, held-out rewards, and diversity
+        (mean pairwise RMS distance between samples of one prompt)."""
+        per_prompt = self.run_config.eval_per_prompt
+        steps = self.run_config.eval_steps or rollout_config.num_steps
+        config = RolloutConfig(num_steps=steps, kernel="ode", guidance_scale=rollout_config.guidance_scale)
+        adapter = self.adapter
+        with torch.no_grad(), self.ema_weights():
+            cond = adapter.encode(list(prompts), "", rollout_config.guidance_scale)
+            generator = torch.Generator().manual_seed(12345)
+            result = rollout(adapter, cond, config, group_size=per_prompt, generator=generator)
+            pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
+        sample_prompts = [prompts[i] for i in result.prompt_index.tolist()]
+        metrics = {"eval/reward": float(reward(pixels, sample_prompts).total.mean())}
+        for name, extra in (heldout or {}).items():
+            metrics[f"eval/heldout/{name}"] = float(extra(pixels, sample_prompts).total.mean())
+        metrics["eval/diversity"] = float(diversity(pixels, result.prompt_index))
+        if grid_name and self.is_main:
+            from align.sample import write_samples
+
+            write_samples(pixels.cpu(), sample_prompts, self.dir / "samples" / grid_name, columns=per_prompt)
+        return metrics
+
+
+def diversity(pixels: Tensor, groups: Tensor) -> Tensor:
+    """Mean over groups of the mean pairwise RMS distance between a group's samples."""
+    values = []
+    for g in torch.unique(groups):
+        x = pixels[groups == g].flatten(1).float()
+        if len(x) < 2:
+            continue
+        d = torch.cdist(x, x) / math.sqrt(x.shape[1])
+        n = len(x)
+        values.append(d.sum() / (n * (n - 1)))
+    return torch.stack(values).mean() if values else torch.tensor(0.0)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

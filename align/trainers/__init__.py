@@ -1,0 +1,17 @@
+"""Trainers by name: each module has a config dataclass ``CONFIG`` and ``train(config) -> summary``."""
+
+from __future__ import annotations
+
+import importlib
+
+from align.config import unknown_name_error
+
+TRAINERS: dict[str, str] = {
+    "flow_grpo": "align.trainers.flow_grpo",
+}
+
+
+def trainer_module(name: str):
+    if name not in TRAINERS:
+        raise unknown_name_error("trainer", name, TRAINERS)
+    return importlib.import_module(TRAINERS[name])

@@ -1,0 +1,184 @@
+"""Flow-GRPO and its options: Fast / Mix SDE windows, DanceGRPO-style step subsets and shared group
+noise, CPS or DanceGRPO kernels, multi-reward mixing, and GRPO-Guard.
+
+One iteration reads top to bottom:
+prompts -> rollout (SDE, log-probs recorded) -> decode -> reward -> group advantages ->
+for each minibatch, for each trained step: re-score the stored transition with the current weights,
+PPO-clip loss + beta * KL to the reference (LoRA off) -> optimizer step.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from align.advantages import group_advantages, mixed_advantages
+from align.config import ConfigError
+from align.losses import mean_kl, normalize_log_ratio, ppo_clip_loss
+from align.runtime import iteration_generator, prompts_for_iteration
+from align.sampling.rollout import RolloutConfig, rescore, rollout
+from align.trainers.common import TrainerConfig, finish_run, start_run
+
+
+@dataclass
+class FlowGRPOConfig(TrainerConfig):
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
+    #: PPO clip range on the per-step ratio (log-probs are element means, so it is tiny)
+    clip_range: float = 1e-4
+    #: weight of the KL to the reference policy (LoRA disabled); 0 turns it off
+    kl_beta: float = 0.04
+    #: "group" std per prompt, or "global" std of the whole (gathered) batch
+    adv_std: str = "group"
+    adv_clip: float = 5.0
+    #: several rewards: "sum_rewards" (weighted sum, then normalise) or "sum_advantages" (MixGRPO)
+    multi_reward: str = "sum_rewards"
+    #: the last step's std is tiny (~2e-3): it is not trained unless asked
+    train_last_step: bool = False
+    #: train a random fraction of the trained steps each iteration (DanceGRPO: 0.6)
+    timestep_fraction: float = 1.0
+    #: Fast / Mix: an SDE window of this many steps inside an ODE run (null: SDE everywhere)
+    window_size: int | None = None
+    #: "random" start every iteration (Fast), or "sliding" by one step every window_slide_every (Mix)
+    window_mode: str = "random"
+    window_slide_every: int = 10
+    #: passes over each batch of rollouts
+    inner_epochs: int = 1
+    #: rollout rows per optimizer step (null: all rows of the iteration)
+    train_batch_size: int | None = None
+    #: GRPO-Guard: per-step log-ratio normalisation and step reweighting
+    guard: bool = False
+
+
+def check_config(config: FlowGRPOConfig) -> None:
+    choices = {"adv_std": ("group", "global"), "multi_reward": ("sum_rewards", "sum_advantages"),
+               "window_mode": ("random", "sliding")}
+    for key, valid in choices.items():
+        if getattr(config, key) not in valid:
+            raise ConfigError(f"{key} must be one of {valid}, got {getattr(config, key)!r}")
+    if not 0 < config.timestep_fraction <= 1:
+        raise ConfigError(f"timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
+    if config.window_size is not None and not 1 <= config.window_size < config.rollout.num_steps:
+        raise ConfigError(f"window_size must be in 1..{config.rollout.num_steps - 1}, got {config.window_size}")
+    if config.group_size < 2:
+        raise ConfigError("group_size must be >= 2: advantages compare samples of one prompt")
+
+
+def rollout_for_iteration(config: FlowGRPOConfig, iteration: int, rng: random.Random) -> RolloutConfig:
+    """The SDE window of this iteration (Fast: random start; Mix: sliding), never on the last step."""
+    if config.window_size is None:
+        return config.rollout
+    starts = config.rollout.num_steps - config.window_size  # windows end before the last step
+    if config.window_mode == "random":
+        start = rng.randrange(starts)
+    else:
+        start = (iteration // config.window_slide_every) % starts
+    return replace(config.rollout, sde_steps=list(range(start, start + config.window_size)))
+
+
+def trained_steps(config: FlowGRPOConfig, recorded: list[int], rng: random.Random) -> list[int]:
+    steps = [s for s in recorded if config.train_last_step or s != config.rollout.num_steps - 1]
+    if config.timestep_fraction < 1 and steps:
+        steps = sorted(rng.sample(steps, max(1, round(config.timestep_fraction * len(steps)))))
+    return steps
+
+
+def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
+    check_config(config)
+    run, reward, heldout, prompts = start_run(config, adapter)
+    adapter, accelerator = run.adapter, run.accelerator
+    guard_std = None
+    bar = tqdm(range(run.state.iteration, config.iterations), desc="flow_grpo", disable=not run.run_config.progress
+               or not run.is_main, initial=run.state.iteration, total=config.iterations)
+    for iteration in bar:
+        rng = random.Random(f"{config.run.seed}-{iteration}")
+        batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
+                                              accelerator.process_index, accelerator.num_processes)
+        rollout_config = rollout_for_iteration(config, iteration, rng)
+
+        # 1. sample, decode, score
+        with run.phase("sampling"), torch.no_grad():
+            cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
+            result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
+                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index))
+            pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
+        with run.phase("reward"), torch.no_grad():
+            sample_prompts = [batch_prompts[i] for i in result.prompt_index.tolist()]
+            scores = reward(pixels, sample_prompts)
+
+        # 2. advantages from the global batch (groups = prompts, made unique across processes)
+        groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration
+        all_groups = run.gather(groups)
+        named = {k: run.gather(v.float()) for k, v in scores.scores.items()}
+        if len(named) > 1:
+            weights = getattr(reward, "weights", {})
+            advantages, keep = mixed_advantages(named, weights, all_groups, config.multi_reward,
+                                                std=config.adv_std, clip=config.adv_clip)
+        else:
+            advantages, keep = group_advantages(run.gather(scores.total.float()), all_groups,
+                                                std=config.adv_std, clip=config.adv_clip)
+        rows = len(groups)
+        local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
+        advantages, keep = advantages[local].to(accelerator.device), keep[local]
+
+        # 3. PPO over the trained steps of the kept rows
+        steps = trained_steps(config, [t.step for t in result.main_transitions()], rng)
+        transitions = {t.step: t for t in result.main_transitions(steps)}
+        stds = torch.stack([transitions[s].std.mean() for s in steps]) if steps else torch.ones(1)
+        step_weights = stds**2 / (stds**2).mean() if config.guard else torch.ones_like(stds)
+        kept = keep.nonzero().flatten()
+        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clip_fraction": [], "ratio_mean": [],
+                                         "kl": [], "grad_norm": [], "log_ratio_std": []}
+        with run.phase("training"):
+            batch = config.train_batch_size or max(1, len(kept))
+            for _ in range(config.inner_epochs):
+                order = kept[torch.randperm(len(kept), generator=torch.Generator().manual_seed(rng.randrange(2**31)))]
+                for start in range(0, len(order), batch):
+                    index = order[start:start + batch]
+                    for j, step in enumerate(steps):
+                        part = transitions[step].subset(index)
+                        with accelerator.autocast():
+                            new = rescore(adapter, part, cond, result.schedule, rollout_config)
+                        log_prob = new.log_prob
+                        if config.guard:
+                            d = log_prob - part.log_prob
+                            target = guard_std if guard_std is not None else d.detach().std(unbiased=False)
+                            log_prob = part.log_prob + normalize_log_ratio(d, target)
+                            stats["log_ratio_std"].append(float(d.detach().std(unbiased=False)))
+                        loss, ppo = ppo_clip_loss(log_prob, part.log_prob, advantages[index], config.clip_range)
+                        if config.kl_beta > 0:
+                            with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
+                                ref = rescore(adapter, part, cond, result.schedule, rollout_config)
+                            kl = mean_kl(new.mean, ref.mean, new.std).mean()
+                            loss = loss + config.kl_beta * kl
+                            stats["kl"].append(float(kl.detach()))
+                        accelerator.backward(loss * step_weights[j] / len(steps))
+                        stats["loss"].append(float(loss.detach()))
+                        for key in ("approx_kl", "clip_fraction", "ratio_mean"):
+                            stats[key].append(float(ppo[key]))
+                    stats["grad_norm"].append(run.step_optimizer())
+        if config.guard and stats["log_ratio_std"]:
+            guard_std = sum(stats["log_ratio_std"]) / len(stats["log_ratio_std"])
+
+        # 4. bookkeeping
+        run.state.iteration = iteration + 1
+        run.state.nfe += result.nfe * accelerator.num_processes
+        metrics = {f"reward/{k}/mean": float(v.mean()) for k, v in named.items()}
+        metrics.update({f"reward/{k}/std": float(v.std(unbiased=False)) for k, v in named.items()})
+        metrics.update({"advantage/mean": float(advantages.mean()), "advantage/abs_mean": float(advantages.abs().mean()),
+                        "advantage/kept_fraction": float(keep.float().mean()), "nfe": run.state.nfe})
+        metrics.update({f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v})
+        run.log(metrics, step=run.state.iteration)
+        bar.set_postfix(reward=f"{float(scores.total.mean()):.3f}")
+        every = config.run.checkpoint_every
+        if every and run.state.iteration % every == 0:
+            run.save_checkpoint()
+        if config.run.sample_every and run.state.iteration % config.run.sample_every == 0:
+            run.log(run.evaluate(reward, config.eval_prompts, config.rollout, heldout=heldout,
+                                 grid_name=f"iteration-{run.state.iteration:06d}"), step=run.state.iteration)
+    return finish_run(config, run, reward, heldout)
+
+
+CONFIG = FlowGRPOConfig
