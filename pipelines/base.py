@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -162,19 +163,60 @@ class ModelAdapter(abc.ABC):
 
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                             target_modules=list(target_modules or self.default_lora_targets))
-        self.denoiser.add_adapter(config, adapter_name=adapter_name)
+        self.base_denoiser.add_adapter(config, adapter_name=adapter_name)
+
+    @property
+    def base_denoiser(self) -> torch.nn.Module:
+        """The denoiser without a DDP / FSDP / compile wrapper (for peft switches and export)."""
+        module = self.denoiser
+        while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+            module = getattr(module, "module", None) or getattr(module, "_orig_mod")
+        return module
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """The reference policy: the same network with every LoRA adapter switched off."""
-        has_adapters = getattr(self.denoiser, "_hf_peft_config_loaded", False)
+        """The reference policy: the same network with every LoRA adapter switched off, or, after a
+        full fine-tune set-up (``keep_reference_copy``), a frozen copy of the starting weights."""
+        base = self.base_denoiser
+        if getattr(self, "_reference_copy", None) is not None:
+            trained, self.denoiser = self.denoiser, self._reference_copy
+            try:
+                yield
+            finally:
+                self.denoiser = trained
+            return
+        has_adapters = getattr(base, "_hf_peft_config_loaded", False)
         if has_adapters:
-            self.denoiser.disable_adapters()
+            base.disable_adapters()
         try:
             yield
         finally:
             if has_adapters:
-                self.denoiser.enable_adapters()
+                base.enable_adapters()
+
+    def keep_reference_copy(self) -> None:
+        """Full fine-tuning has no adapter to switch off: keep a frozen copy as the reference."""
+        import copy
+
+        self._reference_copy = copy.deepcopy(self.base_denoiser).requires_grad_(False).eval()
+
+    def export_lora(self, directory: str | Path) -> Path:
+        """Write the trained LoRA. Diffusers adapters write the format ``pipe.load_lora_weights(dir)``
+        loads; the base version writes peft's state dict (safetensors) and its config."""
+        import json
+
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        base = self.base_denoiser
+        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(base).items()}
+        save_file(state, directory / "lora.safetensors")
+        config = base.peft_config["default"].to_dict()
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        (directory / "lora_config.json").write_text(json.dumps(config, indent=2, default=str))
+        return directory
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
