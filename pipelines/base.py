@@ -57,6 +57,14 @@ class Conditioning:
     def uses_cfg(self) -> bool:
         return self.negative is not None and self.guidance_scale != 1.0
 
+    def cfg_batch(self) -> dict[str, Tensor]:
+        """[negative; positive] concatenated along the batch, built once per Conditioning."""
+        cached = self.__dict__.get("_cfg_batch")
+        if cached is None:
+            cached = {k: torch.cat([self.negative[k], self.tensors[k]]) for k in self.tensors}
+            self.__dict__["_cfg_batch"] = cached
+        return cached
+
     def select(self, index: Tensor | Sequence[int]) -> "Conditioning":
         """Rows ``index`` of every tensor (repeats allowed)."""
         index = torch.as_tensor(index, dtype=torch.long)
@@ -140,9 +148,8 @@ class ModelAdapter(abc.ABC):
         self.nfe += batch
         x_in = x.to(self.dtype)
         if cond.uses_cfg:
-            tensors = {k: torch.cat([cond.negative[k], cond.tensors[k]]) for k in cond.tensors}
             self.transformer_rows += 2 * batch
-            out = self.forward(torch.cat([x_in, x_in]), torch.cat([t, t]), tensors, cond.extra)
+            out = self.forward(torch.cat([x_in, x_in]), torch.cat([t, t]), cond.cfg_batch(), cond.extra)
             uncond, c = out.float().chunk(2)
             return uncond + cond.guidance_scale * (c - uncond)
         self.transformer_rows += batch

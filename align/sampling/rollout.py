@@ -222,14 +222,17 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
     branch_count = 0  # branches are appended in creation order, so a branch's row is its id
     transitions: list[Transition] = []
     lineage: list[Tensor] = []
+    row_cond, row_prompt = None, None
 
     for i in range(num_steps):
         level, level_next = schedule.levels[i], schedule.levels[i + 1]
         n_main = x.shape[0]
         all_x = torch.cat([x, branch_x]) if len(branch_x) else x
         all_prompt = torch.cat([main_prompt, branch_prompt])
+        if row_cond is None or not torch.equal(row_prompt, all_prompt):  # rows changed: re-select
+            row_cond, row_prompt = cond.select(all_prompt), all_prompt
         with torch.set_grad_enabled(torch.is_grad_enabled() and i in grad_steps):
-            model_out = _predict(adapter, all_x, schedule.timesteps[i], cond.select(all_prompt),
+            model_out = _predict(adapter, all_x, schedule.timesteps[i], row_cond,
                                  config.max_batch, checkpoint_grad_steps and i in grad_steps)
             main_out, branch_out = model_out[:n_main], model_out[n_main:]
 

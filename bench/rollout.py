@@ -1,0 +1,101 @@
+"""Rollout with log-probs vs stock diffusers ``StableDiffusion3Pipeline.__call__``.
+
+One small SD3-class model (random weights, built in code), one process, the same prompts, steps,
+CFG scale, batch and resolution; both include prompt encoding and VAE decoding. Ours runs the
+Flow-GRPO SDE and records latents, means, stds and log-probs of every step. Timings alternate
+between the two and the median of the repeats is compared; the last line is the ratio
+``rollout_vs_diffusers=<ours / diffusers>`` (below 1: faster than diffusers).
+
+    python bench/rollout.py [--repeats 5] [--steps 10] [--size 64] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_small_sd3(directory: Path, size: int) -> Path:
+    """An SD3 pipeline big enough that the transformer dominates: 4 joint blocks, width 128."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from tests.tiny_models import clip_text_encoder, clip_tokenizer, tiny_vae
+
+    tok, tok2 = clip_tokenizer(), clip_tokenizer()
+    te = clip_text_encoder(tok, projection=True, hidden=64, projection_dim=64, seed=1)
+    te2 = clip_text_encoder(tok2, projection=True, hidden=64, projection_dim=64, seed=2)
+    torch.manual_seed(0)
+    latent = size // 2
+    transformer = SD3Transformer2DModel(
+        sample_size=latent, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=128,
+        pos_embed_max_size=latent,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(4, scaling_factor=1.5, shift_factor=0.06, seed=4), text_encoder=te, tokenizer=tok,
+        text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(directory)
+    return directory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--size", type=int, default=64, help="image size in pixels")
+    parser.add_argument("--batch", type=int, default=4, help="images per prompt")
+    parser.add_argument("--guidance", type=float, default=4.5)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    from align.sampling.rollout import RolloutConfig, rollout
+    from pipelines.sd3 import SD3Adapter
+
+    prompts = ["a photo of a cat", "a red car on a street"]
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = SD3Adapter.from_pretrained(str(build_small_sd3(Path(tmp), args.size)), torch_dtype=torch.float32,
+                                             max_sequence_length=16)
+    pipe = adapter.pipe
+    pipe.set_progress_bar_config(disable=True)
+    config = RolloutConfig(num_steps=args.steps, kernel="flow_grpo", guidance_scale=args.guidance)
+
+    def ours() -> None:
+        with torch.no_grad():
+            cond = adapter.encode(prompts, "", args.guidance)
+            result = rollout(adapter, cond, config, group_size=args.batch, generator=torch.Generator().manual_seed(0),
+                             height=args.size, width=args.size)
+            adapter.decode(result.samples)
+        assert len(result.transitions) == args.steps and result.nfe == args.steps * len(prompts) * args.batch
+
+    def diffusers_call() -> None:
+        pipe(prompt=prompts, num_images_per_prompt=args.batch, num_inference_steps=args.steps,
+             guidance_scale=args.guidance, height=args.size, width=args.size, output_type="pt",
+             generator=torch.Generator().manual_seed(0), max_sequence_length=16)
+
+    ours(), diffusers_call()  # warm-up
+    times = {"ours": [], "diffusers": []}
+    for _ in range(args.repeats):
+        for name, fn in (("diffusers", diffusers_call), ("ours", ours)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    print(f"model: SD3-class, 4 blocks x width 128, {args.size}px, {len(prompts)} prompts x {args.batch}, "
+          f"{args.steps} steps, CFG {args.guidance} (one batch)")
+    print(f"diffusers StableDiffusion3Pipeline.__call__: median {medians['diffusers'] * 1000:.1f} ms")
+    print(f"align rollout with log-probs (flow_grpo SDE): median {medians['ours'] * 1000:.1f} ms")
+    print(f"rollout_vs_diffusers={medians['ours'] / medians['diffusers']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
