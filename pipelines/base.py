@@ -138,7 +138,9 @@ class ModelAdapter(abc.ABC):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.denoiser.parameters()).dtype
+        """The denoiser's compute dtype (diffusers models may keep a few modules in float32)."""
+        dtype = getattr(self.base_denoiser, "dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else next(self.denoiser.parameters()).dtype
 
     def predict(self, x: Tensor, t: Tensor | float, cond: Conditioning) -> Tensor:
         """Model output at (x, t) with classifier-free guidance as one batch:

@@ -1,0 +1,64 @@
+"""Adapters by name. Modules are imported only when their adapter is loaded, so listing adapters or
+loading the toy model never imports diffusers."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from typing import Any
+
+from pipelines.base import ModelAdapter
+
+#: adapter name -> "module:Class"; every class offers ``from_pretrained(path, **kwargs)``
+ADAPTERS: dict[str, str] = {
+    "toy": "pipelines.toy:ToyAdapter",
+    "sd3": "pipelines.sd3:SD3Adapter",
+    "flux": "pipelines.flux:FluxAdapter",
+    "wan": "pipelines.wan:WanAdapter",
+    "sd": "pipelines.sd_unet:SDAdapter",
+    "sdxl": "pipelines.sd_unet:SDXLAdapter",
+}
+
+#: the checkpoint each adapter loads when no path is given (hub names)
+DEFAULT_CHECKPOINTS: dict[str, str] = {
+    "sd3": "stabilityai/stable-diffusion-3.5-medium",
+    "flux": "black-forest-labs/FLUX.1-dev",
+    "wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    "sd": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+
+
+def list_adapters() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_class(name: str) -> type[ModelAdapter]:
+    """The adapter class registered as ``name`` (imported on first use)."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in ADAPTERS:
+        close = difflib.get_close_matches(str(key), list(ADAPTERS), n=1, cutoff=0.4)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown model adapter {name!r}{hint} (valid: {', '.join(list_adapters())})")
+    module_name, class_name = ADAPTERS[key].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def load_adapter(name: str, path: str | None = None, **kwargs: Any) -> ModelAdapter:
+    """``load_adapter("sd3", "stabilityai/stable-diffusion-3.5-medium", torch_dtype=torch.bfloat16)``:
+    the adapter ``name`` loaded from ``path`` (a hub name or local directory; without one, the
+    family's :data:`DEFAULT_CHECKPOINTS` entry, and nothing for the toy model). ``kwargs`` go to
+    the adapter's ``from_pretrained``."""
+    cls = adapter_class(name)
+    # accept ``dtype`` and ``torch_dtype`` alike, whichever the adapter's from_pretrained names
+    params = inspect.signature(cls.from_pretrained).parameters
+    for given, wanted in (("dtype", "torch_dtype"), ("torch_dtype", "dtype")):
+        if given in kwargs and given not in params and wanted in params and wanted not in kwargs:
+            kwargs[wanted] = kwargs.pop(given)
+    key = name.strip().lower()
+    if path is None:
+        path = DEFAULT_CHECKPOINTS.get(key)
+    if path is None:
+        return cls.from_pretrained(**kwargs)
+    return cls.from_pretrained(path, **kwargs)

@@ -1,0 +1,226 @@
+"""Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline`` with an ``SD3Transformer2DModel``).
+
+Latents are the transformer's (B, C, H/8, W/8) input; the model predicts the flow velocity and
+receives timesteps in the scheduler's units, ``sigma * 1000``. Text goes through the pipeline's own
+``encode_prompt`` (two CLIP encoders, optionally T5) and images through its VAE.
+
+This module also holds the small helpers the other diffusers adapters share: pipeline loading
+(:func:`load_pipeline`), the flow-matching schedule (:func:`flow_schedule`) and prompt lists.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from pipelines.base import Conditioning, ModelAdapter, Schedule
+
+
+# --- helpers shared by the diffusers adapters ---------------------------------------------------
+def _dtype_keyword() -> str:
+    """diffusers renamed ``from_pretrained(torch_dtype=...)`` to ``dtype=...`` (the old name now
+    warns); use whichever the installed version takes."""
+    from diffusers.pipelines import pipeline_utils
+
+    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def load_pipeline(pipeline_cls, path: str, *, torch_dtype: torch.dtype | None = None,
+                  device: str | torch.device | None = None, **kwargs: Any):
+    """``pipeline_cls.from_pretrained(path)`` that also loads checkpoints saved without some
+    components (for example SD3 without its T5 encoder): components recorded as ``null`` in
+    ``model_index.json`` are passed as ``None`` unless given in ``kwargs``. ``torch_dtype`` (or
+    ``dtype`` in ``kwargs``) may be one dtype or a dict per component, as diffusers takes it."""
+    try:
+        index = pipeline_cls.load_config(path, local_files_only=kwargs.get("local_files_only", False))
+    except Exception:  # noqa: BLE001 - from_pretrained below reports the real problem
+        index = {}
+    for name, value in index.items():
+        if name.startswith("_") or name in kwargs:
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is None and value[1] is None:
+            kwargs[name] = None
+    dtype = kwargs.pop("dtype", None) if torch_dtype is None else torch_dtype
+    if dtype is not None:
+        kwargs[_dtype_keyword()] = dtype
+    pipe = pipeline_cls.from_pretrained(path, **kwargs)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def freeze_except(pipe, keep: torch.nn.Module) -> None:
+    """Put every module of ``pipe`` in eval mode and freeze all but ``keep`` (the denoiser)."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+            if component is not keep:
+                component.requires_grad_(False)
+
+
+def prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("encode() needs at least one prompt")
+    return prompts
+
+
+def negative_list(negative_prompt: str | Sequence[str] | None, batch: int) -> list[str]:
+    """The negative prompt as a list of ``batch`` strings (``None`` means the empty prompt)."""
+    if negative_prompt is None:
+        negative_prompt = ""
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * batch
+    negative_prompt = list(negative_prompt)
+    if len(negative_prompt) != batch:
+        raise ValueError(f"got {len(negative_prompt)} negative prompts for {batch} prompts")
+    return negative_prompt
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = scheduler.config
+    return (isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or bool(config.get("use_flow_sigmas", False))
+            or config.get("prediction_type", None) == "flow_prediction")
+
+
+def flow_schedule(scheduler, num_steps: int, **set_timesteps_kwargs: Any) -> Schedule:
+    """A flow schedule from a fresh copy of ``scheduler`` (the pipeline's own scheduler is left
+    untouched): ``levels`` are its sigmas (1 -> 0, the final 0 included, float32, length T+1) and
+    ``timesteps`` the values it feeds the model (``sigma * num_train_timesteps``).
+
+    Flow-matching schedulers other than ``FlowMatchEulerDiscreteScheduler`` (UniPC with
+    ``use_flow_sigmas``, as Wan ships) round their timesteps to integers for their own multistep
+    solver; here timesteps are the exact ``sigma * num_train_timesteps`` of the same sigmas.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not is_flow_scheduler(scheduler):
+        raise ValueError(f"{type(scheduler).__name__} is not a flow-matching scheduler")
+    fresh = type(scheduler).from_config(scheduler.config)
+    fresh.set_timesteps(num_steps, **set_timesteps_kwargs)
+    sigmas = torch.as_tensor(fresh.sigmas).detach().to("cpu", torch.float32).clone()
+    if isinstance(fresh, FlowMatchEulerDiscreteScheduler) and fresh.timesteps.is_floating_point():
+        timesteps = fresh.timesteps.detach().to("cpu", torch.float32).clone()
+    else:
+        timesteps = sigmas[:-1] * fresh.config.num_train_timesteps
+    if len(sigmas) != len(timesteps) + 1:
+        raise ValueError(f"{type(scheduler).__name__} gave {len(sigmas)} sigmas for {len(timesteps)} steps")
+    return Schedule(timesteps=timesteps, levels=sigmas, kind="flow")
+
+
+# --- the adapter ----------------------------------------------------------------------------------
+class SD3Adapter(ModelAdapter):
+    """Adapter over a ``StableDiffusion3Pipeline``.
+
+    Args:
+        pipe: the pipeline (kept as ``self.pipe``; ``self.denoiser`` is ``pipe.transformer``).
+        max_sequence_length: T5 tokens per prompt (the pipeline's default, 256).
+        clip_skip: passed to ``encode_prompt``.
+
+    Conditioning: ``tensors`` = ``prompt_embeds`` (B, 77 + T5 tokens, D) and
+    ``pooled_prompt_embeds`` (B, 2048); ``negative`` likewise for CFG. Timesteps: ``sigma * 1000``
+    (what ``SD3Transformer2DModel`` takes). Latents: (B, C, H / vae_scale_factor, W / vae_scale_factor).
+    """
+
+    name = "sd3"
+    prediction_type = "flow"
+    # SD3.5 Medium's recommended settings
+    default_steps = 40
+    default_guidance = 4.5
+    default_height = 1024
+    default_width = 1024
+    #: joint attention of the MM-DiT blocks (image and text streams)
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0",
+                            "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+    def __init__(self, pipe, *, max_sequence_length: int = 256, clip_skip: int | None = None) -> None:
+        super().__init__()
+        if getattr(pipe, "transformer", None) is None or getattr(pipe, "vae", None) is None:
+            raise TypeError("SD3Adapter needs a StableDiffusion3Pipeline with a transformer and a VAE")
+        self.pipe = pipe
+        self.denoiser = pipe.transformer
+        self.vae = pipe.vae
+        self.max_sequence_length = max_sequence_length
+        self.clip_skip = clip_skip
+        self.vae_scale_factor = int(pipe.vae_scale_factor)
+        self.patch_size = int(self.denoiser.config.patch_size)
+        self.default_height = self.default_width = int(pipe.default_sample_size) * self.vae_scale_factor
+        freeze_except(pipe, self.denoiser)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, torch_dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, max_sequence_length: int = 256,
+                        clip_skip: int | None = None, **pipeline_kwargs: Any) -> "SD3Adapter":
+        """Load with ``StableDiffusion3Pipeline.from_pretrained`` (hub name or local directory);
+        ``pipeline_kwargs`` go to it (e.g. ``text_encoder_3=None, tokenizer_3=None`` to drop T5)."""
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = load_pipeline(StableDiffusion3Pipeline, path, torch_dtype=torch_dtype, device=device,
+                             **pipeline_kwargs)
+        return cls(pipe, max_sequence_length=max_sequence_length, clip_skip=clip_skip)
+
+    # --- interface --------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = "",
+               guidance_scale: float | None = None) -> Conditioning:
+        prompts = prompt_list(prompts)
+        scale = self.default_guidance if guidance_scale is None else float(guidance_scale)
+        use_cfg = scale != 1.0
+        negatives = negative_list(negative_prompt, len(prompts)) if use_cfg else None
+        with torch.no_grad():
+            embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=use_cfg, negative_prompt=negatives,
+                clip_skip=self.clip_skip, max_sequence_length=self.max_sequence_length,
+            )
+        tensors = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        negative = {"prompt_embeds": neg_embeds, "pooled_prompt_embeds": neg_pooled} if use_cfg else None
+        return Conditioning(tensors, negative, scale)
+
+    def forward(self, x: Tensor, t: Tensor, tensors: dict[str, Tensor], extra: dict) -> Tensor:
+        dtype = self.dtype
+        return self.denoiser(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=tensors["prompt_embeds"].to(dtype),
+            pooled_projections=tensors["pooled_prompt_embeds"].to(dtype),
+            joint_attention_kwargs=extra.get("joint_attention_kwargs"),
+            return_dict=False,
+        )[0]
+
+    def decode(self, latents: Tensor) -> Tensor:
+        config = self.vae.config
+        latents = latents.to(self.vae.device, self.vae.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
+        image = self.vae.decode(latents, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pt").float()
+
+    def schedule(self, num_steps: int, *, latent_shape: tuple | None = None) -> Schedule:
+        scheduler = self.pipe.scheduler
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            _, h, w = latent_shape or self.latent_shape()
+            seq_len = (h // self.patch_size) * (w // self.patch_size)
+            kwargs["mu"] = calculate_shift(
+                seq_len, scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096), scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
+        return flow_schedule(scheduler, num_steps, **kwargs)
+
+    def latent_shape(self, height: int | None = None, width: int | None = None,
+                     num_frames: int | None = None) -> tuple[int, ...]:
+        height, width = height or self.default_height, width or self.default_width
+        multiple = self.vae_scale_factor * self.patch_size
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+        return (int(self.denoiser.config.in_channels), height // self.vae_scale_factor,
+                width // self.vae_scale_factor)

@@ -1,0 +1,273 @@
+"""Tiny random diffusers pipelines built in code, for tests that must run offline on a CPU.
+
+Each ``build_*`` function constructs a real diffusers pipeline (real tokenizers, real text encoders,
+VAE, denoiser and scheduler classes, all with tiny random weights), saves it with
+``save_pretrained`` into ``directory`` and returns that directory, so tests load it back through the
+adapters' ``from_pretrained`` exactly as a user loads a hub checkpoint.
+
+Tokenizers are real: the CLIP tokenizer is a byte-level BPE over the first merges of the vocabulary
+that ``open_clip`` ships, and the T5 / UMT5 tokenizers are small unigram models, so prompt strings
+go through each pipeline's own ``encode_prompt``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import string
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+#: sizes shared by the builders
+HIDDEN = 32
+CLIP_MAX_LENGTH = 16
+T5_MAX_LENGTH = 16
+NUM_MERGES = 1000
+
+_WORDS = (
+    "a an the of and in on with at to photo picture painting drawing image of cat dog bird horse "
+    "fish car tree house city street red green blue yellow black white small large big old young "
+    "happy sitting running flying standing beautiful cute astronaut riding sky sea mountain forest "
+    "night day sun moon snow rain high quality detailed blurry ugly low"
+).split()
+
+
+# --- tokenizers ---------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def _clip_vocab(num_merges: int = NUM_MERGES) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    import open_clip
+    from tokenizers import pre_tokenizers
+
+    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        fh.readline()  # version header
+        merges = []
+        for line in fh:
+            parts = line.split()
+            if len(parts) == 2:
+                merges.append((parts[0], parts[1]))
+            if len(merges) == num_merges:
+                break
+    # byte-level alphabet (the characters the ByteLevel pre-tokenizer emits), then the same with
+    # the end-of-word marker, then one token per merge, then the two special tokens
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab: dict[str, int] = {}
+    for tok in tokens:
+        vocab.setdefault(tok, len(vocab))
+    return vocab, merges
+
+
+def clip_tokenizer(max_length: int = CLIP_MAX_LENGTH):
+    """A real byte-level BPE CLIP tokenizer with a vocabulary of about 1500 tokens."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
+
+
+def _unigram_pieces() -> list[tuple[str, float]]:
+    # T5's sentencepiece conventions: pad 0, eos 1, unk 2; "▁" marks the start of a word
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces += [(c, -8.0) for c in chars]
+    pieces += [("\u2581" + c, -7.0) for c in chars]
+    pieces += [("\u2581" + w, -3.0 - 0.01 * i) for i, w in enumerate(_WORDS)]
+    seen, out = set(), []
+    for p in pieces:
+        if p[0] not in seen:
+            seen.add(p[0])
+            out.append(p)
+    return out
+
+
+def t5_tokenizer(max_length: int = T5_MAX_LENGTH):
+    """A real unigram T5 tokenizer (tokenizers backend) with a few hundred pieces."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=_unigram_pieces(), extra_ids=0, model_max_length=max_length)
+
+
+# --- text encoders ------------------------------------------------------------------------------
+def clip_text_encoder(tokenizer, *, projection: bool, hidden: int = HIDDEN, projection_dim: int = HIDDEN,
+                      seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=projection_dim,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def t5_text_encoder(tokenizer, *, umt5: bool = False, hidden: int = HIDDEN, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    kwargs = dict(vocab_size=len(tokenizer), d_model=hidden, d_kv=8, d_ff=2 * hidden, num_layers=1,
+                  num_heads=4, relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    if umt5:
+        return UMT5EncoderModel(UMT5Config(**kwargs)).eval()
+    return T5EncoderModel(T5Config(**kwargs)).eval()
+
+
+def tiny_vae(latent_channels: int = 4, *, scaling_factor: float = 0.5, shift_factor: float | None = None,
+             latents_mean=None, latents_std=None, seed: int = 0):
+    """AutoencoderKL with two blocks: 2x spatial compression."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=4, sample_size=32, scaling_factor=scaling_factor,
+        shift_factor=shift_factor, latents_mean=latents_mean, latents_std=latents_std,
+    ).eval()
+
+
+def _save(pipe, directory) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(directory)
+    return directory
+
+
+# --- pipelines ----------------------------------------------------------------------------------
+def build_sd3(directory, *, with_t5: bool = False, seed: int = 0) -> Path:
+    """StableDiffusion3Pipeline: two CLIP encoders (+ optional T5), SD3 transformer, 32 px images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok, tok2 = clip_tokenizer(), clip_tokenizer()
+    te = clip_text_encoder(tok, projection=True, seed=seed + 1)
+    te2 = clip_text_encoder(tok2, projection=True, seed=seed + 2)
+    tok3 = t5_tokenizer() if with_t5 else None
+    te3 = t5_text_encoder(tok3, hidden=2 * HIDDEN, seed=seed + 3) if with_t5 else None
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=2 * HIDDEN, caption_projection_dim=HIDDEN,
+        pooled_projection_dim=2 * HIDDEN, pos_embed_max_size=16,
+    ).eval()
+    vae = tiny_vae(4, scaling_factor=1.5, shift_factor=0.06, seed=seed + 4)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok,
+        text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3,
+    )
+    return _save(pipe, directory)
+
+
+def build_flux(directory, *, guidance_embeds: bool = True, seed: int = 0) -> Path:
+    """FluxPipeline: CLIP (pooled) + T5, FLUX transformer over packed 2x2 latents, 32 px images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tok, tok2 = clip_tokenizer(), t5_tokenizer()
+    te = clip_text_encoder(tok, projection=False, seed=seed + 1)
+    te2 = t5_text_encoder(tok2, seed=seed + 2)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=HIDDEN, pooled_projection_dim=HIDDEN,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+    ).eval()
+    vae = tiny_vae(4, scaling_factor=0.4, shift_factor=0.1, seed=seed + 3)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
+        base_shift=0.5, max_shift=1.15,
+    )
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+                        tokenizer_2=tok2, transformer=transformer)
+    return _save(pipe, directory)
+
+
+def build_wan(directory, *, seed: int = 0, unipc: bool = True) -> Path:
+    """WanPipeline (text-to-video): UMT5 encoder, Wan transformer, causal 3D VAE (8x spatial, 4x time)."""
+    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,
+                           WanPipeline, WanTransformer3DModel)
+
+    tok = t5_tokenizer()
+    te = t5_text_encoder(tok, umt5=True, seed=seed + 1)
+    z = 4
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLWan(
+        base_dim=4, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.05, 0.3][:z], latents_std=[1.5, 0.8, 1.2, 2.0][:z],
+    ).eval()
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=z, out_channels=z,
+        text_dim=HIDDEN, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+    if unipc:  # what the released Wan 2.1 checkpoints ship
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                            flow_shift=3.0)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=scheduler, transformer=transformer)
+    return _save(pipe, directory)
+
+
+def _tiny_unet(cross_attention_dim: int, *, sdxl: bool, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    kwargs = {}
+    if sdxl:
+        kwargs = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=6 * 8 + HIDDEN)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=(2, 4), norm_num_groups=8,
+        use_linear_projection=True, **kwargs,
+    ).eval()
+
+
+def _ddpm_scheduler_config(prediction_type: str) -> dict:
+    # the values of the released SD / SDXL scheduler configs (loaded with ``from_config`` as a
+    # ``scheduler_config.json`` is: keys the class does not take are kept in its config)
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
+def build_sd(directory, *, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """StableDiffusionPipeline (SD 1.x / 2.x layout): one CLIP encoder, UNet, PNDM scheduler."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    tok = clip_tokenizer()
+    te = clip_text_encoder(tok, projection=False, seed=seed + 1)
+    unet = _tiny_unet(HIDDEN, sdxl=False, seed=seed)
+    vae = tiny_vae(4, scaling_factor=0.18215, seed=seed + 2)
+    scheduler = PNDMScheduler.from_config({**_ddpm_scheduler_config(prediction_type), "skip_prk_steps": True})
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return _save(pipe, directory)
+
+
+def build_sdxl(directory, *, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """StableDiffusionXLPipeline: two CLIP encoders, UNet with text_time added conditioning."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tok, tok2 = clip_tokenizer(), clip_tokenizer()
+    te = clip_text_encoder(tok, projection=False, seed=seed + 1)
+    te2 = clip_text_encoder(tok2, projection=True, seed=seed + 2)
+    unet = _tiny_unet(2 * HIDDEN, sdxl=True, seed=seed)
+    vae = tiny_vae(4, scaling_factor=0.13025, seed=seed + 3)
+    scheduler = EulerDiscreteScheduler.from_config({**_ddpm_scheduler_config(prediction_type),
+                                                    "timestep_spacing": "leading"})
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=tok2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=False)
+    return _save(pipe, directory)
+
+
+BUILDERS = {"sd3": build_sd3, "flux": build_flux, "wan": build_wan, "sd": build_sd, "sdxl": build_sdxl}
