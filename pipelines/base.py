@@ -221,6 +221,14 @@ class ModelAdapter(abc.ABC):
         directory.mkdir(parents=True, exist_ok=True)
         base = self.base_denoiser
         state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(base).items()}
+        pipe = getattr(self, "pipe", None)
+        if pipe is not None and hasattr(type(pipe), "save_lora_weights"):
+            component = "unet" if getattr(pipe, "unet", None) is base else "transformer"
+            metadata = base.peft_config["default"].to_dict()  # keeps lora_alpha / rank on reload
+            type(pipe).save_lora_weights(str(directory), **{
+                f"{component}_lora_layers": state,
+                f"{component}_lora_adapter_metadata": metadata})
+            return directory
         save_file(state, directory / "lora.safetensors")
         config = base.peft_config["default"].to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
