@@ -8,6 +8,11 @@ from align.config import unknown_name_error
 
 TRAINERS: dict[str, str] = {
     "flow_grpo": "align.trainers.flow_grpo",
+    "branch_grpo": "align.trainers.branch_grpo",
+    "dense_grpo": "align.trainers.dense_grpo",
+    "tempflow_grpo": "align.trainers.tempflow_grpo",
+    "diffusion_nft": "align.trainers.diffusion_nft",
+    "ddpo": "align.trainers.ddpo",
 }
 
 
