@@ -175,3 +175,16 @@ def test_video_latents_roll_out_unchanged():
 def test_bad_rollout_config_is_a_clear_error(gaussian_adapter, bad, match):
     with pytest.raises((ConfigError, ValueError), match=match):
         rollout(gaussian_adapter, encode(gaussian_adapter), RolloutConfig(num_steps=10, **bad))
+
+
+def test_step_noise_scales_scale_each_steps_std_and_rescore(gaussian_adapter):
+    cond = encode(gaussian_adapter)
+    scales = [1.0, 0.5, 2.0, 1.0]
+    base = rollout(gaussian_adapter, cond, RolloutConfig(num_steps=4), generator=torch.Generator().manual_seed(0))
+    config = RolloutConfig(num_steps=4, step_noise_scales=scales)
+    out = rollout(gaussian_adapter, cond, config, generator=torch.Generator().manual_seed(0))
+    for t, b, s in zip(out.transitions, base.transitions, scales):
+        torch.testing.assert_close(t.std, b.std * s)
+        assert torch.equal(rescore(gaussian_adapter, t, cond, out.schedule, config).log_prob, t.log_prob)
+    with pytest.raises(ConfigError, match="step_noise_scales has 2 entries"):
+        rollout(gaussian_adapter, cond, RolloutConfig(num_steps=4, step_noise_scales=[1.0, 1.0]))

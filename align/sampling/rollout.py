@@ -50,6 +50,9 @@ class RolloutConfig:
     branch_factor: int = 2
     #: multiplies the kernel's noise level at split steps
     split_noise_scale: float = 1.0
+    #: per-step multipliers of the kernel's noise level (null: 1 everywhere); depth-varying tree
+    #: noise, DenseGRPO's calibrated noise
+    step_noise_scales: list[float] | None = None
     #: side branches completed by ODE: the steps they leave from (null: none; "all" via all_branch_steps)
     branch_steps: list[int] | None = None
     #: how a branch leaves its main row: "ode" (dense completion) or "sde" (TempFlow children)
@@ -70,6 +73,8 @@ class RolloutConfig:
             bad = [s for s in (getattr(self, name) or []) if not 0 <= s < steps]
             if bad:
                 raise ConfigError(f"rollout.{name} has step {bad[0]} outside 0..{steps - 1}")
+        if self.step_noise_scales is not None and len(self.step_noise_scales) != steps:
+            raise ConfigError(f"rollout.step_noise_scales has {len(self.step_noise_scales)} entries for {steps} steps")
         if self.branch_factor < 1 or self.branches_per_step < 1:
             raise ConfigError("rollout.branch_factor and rollout.branches_per_step must be >= 1")
         if self.branch_kernel not in ("ode", "sde"):
@@ -202,6 +207,7 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
     else:
         sde_steps = set(range(num_steps)) if config.sde_steps is None else set(config.sde_steps)
     split_steps, branch_steps = set(config.split_steps), set(config.branch_steps or [])
+    step_scales = config.step_noise_scales or [1.0] * num_steps
     grad_steps = set(grad_steps)
 
     main_prompt = torch.arange(num_prompts).repeat_interleave(group_size)
@@ -242,7 +248,7 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
             x_src = x[parent] if factor > 1 else x
             v_src = main_out[parent] if factor > 1 else main_out
             if i in sde_steps:
-                scale = config.split_noise_scale if i in split_steps else 1.0
+                scale = step_scales[i] * (config.split_noise_scale if i in split_steps else 1.0)
                 out = sde(x_src, v_src, level, level_next, generator=generator,
                           reduce=config.log_prob_reduce, **_scaled(params, config.kernel, scale))
                 transitions.append(Transition(i, x_src.detach(), out.prev_sample.detach(), out.mean.detach(),
@@ -257,11 +263,11 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
                 src = torch.arange(n_main).repeat_interleave(config.branches_per_step)
                 if config.branch_kernel == "sde":
                     b = sde(x[src], main_out[src], level, level_next, generator=generator,
-                            reduce=config.log_prob_reduce, **params)
+                            reduce=config.log_prob_reduce, **_scaled(params, config.kernel, step_scales[i]))
                     ids = torch.arange(branch_count, branch_count + len(src))
                     transitions.append(Transition(i, x[src].detach(), b.prev_sample.detach(), b.mean.detach(),
                                                   b.std.detach(), b.log_prob.detach(), main_prompt[src], src,
-                                                  ids, branch=True))
+                                                  ids, branch=True, noise_scale=step_scales[i]))
                 else:
                     b = ode(x[src], main_out[src], level, level_next, **ode_params)
                 new_branches = (b.prev_sample, main_prompt[src], src)
