@@ -76,3 +76,63 @@ def finish_run(config: TrainerConfig, run, reward, heldout) -> dict[str, float]:
         print(line, flush=True)
     run.accelerator.end_training()
     return summary
+
+
+def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *, clip_range: float,
+                        kl_beta: float = 0.0, guard: bool = False, guard_std: float | None = None,
+                        weights=None):
+    """The policy loss of one batch of stored transitions: re-score with the current weights,
+    PPO-clip against the recorded log-probs, plus kl_beta * KL(mean, mean_ref) with the reference
+    (LoRA disabled). ``guard`` turns on GRPO-Guard's per-step log-ratio normalisation, rescaled to
+    ``guard_std`` (null: the step's own spread, i.e. centring only). Returns (loss, stats)."""
+    import torch
+
+    from align.losses import mean_kl, normalize_log_ratio, ppo_clip_loss
+    from align.sampling.rollout import rescore
+
+    adapter, accelerator = run.adapter, run.accelerator
+    with accelerator.autocast():
+        new = rescore(adapter, part, cond, schedule, rollout_config)
+    log_prob = new.log_prob
+    log_ratio = (log_prob - part.log_prob).detach()
+    if guard:
+        target = guard_std if guard_std is not None else log_ratio.std(unbiased=False)
+        log_prob = part.log_prob + normalize_log_ratio(log_prob - part.log_prob, target)
+    loss, stats = ppo_clip_loss(log_prob, part.log_prob, advantages, clip_range, weights)
+    stats["log_ratio_std"] = log_ratio.std(unbiased=False)
+    if kl_beta > 0:
+        with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
+            ref = rescore(adapter, part, cond, schedule, rollout_config)
+        kl = mean_kl(new.mean, ref.mean, new.std).mean()
+        loss = loss + kl_beta * kl
+        stats["kl"] = kl.detach()
+    return loss, stats
+
+
+def reward_metrics(named: dict) -> dict[str, float]:
+    """reward/<name>/mean and /std of each reward dimension of the (gathered) batch."""
+    metrics = {f"reward/{k}/mean": float(v.float().mean()) for k, v in named.items()}
+    metrics.update({f"reward/{k}/std": float(v.float().std(unbiased=False)) for k, v in named.items()})
+    return metrics
+
+
+def end_iteration(run, config: TrainerConfig, reward, heldout, metrics: dict[str, float], nfe: int) -> None:
+    """Count the iteration and its model evaluations (all processes), log, checkpoint and write
+    the periodic sample grid."""
+    run.state.iteration += 1
+    run.state.nfe += nfe * run.accelerator.num_processes
+    run.log({**metrics, "nfe": run.state.nfe}, step=run.state.iteration)
+    every = config.run.checkpoint_every
+    if every and run.state.iteration % every == 0:
+        run.save_checkpoint()
+    if config.run.sample_every and run.state.iteration % config.run.sample_every == 0:
+        run.log(run.evaluate(reward, config.eval_prompts, config.rollout, heldout=heldout,
+                             grid_name=f"iteration-{run.state.iteration:06d}"), step=run.state.iteration)
+
+
+def progress(run, config: TrainerConfig, name: str):
+    """The iteration loop with a progress bar that starts where a resumed run left off."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(run.state.iteration, config.iterations), desc=name, initial=run.state.iteration,
+                total=config.iterations, disable=not (run.run_config.progress and run.is_main))

@@ -13,14 +13,13 @@ import random
 from dataclasses import dataclass, field, replace
 
 import torch
-from tqdm.auto import tqdm
 
 from align.advantages import group_advantages, mixed_advantages
 from align.config import ConfigError
-from align.losses import mean_kl, normalize_log_ratio, ppo_clip_loss
 from align.runtime import iteration_generator, prompts_for_iteration
-from align.sampling.rollout import RolloutConfig, rescore, rollout
-from align.trainers.common import TrainerConfig, finish_run, start_run
+from align.sampling.rollout import RolloutConfig, rollout
+from align.trainers.common import (TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
+                                   reward_metrics, start_run)
 
 
 @dataclass
@@ -90,8 +89,7 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
     run, reward, heldout, prompts = start_run(config, adapter)
     adapter, accelerator = run.adapter, run.accelerator
     guard_std = None
-    bar = tqdm(range(run.state.iteration, config.iterations), desc="flow_grpo", disable=not run.run_config.progress
-               or not run.is_main, initial=run.state.iteration, total=config.iterations)
+    bar = progress(run, config, "flow_grpo")
     for iteration in bar:
         rng = random.Random(f"{config.run.seed}-{iteration}")
         batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
@@ -129,8 +127,7 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         stds = torch.stack([transitions[s].std.mean() for s in steps]) if steps else torch.ones(1)
         step_weights = stds**2 / (stds**2).mean() if config.guard else torch.ones_like(stds)
         kept = keep.nonzero().flatten()
-        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clip_fraction": [], "ratio_mean": [],
-                                         "kl": [], "grad_norm": [], "log_ratio_std": []}
+        stats: dict[str, list[float]] = {"loss": [], "grad_norm": []}
         with run.phase("training"):
             batch = config.train_batch_size or max(1, len(kept))
             for _ in range(config.inner_epochs):
@@ -139,45 +136,25 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                     index = order[start:start + batch]
                     for j, step in enumerate(steps):
                         part = transitions[step].subset(index)
-                        with accelerator.autocast():
-                            new = rescore(adapter, part, cond, result.schedule, rollout_config)
-                        log_prob = new.log_prob
-                        if config.guard:
-                            d = log_prob - part.log_prob
-                            target = guard_std if guard_std is not None else d.detach().std(unbiased=False)
-                            log_prob = part.log_prob + normalize_log_ratio(d, target)
-                            stats["log_ratio_std"].append(float(d.detach().std(unbiased=False)))
-                        loss, ppo = ppo_clip_loss(log_prob, part.log_prob, advantages[index], config.clip_range)
-                        if config.kl_beta > 0:
-                            with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
-                                ref = rescore(adapter, part, cond, result.schedule, rollout_config)
-                            kl = mean_kl(new.mean, ref.mean, new.std).mean()
-                            loss = loss + config.kl_beta * kl
-                            stats["kl"].append(float(kl.detach()))
+                        loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
+                                                        advantages[index], clip_range=config.clip_range,
+                                                        kl_beta=config.kl_beta, guard=config.guard,
+                                                        guard_std=guard_std)
                         accelerator.backward(loss * step_weights[j] / len(steps))
                         stats["loss"].append(float(loss.detach()))
-                        for key in ("approx_kl", "clip_fraction", "ratio_mean"):
-                            stats[key].append(float(ppo[key]))
+                        for key, value in ppo.items():
+                            stats.setdefault(key, []).append(float(value))
                     stats["grad_norm"].append(run.step_optimizer())
-        if config.guard and stats["log_ratio_std"]:
+        if config.guard and stats.get("log_ratio_std"):
             guard_std = sum(stats["log_ratio_std"]) / len(stats["log_ratio_std"])
 
         # 4. bookkeeping
-        run.state.iteration = iteration + 1
-        run.state.nfe += result.nfe * accelerator.num_processes
-        metrics = {f"reward/{k}/mean": float(v.mean()) for k, v in named.items()}
-        metrics.update({f"reward/{k}/std": float(v.std(unbiased=False)) for k, v in named.items()})
+        metrics = reward_metrics(named)
         metrics.update({"advantage/mean": float(advantages.mean()), "advantage/abs_mean": float(advantages.abs().mean()),
-                        "advantage/kept_fraction": float(keep.float().mean()), "nfe": run.state.nfe})
+                        "advantage/kept_fraction": float(keep.float().mean())})
         metrics.update({f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v})
-        run.log(metrics, step=run.state.iteration)
         bar.set_postfix(reward=f"{float(scores.total.mean()):.3f}")
-        every = config.run.checkpoint_every
-        if every and run.state.iteration % every == 0:
-            run.save_checkpoint()
-        if config.run.sample_every and run.state.iteration % config.run.sample_every == 0:
-            run.log(run.evaluate(reward, config.eval_prompts, config.rollout, heldout=heldout,
-                                 grid_name=f"iteration-{run.state.iteration:06d}"), step=run.state.iteration)
+        end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
 
 
