@@ -77,9 +77,11 @@ class TrainState:
     nfe: int = 0
     reward_before: float | None = None
     heldout_before: dict | None = None
+    #: trainer-specific values that must survive a resume (calibrated noise, GRPO-Guard scale, ...)
+    extra: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return dict(vars(self))
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self).items()}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():

@@ -88,7 +88,6 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
     check_config(config)
     run, reward, heldout, prompts = start_run(config, adapter)
     adapter, accelerator = run.adapter, run.accelerator
-    guard_std = None
     bar = progress(run, config, "flow_grpo")
     for iteration in bar:
         rng = random.Random(f"{config.run.seed}-{iteration}")
@@ -139,14 +138,14 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                         loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
                                                         advantages[index], clip_range=config.clip_range,
                                                         kl_beta=config.kl_beta, guard=config.guard,
-                                                        guard_std=guard_std)
+                                                        guard_std=run.state.extra.get("guard_std"))
                         accelerator.backward(loss * step_weights[j] / len(steps))
                         stats["loss"].append(float(loss.detach()))
                         for key, value in ppo.items():
                             stats.setdefault(key, []).append(float(value))
                     stats["grad_norm"].append(run.step_optimizer())
         if config.guard and stats.get("log_ratio_std"):
-            guard_std = sum(stats["log_ratio_std"]) / len(stats["log_ratio_std"])
+            run.state.extra["guard_std"] = sum(stats["log_ratio_std"]) / len(stats["log_ratio_std"])
 
         # 4. bookkeeping
         metrics = reward_metrics(named)

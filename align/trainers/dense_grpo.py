@@ -1,0 +1,142 @@
+"""DenseGRPO: a reward for every denoising step.
+
+From each x_t of an SDE trajectory the rollout completes a clean sample by ODE (the branch shares
+the step's model evaluation). With c_t = R(ode(x_t)) (c_T = R(final sample)), step t earns the
+gain c_{t+1} - c_t; gains are normalised per step (within each prompt's group) and each step's
+PPO term uses its own advantage. Optionally each step's noise level is calibrated so the spread of
+its gains approaches a common target.
+
+prompts -> rollout (SDE + ODE completions) -> decode all -> reward -> per-step gains ->
+per-step advantages -> PPO per step -> (noise calibration)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from align.advantages import dense_step_gains, per_step_advantages
+from align.config import ConfigError
+from align.runtime import iteration_generator, prompts_for_iteration
+from align.sampling.rollout import RolloutConfig, rollout
+from align.trainers.common import (TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
+                                   reward_metrics, start_run)
+
+
+@dataclass
+class DenseGRPOConfig(TrainerConfig):
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
+    clip_range: float = 1e-4
+    kl_beta: float = 0.0
+    adv_clip: float = 5.0
+    #: normalise each step's gains within the prompt's group ("group") or over the batch ("batch")
+    adv_scope: str = "group"
+    train_last_step: bool = False
+    #: reward-aware calibration of each step's noise level
+    calibrate_noise: bool = False
+    #: target spread (std) of every step's gains (null: the mean spread over steps)
+    calibration_target: float | None = None
+    #: exponent of the multiplicative update scale_t *= (target / spread_t) ** rate
+    calibration_rate: float = 0.5
+    calibration_bounds: list[float] = field(default_factory=lambda: [0.25, 4.0])
+    train_batch_size: int | None = None
+
+
+def check_config(config: DenseGRPOConfig) -> None:
+    if config.adv_scope not in ("group", "batch"):
+        raise ConfigError(f"adv_scope must be 'group' or 'batch', got {config.adv_scope!r}")
+    if config.rollout.split_steps or config.rollout.branch_steps:
+        raise ConfigError("dense_grpo builds its own ODE branches: leave rollout.split_steps / branch_steps empty")
+    if config.group_size < 2 and config.adv_scope == "group":
+        raise ConfigError("group_size must be >= 2 with adv_scope=group")
+
+
+def completion_rewards(result, final: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """(B, T + 1) matrix c[b, t] = R(ode(x_t)) of main row b; column T is the final sample."""
+    steps = len(result.schedule)
+    table = torch.empty(final.shape[0], steps + 1)
+    table[:, steps] = final
+    table[result.branch_parent, result.branch_origin] = branch
+    return table
+
+
+def calibrate(scales: list[float], gains: torch.Tensor, config: DenseGRPOConfig) -> list[float]:
+    """scale_t <- clip(scale_t * (target / spread_t) ** rate): steps whose gains barely differ get
+    more noise, steps that dominate get less."""
+    spread = gains.std(0, unbiased=False).clamp_min(1e-8)
+    target = config.calibration_target if config.calibration_target is not None else float(spread.mean())
+    low, high = config.calibration_bounds
+    updated = torch.tensor(scales) * (target / spread) ** config.calibration_rate
+    return updated.clamp(low, high).tolist()
+
+
+def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
+    check_config(config)
+    run, reward, heldout, prompts = start_run(config, adapter)
+    adapter, accelerator = run.adapter, run.accelerator
+    num_steps = config.rollout.num_steps
+    run.state.extra.setdefault("noise_scales", list(config.rollout.step_noise_scales or [1.0] * num_steps))
+    bar = progress(run, config, "dense_grpo")
+    for iteration in bar:
+        rng = random.Random(f"{config.run.seed}-{iteration}")
+        batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
+                                              accelerator.process_index, accelerator.num_processes)
+        rollout_config = replace(config.rollout, branch_steps=list(range(num_steps)), branch_kernel="ode",
+                                 step_noise_scales=list(run.state.extra["noise_scales"]))
+
+        # 1. SDE trajectories with an ODE completion from every step; score every clean sample
+        with run.phase("sampling"), torch.no_grad():
+            cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
+            result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
+                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index))
+            final_pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
+            branch_pixels = adapter.decode(result.branch_samples.to(adapter.dtype)).float()
+        with run.phase("reward"), torch.no_grad():
+            final_prompts = [batch_prompts[i] for i in result.prompt_index.tolist()]
+            scores = reward(final_pixels, final_prompts)
+            branch_scores = reward(branch_pixels, [batch_prompts[i] for i in result.branch_prompt_index.tolist()])
+            table = completion_rewards(result, scores.total.float().cpu(), branch_scores.total.float().cpu())
+
+        # 2. per-step gains -> per-step advantages (statistics over the global batch)
+        gains = run.gather(dense_step_gains(table))
+        groups = run.gather(result.prompt_index + accelerator.process_index * config.prompts_per_iteration)
+        advantages = per_step_advantages(gains, groups if config.adv_scope == "group" else None,
+                                         clip=config.adv_clip)
+        rows = table.shape[0]
+        local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
+        advantages = advantages[local].to(accelerator.device)
+
+        # 3. PPO: step t's transition is trained with step t's advantage
+        steps = [t.step for t in result.main_transitions()
+                 if config.train_last_step or t.step != num_steps - 1]
+        transitions = {t.step: t for t in result.main_transitions(steps)}
+        stats: dict[str, list[float]] = {"loss": [], "grad_norm": []}
+        with run.phase("training"):
+            batch = config.train_batch_size or rows
+            order = torch.randperm(rows, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+            for start in range(0, rows, batch):
+                index = order[start:start + batch]
+                for step in steps:
+                    loss, ppo = ppo_transition_loss(run, transitions[step].subset(index), cond, result.schedule,
+                                                    rollout_config, advantages[index, step],
+                                                    clip_range=config.clip_range, kl_beta=config.kl_beta)
+                    accelerator.backward(loss / len(steps))
+                    stats["loss"].append(float(loss.detach()))
+                    for key, value in ppo.items():
+                        stats.setdefault(key, []).append(float(value))
+                stats["grad_norm"].append(run.step_optimizer())
+        if config.calibrate_noise:
+            run.state.extra["noise_scales"] = calibrate(run.state.extra["noise_scales"], gains, config)
+
+        metrics = reward_metrics({k: run.gather(v) for k, v in scores.scores.items()})
+        metrics.update({f"dense/gain_std/step{t}": float(gains[:, t].std(unbiased=False)) for t in range(num_steps)})
+        metrics.update({f"dense/noise_scale/step{t}": s for t, s in enumerate(run.state.extra["noise_scales"])})
+        metrics.update({f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v})
+        bar.set_postfix(reward=f"{float(scores.total.mean()):.3f}")
+        end_iteration(run, config, reward, heldout, metrics, result.nfe)
+    return finish_run(config, run, reward, heldout)
+
+
+CONFIG = DenseGRPOConfig
