@@ -128,7 +128,10 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
                         stats.setdefault(key, []).append(float(value))
                 stats["grad_norm"].append(run.step_optimizer())
         if config.calibrate_noise:
-            run.state.extra["noise_scales"] = calibrate(run.state.extra["noise_scales"], gains, config)
+            current = run.state.extra["noise_scales"]
+            scales = calibrate([current[s] for s in steps], gains[:, steps], config)  # trained steps only
+            for step, scale in zip(steps, scales):
+                run.state.extra["noise_scales"][step] = scale
 
         metrics = reward_metrics({k: run.gather(v) for k, v in scores.scores.items()})
         metrics.update({f"dense/gain_std/step{t}": float(gains[:, t].std(unbiased=False)) for t in range(num_steps)})
