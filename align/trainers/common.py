@@ -23,6 +23,8 @@ class TrainerConfig:
     eval_prompts: list[str] = field(default_factory=lambda: list(TOY_EVAL_PROMPTS))
     negative_prompt: str = ""
     iterations: int = 100
+    #: stop early once this many model evaluations (summed over processes) are spent
+    max_nfe: int | None = None
     prompts_per_iteration: int = 4
     group_size: int = 8
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -130,9 +132,23 @@ def end_iteration(run, config: TrainerConfig, reward, heldout, metrics: dict[str
                              grid_name=f"iteration-{run.state.iteration:06d}"), step=run.state.iteration)
 
 
-def progress(run, config: TrainerConfig, name: str):
-    """The iteration loop with a progress bar that starts where a resumed run left off."""
-    from tqdm.auto import tqdm
+class progress:
+    """The iteration loop with a progress bar that starts where a resumed run left off and stops
+    early once ``max_nfe`` model evaluations are spent."""
 
-    return tqdm(range(run.state.iteration, config.iterations), desc=name, initial=run.state.iteration,
-                total=config.iterations, disable=not (run.run_config.progress and run.is_main))
+    def __init__(self, run, config: TrainerConfig, name: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.run, self.max_nfe = run, config.max_nfe
+        self.bar = tqdm(range(run.state.iteration, config.iterations), desc=name, initial=run.state.iteration,
+                        total=config.iterations, disable=not (run.run_config.progress and run.is_main))
+
+    def __iter__(self):
+        for iteration in self.bar:
+            if self.max_nfe is not None and self.run.state.nfe >= self.max_nfe:
+                break
+            yield iteration
+        self.bar.close()
+
+    def set_postfix(self, **values) -> None:
+        self.bar.set_postfix(**values)

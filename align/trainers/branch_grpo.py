@@ -1,0 +1,426 @@
+"""BranchGRPO and TreeGRPO: GRPO over a tree of denoising trajectories.
+
+Each tree starts from one noise (one row of the prompt batch per tree). At the split steps every node
+spawns ``branch_factor`` stochastic children, so 16 leaves of a 20-step run cost 203 model evaluations
+instead of 320 (all nodes of one depth are one batch). Only the leaves are scored; credit reaches the
+earlier steps through the tree:
+
+* ``variant: branch_grpo`` -- an internal node's reward is its leaves' mean reward (``fusion: mean``)
+  or their softmax(log-prob)-weighted mean (``fusion: logp``, log-prob = the leaf's summed
+  log-probs on the path below the node); the rewards of the nodes of one depth are normalised within
+  their tree: A = (r - mean) / (std + 1e-4).
+* ``variant: tree_grpo`` -- the leaves' rewards are normalised within their tree and a node's
+  advantage is the (mean or log-prob weighted) fusion of its leaves' advantages.
+
+Every recorded parent -> child edge (one transition row) is trained with its child's advantage, by
+the Flow-GRPO loss (PPO clip + optional KL to the reference). The child of the row at step s is the
+row's index after the step; its leaves are those whose ancestor at step s + 1 is that row.
+
+Pruning cuts training cost, never sampling: ``width_keep_fraction`` trains only the edges of the best
+(and worst) leaves of each tree, ``prune_depths`` / ``prune_steps`` / ``prune_window`` skip the edges
+of some depths or steps.
+
+One iteration: prompts -> trees -> decode leaves -> reward -> node rewards -> advantages per depth ->
+for each trained step, re-score the kept edges (one model call per distinct parent, as in the
+rollout) -> PPO-clip (+ KL) -> optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from align.advantages import depth_advantages, fuse_leaf_rewards, group_advantages, group_stats
+from align.config import ConfigError
+from align.losses import mean_kl, ppo_clip_loss
+from align.runtime import iteration_generator, prompts_for_iteration
+from align.sampling.kernels import StepOut, get_kernel
+from align.sampling.rollout import (Rollout, RolloutConfig, Transition, _predict, _scaled, kernel_params,
+                                    rollout)
+from align.trainers.common import TrainerConfig, finish_run, start_run
+
+VARIANTS = ("branch_grpo", "tree_grpo")
+
+
+@dataclass
+class BranchGRPOConfig(TrainerConfig):
+    #: the tree: splits at steps 0, 3, 6 of 10 with 2 children each -> 8 leaves per tree, 43 model
+    #: evaluations per tree instead of 80 (the paper: splits 0, 3, 6, 9 of 20 -> 16 leaves)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(
+        num_steps=10, kernel="flow_grpo", guidance_scale=3.0, split_steps=[0, 3, 6], branch_factor=2))
+    #: "branch_grpo" (fuse leaf rewards, normalise per depth) or "tree_grpo" (normalise the leaves,
+    #: fuse leaf advantages upwards)
+    variant: str = "branch_grpo"
+    #: trees per prompt in one iteration (each tree has its own root noise)
+    trees_per_prompt: int = 2
+    #: unused by trees (a tree's leaves are its group: branch_factor ** len(split_steps)); 0, or that
+    #: number as a consistency check
+    group_size: int = 0
+    #: internal-node reward from its leaves: "mean" or "logp" (softmax of the leaves' path log-probs)
+    fusion: str = "mean"
+    #: "logp" fusion: softmax(logp / temperature); small values approach the most likely leaf
+    fusion_temperature: float = 1.0
+    #: normalise each depth within its "tree", or across all trees of one "prompt"
+    adv_group: str = "tree"
+    adv_clip: float = 5.0
+    #: one multiplier per split on the kernel's noise level, applied from that split to the next
+    #: (depth-varying noise; needs a per-step noise scale in the rollout engine, see
+    #: ``per_step_noise_scale``); null: the kernel's level everywhere (times split_noise_scale at splits)
+    depth_noise_scale: list[float] | None = None
+    #: width pruning: train only the edges of this fraction of each tree's leaves (1.0: all)
+    width_keep_fraction: float = 1.0
+    #: which leaves width pruning keeps: "both" (half best, half worst) or "best"
+    width_keep: str = "both"
+    #: width pruning applies to the leaf-depth edges only (false, as the paper) or to every edge off
+    #: the kept leaves' paths (true)
+    width_prune_paths: bool = False
+    #: depth pruning: depths whose edges are not trained (depth d = edges into the nodes made by the
+    #: d-th split, 1-based; 0 = edges before the first split)
+    prune_depths: list[int] = field(default_factory=list)
+    #: steps whose edges are not trained
+    prune_steps: list[int] = field(default_factory=list)
+    #: a window of this many depths skipped from training, sliding by one depth every
+    #: prune_window_slide_every iterations (null: off)
+    prune_window: int | None = None
+    prune_window_slide_every: int = 10
+    #: PPO clip range on the per-step ratio (log-probs are element means)
+    clip_range: float = 1e-3
+    #: weight of the KL to the reference policy (LoRA disabled); 0 turns it off (BranchGRPO: off)
+    kl_beta: float = 0.0
+    #: the last step's std is tiny: it is not trained unless asked
+    train_last_step: bool = False
+    #: passes over each iteration's trees
+    inner_epochs: int = 1
+    #: trees per optimizer step (null: all trees of the iteration, one step)
+    trees_per_update: int | None = None
+    #: loss weight of each trained step: "edges" (every edge counts once: deep steps weigh more) or
+    #: "steps" (every step counts once)
+    step_weighting: str = "edges"
+
+
+def check_config(config: BranchGRPOConfig) -> None:
+    choices = {"variant": VARIANTS, "fusion": ("mean", "logp"), "adv_group": ("tree", "prompt"),
+               "width_keep": ("both", "best"), "step_weighting": ("edges", "steps")}
+    for key, valid in choices.items():
+        if getattr(config, key) not in valid:
+            raise ConfigError(f"{key} must be one of {valid}, got {getattr(config, key)!r}")
+    r = config.rollout
+    r.validate()
+    if not r.split_steps:
+        raise ConfigError("a tree needs rollout.split_steps (e.g. [0, 3, 6] of 10 steps)")
+    if r.branch_factor < 2:
+        raise ConfigError(f"rollout.branch_factor must be >= 2 for a tree, got {r.branch_factor}")
+    if r.kernel == "ode":
+        raise ConfigError("rollout.kernel 'ode' has no log-prob and makes identical children: use an SDE kernel")
+    if r.sde_steps is not None:
+        deterministic = sorted(set(r.split_steps) - set(r.sde_steps))
+        if deterministic:
+            raise ConfigError(f"split step {deterministic[0]} is not in rollout.sde_steps: its children would be "
+                              "identical")
+    if r.branch_steps:
+        raise ConfigError("rollout.branch_steps (side branches) is not used by tree training; leave it empty")
+    leaves = leaves_per_tree(r)
+    if config.group_size not in (0, leaves):
+        raise ConfigError(f"group_size {config.group_size} does not match the tree's {leaves} leaves "
+                          "(branch_factor ** len(split_steps)); set group_size: 0")
+    if config.trees_per_prompt < 1:
+        raise ConfigError(f"trees_per_prompt must be >= 1, got {config.trees_per_prompt}")
+    if config.adv_group == "tree" and leaves < 2:
+        raise ConfigError("a tree with one leaf has no comparison")
+    if config.fusion_temperature <= 0:
+        raise ConfigError(f"fusion_temperature must be > 0, got {config.fusion_temperature}")
+    if not 0 < config.width_keep_fraction <= 1:
+        raise ConfigError(f"width_keep_fraction must be in (0, 1], got {config.width_keep_fraction}")
+    if config.depth_noise_scale is not None:
+        if len(config.depth_noise_scale) != len(set(r.split_steps)):
+            raise ConfigError(f"depth_noise_scale needs one multiplier per split ({len(set(r.split_steps))}), "
+                              f"got {len(config.depth_noise_scale)}")
+        if any(m <= 0 for m in config.depth_noise_scale):
+            raise ConfigError("depth_noise_scale multipliers must be > 0")
+    if config.prune_window is not None and not 1 <= config.prune_window < len(set(r.split_steps)):
+        raise ConfigError(f"prune_window must be in 1..{len(set(r.split_steps)) - 1}, got {config.prune_window}")
+    if config.trees_per_update is not None and config.trees_per_update < 1:
+        raise ConfigError(f"trees_per_update must be >= 1, got {config.trees_per_update}")
+    recorded = set(range(r.num_steps)) if r.sde_steps is None else set(r.sde_steps)
+    if not [s for s in recorded if trainable_step(config, s, depth_of_step(r.split_steps, s))]:
+        raise ConfigError("no step is left to train after depth pruning and the last-step rule")
+
+
+# --- the tree's bookkeeping (pure functions) ------------------------------------------------------
+
+
+def leaves_per_tree(config: RolloutConfig) -> int:
+    return config.branch_factor ** len(set(config.split_steps))
+
+
+def depth_of_step(split_steps, step: int) -> int:
+    """Depth of the node an edge at ``step`` leads to: the number of splits at or before it."""
+    return sum(1 for s in set(split_steps) if s <= step)
+
+
+def trainable_step(config: BranchGRPOConfig, step: int, depth: int, iteration: int = 0) -> bool:
+    if step == config.rollout.num_steps - 1 and not config.train_last_step:
+        return False
+    if step in config.prune_steps or depth in config.prune_depths:
+        return False
+    return depth not in pruned_window(config, iteration)
+
+
+def pruned_window(config: BranchGRPOConfig, iteration: int) -> set[int]:
+    """The sliding depth-pruning window of this iteration (depths 1..number of splits)."""
+    if config.prune_window is None:
+        return set()
+    depths = len(set(config.rollout.split_steps))
+    start = (iteration // config.prune_window_slide_every) % (depths - config.prune_window + 1)
+    return set(range(1 + start, 1 + start + config.prune_window))
+
+
+def per_step_noise_scale(split_steps, num_steps: int, depth_scale) -> list[float]:
+    """Depth multipliers (one per split) -> one multiplier per step: split k's multiplier holds from
+    step split_k up to the next split; steps before the first split keep 1."""
+    splits = sorted(set(split_steps))
+    scales = [1.0] * num_steps
+    for step in range(num_steps):
+        depth = depth_of_step(splits, step)
+        if depth:
+            scales[step] = float(depth_scale[depth - 1])
+    return scales
+
+
+def rollout_config_with_noise(config: BranchGRPOConfig) -> RolloutConfig:
+    """The rollout config with depth-varying noise. The rollout engine scales the kernel's noise
+    level only at split steps (one scalar, ``split_noise_scale``); a per-depth schedule needs a
+    per-step multiplier there (``RolloutConfig.step_noise_scale``), used when the engine has it."""
+    r = config.rollout
+    if config.depth_noise_scale is None:
+        return r
+    scales = per_step_noise_scale(r.split_steps, r.num_steps, config.depth_noise_scale)
+    if "step_noise_scale" in {f.name for f in fields(RolloutConfig)}:
+        return replace(r, step_noise_scale=scales)
+    first = min(r.split_steps)
+    if first == 0 and len(set(config.depth_noise_scale)) == 1:  # one level everywhere: fold it in
+        scale = config.depth_noise_scale[0]
+        from align.sampling.rollout import DEFAULT_KERNEL_PARAMS, NOISE_PARAM
+
+        key = NOISE_PARAM.get(r.kernel)
+        if key is not None:
+            base = {**DEFAULT_KERNEL_PARAMS.get(r.kernel, {}), **r.kernel_params}
+            return replace(r, kernel_params={**r.kernel_params, key: base[key] * scale})
+    raise ConfigError("depth_noise_scale with different multipliers per depth needs a per-step noise scale "
+                      "in the rollout engine (RolloutConfig.step_noise_scale), which this version lacks; "
+                      "use rollout.split_noise_scale to scale the noise of the split steps instead")
+
+
+def leaf_path_log_probs(result: Rollout) -> Tensor:
+    """(num_steps + 1, leaves): row s is each leaf's summed recorded log-probs at steps >= s (the
+    path below the node the leaf descends from after step s - 1); row num_steps is 0."""
+    num_steps, leaves = len(result.lineage), result.samples.shape[0]
+    per_step = torch.zeros(num_steps, leaves)
+    for t in result.main_transitions():
+        per_step[t.step] = t.log_prob.float().cpu()[result.ancestor(t.step + 1)]
+    below = per_step.flip(0).cumsum(0).flip(0)
+    return torch.cat([below, torch.zeros(1, leaves)])
+
+
+class NodeTargets(NamedTuple):
+    """Per row of one step's transition: the child node's reward (branch_grpo) or fused leaf
+    advantage (tree_grpo), its advantage, and whether its group carries signal."""
+
+    reward: Tensor
+    advantage: Tensor
+    keep: Tensor
+
+
+def node_targets(result: Rollout, leaf_rewards: Tensor, *, variant: str = "branch_grpo", fusion: str = "mean",
+                 temperature: float = 1.0, group_of_tree: Tensor | None = None, eps: float = 1e-4,
+                 clip: float | None = 5.0) -> dict[int, NodeTargets]:
+    """For every recorded main transition (step s): the targets of its rows' child nodes.
+
+    The child of row r is the node r after step s; its leaves are the leaves whose ancestor at step
+    s + 1 is r. ``group_of_tree`` maps a tree (row of the prompt batch) to its normalisation group
+    (default: each tree alone)."""
+    leaf_rewards = leaf_rewards.float().cpu()
+    leaf_tree = result.prompt_index.cpu()
+    group_of_tree = torch.arange(int(leaf_tree.max()) + 1) if group_of_tree is None else group_of_tree.cpu()
+    below = leaf_path_log_probs(result) / temperature if fusion == "logp" else None
+    leaf_adv = leaf_keep = None
+    if variant == "tree_grpo":
+        leaf_adv, leaf_keep = group_advantages(leaf_rewards, group_of_tree[leaf_tree], eps=eps, clip=clip)
+    out = {}
+    for t in result.main_transitions():
+        nodes = len(t.rows)
+        node_of_leaf = result.ancestor(t.step + 1)
+        lp = None if below is None else below[t.step + 1]
+        groups = group_of_tree[t.prompt_index.cpu()]
+        if variant == "branch_grpo":
+            reward = fuse_leaf_rewards(leaf_rewards, node_of_leaf, nodes, mode=fusion, leaf_log_probs=lp)
+            advantage = depth_advantages(reward, groups, eps=eps, clip=clip)
+            keep = group_stats(reward, groups)[1] > 0
+        else:
+            reward = fuse_leaf_rewards(leaf_adv, node_of_leaf, nodes, mode=fusion, leaf_log_probs=lp)
+            advantage = reward
+            keep = torch.zeros(nodes).index_add_(0, node_of_leaf, leaf_keep.float()) > 0
+        out[t.step] = NodeTargets(reward, advantage, keep)
+    return out
+
+
+def width_kept_leaves(leaf_rewards: Tensor, leaf_tree: Tensor, fraction: float, mode: str = "both") -> Tensor:
+    """Bool mask of the leaves whose edges width pruning keeps: per tree, round(fraction * leaves)
+    (at least 1; "both": the better half of them from the top, the rest from the bottom)."""
+    keep = torch.zeros(len(leaf_rewards), dtype=torch.bool)
+    if fraction >= 1:
+        return keep.fill_(True)
+    for tree in torch.unique(leaf_tree):
+        members = (leaf_tree == tree).nonzero().flatten()
+        order = members[torch.argsort(leaf_rewards[members].float(), descending=True, stable=True)]
+        count = max(1, round(fraction * len(members)))
+        if mode == "best":
+            chosen = order[:count]
+        else:
+            top = math.ceil(count / 2)
+            chosen = torch.cat([order[:top], order[len(order) - (count - top):]])
+        keep[chosen] = True
+    return keep
+
+
+# --- re-scoring ------------------------------------------------------------------------------------
+
+
+def rescore_edges(adapter, transition: Transition, index: Tensor, cond, schedule, config: RolloutConfig) -> StepOut:
+    """Log-probs of the transition rows ``index`` under the current weights, with one model call per
+    distinct parent (siblings share their parent's evaluation, as in the rollout): with unchanged
+    weights and all rows of a step this repeats the rollout's batch and its log-probs exactly."""
+    parents = transition.parent[index]
+    unique, inverse = torch.unique(parents, return_inverse=True)
+    position = torch.arange(len(index), device=inverse.device)
+    first = torch.full((len(unique),), len(index), dtype=torch.long).scatter_reduce(0, inverse, position, "amin")
+    rows = index[first]
+    i = transition.step
+    model_out = _predict(adapter, transition.latents[rows], schedule.timesteps[i],
+                         cond.select(transition.prompt_index[rows]), config.max_batch, False)
+    kernel = get_kernel(config.kernel, schedule.kind)
+    params = _scaled(kernel_params(config, adapter), config.kernel, transition.noise_scale)
+    return kernel(transition.latents[index], model_out[inverse], schedule.levels[i], schedule.levels[i + 1],
+                  prev_sample=transition.next_latents[index], reduce=config.log_prob_reduce, **params)
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
+    check_config(config)
+    rollout_config = rollout_config_with_noise(config)
+    run, reward, heldout, prompts = start_run(config, adapter)
+    adapter, accelerator = run.adapter, run.accelerator
+    split_steps = rollout_config.split_steps
+    bar = tqdm(range(run.state.iteration, config.iterations), desc=config.variant,
+               disable=not run.run_config.progress or not run.is_main, initial=run.state.iteration,
+               total=config.iterations)
+    for iteration in bar:
+        rng = random.Random(f"{config.run.seed}-{iteration}")
+        batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
+                                              accelerator.process_index, accelerator.num_processes)
+        num_trees = len(batch_prompts) * config.trees_per_prompt
+        tree_prompt = torch.arange(len(batch_prompts)).repeat_interleave(config.trees_per_prompt)
+
+        # 1. one tree per row of the prompt batch (a prompt's trees are repeated rows), decode, score
+        with run.phase("sampling"), torch.no_grad():
+            cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
+            cond = cond.repeat_interleave(config.trees_per_prompt)
+            result = rollout(adapter, cond, rollout_config, group_size=1,
+                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index))
+            pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
+        with run.phase("reward"), torch.no_grad():
+            leaf_tree = result.prompt_index.cpu()
+            leaf_prompts = [batch_prompts[int(tree_prompt[i])] for i in leaf_tree.tolist()]
+            scores = reward(pixels, leaf_prompts)
+            leaf_rewards = scores.total.float().cpu()
+
+        # 2. node rewards and advantages per depth (trees never span processes: no gather needed)
+        group_of_tree = torch.arange(num_trees) if config.adv_group == "tree" else tree_prompt
+        targets = node_targets(result, leaf_rewards, variant=config.variant, fusion=config.fusion,
+                               temperature=config.fusion_temperature, group_of_tree=group_of_tree,
+                               clip=config.adv_clip)
+        kept_leaves = width_kept_leaves(leaf_rewards, leaf_tree, config.width_keep_fraction, config.width_keep)
+        last_depth = len(set(split_steps))
+        transitions, edge_rows = {}, {}
+        for t in result.main_transitions():
+            depth = depth_of_step(split_steps, t.step)
+            if not trainable_step(config, t.step, depth, iteration):
+                continue
+            keep = targets[t.step].keep.clone()
+            if config.width_keep_fraction < 1 and (config.width_prune_paths or depth == last_depth):
+                on_path = torch.zeros(len(t.rows), dtype=torch.bool)
+                on_path[result.ancestor(t.step + 1)[kept_leaves]] = True
+                keep &= on_path
+            transitions[t.step], edge_rows[t.step] = t, keep
+        steps = sorted(transitions)
+
+        # 3. PPO over the kept edges, trees_per_update trees per optimizer step
+        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clip_fraction": [], "ratio_mean": [],
+                                         "kl": [], "grad_norm": []}
+        edges_trained = 0
+        with run.phase("training"):
+            per_update = config.trees_per_update or num_trees
+            for _ in range(config.inner_epochs):
+                order = torch.randperm(num_trees, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+                if per_update >= num_trees:
+                    order = torch.arange(num_trees)  # the rollout's row order: exact first-step ratios
+                for start in range(0, num_trees, per_update):
+                    chosen = torch.zeros(num_trees, dtype=torch.bool)
+                    chosen[order[start:start + per_update]] = True
+                    selected = {s: (edge_rows[s] & chosen[transitions[s].prompt_index.cpu()]).nonzero().flatten()
+                                for s in steps}
+                    selected = {s: rows for s, rows in selected.items() if len(rows)}
+                    total = sum(len(rows) for rows in selected.values())
+                    if not total:
+                        continue
+                    for step, index in selected.items():
+                        part = transitions[step]
+                        advantages = targets[step].advantage[index].to(accelerator.device)
+                        with accelerator.autocast():
+                            new = rescore_edges(adapter, part, index, cond, result.schedule, rollout_config)
+                        loss, ppo = ppo_clip_loss(new.log_prob, part.log_prob[index], advantages, config.clip_range)
+                        if config.kl_beta > 0:
+                            with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
+                                ref = rescore_edges(adapter, part, index, cond, result.schedule, rollout_config)
+                            kl = mean_kl(new.mean, ref.mean, new.std).mean()
+                            loss = loss + config.kl_beta * kl
+                            stats["kl"].append(float(kl.detach()))
+                        weight = len(index) / total if config.step_weighting == "edges" else 1 / len(selected)
+                        accelerator.backward(loss * weight)
+                        stats["loss"].append(float(loss.detach()))
+                        for key in ("approx_kl", "clip_fraction", "ratio_mean"):
+                            stats[key].append(float(ppo[key]))
+                    edges_trained += total
+                    stats["grad_norm"].append(run.step_optimizer())
+
+        # 4. bookkeeping
+        run.state.iteration = iteration + 1
+        run.state.nfe += result.nfe * accelerator.num_processes
+        named = {k: run.gather(v.float()) for k, v in scores.scores.items()}
+        metrics = {f"reward/{k}/mean": float(v.mean()) for k, v in named.items()}
+        metrics.update({f"reward/{k}/std": float(v.std(unbiased=False)) for k, v in named.items()})
+        all_adv = torch.cat([targets[s].advantage[edge_rows[s]] for s in steps]) if steps else torch.zeros(1)
+        metrics.update({"advantage/abs_mean": float(all_adv.abs().mean()) if len(all_adv) else 0.0,
+                        "tree/leaves": float(len(leaf_rewards)), "tree/nfe_per_leaf": result.nfe / len(leaf_rewards),
+                        "tree/edges_trained": float(edges_trained), "nfe": run.state.nfe})
+        metrics.update({f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v})
+        run.log(metrics, step=run.state.iteration)
+        bar.set_postfix(reward=f"{float(leaf_rewards.mean()):.3f}")
+        every = config.run.checkpoint_every
+        if every and run.state.iteration % every == 0:
+            run.save_checkpoint()
+        if config.run.sample_every and run.state.iteration % config.run.sample_every == 0:
+            run.log(run.evaluate(reward, config.eval_prompts, config.rollout, heldout=heldout,
+                                 grid_name=f"iteration-{run.state.iteration:06d}"), step=run.state.iteration)
+    return finish_run(config, run, reward, heldout)
+
+
+CONFIG = BranchGRPOConfig

@@ -1,0 +1,228 @@
+"""DDPO (denoising diffusion policy optimisation) for UNet models: SD 1.x / 2.x and SDXL, with
+epsilon or v prediction.
+
+One iteration reads top to bottom:
+prompts -> rollout with the DDIM kernel (eta 1, log-probs recorded) -> decode -> reward ->
+per-prompt running statistics (each prompt's last ``stats_buffer`` rewards; the batch statistics
+while a prompt has fewer than ``stats_min_count``) -> advantages -> for each minibatch, for each
+trained step: re-score the stored transition with the current weights, PPO-clip loss -> optimizer
+step. Logged: approx-KL = 0.5 E[(logp - logp_old)^2], the clip fraction, and the largest |ratio - 1|
+of the first (on-policy) minibatch, which is 0 when rollout and training agree.
+
+Flow models (the toy model, SD3, FLUX, Wan) have no DDIM posterior: with ``rollout.kernel: ddim``
+the trainer warns and samples with ``flow_kernel`` (the Flow-GRPO SDE by default) instead, which
+makes it Flow-GRPO without the KL term and with DDPO's running statistics.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from align.advantages import RunningPromptStats
+from align.config import ConfigError
+from align.losses import ppo_clip_loss
+from align.runtime import iteration_generator, prompts_for_iteration
+from align.sampling.kernels import KERNELS
+from align.sampling.rollout import RolloutConfig, rescore, rollout
+from align.trainers.common import TrainerConfig, finish_run, start_run
+
+
+@dataclass
+class DDPOConfig(TrainerConfig):
+    #: DDIM with eta = 1 (the DDPO paper samples 50 steps with CFG 5; 20 keeps CPU runs short)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=20, kernel="ddim",
+                                                                         kernel_params={"eta": 1.0}))
+    #: PPO clip range on the per-step ratio (log-probs are element means by default, so it is tiny)
+    clip_range: float = 1e-4
+    #: advantages are clipped to [-adv_clip, adv_clip]
+    adv_clip: float = 5.0
+    #: per-prompt running statistics (false: normalise by the statistics of the whole batch)
+    per_prompt_stats: bool = True
+    #: rewards kept per prompt
+    stats_buffer: int = 16
+    #: below this many kept rewards a prompt is normalised with the batch statistics
+    stats_min_count: int = 16
+    #: DDPO trains every step, the last one included (its DDIM std is not tiny unless alpha_bar
+    #: ends at 1, in which case the step is deterministic and skipped anyway)
+    train_last_step: bool = True
+    #: train a random fraction of the steps each iteration
+    timestep_fraction: float = 1.0
+    #: passes over each batch of rollouts
+    inner_epochs: int = 1
+    #: rollout rows per optimizer step (null: all rows of the iteration)
+    train_batch_size: int | None = None
+    #: stochastic kernel used on flow models when rollout.kernel is "ddim"
+    flow_kernel: str = "flow_grpo"
+
+
+def check_config(config: DDPOConfig) -> None:
+    if config.rollout.kernel == "ode":
+        raise ConfigError("rollout.kernel 'ode' records no log-probs; DDPO needs a stochastic kernel (ddim)")
+    if config.clip_range <= 0:
+        raise ConfigError(f"clip_range must be > 0, got {config.clip_range}")
+    if config.stats_buffer < 1 or config.stats_min_count < 1:
+        raise ConfigError("stats_buffer and stats_min_count must be >= 1")
+    if not 0 < config.timestep_fraction <= 1:
+        raise ConfigError(f"timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
+    if config.inner_epochs < 1:
+        raise ConfigError(f"inner_epochs must be >= 1, got {config.inner_epochs}")
+    if config.train_batch_size is not None and config.train_batch_size < 1:
+        raise ConfigError(f"train_batch_size must be >= 1, got {config.train_batch_size}")
+    if config.flow_kernel not in KERNELS or KERNELS[config.flow_kernel][1] != "flow":
+        valid = sorted(k for k, (_, kind) in KERNELS.items() if kind == "flow" and k != "ode")
+        raise ConfigError(f"flow_kernel must be one of {valid}, got {config.flow_kernel!r}")
+
+
+def resolve_rollout(config: DDPOConfig, schedule_kind: str) -> RolloutConfig:
+    """The rollout config for this model: on a flow model the DDIM kernel becomes ``flow_kernel``
+    (with a warning); any other mismatch fails with the kernel registry's message."""
+    rollout_config = config.rollout
+    if schedule_kind == "flow" and rollout_config.kernel == "ddim":
+        warnings.warn(f"DDPO's DDIM kernel needs a DDPM-family (UNet) model; this is a flow model, so "
+                      f"rollouts use the {config.flow_kernel!r} SDE kernel instead", stacklevel=2)
+        rollout_config = replace(rollout_config, kernel=config.flow_kernel, kernel_params={})
+    kernel_kind = KERNELS.get(rollout_config.kernel, (None, schedule_kind))[1]
+    if kernel_kind != schedule_kind:
+        raise ConfigError(f"rollout.kernel {rollout_config.kernel!r} is for {kernel_kind} models; this model "
+                          f"uses a {schedule_kind} schedule")
+    return rollout_config
+
+
+def register_extra_state(run, obj) -> None:
+    """Save ``obj`` (``state_dict`` / ``load_state_dict``) with every checkpoint, and load it now if
+    the run was resumed (``start_run`` resumes before a trainer registers its own state)."""
+    from accelerate.checkpointing import load_custom_state
+
+    accelerator = run.accelerator
+    accelerator.register_for_checkpointing(obj)
+    if run.state.iteration == 0:
+        return
+    resume = run.run_config.resume
+    path = run.checkpoints()[-1] if resume == "latest" else Path(resume)
+    index = len(accelerator._custom_objects) - 1
+    if not (path / f"custom_checkpoint_{index}.pkl").is_file():
+        raise ConfigError(f"checkpoint {path} has no state for {type(obj).__name__} (made by another trainer?)")
+    load_custom_state(obj, str(path), index)
+
+
+def trained_steps(config: DDPOConfig, transitions, num_steps: int, rng: random.Random) -> list[int]:
+    """Recorded steps with a nonzero std (the last one unless ``train_last_step`` is off), or a
+    random ``timestep_fraction`` of them."""
+    steps = [t.step for t in transitions if bool((t.std > 0).all())
+             and (config.train_last_step or t.step != num_steps - 1)]
+    if config.timestep_fraction < 1 and steps:
+        steps = sorted(rng.sample(steps, max(1, round(config.timestep_fraction * len(steps)))))
+    return steps
+
+
+def ddpo_advantages(config: DDPOConfig, stats: RunningPromptStats, prompts: list[str],
+                    rewards: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Advantages of the gathered batch, clipped; and the fraction of rows normalised with their
+    prompt's own running statistics (the rest used the batch statistics)."""
+    rewards = rewards.float()
+    if config.per_prompt_stats:
+        advantages = stats.advantages(prompts, rewards)
+        own = sum(len(stats.history[p]) >= stats.min_count for p in prompts) / max(1, len(prompts))
+    else:
+        advantages = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
+        own = 0.0
+    return advantages.clamp(-config.adv_clip, config.adv_clip), float(own)
+
+
+def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
+    from accelerate.utils import gather_object
+
+    check_config(config)
+    run, reward, heldout, prompts = start_run(config, adapter)
+    adapter, accelerator = run.adapter, run.accelerator
+    size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
+    schedule_kind = adapter.schedule(1, latent_shape=adapter.latent_shape(**size)).kind
+    rollout_config = resolve_rollout(config, schedule_kind)
+    stats_tracker = RunningPromptStats(config.stats_buffer, config.stats_min_count)
+    register_extra_state(run, stats_tracker)
+
+    bar = tqdm(range(run.state.iteration, config.iterations), desc="ddpo", disable=not run.run_config.progress
+               or not run.is_main, initial=run.state.iteration, total=config.iterations)
+    for iteration in bar:
+        rng = random.Random(f"{config.run.seed}-{iteration}")
+        batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
+                                              accelerator.process_index, accelerator.num_processes)
+
+        # 1. sample (DDIM, eta 1, log-probs recorded), decode, score
+        with run.phase("sampling"), torch.no_grad():
+            cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
+            result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
+                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index),
+                             **size)
+            pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
+        with run.phase("reward"), torch.no_grad():
+            sample_prompts = [batch_prompts[i] for i in result.prompt_index.tolist()]
+            scores = reward(pixels, sample_prompts)
+
+        # 2. advantages from the gathered batch; every process updates the same statistics
+        all_rewards = run.gather(scores.total.float())
+        all_prompts = gather_object(sample_prompts) if accelerator.num_processes > 1 else sample_prompts
+        advantages, own_stats = ddpo_advantages(config, stats_tracker, all_prompts, all_rewards)
+        rows = len(sample_prompts)
+        local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
+        advantages = advantages[local].to(accelerator.device)
+
+        # 3. PPO-clip over the trained steps
+        steps = trained_steps(config, result.main_transitions(), len(result.schedule), rng)
+        transitions = {t.step: t for t in result.main_transitions(steps)}
+        log: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clip_fraction": [], "ratio_mean": [],
+                                       "grad_norm": []}
+        first_ratio_error = 0.0
+        with run.phase("training"):
+            batch = config.train_batch_size or rows
+            first = True
+            for _ in range(config.inner_epochs):
+                seed = rng.randrange(2**31)
+                order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+                for start in range(0, rows, batch):
+                    index = order[start:start + batch]
+                    for step in steps:
+                        part = transitions[step].subset(index)
+                        with accelerator.autocast():
+                            new = rescore(adapter, part, cond, result.schedule, rollout_config)
+                        loss, ppo = ppo_clip_loss(new.log_prob, part.log_prob, advantages[index],
+                                                  config.clip_range)
+                        accelerator.backward(loss / len(steps))
+                        if first:  # nothing has been updated yet: the ratio must be exactly 1
+                            error = (new.log_prob.detach() - part.log_prob).exp().sub(1).abs().max()
+                            first_ratio_error = max(first_ratio_error, float(error))
+                        log["loss"].append(float(loss.detach()))
+                        for key in ("approx_kl", "clip_fraction", "ratio_mean"):
+                            log[key].append(float(ppo[key]))
+                    if steps:
+                        log["grad_norm"].append(run.step_optimizer())
+                    first = False
+
+        # 4. bookkeeping
+        run.state.iteration = iteration + 1
+        run.state.nfe += result.nfe * accelerator.num_processes
+        metrics = {f"reward/{k}/mean": float(run.gather(v.float()).mean()) for k, v in scores.scores.items()}
+        metrics.update({"reward/mean": float(all_rewards.mean()), "reward/std": float(all_rewards.std(unbiased=False)),
+                        "advantage/abs_mean": float(advantages.abs().mean()),
+                        "stats/per_prompt_fraction": own_stats, "stats/prompts_tracked": len(stats_tracker.history),
+                        "train/first_ratio_error": first_ratio_error, "train/trained_steps": len(steps),
+                        "nfe": run.state.nfe})
+        metrics.update({f"train/{k}": sum(v) / len(v) for k, v in log.items() if v})
+        run.log(metrics, step=run.state.iteration)
+        bar.set_postfix(reward=f"{float(all_rewards.mean()):.3f}")
+        every = config.run.checkpoint_every
+        if every and run.state.iteration % every == 0:
+            run.save_checkpoint()
+        if config.run.sample_every and run.state.iteration % config.run.sample_every == 0:
+            run.log(run.evaluate(reward, config.eval_prompts, config.rollout, heldout=heldout,
+                                 grid_name=f"iteration-{run.state.iteration:06d}"), step=run.state.iteration)
+    return finish_run(config, run, reward, heldout)
+
+
+CONFIG = DDPOConfig

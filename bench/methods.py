@@ -1,0 +1,81 @@
+"""Every online-RL method on the embedded default model at the same compute budget.
+
+Each method fine-tunes the toy digit model against the digit-classifier reward until it has spent
+``--nfe`` model evaluations (rollouts, completions and branches all count), then the mean reward
+of fixed evaluation prompts and seeds is compared with the start. Printed: reward gain per 1k NFE
+and per second of wall time, best first.
+
+    python bench/methods.py [--nfe 20000] [--methods flow_grpo,dense_grpo,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+COMMON = ["model.name=toy", "rewards=[digit]", "run.log_with=none", "run.resume=null", "run.progress=false",
+          "run.checkpoint_every=0", "rollout.num_steps=10", "rollout.guidance_scale=3.0", "lora.rank=8",
+          "lora.alpha=16", "optim.lr=1e-3", "prompts_per_iteration=4", "iterations=1000"]
+
+#: name -> (trainer, overrides)
+METHODS = {
+    "flow_grpo": ("flow_grpo", ["group_size=8", "clip_range=0.2", "kl_beta=0"]),
+    "flow_grpo_fast": ("flow_grpo", ["group_size=8", "clip_range=0.2", "kl_beta=0", "window_size=3"]),
+    "flow_grpo_guard": ("flow_grpo", ["group_size=8", "clip_range=0.2", "kl_beta=0", "guard=true"]),
+    "dance_grpo": ("flow_grpo", ["group_size=8", "clip_range=0.2", "kl_beta=0", "rollout.kernel=dance_grpo",
+                                 "rollout.same_noise_per_group=true", "timestep_fraction=0.6"]),
+    "cps_grpo": ("flow_grpo", ["group_size=8", "clip_range=0.2", "kl_beta=0", "rollout.kernel=cps"]),
+    "branch_grpo": ("branch_grpo", []),
+    "dense_grpo": ("dense_grpo", ["group_size=8", "clip_range=0.2"]),
+    "tempflow_grpo": ("tempflow_grpo", ["group_size=2", "clip_range=0.2"]),
+    "diffusion_nft": ("diffusion_nft", ["group_size=8"]),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nfe", type=int, default=20000, help="model evaluations per method")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    from align.config import load_config
+    from align.trainers import trainer_module
+
+    rows = []
+    for name in args.methods.split(","):
+        trainer, overrides = METHODS[name]
+        try:
+            module = trainer_module(trainer)
+        except ModuleNotFoundError:
+            print(f"{name}: trainer {trainer} not available, skipped")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            config = load_config(module.CONFIG, None, COMMON + overrides + [
+                f"max_nfe={args.nfe}", f"run.output_dir={tmp}/{name}", f"run.seed={args.seed}"])
+            start = time.perf_counter()
+            summary = module.train(config)
+            seconds = time.perf_counter() - start
+        gain = summary["reward_after"] - summary["reward_before"]
+        rows.append((name, summary["reward_before"], summary["reward_after"], gain, 1000 * gain / args.nfe,
+                     gain / seconds, seconds))
+    rows.sort(key=lambda r: -r[4])
+    print(f"\nbudget: {args.nfe} model evaluations per method, embedded toy model, digit reward, seed {args.seed}")
+    print(f"{'method':16s} {'before':>7s} {'after':>7s} {'gain':>7s} {'gain/1kNFE':>11s} {'gain/s':>8s} {'wall s':>7s}")
+    for name, before, after, gain, per_nfe, per_s, seconds in rows:
+        print(f"{name:16s} {before:7.3f} {after:7.3f} {gain:+7.3f} {per_nfe:+11.4f} {per_s:+8.4f} {seconds:7.1f}")
+    if rows:
+        print(f"best_per_1k_nfe={rows[0][0]}")
+
+
+if __name__ == "__main__":
+    main()
