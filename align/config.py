@@ -66,6 +66,9 @@ def load_config(schema_cls: type[T], path: str | Path | None = None,
         _check_keys(schema_cls, OmegaConf.to_container(layer, resolve=False))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema_cls), *layers)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"config value {missing[0]!r} must be set (it is ??? in the config)")
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:  # wrong types, missing values
         key = getattr(err, "full_key", None)

@@ -1,0 +1,37 @@
+"""Every shipped recipe config validates against its trainer's schema (no model is loaded)."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from align.config import ConfigError, load_config
+from align.trainers import trainer_module
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRAINER_OF = {"quickstart": "flow_grpo", "sd35_pickscore": "flow_grpo", "sd35_ocr_fast": "flow_grpo",
+              "wan_video_frames": "flow_grpo"}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipe_config_loads(path, tmp_path):
+    assert path.stem in TRAINER_OF, f"add {path.name} to TRAINER_OF"
+    module = trainer_module(TRAINER_OF[path.stem])
+    raw = OmegaConf.load(path)
+    overrides = [f"prompt_file={tmp_path / 'p.txt'}"] if OmegaConf.is_missing(raw, "prompt_file") else []
+    config = load_config(module.CONFIG, path, overrides)
+    config.rollout.validate()
+    module.check_config(config)
+
+
+def test_missing_prompt_file_is_named():
+    module = trainer_module("flow_grpo")
+    with pytest.raises(ConfigError, match="prompt_file"):
+        load_config(module.CONFIG, CONFIGS / "sd35_pickscore.yaml")
+
+
+def test_accelerate_presets_are_valid_yaml():
+    for path in (CONFIGS / "accelerate").glob("*.yaml"):
+        data = OmegaConf.to_container(OmegaConf.load(path))
+        assert data["distributed_type"] in {"NO", "MULTI_GPU", "FSDP", "DEEPSPEED", "MULTI_CPU"}
+        assert data["num_processes"] >= 1
