@@ -65,8 +65,10 @@ def load_config(schema_cls: type[T], path: str | Path | None = None,
     for layer in layers:
         _check_keys(schema_cls, OmegaConf.to_container(layer, resolve=False))
     try:
+        # a ??? in a file must be filled by a later layer (merging onto the schema would hide it)
+        missing = sorted(OmegaConf.missing_keys(OmegaConf.merge(*layers))) if layers else []
         merged = OmegaConf.merge(OmegaConf.structured(schema_cls), *layers)
-        missing = sorted(OmegaConf.missing_keys(merged))
+        missing += sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"config value {missing[0]!r} must be set (it is ??? in the config)")
         return OmegaConf.to_object(merged)
