@@ -40,7 +40,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_sample_config(config)
     adapter = load_model(config.model)
     pixels, prompts, result = generate(adapter, config)
-    grid = write_samples(pixels, prompts, config.out, columns=config.num_per_prompt, fps=config.fps)
+    per_prompt = len(prompts) // len(config.prompts)  # a tree yields several leaves per root
+    grid = write_samples(pixels, prompts, config.out, columns=per_prompt, fps=config.fps)
     print(f"wrote {len(prompts)} samples and {grid} (nfe={result.nfe})")
     return 0
 

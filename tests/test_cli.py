@@ -1,0 +1,45 @@
+"""The align command: sample from diffusers adapters over topologies, env, and one-line errors."""
+
+from PIL import Image
+
+from align.cli import main
+from tests.tiny_models import build_sd3, build_wan
+
+
+def test_sample_sd3_tree_writes_pngs_and_grid(tmp_path, capsys):
+    model = build_sd3(tmp_path / "sd3")
+    out = tmp_path / "out"
+    code = main(["sample", "--model", "sd3", "--model-path", str(model), "--prompt", "a red car", "--num", "1",
+                 "--steps", "4", "--guidance", "2.0", "--out", str(out), "rollout.kernel=flow_grpo",
+                 "rollout.split_steps=[0,2]"])
+    assert code == 0
+    pngs = sorted(out.glob("0*.png"))
+    assert len(pngs) == 4  # one root, two splits of factor 2
+    assert Image.open(out / "grid.png").size == (4 * Image.open(pngs[0]).size[0], Image.open(pngs[0]).size[1])
+    assert "nfe=" in capsys.readouterr().out
+    assert len((out / "prompts.txt").read_text().splitlines()) == 4
+
+
+def test_sample_wan_writes_mp4(tmp_path):
+    model = build_wan(tmp_path / "wan")
+    out = tmp_path / "video"
+    code = main(["sample", "--model", "wan", "--model-path", str(model), "--prompt", "a cat", "--num", "1",
+                 "--steps", "2", "--out", str(out), "model.height=16", "model.width=16", "model.num_frames=5"])
+    assert code == 0
+    assert (out / "0000.mp4").stat().st_size > 0 and (out / "grid.png").exists()
+
+
+def test_config_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["sample", "--model", "sd33", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "did you mean 'sd3'" in err and "\n" not in err
+    assert main(["sample", "rollout.num_stepz=3", "--out", str(tmp_path)]) == 2
+    assert "rollout.num_steps" in capsys.readouterr().err
+    assert main(["train", "flow_grpo", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_env_reports_versions(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "diffusers" in out and "attention" in out
