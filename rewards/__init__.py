@@ -2,7 +2,7 @@
 
 from rewards.base import (CombinedReward, Reward, RewardError, RewardOutput, available_rewards, build_reward,
                           build_rewards, register_reward)
-from rewards import jpeg  # noqa: F401,E402 - registers the built-in rewards
+from rewards import aesthetic, critique, dense, dino, jpeg, ocr, preference, toy, video, video_reward  # noqa: F401,E402,E501 - registers the built-in rewards
 
 __all__ = ["CombinedReward", "Reward", "RewardError", "RewardOutput", "available_rewards", "build_reward",
            "build_rewards", "register_reward"]

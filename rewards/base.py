@@ -98,7 +98,8 @@ class Reward(abc.ABC):
         for key, value in scores.items():
             bad = ~torch.isfinite(value) if valid is None else ~torch.isfinite(value) & valid
             if bad.any():
-                raise RewardError(f"reward {self.name!r} returned NaN/inf in {key!r} for sample {int(bad.nonzero()[0])}")
+                first = int(bad.nonzero()[0])
+                raise RewardError(f"reward {self.name!r} returned NaN/inf in {key!r} for sample {first}")
         total = sum(self.weights[d] * scores[d].float() for d in self.dimensions)
         return RewardOutput(scores, total, valid)
 
@@ -167,7 +168,7 @@ def build_reward(spec: str | dict) -> Reward:
 
 class CombinedReward(Reward):
     """Weighted sum of several rewards: total = sum_k w_k * norm_k(total_k), with per-reward
-    normalisation "none" or "batch" ((r - mean) / (std + 1e-6) over the batch). Every reward's
+    normalisation "none" or "batch" ((r - mean) / (std + 1e-4) over the batch's scored rows). Every reward's
     total is also reported as a dimension named after it."""
 
     name = "combined"
@@ -205,8 +206,10 @@ class CombinedReward(Reward):
                 if len(out.scores) > 1:
                     scores[f"{key}.{dim}"] = value
             value = out.total
-            if self.normalize[key] == "batch":
-                value = (value - value.mean()) / (value.std(unbiased=False) + 1e-6)
+            if self.normalize[key] == "batch":  # statistics of the scored rows only
+                ok = torch.isfinite(value) if out.valid is None else out.valid & torch.isfinite(value)
+                mean, std = value[ok].mean(), value[ok].std(unbiased=False)
+                value = (value - mean) / (std + 1e-4)
             total = total + self.weights[key] * value
             if out.valid is not None:
                 valid = out.valid if valid is None else valid & out.valid
