@@ -168,7 +168,7 @@ def build_reward(spec: str | dict) -> Reward:
 
 class CombinedReward(Reward):
     """Weighted sum of several rewards: total = sum_k w_k * norm_k(total_k), with per-reward
-    normalisation "none" or "batch" ((r - mean) / (std + 1e-4) over the batch's scored rows). Every reward's
+    normalisation "none" or "batch" ((r - mean) / (std + 1e-6) over the batch's scored rows). Every reward's
     total is also reported as a dimension named after it."""
 
     name = "combined"
@@ -209,7 +209,7 @@ class CombinedReward(Reward):
             if self.normalize[key] == "batch":  # statistics of the scored rows only
                 ok = torch.isfinite(value) if out.valid is None else out.valid & torch.isfinite(value)
                 mean, std = value[ok].mean(), value[ok].std(unbiased=False)
-                value = (value - mean) / (std + 1e-4)
+                value = (value - mean) / (std + 1e-6)
             total = total + self.weights[key] * value
             if out.valid is not None:
                 valid = out.valid if valid is None else valid & out.valid
