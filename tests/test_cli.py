@@ -1,9 +1,13 @@
 """The align command: sample from diffusers adapters over topologies, env, and one-line errors."""
 
+from pathlib import Path
+
 from PIL import Image
 
 from align.cli import main
 from tests.tiny_models import build_sd3, build_wan
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def test_sample_sd3_tree_writes_pngs_and_grid(tmp_path, capsys):
@@ -43,3 +47,10 @@ def test_env_reports_versions(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "diffusers" in out and "attention" in out
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    assert main(["train", "flow_grpo", "--config", str(tmp_path / "none.yaml"), "clip_rnage=1"]) == 2
+    assert "not found" in capsys.readouterr().err  # parsed as an override, then the file check fails first
+    assert main(["train", "flow_grpo", "clip_rnage=1", "--config", str(QUICKSTART)]) == 2
+    assert "did you mean 'clip_range'" in capsys.readouterr().err
