@@ -166,7 +166,7 @@ class FluxAdapter(ModelAdapter):
                      num_frames: int | None = None) -> tuple[int, ...]:
         rows, cols = self._grid_of(height or self.default_height, width or self.default_width)
         self._grids[rows * cols] = (rows, cols)
-        return (rows * cols, int(self.denoiser.config.in_channels))
+        return (rows * cols, int(self.base_denoiser.config.in_channels))
 
     # --- packing helpers --------------------------------------------------------------------------
     def _grid_of(self, height: int, width: int) -> tuple[int, int]:

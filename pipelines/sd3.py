@@ -222,5 +222,5 @@ class SD3Adapter(ModelAdapter):
         multiple = self.vae_scale_factor * self.patch_size
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
-        return (int(self.denoiser.config.in_channels), height // self.vae_scale_factor,
+        return (int(self.base_denoiser.config.in_channels), height // self.vae_scale_factor,
                 width // self.vae_scale_factor)

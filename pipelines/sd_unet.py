@@ -86,7 +86,7 @@ class _UNetAdapter(ModelAdapter):
         height, width = height or self.default_height, width or self.default_width
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
-        return (int(self.denoiser.config.in_channels), height // self.vae_scale_factor,
+        return (int(self.base_denoiser.config.in_channels), height // self.vae_scale_factor,
                 width // self.vae_scale_factor)
 
     def _unscale(self, latents: Tensor) -> Tensor:

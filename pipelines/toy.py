@@ -384,7 +384,7 @@ class ToyAdapter(ModelAdapter):
 
     def latent_shape(self, height: int | None = None, width: int | None = None,
                      num_frames: int | None = None) -> tuple[int, ...]:
-        return (self.denoiser.config.in_channels, height or self.default_height, width or self.default_width)
+        return (self.base_denoiser.config.in_channels, height or self.default_height, width or self.default_width)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu",

@@ -127,5 +127,5 @@ class WanAdapter(ModelAdapter):
         if (num_frames - 1) % self.temporal_factor:
             raise ValueError(f"num_frames - 1 must be a multiple of {self.temporal_factor}, got {num_frames}")
         latent_frames = (num_frames - 1) // self.temporal_factor + 1
-        return (int(self.denoiser.config.in_channels), latent_frames, height // self.spatial_factor,
+        return (int(self.base_denoiser.config.in_channels), latent_frames, height // self.spatial_factor,
                 width // self.spatial_factor)
