@@ -73,3 +73,13 @@ class GaussianAdapter(ModelAdapter):
 @pytest.fixture
 def gaussian_adapter():
     return GaussianAdapter()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (thread hand-offs dominate on a busy 2-core machine);
+    a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,13 +26,7 @@ LAION_HEAD = ROOT.parent / "shared" / "assets" / "sac+logos+ava1-l14-linearMSE.p
 PROMPTS = ["a photo of a cat", "a red car", "a painting of a tree", "a dog on the beach"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (thread hand-offs dominate on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

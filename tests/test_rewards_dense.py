@@ -20,12 +20,7 @@ from rewards.dense import (dense_step_rewards, ode_complete, pairwise_bt_loss, p
 from rewards.digit_classifier import load_digit_classifier, parse_prompt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class DigitGaussianAdapter(ModelAdapter):

@@ -16,12 +16,7 @@ from rewards import CombinedReward, Reward, available_rewards, build_reward, bui
 from rewards.base import REWARDS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

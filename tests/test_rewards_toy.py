@@ -11,12 +11,7 @@ from pipelines.toy import COLOURS, colour_digits, digit_split, toy_prompt
 from rewards import build_reward
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from rewards.video import motion_smoothness, temporal_consistency
 PROMPTS = ["a cat running", "a car driving at night", "waves on a beach"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from rewards.video_reward import (HEAD_FILE, VideoRewardModel, btt_log_likelihoo
                                   load_video_reward_model)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
