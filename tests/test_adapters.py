@@ -32,14 +32,7 @@ SPECS = {
 MAIN = ["sd3", "flux", "wan", "sd", "sdxl"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and idle worker threads spinning on a busy
-    2-core machine make every op milliseconds slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
