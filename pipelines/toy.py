@@ -343,8 +343,8 @@ class ToyAdapter(ModelAdapter):
 
     name = "toy"
     prediction_type = "flow"
-    default_steps = 20
-    default_guidance = 4.0
+    default_steps = 10
+    default_guidance = 3.0
     default_height = 16
     default_width = 16
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipelines.base import Conditioning
-from pipelines.toy import (COLOURS, NUMBER_WORDS, PAD, UNK, VOCAB, ToyAdapter, ToyFlowModel, ToyTokenizer,
+from pipelines.toy import (COLOURS, NUMBER_WORDS, PAD, UNK, VOCAB, ToyAdapter, ToyTokenizer,
                            colour_digits, digit_split, load_toy_adapter, toy_prompt)
 from rewards.digit_classifier import (colour_probability, digit_probability, digit_reward, load_digit_classifier,
                                       parse_prompt, predict_digits, stroke_colour)
