@@ -6,8 +6,9 @@ prompts -> rollout with the DDIM kernel (eta 1, log-probs recorded) -> decode ->
 per-prompt running statistics (each prompt's last ``stats_buffer`` rewards; the batch statistics
 while a prompt has fewer than ``stats_min_count``) -> advantages -> for each minibatch, for each
 trained step: re-score the stored transition with the current weights, PPO-clip loss -> optimizer
-step. Logged: approx-KL = 0.5 E[(logp - logp_old)^2], the clip fraction, and the largest |ratio - 1|
-of the first (on-policy) minibatch, which is 0 when rollout and training agree.
+step. Logged: approx-KL = 0.5 E[(logp - logp_old)^2] and the clip fraction, over all minibatches and
+(``train/on_policy_*``, the largest over steps) over the first minibatch of each iteration, before any
+update: both are exactly 0 when training re-scores a transition exactly as the rollout scored it.
 
 Flow models (the toy model, SD3, FLUX, Wan) have no DDIM posterior: with ``rollout.kernel: ddim``
 the trainer warns and samples with ``flow_kernel`` (the Flow-GRPO SDE by default) instead, which
@@ -19,18 +20,16 @@ from __future__ import annotations
 import random
 import warnings
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from align.advantages import RunningPromptStats
 from align.config import ConfigError
-from align.losses import ppo_clip_loss
 from align.runtime import iteration_generator, prompts_for_iteration
 from align.sampling.kernels import KERNELS
-from align.sampling.rollout import RolloutConfig, rescore, rollout
-from align.trainers.common import TrainerConfig, finish_run, start_run
+from align.sampling.rollout import RolloutConfig, rollout
+from align.trainers.common import (TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
+                                   reward_metrics, start_run)
 
 
 @dataclass
@@ -40,6 +39,8 @@ class DDPOConfig(TrainerConfig):
                                                                          kernel_params={"eta": 1.0}))
     #: PPO clip range on the per-step ratio (log-probs are element means by default, so it is tiny)
     clip_range: float = 1e-4
+    #: weight of a KL to the reference policy (LoRA disabled), as in Flow-GRPO; DDPO has none (0)
+    kl_beta: float = 0.0
     #: advantages are clipped to [-adv_clip, adv_clip]
     adv_clip: float = 5.0
     #: per-prompt running statistics (false: normalise by the statistics of the whole batch)
@@ -55,9 +56,11 @@ class DDPOConfig(TrainerConfig):
     timestep_fraction: float = 1.0
     #: passes over each batch of rollouts
     inner_epochs: int = 1
-    #: rollout rows per optimizer step (null: all rows of the iteration)
+    #: rollout rows per optimizer step (null: all rows of the iteration; the on-policy ratios are then
+    #: exactly 1, while a smaller batch changes the model's float rounding slightly)
     train_batch_size: int | None = None
-    #: stochastic kernel used on flow models when rollout.kernel is "ddim"
+    #: stochastic kernel used on flow models when rollout.kernel is "ddim" (there, consider
+    #: train_last_step: false, as the flow trainers do: the last flow SDE step is very sharp)
     flow_kernel: str = "flow_grpo"
 
 
@@ -66,8 +69,11 @@ def check_config(config: DDPOConfig) -> None:
         raise ConfigError("rollout.kernel 'ode' records no log-probs; DDPO needs a stochastic kernel (ddim)")
     if config.clip_range <= 0:
         raise ConfigError(f"clip_range must be > 0, got {config.clip_range}")
-    if config.stats_buffer < 1 or config.stats_min_count < 1:
-        raise ConfigError("stats_buffer and stats_min_count must be >= 1")
+    if config.kl_beta < 0:
+        raise ConfigError(f"kl_beta must be >= 0, got {config.kl_beta}")
+    if not 1 <= config.stats_min_count <= config.stats_buffer:
+        raise ConfigError(f"need 1 <= stats_min_count <= stats_buffer (a prompt never keeps more than "
+                          f"stats_buffer rewards), got {config.stats_min_count} and {config.stats_buffer}")
     if not 0 < config.timestep_fraction <= 1:
         raise ConfigError(f"timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
     if config.inner_epochs < 1:
@@ -92,23 +98,6 @@ def resolve_rollout(config: DDPOConfig, schedule_kind: str) -> RolloutConfig:
         raise ConfigError(f"rollout.kernel {rollout_config.kernel!r} is for {kernel_kind} models; this model "
                           f"uses a {schedule_kind} schedule")
     return rollout_config
-
-
-def register_extra_state(run, obj) -> None:
-    """Save ``obj`` (``state_dict`` / ``load_state_dict``) with every checkpoint, and load it now if
-    the run was resumed (``start_run`` resumes before a trainer registers its own state)."""
-    from accelerate.checkpointing import load_custom_state
-
-    accelerator = run.accelerator
-    accelerator.register_for_checkpointing(obj)
-    if run.state.iteration == 0:
-        return
-    resume = run.run_config.resume
-    path = run.checkpoints()[-1] if resume == "latest" else Path(resume)
-    index = len(accelerator._custom_objects) - 1
-    if not (path / f"custom_checkpoint_{index}.pkl").is_file():
-        raise ConfigError(f"checkpoint {path} has no state for {type(obj).__name__} (made by another trainer?)")
-    load_custom_state(obj, str(path), index)
 
 
 def trained_steps(config: DDPOConfig, transitions, num_steps: int, rng: random.Random) -> list[int]:
@@ -144,11 +133,12 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
     size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
     schedule_kind = adapter.schedule(1, latent_shape=adapter.latent_shape(**size)).kind
     rollout_config = resolve_rollout(config, schedule_kind)
+    # the per-prompt reward buffers live in the checkpointed run state (restored on resume); the
+    # tracker updates that very dict in place, so every checkpoint holds the current buffers
     stats_tracker = RunningPromptStats(config.stats_buffer, config.stats_min_count)
-    register_extra_state(run, stats_tracker)
+    stats_tracker.history = run.state.extra.setdefault("prompt_stats", {})
 
-    bar = tqdm(range(run.state.iteration, config.iterations), desc="ddpo", disable=not run.run_config.progress
-               or not run.is_main, initial=run.state.iteration, total=config.iterations)
+    bar = progress(run, config, "ddpo")
     for iteration in bar:
         rng = random.Random(f"{config.run.seed}-{iteration}")
         batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
@@ -176,52 +166,39 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
         # 3. PPO-clip over the trained steps
         steps = trained_steps(config, result.main_transitions(), len(result.schedule), rng)
         transitions = {t.step: t for t in result.main_transitions(steps)}
-        log: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clip_fraction": [], "ratio_mean": [],
-                                       "grad_norm": []}
-        first_ratio_error = 0.0
+        log: dict[str, list[float]] = {"loss": [], "grad_norm": []}
+        on_policy: dict[str, float] = {}
         with run.phase("training"):
             batch = config.train_batch_size or rows
-            first = True
             for _ in range(config.inner_epochs):
-                seed = rng.randrange(2**31)
-                order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+                order = torch.randperm(rows, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
                 for start in range(0, rows, batch):
                     index = order[start:start + batch]
                     for step in steps:
                         part = transitions[step].subset(index)
-                        with accelerator.autocast():
-                            new = rescore(adapter, part, cond, result.schedule, rollout_config)
-                        loss, ppo = ppo_clip_loss(new.log_prob, part.log_prob, advantages[index],
-                                                  config.clip_range)
+                        loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
+                                                        advantages[index], clip_range=config.clip_range,
+                                                        kl_beta=config.kl_beta)
                         accelerator.backward(loss / len(steps))
-                        if first:  # nothing has been updated yet: the ratio must be exactly 1
-                            error = (new.log_prob.detach() - part.log_prob).exp().sub(1).abs().max()
-                            first_ratio_error = max(first_ratio_error, float(error))
                         log["loss"].append(float(loss.detach()))
-                        for key in ("approx_kl", "clip_fraction", "ratio_mean"):
-                            log[key].append(float(ppo[key]))
+                        for key, value in ppo.items():
+                            log.setdefault(key, []).append(float(value))
+                        if not log["grad_norm"]:  # no update yet: on-policy, every ratio is exactly 1
+                            for key in ("approx_kl", "clip_fraction"):
+                                on_policy[key] = max(on_policy.get(key, 0.0), float(ppo[key]))
                     if steps:
                         log["grad_norm"].append(run.step_optimizer())
-                    first = False
 
         # 4. bookkeeping
-        run.state.iteration = iteration + 1
-        run.state.nfe += result.nfe * accelerator.num_processes
-        metrics = {f"reward/{k}/mean": float(run.gather(v.float()).mean()) for k, v in scores.scores.items()}
-        metrics.update({"reward/mean": float(all_rewards.mean()), "reward/std": float(all_rewards.std(unbiased=False)),
-                        "advantage/abs_mean": float(advantages.abs().mean()),
+        metrics = reward_metrics({**{k: run.gather(v.float()) for k, v in scores.scores.items()},
+                                  **({"total": all_rewards} if len(scores.scores) > 1 else {})})
+        metrics.update({"advantage/abs_mean": float(advantages.abs().mean()),
                         "stats/per_prompt_fraction": own_stats, "stats/prompts_tracked": len(stats_tracker.history),
-                        "train/first_ratio_error": first_ratio_error, "train/trained_steps": len(steps),
-                        "nfe": run.state.nfe})
+                        "train/trained_steps": len(steps)})
+        metrics.update({f"train/on_policy_{k}": v for k, v in on_policy.items()})
         metrics.update({f"train/{k}": sum(v) / len(v) for k, v in log.items() if v})
-        run.log(metrics, step=run.state.iteration)
         bar.set_postfix(reward=f"{float(all_rewards.mean()):.3f}")
-        every = config.run.checkpoint_every
-        if every and run.state.iteration % every == 0:
-            run.save_checkpoint()
-        if config.run.sample_every and run.state.iteration % config.run.sample_every == 0:
-            run.log(run.evaluate(reward, config.eval_prompts, config.rollout, heldout=heldout,
-                                 grid_name=f"iteration-{run.state.iteration:06d}"), step=run.state.iteration)
+        end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
 
 

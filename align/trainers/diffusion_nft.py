@@ -1,0 +1,333 @@
+"""DiffusionNFT: online reinforcement on the forward process (likelihood-free, any solver).
+
+One iteration reads top to bottom:
+prompts -> clean samples x0 from the sampling policy (the "old" weights, an EMA of the trained
+ones) with any solver (ODE by default; no log-probs) -> decode -> reward -> advantages A (reward
+minus its prompt's mean, over a std) -> optimality r = clip(A / adv_clip, -1, 1) / 2 + 1/2 ->
+re-noise every sample at ``t_per_sample`` random t: x_t = (1 - t) x0 + t eps, target v = eps - x0
+-> v_old(x_t, t) with the old weights, no gradient -> for each minibatch: v_theta(x_t, t) and the
+implicit policies v+ = (1 - beta) v_old + beta v_theta, v- = (1 + beta) v_old - beta v_theta, loss
+r ||v+ - v||^2 + (1 - r) ||v- - v||^2 -> optimizer step -> the old weights follow theta:
+old <- d old + (1 - d) theta, with d = min(policy_ema_decay, policy_ema_rate * iteration).
+
+High-reward samples (r > 1/2) pull v_theta towards their flow-matching target, low-reward ones push
+it away, and r = 1/2 (also every sample of a prompt whose rewards are all equal) only ties v_theta to
+v_old. Training predictions are conditional only (no CFG): the trained policy is CFG-free, as in the
+paper. The sampler may still use CFG (``rollout.guidance_scale``) or an SDE kernel: the loss needs
+clean samples only. Flow-matching models only (velocity prediction). The "old" policy is the EMA
+copy of the trainable (LoRA) weights, not the LoRA-off model, which only serves the optional
+``kl_beta`` term. NFE counts the sampling and the v_old evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from align.advantages import group_advantages, mixed_advantages
+from align.config import ConfigError
+from align.losses import flow_matching_target, nft_loss
+from align.runtime import iteration_generator, prompts_for_iteration
+from align.sampling.kernels import reduce_elements
+from align.sampling.rollout import RolloutConfig, rollout
+from align.trainers.common import (TrainerConfig, end_iteration, finish_run, progress, reward_metrics,
+                                   start_run)
+
+
+@dataclass
+class DiffusionNFTConfig(TrainerConfig):
+    #: any solver; the paper samples deterministically and without CFG (guidance 1)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="ode",
+                                                                         guidance_scale=1.0))
+    #: strength of the implicit policies v+- = v_old +- beta (v_theta - v_old) (paper: 1, 0.1 for some rewards)
+    beta: float = 1.0
+    #: re-noising draws of t per sample (each one a separate model call in the same optimizer step)
+    t_per_sample: int = 1
+    #: "uniform" on [t_min, t_max], "logit_normal" (sigmoid of N(logit_mean, logit_std), clamped to
+    #: [t_min, t_max]) or "schedule" (one of the sampler's noise levels, uniformly)
+    t_distribution: str = "uniform"
+    t_min: float = 0.0
+    t_max: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    #: A = (reward - its prompt's mean) / std, with the std of the whole (gathered) batch ("global",
+    #: the paper's Z) or of the prompt's group ("group"). With a saturating reward (most samples near
+    #: the top) "group" blows tiny differences up to full-size advantages: on the toy digit reward it
+    #: left the reward flat or lower in 10 iterations (3 seeds), "global" raised it in all 5
+    adv_std: str = "global"
+    #: advantages are clipped to +-adv_clip and mapped to r = clip(A / adv_clip, -1, 1) / 2 + 1/2
+    adv_clip: float = 5.0
+    #: several rewards: "sum_rewards" (weighted sum, then normalise) or "sum_advantages"
+    multi_reward: str = "sum_rewards"
+    #: the sampling ("old") policy's EMA decay after iteration i: min(policy_ema_decay,
+    #: policy_ema_rate * i); null rate: the constant policy_ema_decay (0: old = theta every iteration)
+    policy_ema_decay: float = 0.5
+    policy_ema_rate: float | None = 0.001
+    #: "velocity": the plain loss above; "adaptive": each term in x0 space, t^2 ||v± - v||^2, divided
+    #: by its own detached mean |t (v± - v)| (a self-normalised weighting over t)
+    loss_weighting: str = "velocity"
+    #: weight of ||v_theta - v_ref||^2 to the reference policy (LoRA disabled); 0 turns it off
+    kl_beta: float = 0.0
+    #: passes over each batch of samples
+    inner_epochs: int = 1
+    #: samples per optimizer step (null: all samples of the iteration)
+    train_batch_size: int | None = None
+
+
+def check_config(config: DiffusionNFTConfig) -> None:
+    choices = {"adv_std": ("group", "global"), "multi_reward": ("sum_rewards", "sum_advantages"),
+               "t_distribution": ("uniform", "logit_normal", "schedule"),
+               "loss_weighting": ("velocity", "adaptive")}
+    for key, valid in choices.items():
+        if getattr(config, key) not in valid:
+            raise ConfigError(f"{key} must be one of {valid}, got {getattr(config, key)!r}")
+    if config.beta <= 0:
+        raise ConfigError(f"beta must be > 0, got {config.beta}")
+    if config.t_per_sample < 1 or config.inner_epochs < 1:
+        raise ConfigError("t_per_sample and inner_epochs must be >= 1")
+    if not 0 <= config.t_min < config.t_max <= 1:
+        raise ConfigError(f"need 0 <= t_min < t_max <= 1, got t_min={config.t_min}, t_max={config.t_max}")
+    if config.adv_clip <= 0:
+        raise ConfigError(f"adv_clip must be > 0, got {config.adv_clip}")
+    if not 0 <= config.policy_ema_decay < 1:
+        raise ConfigError(f"policy_ema_decay must be in [0, 1), got {config.policy_ema_decay}")
+    if config.policy_ema_rate is not None and config.policy_ema_rate < 0:
+        raise ConfigError(f"policy_ema_rate must be >= 0, got {config.policy_ema_rate}")
+    if config.train_batch_size is not None and config.train_batch_size < 1:
+        raise ConfigError(f"train_batch_size must be >= 1, got {config.train_batch_size}")
+    if config.group_size < 2 and config.adv_std == "group":
+        raise ConfigError("group_size must be >= 2 with adv_std 'group': advantages compare samples of one prompt")
+
+
+# --- the pieces, as small functions ----------------------------------------------------------------
+
+
+def optimality(advantages: Tensor, adv_clip: float) -> Tensor:
+    """r = clip(A / adv_clip, -1, 1) / 2 + 1/2: 0 for the worst, 1/2 for average, 1 for the best."""
+    return (advantages / adv_clip).clamp(-1, 1) / 2 + 0.5
+
+
+def policy_decay(config: DiffusionNFTConfig, iteration: int) -> float:
+    """EMA decay of the sampling policy after ``iteration`` (counted from 0)."""
+    if config.policy_ema_rate is None:
+        return config.policy_ema_decay
+    return min(config.policy_ema_decay, config.policy_ema_rate * iteration)
+
+
+def draw_t(config: DiffusionNFTConfig, count: int, generator: torch.Generator, levels: Tensor) -> Tensor:
+    """``count`` noise levels t (float32, on the CPU) from the configured distribution."""
+    if config.t_distribution == "uniform":
+        t = config.t_min + (config.t_max - config.t_min) * torch.rand(count, generator=generator)
+    elif config.t_distribution == "logit_normal":
+        z = config.logit_mean + config.logit_std * torch.randn(count, generator=generator)
+        t = torch.sigmoid(z).clamp(config.t_min, config.t_max)
+    else:
+        levels = levels[:-1].float().cpu()  # the sampler's levels; the final clean level is not a step
+        levels = levels[(levels >= config.t_min) & (levels <= config.t_max)]
+        if len(levels) == 0:
+            raise ConfigError("t_distribution 'schedule': no sampler noise level lies in [t_min, t_max]")
+        t = levels[torch.randint(len(levels), (count,), generator=generator)]
+    return t.float()
+
+
+def flow_timestep_scale(adapter, num_steps: int, size: dict) -> float:
+    """The factor from sigma to the model's timestep units (``timesteps = scale * sigma``; 1000 for
+    every flow adapter here), read off the adapter's schedule; a ConfigError for DDPM-family models."""
+    schedule = adapter.schedule(num_steps, latent_shape=adapter.latent_shape(**size))
+    if schedule.kind != "flow":
+        raise ConfigError(f"DiffusionNFT trains flow-matching (velocity) models; {adapter.name!r} has a "
+                          f"{schedule.kind} schedule (use ddpo for UNet models)")
+    levels, timesteps = schedule.levels[:-1].float().cpu(), schedule.timesteps.float().cpu()
+    ratios = timesteps[levels > 0] / levels[levels > 0]
+    if len(ratios) == 0 or not torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-3):
+        raise ConfigError("DiffusionNFT needs a flow model whose timesteps are a fixed multiple of sigma")
+    return float(ratios[0])
+
+
+def adaptive_nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality: Tensor, beta: float,
+                      t: Tensor) -> Tensor:
+    """The NFT loss with each term measured in x0 space (x0_hat - x0 = -t (v± - v)) and divided by
+    its own detached mean absolute error: r e+^2 / sg(|e+|) + (1 - r) e-^2 / sg(|e-|)."""
+    t = t.reshape(-1, *([1] * (v_theta.ndim - 1))).float()
+    v_pos = (1 - beta) * v_old + beta * v_theta
+    v_neg = (1 + beta) * v_old - beta * v_theta
+
+    def term(v_implicit):
+        err = t * (v_implicit.float() - target.float())
+        scale = reduce_elements(err.detach().abs()).clamp_min(1e-5)
+        return reduce_elements(err**2) / scale
+
+    return (optimality * term(v_pos) + (1 - optimality) * term(v_neg)).mean()
+
+
+class SamplingPolicy:
+    """The "old" policy: an EMA copy of the trainable parameters. ``swapped()`` puts it into the
+    model (sampling, v_old) and restores the trained weights after; ``update(d)`` is
+    old <- d old + (1 - d) theta. Like a module's, ``state_dict()`` holds the tensors themselves
+    (updated in place), so it can be stored once and saved at any later time."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(decay).add_(p.detach().to(s.dtype), alpha=1 - decay)
+
+    @contextmanager
+    def swapped(self):
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.params, trained):
+                    p.copy_(value)
+
+    def distance(self) -> float:
+        """Root mean square difference between the old and the trained weights."""
+        total = sum(float(((p.detach().float() - s.float()) ** 2).sum()) for p, s in zip(self.params, self.shadow))
+        count = sum(p.numel() for p in self.params)
+        return math.sqrt(total / max(1, count))
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["shadow"]) != len(self.shadow) or any(
+                a.shape != b.shape for a, b in zip(state["shadow"], self.shadow)):
+            raise ConfigError("the checkpoint's sampling policy does not match the trainable weights: "
+                              "was it made with other LoRA settings?")
+        with torch.no_grad():
+            for s, value in zip(self.shadow, state["shadow"]):
+                s.copy_(value.to(s.device, s.dtype))
+
+
+def _predict(adapter, x: Tensor, t: Tensor, cond, max_batch: int | None) -> Tensor:
+    if not max_batch or x.shape[0] <= max_batch:
+        return adapter.predict(x, t, cond)
+    parts = []
+    for start in range(0, x.shape[0], max_batch):
+        rows = torch.arange(start, min(start + max_batch, x.shape[0]))
+        parts.append(adapter.predict(x[rows], t[rows], cond.select(rows)))
+    return torch.cat(parts)
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
+    check_config(config)
+    size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
+    if adapter is not None:  # fail before the run opens when the model is at hand
+        flow_timestep_scale(adapter, config.rollout.num_steps, size)
+    run, reward, heldout, prompts = start_run(config, adapter)
+    adapter, accelerator = run.adapter, run.accelerator
+    device = accelerator.device
+    scale = flow_timestep_scale(adapter, config.rollout.num_steps, size)
+    # the old policy lives in the checkpointed run state: restored on resume, and stored there by
+    # reference (its tensors are updated in place), so every checkpoint saves the current EMA
+    old = SamplingPolicy(adapter.trainable_parameters())
+    if "sampling_policy" in run.state.extra:
+        old.load_state_dict(run.state.extra["sampling_policy"])
+    run.state.extra["sampling_policy"] = old.state_dict()
+    K = config.t_per_sample
+
+    bar = progress(run, config, "diffusion_nft")
+    for iteration in bar:
+        rng = random.Random(f"{config.run.seed}-{iteration}-nft")
+        noise_gen = torch.Generator().manual_seed(rng.randrange(2**62) + accelerator.process_index)
+        batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
+                                              accelerator.process_index, accelerator.num_processes)
+
+        # 1. clean samples from the sampling (old) policy, decode, score
+        with run.phase("sampling"), torch.no_grad(), old.swapped():
+            cond = adapter.encode(batch_prompts, config.negative_prompt, config.rollout.guidance_scale)
+            result = rollout(adapter, cond, config.rollout, group_size=config.group_size,
+                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index),
+                             **size)
+            pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
+        with run.phase("reward"), torch.no_grad():
+            sample_prompts = [batch_prompts[i] for i in result.prompt_index.tolist()]
+            scores = reward(pixels, sample_prompts)
+
+        # 2. advantages over the gathered batch -> optimality r in [0, 1]
+        groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration
+        all_groups = run.gather(groups)
+        named = {k: run.gather(v.float()) for k, v in scores.scores.items()}
+        if len(named) > 1:
+            advantages, _ = mixed_advantages(named, getattr(reward, "weights", {}), all_groups, config.multi_reward,
+                                             std=config.adv_std, clip=config.adv_clip)
+        else:
+            advantages, _ = group_advantages(run.gather(scores.total.float()), all_groups, std=config.adv_std,
+                                             clip=config.adv_clip)
+        rows = len(groups)
+        local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
+        r = optimality(advantages[local], config.adv_clip).to(device)
+
+        # 3. re-noise: item j = sample j // K at its (j % K)-th t; v_old with the old weights
+        with run.phase("renoise"), torch.no_grad():
+            train_cond = cond if not cond.uses_cfg else adapter.encode(batch_prompts, config.negative_prompt, 1.0)
+            item_sample = torch.arange(rows).repeat_interleave(K)
+            item_cond = train_cond.select(result.prompt_index[item_sample])
+            t = draw_t(config, rows * K, noise_gen, result.schedule.levels).to(device)
+            x0 = result.samples.float()[item_sample.to(result.samples.device)].to(device)
+            eps = torch.randn(x0.shape, generator=noise_gen).to(device)
+            x_t, target = flow_matching_target(x0, eps, t)
+            with old.swapped(), accelerator.autocast():
+                v_old = _predict(adapter, x_t, t * scale, item_cond, config.rollout.max_batch).float()
+
+        # 4. NFT loss over minibatches of samples (all K draws of a sample in one optimizer step)
+        log: dict[str, list[float]] = {"loss": [], "kl": [], "grad_norm": [], "policy_gap": []}
+        with run.phase("training"):
+            batch = config.train_batch_size or rows
+            for _ in range(config.inner_epochs):
+                order = torch.randperm(rows, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+                for start in range(0, rows, batch):
+                    samples = order[start:start + batch]
+                    for k in range(K):
+                        items = samples * K + k
+                        c = item_cond.select(items)
+                        with accelerator.autocast():
+                            v_theta = adapter.predict(x_t[items], t[items] * scale, c).float()
+                        r_items = r[samples]
+                        if config.loss_weighting == "adaptive":
+                            loss = adaptive_nft_loss(v_theta, v_old[items], target[items], r_items, config.beta,
+                                                     t[items])
+                        else:
+                            loss = nft_loss(v_theta, v_old[items], target[items], r_items, config.beta)
+                        if config.kl_beta > 0:
+                            with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
+                                v_ref = adapter.predict(x_t[items], t[items] * scale, c).float()
+                            kl = reduce_elements((v_theta - v_ref) ** 2).mean()
+                            loss = loss + config.kl_beta * kl
+                            log["kl"].append(float(kl.detach()))
+                        accelerator.backward(loss / K)
+                        log["loss"].append(float(loss.detach()))
+                        log["policy_gap"].append(float(reduce_elements((v_theta.detach() - v_old[items]) ** 2).mean()))
+                    log["grad_norm"].append(run.step_optimizer())
+
+        # 5. the sampling policy follows theta
+        decay = policy_decay(config, iteration)
+        old.update(decay)
+
+        # 6. bookkeeping (NFE: sampling plus the v_old evaluations)
+        metrics = reward_metrics(named)
+        metrics.update({"optimality/mean": float(r.mean()), "optimality/abs_dev": float((r - 0.5).abs().mean()),
+                        "policy/ema_decay": decay, "policy/weight_distance": old.distance()})
+        metrics.update({f"train/{k}": sum(v) / len(v) for k, v in log.items() if v})
+        bar.set_postfix(reward=f"{float(scores.total.mean()):.3f}")
+        end_iteration(run, config, reward, heldout, metrics, result.nfe + rows * K)
+    return finish_run(config, run, reward, heldout)
+
+
+CONFIG = DiffusionNFTConfig
