@@ -125,6 +125,8 @@ class Run:
         if run.log_with not in ("tensorboard", "wandb", "none"):
             raise ConfigError(f"run.log_with must be tensorboard, wandb or none, got {run.log_with!r}")
         self.config, self.run_config = config, run
+        #: image / video size of every rollout of the run (null: the model's default)
+        self.latent_kwargs = {"height": model.height, "width": model.width, "num_frames": model.num_frames}
         self.dir = Path(run.output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         cpu = resolve_device(model.device).type == "cpu"
@@ -312,7 +314,7 @@ class Run:
         with torch.no_grad(), self.ema_weights():
             cond = adapter.encode(list(prompts), "", rollout_config.guidance_scale)
             generator = torch.Generator().manual_seed(12345)
-            result = rollout(adapter, cond, config, group_size=per_prompt, generator=generator)
+            result = rollout(adapter, cond, config, group_size=per_prompt, generator=generator, **self.latent_kwargs)
             pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
         sample_prompts = [prompts[i] for i in result.prompt_index.tolist()]
         metrics = {"eval/reward": float(reward(pixels, sample_prompts).total.mean())}

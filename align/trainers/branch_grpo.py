@@ -39,10 +39,10 @@ from tqdm.auto import tqdm
 from align.advantages import depth_advantages, fuse_leaf_rewards, group_advantages, group_stats
 from align.config import ConfigError
 from align.losses import mean_kl, ppo_clip_loss
-from align.runtime import iteration_generator, prompts_for_iteration
+from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompts_for_iteration
 from align.sampling.kernels import StepOut, get_kernel
-from align.sampling.rollout import (Rollout, RolloutConfig, Transition, _predict, _scaled, kernel_params,
-                                    rollout)
+from align.sampling.rollout import (DEFAULT_KERNEL_PARAMS, NOISE_PARAM, Rollout, RolloutConfig, Transition,
+                                    _predict, _scaled, kernel_params, rollout)
 from align.trainers.common import TrainerConfig, finish_run, start_run
 
 VARIANTS = ("branch_grpo", "tree_grpo")
@@ -68,6 +68,9 @@ class BranchGRPOConfig(TrainerConfig):
     fusion_temperature: float = 1.0
     #: normalise each depth within its "tree", or across all trees of one "prompt"
     adv_group: str = "tree"
+    #: divide by the std of the group ("group", as the paper) or of all nodes of that depth in the
+    #: batch ("global": a tree whose leaves barely differ gets small advantages, not +-1)
+    adv_std: str = "group"
     adv_clip: float = 5.0
     #: one multiplier per split on the kernel's noise level, applied from that split to the next
     #: (depth-varying noise; needs a per-step noise scale in the rollout engine, see
@@ -89,6 +92,9 @@ class BranchGRPOConfig(TrainerConfig):
     #: prune_window_slide_every iterations (null: off)
     prune_window: int | None = None
     prune_window_slide_every: int = 10
+    #: toy-sized LoRA and learning rate (Flow-GRPO on SD3.5-M: rank 32, alpha 64, lr 3e-4)
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(rank=8, alpha=16.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
     #: PPO clip range on the per-step ratio (log-probs are element means)
     clip_range: float = 1e-3
     #: weight of the KL to the reference policy (LoRA disabled); 0 turns it off (BranchGRPO: off)
@@ -106,7 +112,7 @@ class BranchGRPOConfig(TrainerConfig):
 
 def check_config(config: BranchGRPOConfig) -> None:
     choices = {"variant": VARIANTS, "fusion": ("mean", "logp"), "adv_group": ("tree", "prompt"),
-               "width_keep": ("both", "best"), "step_weighting": ("edges", "steps")}
+               "adv_std": ("group", "global"), "width_keep": ("both", "best"), "step_weighting": ("edges", "steps")}
     for key, valid in choices.items():
         if getattr(config, key) not in valid:
             raise ConfigError(f"{key} must be one of {valid}, got {getattr(config, key)!r}")
@@ -131,8 +137,6 @@ def check_config(config: BranchGRPOConfig) -> None:
                           "(branch_factor ** len(split_steps)); set group_size: 0")
     if config.trees_per_prompt < 1:
         raise ConfigError(f"trees_per_prompt must be >= 1, got {config.trees_per_prompt}")
-    if config.adv_group == "tree" and leaves < 2:
-        raise ConfigError("a tree with one leaf has no comparison")
     if config.fusion_temperature <= 0:
         raise ConfigError(f"fusion_temperature must be > 0, got {config.fusion_temperature}")
     if not 0 < config.width_keep_fraction <= 1:
@@ -206,8 +210,6 @@ def rollout_config_with_noise(config: BranchGRPOConfig) -> RolloutConfig:
     first = min(r.split_steps)
     if first == 0 and len(set(config.depth_noise_scale)) == 1:  # one level everywhere: fold it in
         scale = config.depth_noise_scale[0]
-        from align.sampling.rollout import DEFAULT_KERNEL_PARAMS, NOISE_PARAM
-
         key = NOISE_PARAM.get(r.kernel)
         if key is not None:
             base = {**DEFAULT_KERNEL_PARAMS.get(r.kernel, {}), **r.kernel_params}
@@ -238,20 +240,20 @@ class NodeTargets(NamedTuple):
 
 
 def node_targets(result: Rollout, leaf_rewards: Tensor, *, variant: str = "branch_grpo", fusion: str = "mean",
-                 temperature: float = 1.0, group_of_tree: Tensor | None = None, eps: float = 1e-4,
-                 clip: float | None = 5.0) -> dict[int, NodeTargets]:
+                 temperature: float = 1.0, group_of_tree: Tensor | None = None, std: str = "group",
+                 eps: float = 1e-4, clip: float | None = 5.0) -> dict[int, NodeTargets]:
     """For every recorded main transition (step s): the targets of its rows' child nodes.
 
     The child of row r is the node r after step s; its leaves are the leaves whose ancestor at step
     s + 1 is r. ``group_of_tree`` maps a tree (row of the prompt batch) to its normalisation group
-    (default: each tree alone)."""
+    (default: each tree alone); ``std``: "group" or "global" (the std of all nodes of the depth)."""
     leaf_rewards = leaf_rewards.float().cpu()
     leaf_tree = result.prompt_index.cpu()
     group_of_tree = torch.arange(int(leaf_tree.max()) + 1) if group_of_tree is None else group_of_tree.cpu()
     below = leaf_path_log_probs(result) / temperature if fusion == "logp" else None
     leaf_adv = leaf_keep = None
     if variant == "tree_grpo":
-        leaf_adv, leaf_keep = group_advantages(leaf_rewards, group_of_tree[leaf_tree], eps=eps, clip=clip)
+        leaf_adv, leaf_keep = group_advantages(leaf_rewards, group_of_tree[leaf_tree], std=std, eps=eps, clip=clip)
     out = {}
     for t in result.main_transitions():
         nodes = len(t.rows)
@@ -260,8 +262,11 @@ def node_targets(result: Rollout, leaf_rewards: Tensor, *, variant: str = "branc
         groups = group_of_tree[t.prompt_index.cpu()]
         if variant == "branch_grpo":
             reward = fuse_leaf_rewards(leaf_rewards, node_of_leaf, nodes, mode=fusion, leaf_log_probs=lp)
-            advantage = depth_advantages(reward, groups, eps=eps, clip=clip)
-            keep = group_stats(reward, groups)[1] > 0
+            if std == "group":
+                advantage = depth_advantages(reward, groups, eps=eps, clip=clip)
+                keep = group_stats(reward, groups)[1] > 0
+            else:
+                advantage, keep = group_advantages(reward, groups, std=std, eps=eps, clip=clip)
         else:
             reward = fuse_leaf_rewards(leaf_adv, node_of_leaf, nodes, mode=fusion, leaf_log_probs=lp)
             advantage = reward
@@ -346,7 +351,7 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
         group_of_tree = torch.arange(num_trees) if config.adv_group == "tree" else tree_prompt
         targets = node_targets(result, leaf_rewards, variant=config.variant, fusion=config.fusion,
                                temperature=config.fusion_temperature, group_of_tree=group_of_tree,
-                               clip=config.adv_clip)
+                               std=config.adv_std, clip=config.adv_clip)
         kept_leaves = width_kept_leaves(leaf_rewards, leaf_tree, config.width_keep_fraction, config.width_keep)
         last_depth = len(set(split_steps))
         transitions, edge_rows = {}, {}

@@ -99,7 +99,8 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         with run.phase("sampling"), torch.no_grad():
             cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
             result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
-                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index))
+                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index),
+                             **run.latent_kwargs)
             pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
         with run.phase("reward"), torch.no_grad():
             sample_prompts = [batch_prompts[i] for i in result.prompt_index.tolist()]

@@ -75,7 +75,8 @@ def train(config: TempFlowGRPOConfig, adapter=None) -> dict[str, float]:
         with run.phase("sampling"), torch.no_grad():
             cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
             result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
-                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index))
+                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index),
+                             **run.latent_kwargs)
             pixels = adapter.decode(result.branch_samples.to(adapter.dtype)).float()
         with run.phase("reward"), torch.no_grad():
             branch_prompts = [batch_prompts[i] for i in result.branch_prompt_index.tolist()]
