@@ -38,10 +38,16 @@ def mean_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, reduce: str = "mean") -
 def normalize_log_ratio(log_ratio: Tensor, target_std: Tensor | float, eps: float = 1e-8) -> Tensor:
     """GRPO-Guard: one denoising step's log-ratios d, centred and rescaled across the batch so the
     PPO clip stays two-sided at low-noise steps where d drifts below 0:
-    (d - mean(d)) / (std(d) + eps) * target_std, with the statistics detached (gradients keep
-    flowing through d) and target_std shared by all steps (e.g. the pooled std over steps)."""
+    (d - mean(d)) / std(d) * target_std, with the statistics detached (gradients keep flowing
+    through d) and target_std shared by all steps (e.g. the pooled std over steps); while d has no
+    spread (the on-policy pass) it is only centred."""
     detached = log_ratio.detach()
-    return (log_ratio - detached.mean()) / (detached.std(unbiased=False) + eps) * target_std
+    centred = log_ratio - detached.mean()
+    std = detached.std(unbiased=False)
+    target = torch.as_tensor(target_std, dtype=std.dtype, device=std.device)
+    if std < eps or target < eps:  # on-policy (all ratios 1): nothing to rescale, keep the gradient
+        return centred
+    return centred / std * target
 
 
 def flow_matching_target(x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:

@@ -115,3 +115,13 @@ def test_running_prompt_stats_switch_from_batch_to_prompt_statistics():
     copy = RunningPromptStats(4, 4)
     copy.load_state_dict(stats.state_dict())
     assert copy.history == stats.history
+
+
+def test_normalize_log_ratio_keeps_the_gradient_on_policy():
+    d = torch.zeros(4, requires_grad=True)  # first on-policy pass: every log-ratio is 0
+    out = normalize_log_ratio(d, target_std=0.0)
+    out.sum().backward()
+    torch.testing.assert_close(d.grad, torch.ones(4))  # statistics are detached: identity gradient
+    d2 = torch.zeros(4, requires_grad=True)
+    (normalize_log_ratio(d2, target_std=0.0) * torch.tensor([1.0, -1.0, 2.0, 0.0])).sum().backward()
+    torch.testing.assert_close(d2.grad, torch.tensor([1.0, -1.0, 2.0, 0.0]))
