@@ -62,12 +62,15 @@ def test_unknown_reward_fails_before_the_model_loads(tmp_path):
     assert not (tmp_path / "flow_grpo").exists()
 
 
-@pytest.mark.parametrize("name", ["flow_grpo", "dense_grpo", "tempflow_grpo"])
-def test_trainer_raises_the_reward_of_an_analytic_model(name, tmp_path):
+@pytest.mark.parametrize("name,options", [
+    ("flow_grpo", []), ("flow_grpo", ["guard=true", "inner_epochs=2", "train_batch_size=4"]),
+    ("flow_grpo", ["window_size=2", "rollout.kernel=cps"]), ("dense_grpo", ["calibrate_noise=true"]),
+    ("tempflow_grpo", [])])
+def test_trainer_raises_the_reward_of_an_analytic_model(name, options, tmp_path):
     """Brightness of samples of N(0.5, 0.5^2) data: the trainable velocity gain must rise and with
     it the reward, by far more than the run-to-run spread (measured: < 0.01 between seeds)."""
     extra = ["group_size=2"] if name == "tempflow_grpo" else ["group_size=8"]
-    module, config = config_for(name, tmp_path, "iterations=12", *extra)
+    module, config = config_for(name, tmp_path, "iterations=12", *extra, *options)
     summary = module.train(config, adapter=ImageAdapter())
     assert summary["reward_after"] > summary["reward_before"] + 0.1
 
