@@ -34,7 +34,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from align.advantages import depth_advantages, fuse_leaf_rewards, group_advantages, group_stats
 from align.config import ConfigError
@@ -43,7 +42,7 @@ from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompt
 from align.sampling.kernels import StepOut, get_kernel
 from align.sampling.rollout import (DEFAULT_KERNEL_PARAMS, NOISE_PARAM, Rollout, RolloutConfig, Transition,
                                     _predict, _scaled, kernel_params, rollout)
-from align.trainers.common import TrainerConfig, finish_run, start_run
+from align.trainers.common import TrainerConfig, end_iteration, finish_run, progress, reward_metrics, start_run
 
 VARIANTS = ("branch_grpo", "tree_grpo")
 
@@ -324,9 +323,7 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
     run, reward, heldout, prompts = start_run(config, adapter)
     adapter, accelerator = run.adapter, run.accelerator
     split_steps = rollout_config.split_steps
-    bar = tqdm(range(run.state.iteration, config.iterations), desc=config.variant,
-               disable=not run.run_config.progress or not run.is_main, initial=run.state.iteration,
-               total=config.iterations)
+    bar = progress(run, config, config.variant)
     for iteration in bar:
         rng = random.Random(f"{config.run.seed}-{iteration}")
         batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
@@ -339,7 +336,8 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
             cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
             cond = cond.repeat_interleave(config.trees_per_prompt)
             result = rollout(adapter, cond, rollout_config, group_size=1,
-                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index))
+                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index),
+                             **run.latent_kwargs)
             pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
         with run.phase("reward"), torch.no_grad():
             leaf_tree = result.prompt_index.cpu()
@@ -368,8 +366,7 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
         steps = sorted(transitions)
 
         # 3. PPO over the kept edges, trees_per_update trees per optimizer step
-        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clip_fraction": [], "ratio_mean": [],
-                                         "kl": [], "grad_norm": []}
+        stats: dict[str, list[float]] = {"loss": [], "grad_norm": []}
         edges_trained = 0
         with run.phase("training"):
             per_update = config.trees_per_update or num_trees
@@ -397,34 +394,25 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
                                 ref = rescore_edges(adapter, part, index, cond, result.schedule, rollout_config)
                             kl = mean_kl(new.mean, ref.mean, new.std).mean()
                             loss = loss + config.kl_beta * kl
-                            stats["kl"].append(float(kl.detach()))
+                            ppo["kl"] = kl.detach()
                         weight = len(index) / total if config.step_weighting == "edges" else 1 / len(selected)
                         accelerator.backward(loss * weight)
                         stats["loss"].append(float(loss.detach()))
-                        for key in ("approx_kl", "clip_fraction", "ratio_mean"):
-                            stats[key].append(float(ppo[key]))
+                        for key, value in ppo.items():
+                            stats.setdefault(key, []).append(float(value))
                     edges_trained += total
                     stats["grad_norm"].append(run.step_optimizer())
 
         # 4. bookkeeping
-        run.state.iteration = iteration + 1
-        run.state.nfe += result.nfe * accelerator.num_processes
-        named = {k: run.gather(v.float()) for k, v in scores.scores.items()}
-        metrics = {f"reward/{k}/mean": float(v.mean()) for k, v in named.items()}
-        metrics.update({f"reward/{k}/std": float(v.std(unbiased=False)) for k, v in named.items()})
-        all_adv = torch.cat([targets[s].advantage[edge_rows[s]] for s in steps]) if steps else torch.zeros(1)
-        metrics.update({"advantage/abs_mean": float(all_adv.abs().mean()) if len(all_adv) else 0.0,
+        metrics = reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()})
+        trained_adv = [targets[s].advantage[edge_rows[s]] for s in steps]
+        trained_adv = torch.cat(trained_adv) if trained_adv else torch.zeros(0)
+        metrics.update({"advantage/abs_mean": float(trained_adv.abs().mean()) if len(trained_adv) else 0.0,
                         "tree/leaves": float(len(leaf_rewards)), "tree/nfe_per_leaf": result.nfe / len(leaf_rewards),
-                        "tree/edges_trained": float(edges_trained), "nfe": run.state.nfe})
+                        "tree/edges_trained": float(edges_trained)})
         metrics.update({f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v})
-        run.log(metrics, step=run.state.iteration)
         bar.set_postfix(reward=f"{float(leaf_rewards.mean()):.3f}")
-        every = config.run.checkpoint_every
-        if every and run.state.iteration % every == 0:
-            run.save_checkpoint()
-        if config.run.sample_every and run.state.iteration % config.run.sample_every == 0:
-            run.log(run.evaluate(reward, config.eval_prompts, config.rollout, heldout=heldout,
-                                 grid_name=f"iteration-{run.state.iteration:06d}"), step=run.state.iteration)
+        end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
 
 
