@@ -9,9 +9,16 @@ where the tree's time goes. With ``--train`` one training pass (re-score every t
 gradients into a LoRA, backward) is timed as well: independent (every row of every step but the
 last), the tree (one evaluation per distinct parent) and the tree with width pruning.
 
+The rollout's wall time follows its model evaluations (per-row cost is flat in the batch width on
+a CPU), so the ratio tracks 203 / 320 = 0.63 at the default splits; it cannot reach 0.5: the ten
+steps after the last split already run all 16 leaves, half of the independent run's evaluations.
+Splits that leave fewer full-width steps (``--splits 0,5,10,15``: 135 evaluations) or counting the
+training pass, where width pruning drops edges, go below it.
+
 The last line is ``tree_vs_independent_wall_per_leaf=<tree / independent>`` for the rollouts.
 
     python bench/tree.py [--repeats 3] [--steps 20] [--splits 0,3,6,9] [--factor 2] [--size 64] [--train]
+                         [--threads 1]
 """
 
 from __future__ import annotations
@@ -81,8 +88,10 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=4.5)
     parser.add_argument("--train", action="store_true", help="also time one training pass over the edges")
     parser.add_argument("--width-keep", type=float, default=0.5, help="width pruning fraction for --train")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: the steadiest ratios on a shared machine)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     from align.sampling.rollout import RolloutConfig, rollout
     from align.trainers.branch_grpo import width_kept_leaves
@@ -134,7 +143,8 @@ def main() -> None:
     nfe = {k: results[k][0].nfe for k in configs}
 
     print(f"model: SD3-class, 4 blocks x width 128, {args.size}px, 1 prompt, {args.steps} steps, "
-          f"CFG {args.guidance} (one batch), flow_grpo SDE with log-probs, median of {args.repeats}")
+          f"CFG {args.guidance} (one batch), flow_grpo SDE with log-probs, {args.threads} thread(s), "
+          f"median of {args.repeats}")
     print(f"tree: splits {splits}, factor {args.factor} -> {leaves} leaves; independent: {leaves} trajectories")
     print(f"{'rollout':<12} {'leaves':>6} {'NFE':>5} {'NFE/leaf':>9} {'wall ms':>9} {'ms/leaf':>8} {'model ms':>9} "
           f"{'cpu ms':>9}")

@@ -14,9 +14,6 @@ from align.sampling.rollout import RolloutConfig, rollout
 from align.trainers import branch_grpo as bg
 from pipelines.toy import TOY_WEIGHTS_DIR
 
-# the tree trainer's toy-model runs take minutes on 2 cores: CI runs them in its slow pass
-pytestmark = pytest.mark.slow
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 needs_toy = pytest.mark.skipif(not (TOY_WEIGHTS_DIR / "config.json").exists(),
@@ -77,6 +74,10 @@ def test_each_tree_is_normalised_alone_or_with_the_trees_of_its_prompt(gaussian_
     torch.testing.assert_close(pooled[1].advantage, (rewards - mean) / (std + 1e-4))
     nodes = torch.tensor([1.5, 4.5, 0.0, 0.0])
     torch.testing.assert_close(pooled[0].advantage, (nodes - nodes.mean()) / (nodes.std(unbiased=False) + 1e-4))
+    # "global" std: each tree's own mean, the spread of the whole depth
+    spread = bg.node_targets(result, rewards, std="global")
+    expected = (rewards - torch.tensor([3.0] * 4 + [0.0] * 4)) / (rewards.std(unbiased=False) + 1e-4)
+    torch.testing.assert_close(spread[1].advantage, expected * torch.tensor([1.0] * 4 + [0.0] * 4))
 
 
 def test_width_pruning_keeps_the_best_and_worst_leaves_of_each_tree():
