@@ -123,12 +123,15 @@ def test_bad_config_is_a_clear_error(change, match):
         bg.check_config(bg.BranchGRPOConfig(**change))
 
 
-def test_depth_noise_needs_a_per_step_scale_in_the_engine_unless_it_is_one_level():
-    same = bg.rollout_config_with_noise(bg.BranchGRPOConfig(depth_noise_scale=[0.5, 0.5, 0.5]))
-    assert same.kernel_params == {"noise_level": 0.35}
-    if "step_noise_scale" not in vars(RolloutConfig()):
-        with pytest.raises(ConfigError, match="per-step noise scale"):
-            bg.rollout_config_with_noise(bg.BranchGRPOConfig(depth_noise_scale=[1.0, 1.5, 2.0]))
+def test_depth_noise_scales_each_depths_steps_in_the_rollout(gaussian_adapter):
+    config = bg.BranchGRPOConfig(rollout=RolloutConfig(num_steps=4, split_steps=[0, 2]), depth_noise_scale=[1.0, 0.5])
+    rollout_config = bg.rollout_config_with_noise(config)
+    assert rollout_config.step_noise_scales == [1.0, 1.0, 0.5, 0.5]
+    cond = gaussian_adapter.encode(["1"])
+    scaled = rollout(gaussian_adapter, cond, rollout_config, generator=torch.Generator().manual_seed(0))
+    plain = rollout(gaussian_adapter, cond, config.rollout, generator=torch.Generator().manual_seed(0))
+    for a, b, s in zip(scaled.transitions, plain.transitions, [1.0, 1.0, 0.5, 0.5]):
+        torch.testing.assert_close(a.std, b.std[:1].expand_as(a.std) * s)
 
 
 def test_edges_rescore_exactly_with_one_model_call_per_parent(gaussian_adapter):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -40,8 +40,8 @@ from align.config import ConfigError
 from align.losses import mean_kl, ppo_clip_loss
 from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompts_for_iteration
 from align.sampling.kernels import StepOut, get_kernel
-from align.sampling.rollout import (DEFAULT_KERNEL_PARAMS, NOISE_PARAM, Rollout, RolloutConfig, Transition,
-                                    _predict, _scaled, kernel_params, rollout)
+from align.sampling.rollout import (Rollout, RolloutConfig, Transition, _predict, _scaled, kernel_params,
+                                    rollout)
 from align.trainers.common import TrainerConfig, end_iteration, finish_run, progress, reward_metrics, start_run
 
 VARIANTS = ("branch_grpo", "tree_grpo")
@@ -197,25 +197,12 @@ def per_step_noise_scale(split_steps, num_steps: int, depth_scale) -> list[float
 
 
 def rollout_config_with_noise(config: BranchGRPOConfig) -> RolloutConfig:
-    """The rollout config with depth-varying noise. The rollout engine scales the kernel's noise
-    level only at split steps (one scalar, ``split_noise_scale``); a per-depth schedule needs a
-    per-step multiplier there (``RolloutConfig.step_noise_scale``), used when the engine has it."""
+    """The rollout config with depth-varying noise: one multiplier per step of the kernel's noise
+    level (``RolloutConfig.step_noise_scales``), each depth's value from its split step on."""
     r = config.rollout
     if config.depth_noise_scale is None:
         return r
-    scales = per_step_noise_scale(r.split_steps, r.num_steps, config.depth_noise_scale)
-    if "step_noise_scale" in {f.name for f in fields(RolloutConfig)}:
-        return replace(r, step_noise_scale=scales)
-    first = min(r.split_steps)
-    if first == 0 and len(set(config.depth_noise_scale)) == 1:  # one level everywhere: fold it in
-        scale = config.depth_noise_scale[0]
-        key = NOISE_PARAM.get(r.kernel)
-        if key is not None:
-            base = {**DEFAULT_KERNEL_PARAMS.get(r.kernel, {}), **r.kernel_params}
-            return replace(r, kernel_params={**r.kernel_params, key: base[key] * scale})
-    raise ConfigError("depth_noise_scale with different multipliers per depth needs a per-step noise scale "
-                      "in the rollout engine (RolloutConfig.step_noise_scale), which this version lacks; "
-                      "use rollout.split_noise_scale to scale the noise of the split steps instead")
+    return replace(r, step_noise_scales=per_step_noise_scale(r.split_steps, r.num_steps, config.depth_noise_scale))
 
 
 def leaf_path_log_probs(result: Rollout) -> Tensor:
