@@ -152,3 +152,43 @@ class progress:
 
     def set_postfix(self, **values) -> None:
         self.bar.set_postfix(**values)
+
+
+def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_config, iteration: int):
+    """Encode the prompts, roll out ``group_size`` samples of each (seeded by iteration and process),
+    decode and score them. Returns (cond, rollout result, scores)."""
+    import torch
+
+    from align.runtime import iteration_generator
+    from align.sampling.rollout import rollout
+
+    adapter, process = run.adapter, run.accelerator.process_index
+    with run.phase("sampling"), torch.no_grad():
+        cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
+        result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
+                         generator=iteration_generator(config.run.seed, iteration, process), **run.latent_kwargs)
+        pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
+    with run.phase("reward"), torch.no_grad():
+        scores = reward(pixels, [batch_prompts[i] for i in result.prompt_index.tolist()])
+    return cond, result, scores
+
+
+def group_batch_advantages(run, config, reward, scores, prompt_index):
+    """Group advantages (groups = prompts, unique across processes) from the gathered batch, one
+    reward or several (``config.multi_reward``); returns this process's (advantages, keep) and the
+    gathered named scores."""
+    from align.advantages import group_advantages, mixed_advantages
+
+    accelerator = run.accelerator
+    groups = prompt_index + accelerator.process_index * config.prompts_per_iteration
+    all_groups = run.gather(groups)
+    named = {k: run.gather(v.float()) for k, v in scores.scores.items()}
+    if len(named) > 1:
+        advantages, keep = mixed_advantages(named, getattr(reward, "weights", {}), all_groups, config.multi_reward,
+                                            std=config.adv_std, clip=config.adv_clip)
+    else:
+        advantages, keep = group_advantages(run.gather(scores.total.float()), all_groups, std=config.adv_std,
+                                            clip=config.adv_clip)
+    rows = len(groups)
+    local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
+    return advantages[local], keep[local], named

@@ -25,11 +25,11 @@ import torch
 
 from align.advantages import RunningPromptStats
 from align.config import ConfigError
-from align.runtime import iteration_generator, prompts_for_iteration
+from align.runtime import prompts_for_iteration
 from align.sampling.kernels import KERNELS
-from align.sampling.rollout import RolloutConfig, rollout
+from align.sampling.rollout import RolloutConfig
 from align.trainers.common import (TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
-                                   reward_metrics, start_run)
+                                   reward_metrics, sample_and_score, start_run)
 
 
 @dataclass
@@ -130,7 +130,7 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
     check_config(config)
     run, reward, heldout, prompts = start_run(config, adapter)
     adapter, accelerator = run.adapter, run.accelerator
-    size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
+    size = run.latent_kwargs
     schedule_kind = adapter.schedule(1, latent_shape=adapter.latent_shape(**size)).kind
     rollout_config = resolve_rollout(config, schedule_kind)
     # the per-prompt reward buffers live in the checkpointed run state (restored on resume); the
@@ -145,15 +145,8 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
                                               accelerator.process_index, accelerator.num_processes)
 
         # 1. sample (DDIM, eta 1, log-probs recorded), decode, score
-        with run.phase("sampling"), torch.no_grad():
-            cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
-            result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
-                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index),
-                             **size)
-            pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
-        with run.phase("reward"), torch.no_grad():
-            sample_prompts = [batch_prompts[i] for i in result.prompt_index.tolist()]
-            scores = reward(pixels, sample_prompts)
+        cond, result, scores = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration)
+        sample_prompts = [batch_prompts[i] for i in result.prompt_index.tolist()]
 
         # 2. advantages from the gathered batch; every process updates the same statistics
         all_rewards = run.gather(scores.total.float())

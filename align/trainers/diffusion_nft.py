@@ -29,14 +29,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from align.advantages import group_advantages, mixed_advantages
 from align.config import ConfigError
 from align.losses import flow_matching_target, nft_loss
-from align.runtime import iteration_generator, prompts_for_iteration
+from align.runtime import prompts_for_iteration
 from align.sampling.kernels import reduce_elements
-from align.sampling.rollout import RolloutConfig, rollout
-from align.trainers.common import (TrainerConfig, end_iteration, finish_run, progress, reward_metrics,
-                                   start_run)
+from align.sampling.rollout import RolloutConfig
+from align.trainers.common import (TrainerConfig, end_iteration, finish_run, group_batch_advantages, progress,
+                                   reward_metrics, sample_and_score, start_run)
 
 
 @dataclass
@@ -250,29 +249,13 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
                                               accelerator.process_index, accelerator.num_processes)
 
         # 1. clean samples from the sampling (old) policy, decode, score
-        with run.phase("sampling"), torch.no_grad(), old.swapped():
-            cond = adapter.encode(batch_prompts, config.negative_prompt, config.rollout.guidance_scale)
-            result = rollout(adapter, cond, config.rollout, group_size=config.group_size,
-                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index),
-                             **size)
-            pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
-        with run.phase("reward"), torch.no_grad():
-            sample_prompts = [batch_prompts[i] for i in result.prompt_index.tolist()]
-            scores = reward(pixels, sample_prompts)
+        with old.swapped():
+            cond, result, scores = sample_and_score(run, config, reward, batch_prompts, config.rollout, iteration)
 
         # 2. advantages over the gathered batch -> optimality r in [0, 1]
-        groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration
-        all_groups = run.gather(groups)
-        named = {k: run.gather(v.float()) for k, v in scores.scores.items()}
-        if len(named) > 1:
-            advantages, _ = mixed_advantages(named, getattr(reward, "weights", {}), all_groups, config.multi_reward,
-                                             std=config.adv_std, clip=config.adv_clip)
-        else:
-            advantages, _ = group_advantages(run.gather(scores.total.float()), all_groups, std=config.adv_std,
-                                             clip=config.adv_clip)
-        rows = len(groups)
-        local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
-        r = optimality(advantages[local], config.adv_clip).to(device)
+        advantages, _, named = group_batch_advantages(run, config, reward, scores, result.prompt_index)
+        rows = len(advantages)
+        r = optimality(advantages, config.adv_clip).to(device)
 
         # 3. re-noise: item j = sample j // K at its (j % K)-th t; v_old with the old weights
         with run.phase("renoise"), torch.no_grad():

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from align.advantages import group_advantages, mixed_advantages
 from align.config import ConfigError
-from align.runtime import iteration_generator, prompts_for_iteration
-from align.sampling.rollout import RolloutConfig, rollout
-from align.trainers.common import (TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
-                                   reward_metrics, start_run)
+from align.runtime import prompts_for_iteration
+from align.sampling.rollout import RolloutConfig
+from align.trainers.common import (TrainerConfig, end_iteration, finish_run, group_batch_advantages,
+                                   ppo_transition_loss, progress, reward_metrics, sample_and_score, start_run)
 
 
 @dataclass
@@ -96,30 +95,11 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         rollout_config = rollout_for_iteration(config, iteration, rng)
 
         # 1. sample, decode, score
-        with run.phase("sampling"), torch.no_grad():
-            cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
-            result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
-                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index),
-                             **run.latent_kwargs)
-            pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
-        with run.phase("reward"), torch.no_grad():
-            sample_prompts = [batch_prompts[i] for i in result.prompt_index.tolist()]
-            scores = reward(pixels, sample_prompts)
+        cond, result, scores = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration)
 
         # 2. advantages from the global batch (groups = prompts, made unique across processes)
-        groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration
-        all_groups = run.gather(groups)
-        named = {k: run.gather(v.float()) for k, v in scores.scores.items()}
-        if len(named) > 1:
-            weights = getattr(reward, "weights", {})
-            advantages, keep = mixed_advantages(named, weights, all_groups, config.multi_reward,
-                                                std=config.adv_std, clip=config.adv_clip)
-        else:
-            advantages, keep = group_advantages(run.gather(scores.total.float()), all_groups,
-                                                std=config.adv_std, clip=config.adv_clip)
-        rows = len(groups)
-        local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
-        advantages, keep = advantages[local].to(accelerator.device), keep[local]
+        advantages, keep, named = group_batch_advantages(run, config, reward, scores, result.prompt_index)
+        advantages = advantages.to(accelerator.device)
 
         # 3. PPO over the trained steps of the kept rows
         steps = trained_steps(config, [t.step for t in result.main_transitions()], rng)
