@@ -5,20 +5,27 @@ prompt, the Flow-GRPO SDE with log-probs, CFG as one batch. The tree splits ever
 ``--factor`` children at ``--splits`` (default 0, 3, 6, 9 of 20 steps: 16 leaves); the independent
 run samples the same number of leaves as one group. Timings alternate between the two and the
 median of the repeats is compared. The model time is also broken down by batch width, which shows
-where the tree's time goes. With ``--train`` one training pass (re-score every trained edge with
-gradients into a LoRA, backward) is timed as well: independent (every row of every step but the
-last), the tree (one evaluation per distinct parent) and the tree with width pruning.
+where the tree's time goes.
 
-The rollout's wall time follows its model evaluations (per-row cost is flat in the batch width on
-a CPU), so the ratio tracks 203 / 320 = 0.63 at the default splits; it cannot reach 0.5: the ten
-steps after the last split already run all 16 leaves, half of the independent run's evaluations.
-Splits that leave fewer full-width steps (``--splits 0,5,10,15``: 135 evaluations) or counting the
-training pass, where width pruning drops edges, go below it.
+A training iteration is timed as well (``--rollout-only`` skips it): the rollout plus one training
+pass that re-scores every trained edge with gradients into a rank-8 LoRA and backpropagates.
+Independent (Flow-GRPO / DanceGRPO): every row of every step but the last. The tree: one evaluation
+per distinct parent, every edge; and with BranchGRPO's width pruning (``--width-keep``, default 0.5:
+the paths of the best and worst half of each tree's leaves below the last split), which cuts the
+gradient computation but leaves the rollout and its exploration unchanged.
 
-The last line is ``tree_vs_independent_wall_per_leaf=<tree / independent>`` for the rollouts.
+What bounds each ratio: the rollout's wall time follows its model evaluations (per-row cost is flat
+in the batch width on a CPU), so at the default splits it tracks 203 / 320 = 0.63 and cannot reach
+0.5 (the ten steps after the last split already run all 16 leaves, half of the independent run's
+evaluations). The training pass dominates an iteration (a backward costs about two forwards), and
+there sharing parents and pruning edges both count.
 
-    python bench/tree.py [--repeats 3] [--steps 20] [--splits 0,3,6,9] [--factor 2] [--size 64] [--train]
-                         [--threads 1]
+Printed last: ``rollout_wall_per_leaf=<tree / independent>`` for the rollouts alone, then
+``tree_vs_independent_wall_per_leaf=<x>`` for a whole training iteration per leaf (the pruned tree
+vs independent; with ``--rollout-only`` the rollouts' ratio).
+
+    python bench/tree.py [--repeats 3] [--steps 20] [--splits 0,3,6,9] [--factor 2] [--size 64]
+                         [--width-keep 0.5] [--rollout-only] [--threads 1]
 """
 
 from __future__ import annotations
@@ -86,8 +93,8 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=2)
     parser.add_argument("--size", type=int, default=64, help="image size in pixels")
     parser.add_argument("--guidance", type=float, default=4.5)
-    parser.add_argument("--train", action="store_true", help="also time one training pass over the edges")
-    parser.add_argument("--width-keep", type=float, default=0.5, help="width pruning fraction for --train")
+    parser.add_argument("--rollout-only", action="store_true", help="time the rollouts only, no training pass")
+    parser.add_argument("--width-keep", type=float, default=0.5, help="width pruning: fraction of leaves trained")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: the steadiest ratios on a shared machine)")
     args = parser.parse_args()
@@ -166,7 +173,8 @@ def main() -> None:
     print(f"the tree's {full} full-width steps alone make {full * leaves} of its {nfe['tree']} evaluations, "
           f"{full * leaves / nfe['independent']:.3f} of the independent run's {nfe['independent']}")
 
-    if args.train:
+    iteration_ratio = None
+    if not args.rollout_only:
         adapter.base_denoiser.requires_grad_(False)
         adapter.add_lora(rank=8, alpha=16)
         tree, cond = results["tree"]
@@ -205,10 +213,16 @@ def main() -> None:
             per_leaf = (sampling + train_ms) / leaves
             base = per_leaf if base is None else base
             print(f"{name:<16} {edges:>6} {parents:>10} {train_ms:>9.1f} {per_leaf:>12.2f}  ({per_leaf / base:.3f}x)")
+            iteration_ratio = per_leaf / base
     print(f"nfe_per_leaf tree={nfe['tree'] / leaves:.3f} independent={nfe['independent'] / leaves:.3f} "
           f"ratio={nfe['tree'] / nfe['independent']:.3f}")
     print(f"cpu_time_ratio={cpu['tree'] / cpu['independent']:.3f} (process CPU time: less sensitive to other load)")
-    print(f"tree_vs_independent_wall_per_leaf={wall['tree'] / wall['independent']:.3f}")
+    rollout_ratio = wall["tree"] / wall["independent"]
+    print(f"rollout_wall_per_leaf={rollout_ratio:.3f}")
+    if iteration_ratio is not None:
+        print(f"iteration (rollout + training pass) per leaf, tree with width pruning {args.width_keep} "
+              f"vs independent:")
+    print(f"tree_vs_independent_wall_per_leaf={iteration_ratio if iteration_ratio is not None else rollout_ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -166,18 +166,21 @@ def _scaled(params: dict, kernel_name: str, scale: float) -> dict:
     return {**params, key: params[key] * scale}
 
 
-def _predict(adapter: ModelAdapter, x: Tensor, t: Tensor, cond: Conditioning, max_batch: int | None,
-             use_checkpoint: bool) -> Tensor:
+def predict_in_chunks(adapter: ModelAdapter, x: Tensor, t: Tensor, cond: Conditioning, max_batch: int | None,
+                      use_checkpoint: bool = False) -> Tensor:
+    """``adapter.predict`` over at most ``max_batch`` rows per call (null: one call). ``t`` is one
+    timestep for all rows or one per row; ``use_checkpoint`` recomputes activations in backward."""
     call = adapter.predict
     if use_checkpoint:
         def call(x_, t_, c_):
             return checkpoint(adapter.predict, x_, t_, c_, use_reentrant=False)
     if not max_batch or x.shape[0] <= max_batch:
         return call(x, t, cond)
+    per_row = t.ndim > 0 and t.shape[0] == x.shape[0]
     outs = []
     for start in range(0, x.shape[0], max_batch):
         rows = torch.arange(start, min(start + max_batch, x.shape[0]))
-        outs.append(call(x[rows], t, cond.select(rows)))
+        outs.append(call(x[rows], t[rows] if per_row else t, cond.select(rows)))
     return torch.cat(outs)
 
 
@@ -238,7 +241,7 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
         if row_cond is None or not torch.equal(row_prompt, all_prompt):  # rows changed: re-select
             row_cond, row_prompt = cond.select(all_prompt), all_prompt
         with torch.set_grad_enabled(torch.is_grad_enabled() and i in grad_steps):
-            model_out = _predict(adapter, all_x, schedule.timesteps[i], row_cond,
+            model_out = predict_in_chunks(adapter, all_x, schedule.timesteps[i], row_cond,
                                  config.max_batch, checkpoint_grad_steps and i in grad_steps)
             main_out, branch_out = model_out[:n_main], model_out[n_main:]
 
@@ -297,13 +300,25 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
 
 
 def rescore(adapter: ModelAdapter, transition: Transition, cond: Conditioning, schedule: Schedule,
-            config: RolloutConfig) -> StepOut:
+            config: RolloutConfig, *, share_parents: bool = False) -> StepOut:
     """Log-prob of a stored transition under the adapter's current weights (the PPO ratio's
-    numerator). With unchanged weights and the same batch it equals the recorded log-prob exactly."""
-    kernel = get_kernel(config.kernel, schedule.kind)
+    numerator). With unchanged weights and the same batch it equals the recorded log-prob exactly.
+
+    ``share_parents``: rows with the same parent (siblings of a tree, which leave the same latents)
+    share one model evaluation, as in the rollout; with all rows of a step this repeats the rollout's
+    batch and its log-probs exactly."""
+    rows, inverse = torch.arange(transition.latents.shape[0]), None
+    if share_parents:
+        unique, inverse = torch.unique(transition.parent, return_inverse=True)
+        position = torch.arange(len(inverse), device=inverse.device)
+        rows = torch.full((len(unique),), len(inverse), dtype=torch.long,
+                          device=inverse.device).scatter_reduce(0, inverse, position, "amin")
     i = transition.step
-    model_out = _predict(adapter, transition.latents, schedule.timesteps[i], cond.select(transition.prompt_index),
-                         config.max_batch, False)
+    model_out = predict_in_chunks(adapter, transition.latents[rows], schedule.timesteps[i],
+                                  cond.select(transition.prompt_index[rows]), config.max_batch)
+    if inverse is not None:
+        model_out = model_out[inverse]
+    kernel = get_kernel(config.kernel, schedule.kind)
     return kernel(transition.latents, model_out, schedule.levels[i], schedule.levels[i + 1],
                   prev_sample=transition.next_latents, reduce=config.log_prob_reduce,
                   **_scaled(kernel_params(config, adapter), config.kernel, transition.noise_scale))

@@ -39,9 +39,8 @@ from align.advantages import depth_advantages, fuse_leaf_rewards, group_advantag
 from align.config import ConfigError
 from align.losses import mean_kl, ppo_clip_loss
 from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompts_for_iteration
-from align.sampling.kernels import StepOut, get_kernel
-from align.sampling.rollout import (Rollout, RolloutConfig, Transition, _predict, _scaled, kernel_params,
-                                    rollout)
+from align.sampling.kernels import StepOut
+from align.sampling.rollout import Rollout, RolloutConfig, Transition, rescore, rollout
 from align.trainers.common import TrainerConfig, end_iteration, finish_run, progress, reward_metrics, start_run
 
 VARIANTS = ("branch_grpo", "tree_grpo")
@@ -285,20 +284,8 @@ def width_kept_leaves(leaf_rewards: Tensor, leaf_tree: Tensor, fraction: float, 
 
 def rescore_edges(adapter, transition: Transition, index: Tensor, cond, schedule, config: RolloutConfig) -> StepOut:
     """Log-probs of the transition rows ``index`` under the current weights, with one model call per
-    distinct parent (siblings share their parent's evaluation, as in the rollout): with unchanged
-    weights and all rows of a step this repeats the rollout's batch and its log-probs exactly."""
-    parents = transition.parent[index]
-    unique, inverse = torch.unique(parents, return_inverse=True)
-    position = torch.arange(len(index), device=inverse.device)
-    first = torch.full((len(unique),), len(index), dtype=torch.long).scatter_reduce(0, inverse, position, "amin")
-    rows = index[first]
-    i = transition.step
-    model_out = _predict(adapter, transition.latents[rows], schedule.timesteps[i],
-                         cond.select(transition.prompt_index[rows]), config.max_batch, False)
-    kernel = get_kernel(config.kernel, schedule.kind)
-    params = _scaled(kernel_params(config, adapter), config.kernel, transition.noise_scale)
-    return kernel(transition.latents[index], model_out[inverse], schedule.levels[i], schedule.levels[i + 1],
-                  prev_sample=transition.next_latents[index], reduce=config.log_prob_reduce, **params)
+    distinct parent (siblings share their parent's evaluation, as in the rollout)."""
+    return rescore(adapter, transition.subset(index), cond, schedule, config, share_parents=True)
 
 
 # --- training --------------------------------------------------------------------------------------

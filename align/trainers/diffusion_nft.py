@@ -33,7 +33,7 @@ from align.config import ConfigError
 from align.losses import flow_matching_target, nft_loss
 from align.runtime import prompts_for_iteration
 from align.sampling.kernels import reduce_elements
-from align.sampling.rollout import RolloutConfig
+from align.sampling.rollout import RolloutConfig, predict_in_chunks
 from align.trainers.common import (TrainerConfig, end_iteration, finish_run, group_batch_advantages, progress,
                                    reward_metrics, sample_and_score, start_run)
 
@@ -211,16 +211,6 @@ class SamplingPolicy:
                 s.copy_(value.to(s.device, s.dtype))
 
 
-def _predict(adapter, x: Tensor, t: Tensor, cond, max_batch: int | None) -> Tensor:
-    if not max_batch or x.shape[0] <= max_batch:
-        return adapter.predict(x, t, cond)
-    parts = []
-    for start in range(0, x.shape[0], max_batch):
-        rows = torch.arange(start, min(start + max_batch, x.shape[0]))
-        parts.append(adapter.predict(x[rows], t[rows], cond.select(rows)))
-    return torch.cat(parts)
-
-
 # --- the loop --------------------------------------------------------------------------------------
 
 
@@ -267,7 +257,7 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
             eps = torch.randn(x0.shape, generator=noise_gen).to(device)
             x_t, target = flow_matching_target(x0, eps, t)
             with old.swapped(), accelerator.autocast():
-                v_old = _predict(adapter, x_t, t * scale, item_cond, config.rollout.max_batch).float()
+                v_old = predict_in_chunks(adapter, x_t, t * scale, item_cond, config.rollout.max_batch).float()
 
         # 4. NFT loss over minibatches of samples (all K draws of a sample in one optimizer step)
         log: dict[str, list[float]] = {"loss": [], "kl": [], "grad_norm": [], "policy_gap": []}
