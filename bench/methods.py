@@ -46,6 +46,7 @@ METHODS = {
                                  "rollout.same_noise_per_group=true", "timestep_fraction=0.6"]),
     "cps_grpo": ("flow_grpo", ["group_size=8", "clip_range=0.2", "kl_beta=0", "rollout.kernel=cps"]),
     "branch_grpo": ("branch_grpo", []),
+    "branch_grpo_pruned": ("branch_grpo", ["width_keep_fraction=0.5"]),
     "dense_grpo": ("dense_grpo", ["group_size=8", "clip_range=0.2"]),
     "tempflow_grpo": ("tempflow_grpo", ["group_size=2", "clip_range=0.2"]),
     "diffusion_nft": ("diffusion_nft", ["group_size=8"]),

@@ -1,6 +1,6 @@
 """DiffusionNFT: the loss's gradient direction, the optimality mapping, the sampling policy's EMA,
-resume, and short training runs (the analytic Gaussian model, and the embedded toy model with the
-digit reward when its weights are present)."""
+resume, and short training runs on the analytic Gaussian model and a LoRA smoke run on the embedded
+toy model (its reward rise: test_toy_reward_rise.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 needs_toy = pytest.mark.skipif(not (TOY_WEIGHTS_DIR / "config.json").exists(),
                                reason="toy model weights not built (scripts/train_toy.py)")
 #: the prompts the CFG-free toy model does worst on (digit reward 0.77-0.86 at 6 steps, the rest ~0.94)
-HARD_PROMPTS = '["a yellow digit 5", "a yellow digit 8", "a red digit 3", "a yellow digit 9"]'
 
 
 @register_reward("test_nft_brightness")
@@ -232,16 +231,3 @@ def test_toy_model_lora_smoke(tmp_path):
     assert trained[1]["policy/weight_distance"] > 0.0
     assert trained[1]["train/policy_gap"] > 0.0  # the second minibatch sees an updated theta
     assert (out / "lora" / "lora.safetensors").exists()
-
-
-@needs_toy
-def test_toy_digit_reward_rises(tmp_path):
-    """20 iterations of 4 prompts x 16 CFG-free 6-step ODE samples on the hard prompts; eval on 64
-    fixed-seed samples of the same prompts, start 0.911. Measured (seeds 0-4): after 0.941, 0.954,
-    0.947, 0.935, 0.944, gain +0.033 +- 0.007 (min +0.024). The same runs trained on a random reward
-    instead moved it to 0.31, 0.87, 0.83 (seeds 0-2): the gain is the reward's doing, not drift.
-    About 15 s on one thread."""
-    summary = train(toy_config(tmp_path / "run", "iterations=20", "group_size=16", "rollout.num_steps=6",
-                               "t_per_sample=2", "optim.lr=3e-3", "run.eval_per_prompt=16",
-                               f"prompts={HARD_PROMPTS}", f"eval_prompts={HARD_PROMPTS}"))
-    assert summary["reward_after"] - summary["reward_before"] > 0.012, summary

@@ -1,0 +1,87 @@
+"""Every trainer raises the shipped digit-classifier reward and the weight-free JPEG compressibility
+on the embedded toy model in a short CPU run, against fixed evaluation prompts and seeds.
+
+All runs share one setting: the four prompts the base model draws least reliably without guidance,
+6-step rollouts with CFG off, LoRA rank 8, 20 iterations (30 for Flow-GRPO on JPEG, whose reward
+only takes off after about ten); evaluation on 16 fixed-seed ODE samples of each prompt (start:
+digit 0.911, JPEG -0.816 kB). ``MEASURED`` holds the gains of training seeds 0-4: for every pair the
+mean gain is more than twice the seed-to-seed standard deviation. Each test trains with seed 0 and
+asks for a gain larger than that standard deviation and than half the mean gain.
+
+Controls (seed 0, trained on a random score instead): the digit reward falls (Flow-GRPO 0.729,
+DenseGRPO 0.597, DiffusionNFT 0.820) and JPEG moves by at most +0.003 kB, so the gains below are the
+rewards' doing, not drift. About 4 minutes on one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from align.config import load_config
+from align.trainers import trainer_module
+from pipelines.toy import TOY_WEIGHTS_DIR
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not (TOY_WEIGHTS_DIR / "config.json").exists(),
+                                 reason="toy model weights not built (scripts/train_toy.py)")]
+
+HARD_PROMPTS = ["a yellow digit 5", "a yellow digit 8", "a red digit 3", "a yellow digit 9"]
+
+COMMON = ["model.name=toy", f"prompts={json.dumps(HARD_PROMPTS)}", f"eval_prompts={json.dumps(HARD_PROMPTS)}",
+          "run.eval_per_prompt=16", "rollout.num_steps=6", "rollout.guidance_scale=1.0", "lora.rank=8",
+          "lora.alpha=16", "iterations=20", "prompts_per_iteration=4", "optim.lr=3e-3", "run.log_with=none",
+          "run.resume=null", "run.progress=false", "run.checkpoint_every=0"]
+
+#: per trainer: the overrides on top of COMMON
+TRAINER_OVERRIDES = {
+    "flow_grpo": ["group_size=8", "clip_range=0.2", "kl_beta=0"],
+    "branch_grpo": ["rollout.split_steps=[0,2,4]", "trees_per_prompt=4"],
+    "dense_grpo": ["group_size=8", "clip_range=0.2"],
+    "tempflow_grpo": ["group_size=2", "clip_range=0.2"],
+    "diffusion_nft": ["group_size=16", "t_per_sample=2"],
+    "ddpo": ["group_size=16", "clip_range=0.2", "train_last_step=false", "stats_buffer=32", "stats_min_count=16"],
+}
+
+#: per (trainer, reward): overrides on top of those
+PAIR_OVERRIDES = {("flow_grpo", "jpeg"): ["iterations=30"]}
+
+REWARDS = {"digit": "rewards=[digit]", "jpeg": "rewards=[jpeg_compressibility]"}
+
+#: (trainer, reward) -> evaluation gains (after - before) for training seeds 0-4
+MEASURED: dict[tuple[str, str], tuple[float, ...]] = {
+    ("flow_grpo", "digit"): (0.0413, 0.0434, 0.0332, 0.0371, 0.0384),
+    ("flow_grpo", "jpeg"): (0.1755, 0.1030, 0.1475, 0.1205, 0.1458),
+    ("branch_grpo", "digit"): (0.0589, 0.0465, 0.0540, 0.0590, 0.0551),
+    ("branch_grpo", "jpeg"): (0.1612, 0.1560, 0.1421, 0.1418, 0.1127),
+    ("dense_grpo", "digit"): (0.0556, 0.0647, 0.0622, 0.0538, 0.0566),
+    ("dense_grpo", "jpeg"): (0.1702, 0.1786, 0.1758, 0.1648, 0.1644),
+    ("tempflow_grpo", "digit"): (0.0489, 0.0573, 0.0645, 0.0518, 0.0620),
+    ("tempflow_grpo", "jpeg"): (0.1647, 0.1576, 0.1679, 0.1622, 0.1774),
+    ("diffusion_nft", "digit"): (0.0300, 0.0426, 0.0365, 0.0236, 0.0330),
+    ("diffusion_nft", "jpeg"): (0.0957, 0.1552, 0.1543, 0.1507, 0.1038),
+    ("ddpo", "digit"): (0.0575, 0.0382, 0.0559, 0.0497, 0.0306),
+    ("ddpo", "jpeg"): (0.1401, 0.1340, 0.1390, 0.1565, 0.1496),
+}
+
+
+def toy_run_config(trainer: str, reward: str, seed: int, out) -> object:
+    module = trainer_module(trainer)
+    return load_config(module.CONFIG, None, COMMON + TRAINER_OVERRIDES[trainer] + [REWARDS[reward]]
+                       + PAIR_OVERRIDES.get((trainer, reward), []) + [f"run.seed={seed}", f"run.output_dir={out}"])
+
+
+def required_gain(gains) -> float:
+    """More than the seed-to-seed noise and more than half the typical gain."""
+    return max(statistics.stdev(gains), 0.5 * statistics.mean(gains))
+
+
+@pytest.mark.parametrize("trainer, reward", sorted(MEASURED))
+def test_short_run_raises_the_reward(trainer, reward, tmp_path):
+    gains = MEASURED[(trainer, reward)]
+    assert statistics.mean(gains) > 2 * statistics.stdev(gains), f"measured gains {gains} are within the noise"
+    summary = trainer_module(trainer).train(toy_run_config(trainer, reward, 0, tmp_path / "run"))
+    gain = summary["reward_after"] - summary["reward_before"]
+    assert gain > required_gain(gains), (gain, gains)
