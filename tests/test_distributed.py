@@ -1,5 +1,5 @@
-"""Two CPU processes (torchrun, gloo; accelerate reads the launcher's environment): gathered
-rewards, global NFE, checkpoints."""
+"""Two CPU processes (DDP over gloo), started by ``accelerate launch`` with the shipped
+``configs/accelerate/multi_cpu.yaml`` and by torchrun: gathered rewards, global NFE, checkpoints."""
 
 import json
 import os
@@ -12,11 +12,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+LAUNCHERS = {
+    "accelerate": ["accelerate", "launch", "--config_file", str(ROOT / "configs/accelerate/multi_cpu.yaml"),
+                   "--main_process_port", "29518"],
+    "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", "29517"],
+}
+
+
 @pytest.mark.slow
-def test_flow_grpo_runs_on_two_processes(tmp_path):
-    torchrun = Path(sys.executable).parent / "torchrun"
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_flow_grpo_runs_on_two_processes(tmp_path, launcher):
+    program, *options = LAUNCHERS[launcher]
     out = tmp_path / "run"
-    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "align", "train", "flow_grpo",
+    command = [str(Path(sys.executable).parent / program), *options, "-m", "align", "train", "flow_grpo",
                "--config", str(ROOT / "configs/quickstart.yaml"), "iterations=2", f"run.output_dir={out}",
                "run.progress=false", "run.eval_per_prompt=2", "run.checkpoint_every=1", "run.log_with=none"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
