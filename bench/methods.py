@@ -84,9 +84,9 @@ def main() -> None:
                      gain / seconds, seconds))
     rows.sort(key=lambda r: -r[4])
     print(f"\nbudget: {args.nfe} model evaluations per method, embedded toy model, digit reward, seed {args.seed}")
-    print(f"{'method':16s} {'before':>7s} {'after':>7s} {'gain':>7s} {'gain/1kNFE':>11s} {'gain/s':>8s} {'wall s':>7s}")
+    print(f"{'method':19s} {'before':>7s} {'after':>7s} {'gain':>7s} {'gain/1kNFE':>11s} {'gain/s':>8s} {'wall s':>7s}")
     for name, before, after, gain, per_nfe, per_s, seconds in rows:
-        print(f"{name:16s} {before:7.3f} {after:7.3f} {gain:+7.3f} {per_nfe:+11.4f} {per_s:+8.4f} {seconds:7.1f}")
+        print(f"{name:19s} {before:7.3f} {after:7.3f} {gain:+7.3f} {per_nfe:+11.4f} {per_s:+8.4f} {seconds:7.1f}")
     if rows:
         print(f"best_per_1k_nfe={rows[0][0]}")
 
