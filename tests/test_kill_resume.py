@@ -49,6 +49,10 @@ def test_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     # a kill during a save leaves only a hidden temporary folder, which resume ignores
     checkpoints = sorted(p.name for p in (killed / "checkpoints").iterdir() if not p.name.startswith("."))
     assert checkpoints and checkpoints[-1] >= f"iteration-{done_before_kill - 1:06d}"  # at most one step lost
+    # what a kill in the middle of the next save would leave: a half-written temporary folder
+    partial = killed / "checkpoints" / f".tmp-iteration-{done_before_kill + 1:06d}"
+    partial.mkdir(exist_ok=True)
+    (partial / "model.safetensors").write_bytes(b"truncated")
 
     resumed = subprocess.run(command(killed, "run.resume=latest"), cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=600)
