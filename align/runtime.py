@@ -47,6 +47,10 @@ class OptimConfig:
     ema_decay: float | None = None
 
 
+MIXED_PRECISION = ("no", "bf16", "fp16", "fp8")
+TRACKERS = ("tensorboard", "wandb", "none")
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
@@ -67,6 +71,15 @@ class RunConfig:
     #: sampling steps of the evaluation (null: the rollout's)
     eval_steps: int | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision in (False, "False", "false"):  # YAML reads a bare `no` as false
+            self.mixed_precision = "no"
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"run.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
+                              f"got {self.mixed_precision!r}")
+        if self.log_with not in TRACKERS:
+            raise ConfigError(f"run.log_with must be one of {', '.join(TRACKERS)}, got {self.log_with!r}")
 
 
 @dataclass
@@ -120,16 +133,19 @@ class Run:
     def __init__(self, config: Any, *, model: ModelConfig, lora: LoraSettings, optim: OptimConfig,
                  run: RunConfig, adapter=None) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import ProjectConfiguration, set_seed
 
-        if run.log_with not in ("tensorboard", "wandb", "none"):
-            raise ConfigError(f"run.log_with must be tensorboard, wandb or none, got {run.log_with!r}")
         self.config, self.run_config = config, run
         #: image / video size of every rollout of the run (null: the model's default)
         self.latent_kwargs = {"height": model.height, "width": model.width, "num_frames": model.num_frames}
         self.dir = Path(run.output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         cpu = resolve_device(model.device).type == "cpu"
+        # accelerate keeps one process-wide state and refuses a second Accelerator with other
+        # settings (bf16 after fp32); a process may run several trainings (sweeps, notebooks, tests),
+        # so each run starts from a clean one. The distributed setup (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             mixed_precision=run.mixed_precision, cpu=cpu,
             gradient_accumulation_steps=run.gradient_accumulation_steps,
@@ -270,6 +286,14 @@ class Run:
         finally:
             self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
 
+    @contextmanager
+    def sampling(self):
+        """The rollout phase: timed, without gradients, and under the same mixed-precision autocast
+        as the training pass, so re-scoring a transition reproduces its recorded log-prob (ratio 1
+        on the first on-policy step with bf16 too)."""
+        with self.phase("sampling"), torch.no_grad(), self.accelerator.autocast():
+            yield
+
     def gather(self, tensor: Tensor) -> Tensor:
         return self.accelerator.gather(tensor.to(self.accelerator.device).contiguous()).cpu()
 
@@ -311,7 +335,7 @@ class Run:
         steps = self.run_config.eval_steps or rollout_config.num_steps
         config = RolloutConfig(num_steps=steps, kernel="ode", guidance_scale=rollout_config.guidance_scale)
         adapter = self.adapter
-        with torch.no_grad(), self.ema_weights():
+        with torch.no_grad(), self.ema_weights(), self.accelerator.autocast():
             cond = adapter.encode(list(prompts), "", rollout_config.guidance_scale)
             generator = torch.Generator().manual_seed(12345)
             result = rollout(adapter, cond, config, group_size=per_prompt, generator=generator, **self.latent_kwargs)

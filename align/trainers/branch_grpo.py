@@ -306,7 +306,7 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
         tree_prompt = torch.arange(len(batch_prompts)).repeat_interleave(config.trees_per_prompt)
 
         # 1. one tree per row of the prompt batch (a prompt's trees are repeated rows), decode, score
-        with run.phase("sampling"), torch.no_grad():
+        with run.sampling():
             cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
             cond = cond.repeat_interleave(config.trees_per_prompt)
             result = rollout(adapter, cond, rollout_config, group_size=1,

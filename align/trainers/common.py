@@ -163,7 +163,7 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
     from align.sampling.rollout import rollout
 
     adapter, process = run.adapter, run.accelerator.process_index
-    with run.phase("sampling"), torch.no_grad():
+    with run.sampling():
         cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
         result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
                          generator=iteration_generator(config.run.seed, iteration, process), **run.latent_kwargs)

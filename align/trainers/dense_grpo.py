@@ -87,7 +87,7 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
                                  step_noise_scales=list(run.state.extra["noise_scales"]))
 
         # 1. SDE trajectories with an ODE completion from every step; score every clean sample
-        with run.phase("sampling"), torch.no_grad():
+        with run.sampling():
             cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
             result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
                              generator=iteration_generator(config.run.seed, iteration, accelerator.process_index),

@@ -72,7 +72,7 @@ def train(config: TempFlowGRPOConfig, adapter=None) -> dict[str, float]:
                                  branches_per_step=config.branches_per_step)
 
         # 1. one ODE trajectory per row; k SDE children at each branch step, completed by ODE
-        with run.phase("sampling"), torch.no_grad():
+        with run.sampling():
             cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
             result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
                              generator=iteration_generator(config.run.seed, iteration, accelerator.process_index),
