@@ -63,6 +63,7 @@ class RunConfig:
     log_with: str = "tensorboard"
     #: no, bf16 or fp16 (accelerate autocast)
     mixed_precision: str = "no"
+    #: minibatches per optimizer update (may span iterations; a resume redoes a partial one)
     gradient_accumulation_steps: int = 1
     #: write a sample grid of the evaluation prompts every N iterations (0: only before / after)
     sample_every: int = 0
@@ -78,6 +79,8 @@ class RunConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"run.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
                               f"got {self.mixed_precision!r}")
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError(f"run.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         if self.log_with not in TRACKERS:
             raise ConfigError(f"run.log_with must be one of {', '.join(TRACKERS)}, got {self.log_with!r}")
 
@@ -184,7 +187,13 @@ class Run:
         base = self.adapter.base_denoiser
         if lora.enabled:
             base.requires_grad_(False)
-            self.adapter.add_lora(lora.rank, lora.alpha, lora.target_modules)
+            try:
+                self.adapter.add_lora(lora.rank, lora.alpha, lora.target_modules)
+            except ValueError as err:  # peft: no module matches a target name
+                layers = sorted({name.rsplit(".", 1)[-1] for name, module in base.named_modules()
+                                 if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))} - set("0123456789"))
+                raise ConfigError(f"lora.target_modules {lora.target_modules}: {str(err).splitlines()[0]} "
+                                  f"(layer names in this model: {', '.join(layers[:20])})") from None
             for param in base.parameters():  # peft leaves only LoRA weights trainable
                 if param.requires_grad:
                     param.data = param.data.float()
@@ -266,15 +275,24 @@ class Run:
         return True
 
     # --- training helpers -----------------------------------------------------------------------
-    def step_optimizer(self) -> float:
-        """Clip, step, zero; returns the gradient norm (before clipping)."""
+    def accumulate(self):
+        """Wraps one minibatch's forward and backward passes: accelerate counts it toward
+        ``gradient_accumulation_steps`` (``accelerator.backward`` divides each loss by that count)
+        and skips the DDP gradient all-reduce until the minibatch that completes an update."""
+        return self.accelerator.accumulate(self.adapter.denoiser)
+
+    def step_optimizer(self) -> float | None:
+        """Clip, step, zero once the accumulated minibatches complete an update; returns the gradient
+        norm (before clipping), or None while gradients are still being accumulated."""
+        if not self.accelerator.sync_gradients:
+            return None
         norm = 0.0
-        if self.accelerator.sync_gradients and self.optim_config.max_grad_norm:
+        if self.optim_config.max_grad_norm:
             norm = float(self.accelerator.clip_grad_norm_(self.adapter.trainable_parameters(),
                                                           self.optim_config.max_grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None and self.accelerator.sync_gradients:
+        if self.ema is not None:
             self.ema.step(self.adapter.trainable_parameters())
         return norm
 

@@ -180,3 +180,21 @@ def test_digit_probability_is_differentiable():
     words = [toy_prompt(int(d), "red", word=True) for d in test_y[:8]]
     assert all(w.split()[-1] in NUMBER_WORDS for w in words)
     assert torch.allclose(digit_reward(images.detach(), words), digit_probability(images.detach(), test_y[:8]))
+
+
+def test_lora_target_modules_choose_the_adapted_layers(tmp_path):
+    from align.config import ConfigError, load_config
+    from align.runtime import Run
+    from align.trainers import trainer_module
+
+    def run_with(targets):
+        config = load_config(trainer_module("flow_grpo").CONFIG, None, [
+            "model.name=toy", f"lora.target_modules={targets}", "run.log_with=none", "run.resume=null",
+            f"run.output_dir={tmp_path}"])
+        return Run(config, model=config.model, lora=config.lora, optim=config.optim, run=config.run)
+
+    run = run_with("[to_q]")
+    names = [n for n, p in run.adapter.base_denoiser.named_parameters() if p.requires_grad]
+    assert names and all(".to_q.lora_" in n for n in names)
+    with pytest.raises(ConfigError, match=r"lora.target_modules \['to_qq'\].*to_q"):
+        run_with("[to_qq]")

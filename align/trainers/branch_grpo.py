@@ -357,25 +357,28 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
                     total = sum(len(rows) for rows in selected.values())
                     if not total:
                         continue
-                    for step, index in selected.items():
-                        part = transitions[step]
-                        advantages = targets[step].advantage[index].to(accelerator.device)
-                        with accelerator.autocast():
-                            new = rescore_edges(adapter, part, index, cond, result.schedule, rollout_config)
-                        loss, ppo = ppo_clip_loss(new.log_prob, part.log_prob[index], advantages, config.clip_range)
-                        if config.kl_beta > 0:
-                            with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
-                                ref = rescore_edges(adapter, part, index, cond, result.schedule, rollout_config)
-                            kl = mean_kl(new.mean, ref.mean, new.std).mean()
-                            loss = loss + config.kl_beta * kl
-                            ppo["kl"] = kl.detach()
-                        weight = len(index) / total if config.step_weighting == "edges" else 1 / len(selected)
-                        accelerator.backward(loss * weight)
-                        stats["loss"].append(float(loss.detach()))
-                        for key, value in ppo.items():
-                            stats.setdefault(key, []).append(float(value))
-                    edges_trained += total
-                    stats["grad_norm"].append(run.step_optimizer())
+                    with run.accumulate():
+                        for step, index in selected.items():
+                            part = transitions[step]
+                            advantages = targets[step].advantage[index].to(accelerator.device)
+                            with accelerator.autocast():
+                                new = rescore_edges(adapter, part, index, cond, result.schedule, rollout_config)
+                            loss, ppo = ppo_clip_loss(new.log_prob, part.log_prob[index], advantages, config.clip_range)
+                            if config.kl_beta > 0:
+                                with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
+                                    ref = rescore_edges(adapter, part, index, cond, result.schedule, rollout_config)
+                                kl = mean_kl(new.mean, ref.mean, new.std).mean()
+                                loss = loss + config.kl_beta * kl
+                                ppo["kl"] = kl.detach()
+                            weight = len(index) / total if config.step_weighting == "edges" else 1 / len(selected)
+                            accelerator.backward(loss * weight)
+                            stats["loss"].append(float(loss.detach()))
+                            for key, value in ppo.items():
+                                stats.setdefault(key, []).append(float(value))
+                        edges_trained += total
+                        norm = run.step_optimizer()
+                        if norm is not None:  # None: still accumulating gradients
+                            stats["grad_norm"].append(norm)
 
         # 4. bookkeeping
         metrics = reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()})

@@ -166,21 +166,24 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
             for _ in range(config.inner_epochs):
                 order = torch.randperm(rows, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
                 for start in range(0, rows, batch):
-                    index = order[start:start + batch]
-                    for step in steps:
-                        part = transitions[step].subset(index)
-                        loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
-                                                        advantages[index], clip_range=config.clip_range,
-                                                        kl_beta=config.kl_beta)
-                        accelerator.backward(loss / len(steps))
-                        log["loss"].append(float(loss.detach()))
-                        for key, value in ppo.items():
-                            log.setdefault(key, []).append(float(value))
-                        if not log["grad_norm"]:  # no update yet: on-policy, every ratio is exactly 1
-                            for key in ("approx_kl", "clip_fraction"):
-                                on_policy[key] = max(on_policy.get(key, 0.0), float(ppo[key]))
-                    if steps:
-                        log["grad_norm"].append(run.step_optimizer())
+                    with run.accumulate():
+                        index = order[start:start + batch]
+                        for step in steps:
+                            part = transitions[step].subset(index)
+                            loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
+                                                            advantages[index], clip_range=config.clip_range,
+                                                            kl_beta=config.kl_beta)
+                            accelerator.backward(loss / len(steps))
+                            log["loss"].append(float(loss.detach()))
+                            for key, value in ppo.items():
+                                log.setdefault(key, []).append(float(value))
+                            if not log["grad_norm"]:  # no update yet: on-policy, every ratio is exactly 1
+                                for key in ("approx_kl", "clip_fraction"):
+                                    on_policy[key] = max(on_policy.get(key, 0.0), float(ppo[key]))
+                        if steps:
+                            norm = run.step_optimizer()
+                            if norm is not None:  # None: still accumulating gradients
+                                log["grad_norm"].append(norm)
 
         # 4. bookkeeping
         metrics = reward_metrics({**{k: run.gather(v.float()) for k, v in scores.scores.items()},

@@ -118,16 +118,19 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
             batch = config.train_batch_size or rows
             order = torch.randperm(rows, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
             for start in range(0, rows, batch):
-                index = order[start:start + batch]
-                for step in steps:
-                    loss, ppo = ppo_transition_loss(run, transitions[step].subset(index), cond, result.schedule,
-                                                    rollout_config, advantages[index, step],
-                                                    clip_range=config.clip_range, kl_beta=config.kl_beta)
-                    accelerator.backward(loss / len(steps))
-                    stats["loss"].append(float(loss.detach()))
-                    for key, value in ppo.items():
-                        stats.setdefault(key, []).append(float(value))
-                stats["grad_norm"].append(run.step_optimizer())
+                with run.accumulate():
+                    index = order[start:start + batch]
+                    for step in steps:
+                        loss, ppo = ppo_transition_loss(run, transitions[step].subset(index), cond, result.schedule,
+                                                        rollout_config, advantages[index, step],
+                                                        clip_range=config.clip_range, kl_beta=config.kl_beta)
+                        accelerator.backward(loss / len(steps))
+                        stats["loss"].append(float(loss.detach()))
+                        for key, value in ppo.items():
+                            stats.setdefault(key, []).append(float(value))
+                    norm = run.step_optimizer()
+                    if norm is not None:  # None: still accumulating gradients
+                        stats["grad_norm"].append(norm)
         if config.calibrate_noise:
             current = run.state.extra["noise_scales"]
             scales = calibrate([current[s] for s in steps], gains[:, steps], config)  # trained steps only

@@ -267,27 +267,30 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
                 order = torch.randperm(rows, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
                 for start in range(0, rows, batch):
                     samples = order[start:start + batch]
-                    for k in range(K):
-                        items = samples * K + k
-                        c = item_cond.select(items)
-                        with accelerator.autocast():
-                            v_theta = adapter.predict(x_t[items], t[items] * scale, c).float()
-                        r_items = r[samples]
-                        if config.loss_weighting == "adaptive":
-                            loss = adaptive_nft_loss(v_theta, v_old[items], target[items], r_items, config.beta,
-                                                     t[items])
-                        else:
-                            loss = nft_loss(v_theta, v_old[items], target[items], r_items, config.beta)
-                        if config.kl_beta > 0:
-                            with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
-                                v_ref = adapter.predict(x_t[items], t[items] * scale, c).float()
-                            kl = reduce_elements((v_theta - v_ref) ** 2).mean()
-                            loss = loss + config.kl_beta * kl
-                            log["kl"].append(float(kl.detach()))
-                        accelerator.backward(loss / K)
-                        log["loss"].append(float(loss.detach()))
-                        log["policy_gap"].append(float(reduce_elements((v_theta.detach() - v_old[items]) ** 2).mean()))
-                    log["grad_norm"].append(run.step_optimizer())
+                    with run.accumulate():
+                        for k in range(K):
+                            items = samples * K + k
+                            c = item_cond.select(items)
+                            with accelerator.autocast():
+                                v_theta = adapter.predict(x_t[items], t[items] * scale, c).float()
+                            r_items = r[samples]
+                            if config.loss_weighting == "adaptive":
+                                loss = adaptive_nft_loss(v_theta, v_old[items], target[items], r_items, config.beta,
+                                                         t[items])
+                            else:
+                                loss = nft_loss(v_theta, v_old[items], target[items], r_items, config.beta)
+                            if config.kl_beta > 0:
+                                with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
+                                    v_ref = adapter.predict(x_t[items], t[items] * scale, c).float()
+                                kl = reduce_elements((v_theta - v_ref) ** 2).mean()
+                                loss = loss + config.kl_beta * kl
+                                log["kl"].append(float(kl.detach()))
+                            accelerator.backward(loss / K)
+                            log["loss"].append(float(loss.detach()))
+                            log["policy_gap"].append(float(reduce_elements((v_theta.detach() - v_old[items]) ** 2).mean()))
+                        norm = run.step_optimizer()
+                        if norm is not None:  # None: still accumulating gradients
+                            log["grad_norm"].append(norm)
 
         # 5. the sampling policy follows theta
         decay = policy_decay(config, iteration)

@@ -113,18 +113,21 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
             for _ in range(config.inner_epochs):
                 order = kept[torch.randperm(len(kept), generator=torch.Generator().manual_seed(rng.randrange(2**31)))]
                 for start in range(0, len(order), batch):
-                    index = order[start:start + batch]
-                    for j, step in enumerate(steps):
-                        part = transitions[step].subset(index)
-                        loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
-                                                        advantages[index], clip_range=config.clip_range,
-                                                        kl_beta=config.kl_beta, guard=config.guard,
-                                                        guard_std=run.state.extra.get("guard_std"))
-                        accelerator.backward(loss * step_weights[j] / len(steps))
-                        stats["loss"].append(float(loss.detach()))
-                        for key, value in ppo.items():
-                            stats.setdefault(key, []).append(float(value))
-                    stats["grad_norm"].append(run.step_optimizer())
+                    with run.accumulate():
+                        index = order[start:start + batch]
+                        for j, step in enumerate(steps):
+                            part = transitions[step].subset(index)
+                            loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
+                                                            advantages[index], clip_range=config.clip_range,
+                                                            kl_beta=config.kl_beta, guard=config.guard,
+                                                            guard_std=run.state.extra.get("guard_std"))
+                            accelerator.backward(loss * step_weights[j] / len(steps))
+                            stats["loss"].append(float(loss.detach()))
+                            for key, value in ppo.items():
+                                stats.setdefault(key, []).append(float(value))
+                        norm = run.step_optimizer()
+                        if norm is not None:  # None: still accumulating gradients
+                            stats["grad_norm"].append(norm)
         if config.guard and stats.get("log_ratio_std"):
             run.state.extra["guard_std"] = sum(stats["log_ratio_std"]) / len(stats["log_ratio_std"])
 

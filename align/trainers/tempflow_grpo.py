@@ -98,19 +98,22 @@ def train(config: TempFlowGRPOConfig, adapter=None) -> dict[str, float]:
         weights = stds / stds.mean() if config.noise_weighting else torch.ones_like(stds)
         stats: dict[str, list[float]] = {"loss": [], "grad_norm": []}
         with run.phase("training"):
-            for transition, weight in zip(branch_transitions, weights):
-                index = keep[transition.rows].nonzero().flatten()
-                if len(index) == 0:
-                    continue
-                part = transition.subset(index)
-                loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
-                                                advantages[part.rows], clip_range=config.clip_range,
-                                                kl_beta=config.kl_beta)
-                accelerator.backward(loss * weight / len(branch_transitions))
-                stats["loss"].append(float(loss.detach()))
-                for key, value in ppo.items():
-                    stats.setdefault(key, []).append(float(value))
-            stats["grad_norm"].append(run.step_optimizer())
+            with run.accumulate():
+                for transition, weight in zip(branch_transitions, weights):
+                    index = keep[transition.rows].nonzero().flatten()
+                    if len(index) == 0:
+                        continue
+                    part = transition.subset(index)
+                    loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
+                                                    advantages[part.rows], clip_range=config.clip_range,
+                                                    kl_beta=config.kl_beta)
+                    accelerator.backward(loss * weight / len(branch_transitions))
+                    stats["loss"].append(float(loss.detach()))
+                    for key, value in ppo.items():
+                        stats.setdefault(key, []).append(float(value))
+                norm = run.step_optimizer()
+                if norm is not None:  # None: still accumulating gradients
+                    stats["grad_norm"].append(norm)
 
         metrics = reward_metrics({k: run.gather(v) for k, v in scores.scores.items()})
         metrics.update({"advantage/kept_fraction": float(keep.float().mean())})
