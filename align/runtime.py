@@ -191,7 +191,8 @@ class Run:
                 self.adapter.add_lora(lora.rank, lora.alpha, lora.target_modules)
             except ValueError as err:  # peft: no module matches a target name
                 layers = sorted({name.rsplit(".", 1)[-1] for name, module in base.named_modules()
-                                 if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))} - set("0123456789"))
+                                 if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+                                 and not name.rsplit(".", 1)[-1].isdigit()})
                 raise ConfigError(f"lora.target_modules {lora.target_modules}: {str(err).splitlines()[0]} "
                                   f"(layer names in this model: {', '.join(layers[:20])})") from None
             for param in base.parameters():  # peft leaves only LoRA weights trainable
