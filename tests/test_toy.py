@@ -198,3 +198,39 @@ def test_lora_target_modules_choose_the_adapted_layers(tmp_path):
     assert names and all(".to_q.lora_" in n for n in names)
     with pytest.raises(ConfigError, match=r"lora.target_modules \['to_qq'\].*to_q"):
         run_with("[to_qq]")
+
+
+def test_a_run_writes_tensorboard_scalars_grids_config_and_metrics(tmp_path):
+    """The default tracker (tensorboard, offline) gets every per-step metric; sample grids every
+    ``sample_every`` iterations; the resolved config and metrics.jsonl in the run folder."""
+    import json
+
+    from omegaconf import OmegaConf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from align.config import load_config
+    from align.trainers import trainer_module
+
+    module = trainer_module("flow_grpo")
+    config = load_config(module.CONFIG, None, [
+        "model.name=toy", "iterations=2", "prompts_per_iteration=2", "group_size=4", "rollout.num_steps=4",
+        "run.sample_every=1", "run.eval_per_prompt=2", "eval_prompts=['a red digit 3']", "run.resume=null",
+        "run.progress=false", "run.checkpoint_every=0", "heldout_rewards=[jpeg_compressibility]",
+        f"run.output_dir={tmp_path}"])
+    module.train(config)
+    events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    scalars = set()
+    for path in events:
+        accumulator = EventAccumulator(str(path.parent))
+        accumulator.Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+    for tag in ("reward/score/mean", "reward/score/std", "advantage/abs_mean", "train/approx_kl",
+                "train/clip_fraction", "train/ratio_mean", "nfe", "time/sampling", "time/reward", "time/training",
+                "eval/reward", "eval/heldout/jpeg_compressibility", "eval/diversity"):
+        assert tag in scalars, tag
+    for grid in ("before", "iteration-000001", "iteration-000002", "after"):
+        assert (tmp_path / "samples" / grid / "grid.png").exists(), grid
+    assert OmegaConf.load(tmp_path / "config.yaml").group_size == 4
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nfe"] for r in rows if "nfe" in r] == [2 * 4 * 4, 4 * 4 * 4]
