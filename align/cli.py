@@ -51,6 +51,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     module = trainer_module(args.method)
     config = load_config(module.CONFIG, args.config, list(args.overrides))
+    if args.print_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(OmegaConf.structured(config)), end="")
+        return 0
     module.train(config)
     return 0
 
@@ -91,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=cmd_sample)
 
     train = sub.add_parser("train", help="fine-tune a model against rewards with one method")
-    train.add_argument("method", help="trainer name, e.g. flow_grpo")
+    from align.trainers import TRAINERS
+
+    train.add_argument("method", help=f"trainer: {', '.join(TRAINERS)}")
     train.add_argument("--config", help="YAML config of the trainer")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (defaults, --config, overrides) as YAML and exit")
     train.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=1e-4")
     train.set_defaults(func=cmd_train)
 
