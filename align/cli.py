@@ -133,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"align: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from align.runtime import TrainingError
+        from rewards.base import RewardError
+
+        if not isinstance(err, (RewardError, TrainingError)):
+            raise
+        print(f"align: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

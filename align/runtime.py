@@ -10,6 +10,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,13 @@ class OptimConfig:
 
 
 MIXED_PRECISION = ("no", "bf16", "fp16", "fp8")
+#: updates in a row with a NaN / inf gradient before a run stops
+MAX_BAD_UPDATES = 3
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (it diverged); one line."""
+
 TRACKERS = ("tensorboard", "wandb", "none")
 
 
@@ -181,6 +189,7 @@ class Run:
                 self.accelerator.init_trackers("align", config=flat)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.phase_seconds: dict[str, float] = {}
+        self._bad_updates = 0
 
     # --- set-up ---------------------------------------------------------------------------------
     def _setup_parameters(self, lora: LoraSettings) -> None:
@@ -284,17 +293,31 @@ class Run:
 
     def step_optimizer(self) -> float | None:
         """Clip, step, zero once the accumulated minibatches complete an update; returns the gradient
-        norm (before clipping), or None while gradients are still being accumulated."""
+        norm (before clipping), or None while gradients are still being accumulated.
+
+        An update whose gradient is NaN / inf is skipped (one bad batch must not poison the
+        weights) and counted in ``state.extra["skipped_updates"]``; ``MAX_BAD_UPDATES`` in a row stop
+        the run with a TrainingError. (fp16 runs leave this to accelerate's gradient scaler.)"""
         if not self.accelerator.sync_gradients:
             return None
-        norm = 0.0
-        if self.optim_config.max_grad_norm:
-            norm = float(self.accelerator.clip_grad_norm_(self.adapter.trainable_parameters(),
-                                                          self.optim_config.max_grad_norm))
+        params = self.adapter.trainable_parameters()
+        norm = float(self.accelerator.clip_grad_norm_(params, self.optim_config.max_grad_norm or math.inf))
+        if not math.isfinite(norm) and self.accelerator.scaler is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.extra["skipped_updates"] = self.state.extra.get("skipped_updates", 0) + 1
+            self._bad_updates += 1
+            if self._bad_updates >= MAX_BAD_UPDATES:
+                raise TrainingError(f"non-finite gradients in {self._bad_updates} updates in a row at iteration "
+                                    f"{self.state.iteration + 1}: the run diverged (lower optim.lr, check the "
+                                    f"rewards); the last checkpoint is intact")
+            warnings.warn(f"non-finite gradient norm at iteration {self.state.iteration + 1}: update skipped",
+                          stacklevel=2)
+            return norm
+        self._bad_updates = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.step(self.adapter.trainable_parameters())
+            self.ema.step(params)
         return norm
 
     @contextmanager

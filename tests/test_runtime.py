@@ -156,3 +156,25 @@ def test_ema_weights_are_evaluated_and_resumed(tmp_path):
     resumed, resumed_gain = run("resumed", "optim.ema_decay=0.9", "run.resume=latest")
     torch.testing.assert_close(resumed_gain, raw_gain, rtol=0, atol=0)
     assert resumed["reward_after"] == ema["reward_after"]
+
+
+def test_non_finite_gradients_skip_the_update_then_stop_the_run(tmp_path):
+    """A NaN gradient skips its update (weights untouched, counted); MAX_BAD_UPDATES in a row stop
+    the run with a one-line TrainingError."""
+    from align.runtime import MAX_BAD_UPDATES, TrainingError
+
+    module, config = config_for("flow_grpo", tmp_path / "one", "iterations=1", "group_size=4")
+    adapter = ImageAdapter()
+    start = adapter.denoiser.gain.detach().clone()
+    adapter.denoiser.gain.register_hook(lambda grad: grad * float("nan"))
+    with pytest.warns(UserWarning, match="update skipped"):
+        module.train(config, adapter=adapter)
+    torch.testing.assert_close(adapter.denoiser.gain.detach(), start, rtol=0, atol=0)
+
+    module, config = config_for("flow_grpo", tmp_path / "many", f"iterations={MAX_BAD_UPDATES + 2}",
+                                "group_size=4")
+    adapter = ImageAdapter()
+    adapter.denoiser.gain.register_hook(lambda grad: grad * float("nan"))
+    with pytest.warns(UserWarning), pytest.raises(TrainingError, match=f"{MAX_BAD_UPDATES} updates in a row") as err:
+        module.train(config, adapter=adapter)
+    assert "\n" not in str(err.value)
