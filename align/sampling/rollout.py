@@ -170,10 +170,10 @@ def predict_in_chunks(adapter: ModelAdapter, x: Tensor, t: Tensor, cond: Conditi
                       use_checkpoint: bool = False) -> Tensor:
     """``adapter.predict`` over at most ``max_batch`` rows per call (null: one call). ``t`` is one
     timestep for all rows or one per row; ``use_checkpoint`` recomputes activations in backward."""
-    call = adapter.predict
-    if use_checkpoint:
-        def call(x_, t_, c_):
+    def call(x_, t_, c_):
+        if use_checkpoint:
             return checkpoint(adapter.predict, x_, t_, c_, use_reentrant=False)
+        return adapter.predict(x_, t_, c_)
     if not max_batch or x.shape[0] <= max_batch:
         return call(x, t, cond)
     per_row = t.ndim > 0 and t.shape[0] == x.shape[0]
