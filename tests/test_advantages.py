@@ -125,3 +125,19 @@ def test_normalize_log_ratio_keeps_the_gradient_on_policy():
     d2 = torch.zeros(4, requires_grad=True)
     (normalize_log_ratio(d2, target_std=0.0) * torch.tensor([1.0, -1.0, 2.0, 0.0])).sum().backward()
     torch.testing.assert_close(d2.grad, torch.tensor([1.0, -1.0, 2.0, 0.0]))
+
+
+def test_summary_line_shows_watched_metrics_and_warns_when_they_fall_as_the_reward_rises():
+    from align.trainers.common import summary_lines
+
+    before = {"eval/heldout/jpeg_compressibility": -0.80, "eval/diversity": 0.30}
+    fell = {"eval/reward": 0.9, "eval/heldout/jpeg_compressibility": -0.85, "eval/diversity": 0.31}
+    lines = summary_lines(0.8, 0.9, before, fell)
+    assert lines == ["watch: jpeg_compressibility fell while the trained reward rose: look at the after grid "
+                     "for reward hacking",
+                     "reward before=0.8000 after=0.9000 jpeg_compressibility=-0.8000->-0.8500 "
+                     "diversity=0.3000->0.3100"]
+    rose = {**fell, "eval/heldout/jpeg_compressibility": -0.75}
+    assert summary_lines(0.8, 0.9, before, rose) == [
+        "reward before=0.8000 after=0.9000 jpeg_compressibility=-0.8000->-0.7500 diversity=0.3000->0.3100"]
+    assert len(summary_lines(0.9, 0.8, before, fell)) == 1  # the reward fell too: nothing to flag

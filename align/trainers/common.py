@@ -64,6 +64,23 @@ def start_run(config: TrainerConfig, adapter=None):
     return run, reward, heldout, prompts
 
 
+def summary_lines(before: float, after: float, watched_before: dict[str, float],
+                  watched_after: dict[str, float]) -> list[str]:
+    """The run's last line, ``reward before=<x> after=<y>`` followed by each watched metric (held-out
+    rewards, diversity) as ``name=<before>-><after>``; preceded by a warning line when the trained
+    reward rose while a watched metric fell (the mark of reward hacking)."""
+    watched = [k for k in watched_after if k.startswith("eval/heldout/") or k == "eval/diversity"]
+    parts = [f"{k.split('/')[-1]}={watched_before[k]:.4f}->{watched_after[k]:.4f}" if k in watched_before
+             else f"{k.split('/')[-1]}={watched_after[k]:.4f}" for k in watched]
+    fell = [k.split("/")[-1] for k in watched if k in watched_before and watched_after[k] < watched_before[k]]
+    lines = []
+    if after > before and fell:
+        lines.append(f"watch: {', '.join(fell)} fell while the trained reward rose: look at the after grid "
+                     f"for reward hacking")
+    lines.append(f"reward before={before:.4f} after={after:.4f}" + "".join(f" {p}" for p in parts))
+    return lines
+
+
 def finish_run(config: TrainerConfig, run, reward, heldout) -> dict[str, float]:
     """Final evaluation, LoRA export, and the one summary line ``reward before=<x> after=<y>``."""
     after = run.evaluate(reward, config.eval_prompts, config.rollout, heldout=heldout, grid_name="after")
@@ -71,11 +88,11 @@ def finish_run(config: TrainerConfig, run, reward, heldout) -> dict[str, float]:
     if run.is_main and config.lora.enabled:
         run.adapter.export_lora(run.dir / "lora")
     summary = {"reward_before": run.state.reward_before, "reward_after": after["eval/reward"], **after}
-    watched = "".join(f" {k.split('/')[-1]}={after[k]:.4f}" for k in after if k.startswith("eval/heldout/"))
-    line = f"reward before={run.state.reward_before:.4f} after={after['eval/reward']:.4f}{watched}"
-    run.log_text(line)
-    if run.is_main:
-        print(line, flush=True)
+    lines = summary_lines(run.state.reward_before, after["eval/reward"], run.state.heldout_before or {}, after)
+    for line in lines:
+        run.log_text(line)
+        if run.is_main:
+            print(line, flush=True)
     run.accelerator.end_training()
     return summary
 
