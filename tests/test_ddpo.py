@@ -12,9 +12,9 @@ import pytest
 import torch
 
 try:
-    from tests.tiny_models import build_sd
+    from tests.tiny_models import build_sd, build_sdxl
 except ImportError:  # tests/ on sys.path
-    from tiny_models import build_sd
+    from tiny_models import build_sd, build_sdxl
 
 from align.config import ConfigError
 from align.runtime import LoraSettings, OptimConfig, RunConfig
@@ -148,3 +148,15 @@ def test_flow_models_fall_back_to_a_flow_sde_kernel(tmp_path):
 def test_bad_config_is_a_clear_error(change, match):
     with pytest.raises(ConfigError, match=match):
         check_config(DDPOConfig(**change))
+
+
+def test_sdxl_on_policy_ratio_is_one_and_the_lora_is_exported(tmp_path):
+    """SDXL (two text encoders, pooled embeddings and size conditioning): the same exact re-scoring."""
+    path = str(build_sdxl(tmp_path / "sdxl"))
+    out = tmp_path / "run"
+    train(make_config(path, out, model=ModelConfig(name="sdxl", path=path, device="cpu"), iterations=1,
+                      group_size=4))
+    rows = training_rows(out)
+    assert rows[0]["train/on_policy_approx_kl"] == 0.0 and rows[0]["train/on_policy_clip_fraction"] == 0.0
+    assert rows[0]["train/grad_norm"] > 0.0
+    assert any((out / "lora").iterdir())
