@@ -36,3 +36,30 @@ def test_flow_grpo_runs_on_two_processes(tmp_path, launcher):
     per_process = 4 * 8 * 10  # prompts x group x steps
     assert nfe == [2 * per_process, 4 * per_process]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iteration-000001", "iteration-000002"]
+
+
+#: trainer -> overrides; process 1's rewards are all equal, so every one of its groups is dropped
+UNEVEN = {
+    "flow_grpo": ["group_size=4", "train_batch_size=2"],
+    "tempflow_grpo": ["group_size=1", "branches_per_step=2", "steps_per_iteration=2"],
+    "branch_grpo": ["rollout.split_steps=[0,2]", "trees_per_prompt=1"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", sorted(UNEVEN))
+def test_processes_whose_groups_are_all_dropped_keep_step_with_the_others(tmp_path, trainer):
+    """DDP all-reduces in every backward: a process with nothing to train must still run the same
+    forward / backward calls (with weight 0), or the other process waits forever."""
+    out = tmp_path / "run"
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29519",
+               str(ROOT / "tests" / "ddp_rank_reward.py"), "train", trainer, "model.name=toy", "rewards=[rank_split]",
+               "iterations=2", "prompts_per_iteration=2", "rollout.num_steps=4", "rollout.guidance_scale=1.0",
+               "eval_prompts=['a red digit 3']", "run.eval_per_prompt=1", f"run.output_dir={out}",
+               "run.resume=null", "run.progress=false", "run.log_with=none", "run.checkpoint_every=0",
+               *UNEVEN[trainer]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in rows if "train/grad_norm" in m] == [1, 2]

@@ -351,26 +351,38 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
                 for start in range(0, num_trees, per_update):
                     chosen = torch.zeros(num_trees, dtype=torch.bool)
                     chosen[order[start:start + per_update]] = True
-                    selected = {s: (edge_rows[s] & chosen[transitions[s].prompt_index.cpu()]).nonzero().flatten()
-                                for s in steps}
-                    selected = {s: rows for s, rows in selected.items() if len(rows)}
-                    total = sum(len(rows) for rows in selected.values())
-                    if not total:
-                        continue
+                    in_trees = {s: chosen[transitions[s].prompt_index.cpu()] for s in steps}
+                    if accelerator.num_processes == 1:
+                        selected = {s: (edge_rows[s] & in_trees[s]).nonzero().flatten() for s in steps}
+                        selected = {s: rows for s, rows in selected.items() if len(rows)}
+                        edge_weights = {s: None for s in selected}
+                        total = sum(len(rows) for rows in selected.values())
+                        if not total:
+                            continue
+                    else:
+                        # DDP all-reduces in each backward: every process runs every step over all
+                        # edges of its chosen trees, those it does not train with weight 0
+                        selected = {s: in_trees[s].nonzero().flatten() for s in steps}
+                        edge_weights = {s: edge_rows[s][selected[s]].float().to(accelerator.device) for s in steps}
+                        total = int(sum(w.sum() for w in edge_weights.values()))
+                        if not int(run.gather(torch.tensor([total])).sum()):
+                            continue
                     with run.accumulate():
                         for step, index in selected.items():
                             part = transitions[step]
                             advantages = targets[step].advantage[index].to(accelerator.device)
                             with accelerator.autocast():
                                 new = rescore_edges(adapter, part, index, cond, result.schedule, rollout_config)
-                            loss, ppo = ppo_clip_loss(new.log_prob, part.log_prob[index], advantages, config.clip_range)
+                            loss, ppo = ppo_clip_loss(new.log_prob, part.log_prob[index], advantages, config.clip_range,
+                                                      edge_weights[step])
                             if config.kl_beta > 0:
                                 with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
                                     ref = rescore_edges(adapter, part, index, cond, result.schedule, rollout_config)
                                 kl = mean_kl(new.mean, ref.mean, new.std).mean()
                                 loss = loss + config.kl_beta * kl
                                 ppo["kl"] = kl.detach()
-                            weight = len(index) / total if config.step_weighting == "edges" else 1 / len(selected)
+                            edges = len(index) if edge_weights[step] is None else float(edge_weights[step].sum())
+                            weight = edges / max(total, 1) if config.step_weighting == "edges" else 1 / len(selected)
                             accelerator.backward(loss * weight)
                             stats["loss"].append(float(loss.detach()))
                             for key, value in ppo.items():

@@ -128,6 +128,20 @@ def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *
     return loss, stats
 
 
+def train_rows(run, keep):
+    """(rows to train, per-row loss weights or None). One process: the rows whose group carries
+    signal (``keep``), no weights. Several processes: DDP all-reduces in each backward, so every
+    process must run the same forward / backward calls however many of its groups were dropped;
+    each trains all its rows, weighted by ``keep`` (none at all when no process kept a row)."""
+    import torch
+
+    if run.accelerator.num_processes == 1:
+        return keep.nonzero().flatten(), None
+    if not bool(run.gather(keep.float()).any()):
+        return torch.zeros(0, dtype=torch.long), None
+    return torch.arange(len(keep)), keep.float().to(run.accelerator.device)
+
+
 def reward_metrics(named: dict) -> dict[str, float]:
     """reward/<name>/mean and /std of each reward dimension of the (gathered) batch."""
     metrics = {f"reward/{k}/mean": float(v.float().mean()) for k, v in named.items()}

@@ -18,7 +18,8 @@ from align.config import ConfigError
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers.common import (TrainerConfig, end_iteration, finish_run, group_batch_advantages,
-                                   ppo_transition_loss, progress, reward_metrics, sample_and_score, start_run)
+                                   ppo_transition_loss, progress, reward_metrics, sample_and_score, start_run,
+                                   train_rows)
 
 
 @dataclass
@@ -106,12 +107,12 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         transitions = {t.step: t for t in result.main_transitions(steps)}
         stds = torch.stack([transitions[s].std.mean() for s in steps]) if steps else torch.ones(1)
         step_weights = stds**2 / (stds**2).mean() if config.guard else torch.ones_like(stds)
-        kept = keep.nonzero().flatten()
+        rows, row_weights = train_rows(run, keep)
         stats: dict[str, list[float]] = {"loss": [], "grad_norm": []}
         with run.phase("training"):
-            batch = config.train_batch_size or max(1, len(kept))
+            batch = config.train_batch_size or max(1, len(rows))
             for _ in range(config.inner_epochs):
-                order = kept[torch.randperm(len(kept), generator=torch.Generator().manual_seed(rng.randrange(2**31)))]
+                order = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(rng.randrange(2**31)))]
                 for start in range(0, len(order), batch):
                     with run.accumulate():
                         index = order[start:start + batch]
@@ -120,7 +121,8 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                             loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
                                                             advantages[index], clip_range=config.clip_range,
                                                             kl_beta=config.kl_beta, guard=config.guard,
-                                                            guard_std=run.state.extra.get("guard_std"))
+                                                            guard_std=run.state.extra.get("guard_std"),
+                                                            weights=None if row_weights is None else row_weights[index])
                             accelerator.backward(loss * step_weights[j] / len(steps))
                             stats["loss"].append(float(loss.detach()))
                             for key, value in ppo.items():

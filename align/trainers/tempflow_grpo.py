@@ -22,7 +22,7 @@ from align.config import ConfigError
 from align.runtime import iteration_generator, prompts_for_iteration
 from align.sampling.rollout import RolloutConfig, rollout
 from align.trainers.common import (TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
-                                   reward_metrics, start_run)
+                                   reward_metrics, start_run, train_rows)
 
 
 @dataclass
@@ -100,13 +100,14 @@ def train(config: TempFlowGRPOConfig, adapter=None) -> dict[str, float]:
         with run.phase("training"):
             with run.accumulate():
                 for transition, weight in zip(branch_transitions, weights):
-                    index = keep[transition.rows].nonzero().flatten()
+                    index, row_weights = train_rows(run, keep[transition.rows])
                     if len(index) == 0:
                         continue
                     part = transition.subset(index)
                     loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
                                                     advantages[part.rows], clip_range=config.clip_range,
-                                                    kl_beta=config.kl_beta)
+                                                    kl_beta=config.kl_beta,
+                                                    weights=None if row_weights is None else row_weights[index])
                     accelerator.backward(loss * weight / len(branch_transitions))
                     stats["loss"].append(float(loss.detach()))
                     for key, value in ppo.items():
