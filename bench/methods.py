@@ -5,12 +5,13 @@ Each method fine-tunes the toy digit model against the digit-classifier reward u
 of fixed evaluation prompts and seeds is compared with the start. Printed: reward gain per 1k NFE
 and per second of wall time, best first.
 
-    python bench/methods.py [--nfe 20000] [--methods flow_grpo,dense_grpo,...]
+    python bench/methods.py [--nfe 20000] [--methods flow_grpo,dense_grpo,...] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -57,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nfe", type=int, default=20000, help="model evaluations per method")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1,2 (the table gives mean and std)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the toy model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,6 +66,7 @@ def main() -> None:
     from align.config import load_config
     from align.trainers import trainer_module
 
+    seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     for name in args.methods.split(","):
         trainer, overrides = METHODS[name]
@@ -73,20 +75,29 @@ def main() -> None:
         except ModuleNotFoundError:
             print(f"{name}: trainer {trainer} not available, skipped")
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            config = load_config(module.CONFIG, None, common_overrides() + overrides + [
-                f"max_nfe={args.nfe}", f"run.output_dir={tmp}/{name}", f"run.seed={args.seed}"])
-            start = time.perf_counter()
-            summary = module.train(config)
-            seconds = time.perf_counter() - start
-        gain = summary["reward_after"] - summary["reward_before"]
-        rows.append((name, summary["reward_before"], summary["reward_after"], gain, 1000 * gain / args.nfe,
-                     gain / seconds, seconds))
-    rows.sort(key=lambda r: -r[4])
-    print(f"\nbudget: {args.nfe} model evaluations per method, embedded toy model, digit reward, seed {args.seed}")
-    print(f"{'method':19s} {'before':>7s} {'after':>7s} {'gain':>7s} {'gain/1kNFE':>11s} {'gain/s':>8s} {'wall s':>7s}")
-    for name, before, after, gain, per_nfe, per_s, seconds in rows:
-        print(f"{name:19s} {before:7.3f} {after:7.3f} {gain:+7.3f} {per_nfe:+11.4f} {per_s:+8.4f} {seconds:7.1f}")
+        befores, afters, walls = [], [], []
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                config = load_config(module.CONFIG, None, common_overrides() + overrides + [
+                    f"max_nfe={args.nfe}", f"run.output_dir={tmp}/{name}", f"run.seed={seed}"])
+                start = time.perf_counter()
+                summary = module.train(config)
+                walls.append(time.perf_counter() - start)
+            befores.append(summary["reward_before"])
+            afters.append(summary["reward_after"])
+        gains = [a - b for a, b in zip(afters, befores)]
+        gain, spread = statistics.mean(gains), statistics.stdev(gains) if len(gains) > 1 else 0.0
+        seconds = statistics.mean(walls)
+        rows.append((name, statistics.mean(befores), statistics.mean(afters), gain, spread,
+                     1000 * gain / args.nfe, gain / seconds, seconds))
+    rows.sort(key=lambda r: -r[5])
+    print(f"\nbudget: {args.nfe} model evaluations per method, embedded toy model, digit reward, "
+          f"seeds {args.seeds} (mean; std of the gain over seeds)")
+    print(f"{'method':19s} {'before':>7s} {'after':>7s} {'gain':>7s} {'std':>6s} {'gain/1kNFE':>11s} {'gain/s':>8s} "
+          f"{'wall s':>7s}")
+    for name, before, after, gain, spread, per_nfe, per_s, seconds in rows:
+        print(f"{name:19s} {before:7.3f} {after:7.3f} {gain:+7.3f} {spread:6.3f} {per_nfe:+11.4f} {per_s:+8.4f} "
+              f"{seconds:7.1f}")
     if rows:
         print(f"best_per_1k_nfe={rows[0][0]}")
 
