@@ -33,7 +33,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     overrides = _flag_overrides(args, {
         "model": "model.name", "model_path": "model.path", "num": "num_per_prompt", "out": "out",
         "steps": "rollout.num_steps", "guidance": "rollout.guidance_scale", "seed": "seed",
-        "device": "model.device", "dtype": "model.dtype"})
+        "device": "model.device", "dtype": "model.dtype", "lora": "model.lora"})
     config = load_config(SampleConfig, args.config, overrides + list(args.overrides))
     if args.prompt:
         config.prompts = list(args.prompt)
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--config", help="YAML config (SampleConfig)")
     sample.add_argument("--model", help="adapter name: toy, sd3, flux, wan, sd, sdxl")
     sample.add_argument("--model-path", help="local model directory or hub name")
+    sample.add_argument("--lora", help="a trained LoRA folder (a run's lora/ export) to sample from")
     sample.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     sample.add_argument("--num", type=int, help="samples per prompt")
     sample.add_argument("--steps", type=int, help="sampling steps (default: the model's)")

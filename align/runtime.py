@@ -147,6 +147,8 @@ class Run:
         from accelerate.state import AcceleratorState
         from accelerate.utils import ProjectConfiguration, set_seed
 
+        if model.lora is not None:
+            raise ConfigError("model.lora loads a LoRA for sampling; to go on training a run, use run.resume")
         self.config, self.run_config = config, run
         #: image / video size of every rollout of the run (null: the model's default)
         self.latent_kwargs = {"height": model.height, "width": model.width, "num_frames": model.num_frames}

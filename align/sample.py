@@ -24,6 +24,8 @@ class ModelConfig:
     height: int | None = None
     width: int | None = None
     num_frames: int | None = None
+    #: a trained LoRA folder to load on top (a run's ``lora/`` export; null: the base model)
+    lora: str | None = None
 
 
 @dataclass
@@ -62,8 +64,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_model(config: ModelConfig):
     from pipelines.registry import load_adapter
 
+    if config.lora is not None and not Path(config.lora).is_dir():
+        raise ConfigError(f"model.lora: LoRA folder not found: {config.lora}")
     device = resolve_device(config.device)
-    return load_adapter(config.name, config.path, device=device, torch_dtype=resolve_dtype(config.dtype, device))
+    adapter = load_adapter(config.name, config.path, device=device, torch_dtype=resolve_dtype(config.dtype, device))
+    if config.lora is not None:
+        adapter.load_lora(config.lora)
+    return adapter
 
 
 def generate(adapter, config: SampleConfig):

@@ -235,5 +235,33 @@ class ModelAdapter(abc.ABC):
         (directory / "lora_config.json").write_text(json.dumps(config, indent=2, default=str))
         return directory
 
+    def load_lora(self, directory: str | Path) -> None:
+        """Attach a LoRA written by :meth:`export_lora` (or any ``load_lora_weights`` folder of a
+        diffusers pipeline) to the denoiser, e.g. to sample from a trained model."""
+        import json
+
+        from peft import LoraConfig, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"LoRA folder not found: {directory}")
+        pipe = getattr(self, "pipe", None)
+        if pipe is not None and hasattr(pipe, "load_lora_weights"):
+            pipe.load_lora_weights(str(directory))
+            return
+        weights, config = directory / "lora.safetensors", directory / "lora_config.json"
+        if not weights.is_file() or not config.is_file():
+            raise FileNotFoundError(f"{directory} has no lora.safetensors + lora_config.json (an export_lora folder)")
+        options = json.loads(config.read_text())
+        fields = set(LoraConfig.__dataclass_fields__)
+        lora_config = LoraConfig(**{k: v for k, v in options.items() if k in fields and k not in ("peft_type",)})
+        base = self.base_denoiser
+        base.add_adapter(lora_config)
+        result = set_peft_model_state_dict(base, load_file(str(weights)))
+        unexpected = list(getattr(result, "unexpected_keys", None) or [])
+        if unexpected:
+            raise ValueError(f"{weights}: weights that match no LoRA layer of this model: {unexpected[:3]}")
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
