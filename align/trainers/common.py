@@ -65,14 +65,16 @@ def start_run(config: TrainerConfig, adapter=None):
 
 
 def summary_lines(before: float, after: float, watched_before: dict[str, float],
-                  watched_after: dict[str, float]) -> list[str]:
+                  watched_after: dict[str, float], tolerance: float = 0.02) -> list[str]:
     """The run's last line, ``reward before=<x> after=<y>`` followed by each watched metric (held-out
     rewards, diversity) as ``name=<before>-><after>``; preceded by a warning line when the trained
-    reward rose while a watched metric fell (the mark of reward hacking)."""
+    reward rose while a watched metric fell by more than ``tolerance`` of its size (the mark of
+    reward hacking; smaller moves are evaluation noise)."""
     watched = [k for k in watched_after if k.startswith("eval/heldout/") or k == "eval/diversity"]
     parts = [f"{k.split('/')[-1]}={watched_before[k]:.4f}->{watched_after[k]:.4f}" if k in watched_before
              else f"{k.split('/')[-1]}={watched_after[k]:.4f}" for k in watched]
-    fell = [k.split("/")[-1] for k in watched if k in watched_before and watched_after[k] < watched_before[k]]
+    fell = [k.split("/")[-1] for k in watched if k in watched_before
+            and watched_after[k] < watched_before[k] - tolerance * abs(watched_before[k])]
     lines = []
     if after > before and fell:
         lines.append(f"watch: {', '.join(fell)} fell while the trained reward rose: look at the after grid "
