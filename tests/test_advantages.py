@@ -141,5 +141,5 @@ def test_summary_line_shows_watched_metrics_and_warns_when_they_fall_as_the_rewa
     assert summary_lines(0.8, 0.9, before, rose) == [
         "reward before=0.8000 after=0.9000 jpeg_compressibility=-0.8000->-0.7500 diversity=0.3000->0.3100"]
     assert len(summary_lines(0.9, 0.8, before, fell)) == 1  # the reward fell too: nothing to flag
-    noise = {**fell, "eval/heldout/jpeg_compressibility": -0.81}  # 1.25% lower: within the tolerance
+    noise = {**fell, "eval/heldout/jpeg_compressibility": -0.83}  # 3.75% lower: within the tolerance
     assert len(summary_lines(0.8, 0.9, before, noise)) == 1

@@ -65,7 +65,7 @@ def start_run(config: TrainerConfig, adapter=None):
 
 
 def summary_lines(before: float, after: float, watched_before: dict[str, float],
-                  watched_after: dict[str, float], tolerance: float = 0.02) -> list[str]:
+                  watched_after: dict[str, float], tolerance: float = 0.05) -> list[str]:
     """The run's last line, ``reward before=<x> after=<y>`` followed by each watched metric (held-out
     rewards, diversity) as ``name=<before>-><after>``; preceded by a warning line when the trained
     reward rose while a watched metric fell by more than ``tolerance`` of its size (the mark of
