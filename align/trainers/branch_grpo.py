@@ -41,7 +41,8 @@ from align.losses import mean_kl, ppo_clip_loss
 from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompts_for_iteration
 from align.sampling.kernels import StepOut
 from align.sampling.rollout import Rollout, RolloutConfig, Transition, rescore, rollout
-from align.trainers.common import TrainerConfig, end_iteration, finish_run, progress, reward_metrics, start_run
+from align.trainers.common import (TrainLog, TrainerConfig, end_iteration, finish_run, progress, reward_metrics,
+                                   start_run)
 
 VARIANTS = ("branch_grpo", "tree_grpo")
 
@@ -340,7 +341,7 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
         steps = sorted(transitions)
 
         # 3. PPO over the kept edges, trees_per_update trees per optimizer step
-        stats: dict[str, list[float]] = {"loss": [], "grad_norm": []}
+        stats = TrainLog()
         edges_trained = 0
         with run.phase("training"):
             per_update = config.trees_per_update or num_trees
@@ -384,13 +385,9 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
                             edges = len(index) if edge_weights[step] is None else float(edge_weights[step].sum())
                             weight = edges / max(total, 1) if config.step_weighting == "edges" else 1 / len(selected)
                             accelerator.backward(loss * weight)
-                            stats["loss"].append(float(loss.detach()))
-                            for key, value in ppo.items():
-                                stats.setdefault(key, []).append(float(value))
+                            stats.add(loss, **ppo)
                         edges_trained += total
-                        norm = run.step_optimizer()
-                        if norm is not None:  # None: still accumulating gradients
-                            stats["grad_norm"].append(norm)
+                        stats.step(run)
 
         # 4. bookkeeping
         metrics = reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()})
@@ -399,7 +396,7 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
         metrics.update({"advantage/abs_mean": float(trained_adv.abs().mean()) if len(trained_adv) else 0.0,
                         "tree/leaves": float(len(leaf_rewards)), "tree/nfe_per_leaf": result.nfe / len(leaf_rewards),
                         "tree/edges_trained": float(edges_trained)})
-        metrics.update({f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v})
+        metrics.update(stats.metrics())
         bar.set_postfix(reward=f"{float(leaf_rewards.mean()):.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)

@@ -144,6 +144,29 @@ def train_rows(run, keep):
     return torch.arange(len(keep)), keep.float().to(run.accelerator.device)
 
 
+class TrainLog(dict):
+    """One iteration's training statistics, name -> list of floats, averaged into ``train/<name>``."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__({name: [] for name in ("loss", "grad_norm", *names)})
+
+    def add(self, loss=None, **stats) -> None:
+        if loss is not None:
+            self["loss"].append(float(loss.detach()))
+        for key, value in stats.items():
+            self.setdefault(key, []).append(float(value))
+
+    def step(self, run) -> None:
+        """``run.step_optimizer()``, recording the gradient norm when an update was made (not while
+        gradients are still being accumulated)."""
+        norm = run.step_optimizer()
+        if norm is not None:
+            self["grad_norm"].append(norm)
+
+    def metrics(self) -> dict[str, float]:
+        return {f"train/{k}": sum(v) / len(v) for k, v in self.items() if v}
+
+
 def reward_metrics(named: dict) -> dict[str, float]:
     """reward/<name>/mean and /std of each reward dimension of the (gathered) batch."""
     metrics = {f"reward/{k}/mean": float(v.float().mean()) for k, v in named.items()}

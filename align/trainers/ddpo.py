@@ -28,7 +28,7 @@ from align.config import ConfigError
 from align.runtime import prompts_for_iteration
 from align.sampling.kernels import KERNELS
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
+from align.trainers.common import (TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
                                    reward_metrics, sample_and_score, start_run)
 
 
@@ -159,7 +159,7 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
         # 3. PPO-clip over the trained steps
         steps = trained_steps(config, result.main_transitions(), len(result.schedule), rng)
         transitions = {t.step: t for t in result.main_transitions(steps)}
-        log: dict[str, list[float]] = {"loss": [], "grad_norm": []}
+        log = TrainLog()
         on_policy: dict[str, float] = {}
         with run.phase("training"):
             batch = config.train_batch_size or rows
@@ -174,16 +174,12 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
                                                             advantages[index], clip_range=config.clip_range,
                                                             kl_beta=config.kl_beta)
                             accelerator.backward(loss / len(steps))
-                            log["loss"].append(float(loss.detach()))
-                            for key, value in ppo.items():
-                                log.setdefault(key, []).append(float(value))
+                            log.add(loss, **ppo)
                             if not log["grad_norm"]:  # no update yet: on-policy, every ratio is exactly 1
                                 for key in ("approx_kl", "clip_fraction"):
                                     on_policy[key] = max(on_policy.get(key, 0.0), float(ppo[key]))
                         if steps:
-                            norm = run.step_optimizer()
-                            if norm is not None:  # None: still accumulating gradients
-                                log["grad_norm"].append(norm)
+                            log.step(run)
 
         # 4. bookkeeping
         metrics = reward_metrics({**{k: run.gather(v.float()) for k, v in scores.scores.items()},
@@ -192,7 +188,7 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
                         "stats/per_prompt_fraction": own_stats, "stats/prompts_tracked": len(stats_tracker.history),
                         "train/trained_steps": len(steps)})
         metrics.update({f"train/on_policy_{k}": v for k, v in on_policy.items()})
-        metrics.update({f"train/{k}": sum(v) / len(v) for k, v in log.items() if v})
+        metrics.update(log.metrics())
         bar.set_postfix(reward=f"{float(all_rewards.mean()):.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)

@@ -21,7 +21,7 @@ from align.advantages import dense_step_gains, per_step_advantages
 from align.config import ConfigError
 from align.runtime import iteration_generator, prompts_for_iteration
 from align.sampling.rollout import RolloutConfig, rollout
-from align.trainers.common import (TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
+from align.trainers.common import (TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
                                    reward_metrics, start_run)
 
 
@@ -113,7 +113,7 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
         steps = [t.step for t in result.main_transitions()
                  if config.train_last_step or t.step != num_steps - 1]
         transitions = {t.step: t for t in result.main_transitions(steps)}
-        stats: dict[str, list[float]] = {"loss": [], "grad_norm": []}
+        stats = TrainLog()
         with run.phase("training"):
             batch = config.train_batch_size or rows
             order = torch.randperm(rows, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
@@ -125,12 +125,8 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
                                                         rollout_config, advantages[index, step],
                                                         clip_range=config.clip_range, kl_beta=config.kl_beta)
                         accelerator.backward(loss / len(steps))
-                        stats["loss"].append(float(loss.detach()))
-                        for key, value in ppo.items():
-                            stats.setdefault(key, []).append(float(value))
-                    norm = run.step_optimizer()
-                    if norm is not None:  # None: still accumulating gradients
-                        stats["grad_norm"].append(norm)
+                        stats.add(loss, **ppo)
+                    stats.step(run)
         if config.calibrate_noise:
             current = run.state.extra["noise_scales"]
             scales = calibrate([current[s] for s in steps], gains[:, steps], config)  # trained steps only
@@ -140,7 +136,7 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
         metrics = reward_metrics({k: run.gather(v) for k, v in scores.scores.items()})
         metrics.update({f"dense/gain_std/step{t}": float(gains[:, t].std(unbiased=False)) for t in range(num_steps)})
         metrics.update({f"dense/noise_scale/step{t}": s for t, s in enumerate(run.state.extra["noise_scales"])})
-        metrics.update({f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v})
+        metrics.update(stats.metrics())
         bar.set_postfix(reward=f"{float(scores.total.mean()):.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)

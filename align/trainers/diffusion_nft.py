@@ -34,8 +34,8 @@ from align.losses import flow_matching_target, nft_loss
 from align.runtime import prompts_for_iteration
 from align.sampling.kernels import reduce_elements
 from align.sampling.rollout import RolloutConfig, predict_in_chunks
-from align.trainers.common import (TrainerConfig, end_iteration, finish_run, group_batch_advantages, progress,
-                                   reward_metrics, sample_and_score, start_run)
+from align.trainers.common import (TrainLog, TrainerConfig, end_iteration, finish_run, group_batch_advantages,
+                                   progress, reward_metrics, sample_and_score, start_run)
 
 
 @dataclass
@@ -260,7 +260,7 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
                 v_old = predict_in_chunks(adapter, x_t, t * scale, item_cond, config.rollout.max_batch).float()
 
         # 4. NFT loss over minibatches of samples (all K draws of a sample in one optimizer step)
-        log: dict[str, list[float]] = {"loss": [], "kl": [], "grad_norm": [], "policy_gap": []}
+        log = TrainLog("kl", "policy_gap")
         with run.phase("training"):
             batch = config.train_batch_size or rows
             for _ in range(config.inner_epochs):
@@ -284,13 +284,10 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
                                     v_ref = adapter.predict(x_t[items], t[items] * scale, c).float()
                                 kl = reduce_elements((v_theta - v_ref) ** 2).mean()
                                 loss = loss + config.kl_beta * kl
-                                log["kl"].append(float(kl.detach()))
+                                log.add(kl=kl.detach())
                             accelerator.backward(loss / K)
-                            log["loss"].append(float(loss.detach()))
-                            log["policy_gap"].append(float(reduce_elements((v_theta.detach() - v_old[items]) ** 2).mean()))
-                        norm = run.step_optimizer()
-                        if norm is not None:  # None: still accumulating gradients
-                            log["grad_norm"].append(norm)
+                            log.add(loss, policy_gap=reduce_elements((v_theta.detach() - v_old[items]) ** 2).mean())
+                        log.step(run)
 
         # 5. the sampling policy follows theta
         decay = policy_decay(config, iteration)
@@ -300,7 +297,7 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
         metrics = reward_metrics(named)
         metrics.update({"optimality/mean": float(r.mean()), "optimality/abs_dev": float((r - 0.5).abs().mean()),
                         "policy/ema_decay": decay, "policy/weight_distance": old.distance()})
-        metrics.update({f"train/{k}": sum(v) / len(v) for k, v in log.items() if v})
+        metrics.update(log.metrics())
         bar.set_postfix(reward=f"{float(scores.total.mean()):.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe + rows * K)
     return finish_run(config, run, reward, heldout)

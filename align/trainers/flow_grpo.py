@@ -17,7 +17,7 @@ import torch
 from align.config import ConfigError
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (TrainerConfig, end_iteration, finish_run, group_batch_advantages,
+from align.trainers.common import (TrainLog, TrainerConfig, end_iteration, finish_run, group_batch_advantages,
                                    ppo_transition_loss, progress, reward_metrics, sample_and_score, start_run,
                                    train_rows)
 
@@ -108,7 +108,7 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         stds = torch.stack([transitions[s].std.mean() for s in steps]) if steps else torch.ones(1)
         step_weights = stds**2 / (stds**2).mean() if config.guard else torch.ones_like(stds)
         rows, row_weights = train_rows(run, keep)
-        stats: dict[str, list[float]] = {"loss": [], "grad_norm": []}
+        stats = TrainLog()
         with run.phase("training"):
             batch = config.train_batch_size or max(1, len(rows))
             for _ in range(config.inner_epochs):
@@ -124,20 +124,17 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                                                             guard_std=run.state.extra.get("guard_std"),
                                                             weights=None if row_weights is None else row_weights[index])
                             accelerator.backward(loss * step_weights[j] / len(steps))
-                            stats["loss"].append(float(loss.detach()))
-                            for key, value in ppo.items():
-                                stats.setdefault(key, []).append(float(value))
-                        norm = run.step_optimizer()
-                        if norm is not None:  # None: still accumulating gradients
-                            stats["grad_norm"].append(norm)
+                            stats.add(loss, **ppo)
+                        stats.step(run)
         if config.guard and stats.get("log_ratio_std"):
             run.state.extra["guard_std"] = sum(stats["log_ratio_std"]) / len(stats["log_ratio_std"])
 
         # 4. bookkeeping
         metrics = reward_metrics(named)
-        metrics.update({"advantage/mean": float(advantages.mean()), "advantage/abs_mean": float(advantages.abs().mean()),
+        metrics.update({"advantage/mean": float(advantages.mean()),
+                        "advantage/abs_mean": float(advantages.abs().mean()),
                         "advantage/kept_fraction": float(keep.float().mean())})
-        metrics.update({f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v})
+        metrics.update(stats.metrics())
         bar.set_postfix(reward=f"{float(scores.total.mean()):.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)

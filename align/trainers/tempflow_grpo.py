@@ -21,7 +21,7 @@ from align.advantages import group_advantages
 from align.config import ConfigError
 from align.runtime import iteration_generator, prompts_for_iteration
 from align.sampling.rollout import RolloutConfig, rollout
-from align.trainers.common import (TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
+from align.trainers.common import (TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
                                    reward_metrics, start_run, train_rows)
 
 
@@ -96,7 +96,7 @@ def train(config: TempFlowGRPOConfig, adapter=None) -> dict[str, float]:
         branch_transitions = [t for t in result.transitions if t.branch]
         stds = torch.stack([t.std.mean() for t in branch_transitions])
         weights = stds / stds.mean() if config.noise_weighting else torch.ones_like(stds)
-        stats: dict[str, list[float]] = {"loss": [], "grad_norm": []}
+        stats = TrainLog()
         with run.phase("training"):
             with run.accumulate():
                 for transition, weight in zip(branch_transitions, weights):
@@ -109,16 +109,12 @@ def train(config: TempFlowGRPOConfig, adapter=None) -> dict[str, float]:
                                                     kl_beta=config.kl_beta,
                                                     weights=None if row_weights is None else row_weights[index])
                     accelerator.backward(loss * weight / len(branch_transitions))
-                    stats["loss"].append(float(loss.detach()))
-                    for key, value in ppo.items():
-                        stats.setdefault(key, []).append(float(value))
-                norm = run.step_optimizer()
-                if norm is not None:  # None: still accumulating gradients
-                    stats["grad_norm"].append(norm)
+                    stats.add(loss, **ppo)
+                stats.step(run)
 
         metrics = reward_metrics({k: run.gather(v) for k, v in scores.scores.items()})
         metrics.update({"advantage/kept_fraction": float(keep.float().mean())})
-        metrics.update({f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v})
+        metrics.update(stats.metrics())
         bar.set_postfix(reward=f"{float(scores.total.mean()):.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
