@@ -73,6 +73,8 @@ class RunConfig:
     mixed_precision: str = "no"
     #: minibatches per optimizer update (may span iterations; a resume redoes a partial one)
     gradient_accumulation_steps: int = 1
+    #: recompute the denoiser's activations in backward (diffusers models): less memory, ~30% slower
+    gradient_checkpointing: bool = False
     #: write a sample grid of the evaluation prompts every N iterations (0: only before / after)
     sample_every: int = 0
     #: evaluation samples per evaluation prompt (fixed seeds)
@@ -212,6 +214,10 @@ class Run:
         else:
             self.adapter.keep_reference_copy()
             base.requires_grad_(True)
+        if self.run_config.gradient_checkpointing:
+            if not getattr(base, "_supports_gradient_checkpointing", False):
+                raise ConfigError(f"run.gradient_checkpointing: {type(base).__name__} does not support it")
+            base.enable_gradient_checkpointing()
 
     def _register_trainable_only_checkpoints(self) -> None:
         """Checkpoints hold the trainable weights only (LoRA: a few MB instead of the whole model)."""

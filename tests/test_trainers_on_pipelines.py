@@ -69,3 +69,38 @@ def test_one_iteration_with_cfg_is_on_policy_and_exports_the_lora(model, trainer
         assert first["train/ratio_mean"] == 1.0 and first["train/clip_fraction"] == 0.0, first
     assert first["train/grad_norm"] > 0.0
     assert any((tmp_path / "lora").iterdir())
+
+
+def test_gradient_checkpointing_gives_the_same_update(pipeline_dirs, tmp_path):
+    """run.gradient_checkpointing recomputes the transformer's activations in backward: the trained
+    LoRA equals the one trained without it; a model that cannot checkpoint is a config error."""
+    import torch
+
+    from align.config import ConfigError
+
+    def trained_lora(label, *extra):
+        module = trainer_module("flow_grpo")
+        config = load_config(module.CONFIG, None, [
+            "model.name=sd3", "model.device=cpu", *MODELS["sd3"][1], "rewards=[jpeg_compressibility]",
+            "iterations=1", "prompts=['a photo of a cat']", "prompts_per_iteration=1", "group_size=4",
+            "eval_prompts=['a red car']", "rollout.num_steps=4", "rollout.guidance_scale=4.5", "lora.rank=4",
+            "lora.alpha=4", "optim.lr=0.01", "run.eval_per_prompt=1", "run.eval_steps=2", "run.log_with=none",
+            "run.resume=null", "run.progress=false", "run.checkpoint_every=0", f"run.output_dir={tmp_path / label}",
+            *extra])
+        adapter = load_adapter("sd3", pipeline_dirs("sd3"), max_sequence_length=16)
+        module.train(config, adapter=adapter)
+        assert adapter.base_denoiser.gradient_checkpointing == ("run.gradient_checkpointing=true" in extra)
+        return {n: p.detach().clone() for n, p in adapter.base_denoiser.named_parameters() if "lora" in n}
+
+    plain = trained_lora("plain")
+    checkpointed = trained_lora("checkpointed", "run.gradient_checkpointing=true")
+    assert plain.keys() == checkpointed.keys()
+    assert any(p.abs().sum() > 0 for n, p in plain.items() if "lora_B" in n)  # the update happened
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+    module = trainer_module("flow_grpo")
+    config = load_config(module.CONFIG, None, ["model.name=toy", "run.gradient_checkpointing=true", "run.resume=null",
+                                               "run.log_with=none", f"run.output_dir={tmp_path / 'toy'}"])
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        module.train(config)
