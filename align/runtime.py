@@ -49,14 +49,13 @@ class OptimConfig:
 
 
 MIXED_PRECISION = ("no", "bf16", "fp16", "fp8")
+TRACKERS = ("tensorboard", "wandb", "none")
 #: updates in a row with a NaN / inf gradient before a run stops
 MAX_BAD_UPDATES = 3
 
 
 class TrainingError(RuntimeError):
     """A run cannot go on (it diverged); one line."""
-
-TRACKERS = ("tensorboard", "wandb", "none")
 
 
 @dataclass

@@ -242,7 +242,7 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
             row_cond, row_prompt = cond.select(all_prompt), all_prompt
         with torch.set_grad_enabled(torch.is_grad_enabled() and i in grad_steps):
             model_out = predict_in_chunks(adapter, all_x, schedule.timesteps[i], row_cond,
-                                 config.max_batch, checkpoint_grad_steps and i in grad_steps)
+                                          config.max_batch, checkpoint_grad_steps and i in grad_steps)
             main_out, branch_out = model_out[:n_main], model_out[n_main:]
 
             # main rows: a split step repeats each row branch_factor times before the kernel
@@ -307,16 +307,17 @@ def rescore(adapter: ModelAdapter, transition: Transition, cond: Conditioning, s
     ``share_parents``: rows with the same parent (siblings of a tree, which leave the same latents)
     share one model evaluation, as in the rollout; with all rows of a step this repeats the rollout's
     batch and its log-probs exactly."""
-    rows, inverse = torch.arange(transition.latents.shape[0]), None
-    if share_parents:
+    i = transition.step
+    latents, prompt_index = transition.latents, transition.prompt_index
+    if share_parents:  # evaluate the first row of each parent, then give every sibling its output
         unique, inverse = torch.unique(transition.parent, return_inverse=True)
         position = torch.arange(len(inverse), device=inverse.device)
-        rows = torch.full((len(unique),), len(inverse), dtype=torch.long,
-                          device=inverse.device).scatter_reduce(0, inverse, position, "amin")
-    i = transition.step
-    model_out = predict_in_chunks(adapter, transition.latents[rows], schedule.timesteps[i],
-                                  cond.select(transition.prompt_index[rows]), config.max_batch)
-    if inverse is not None:
+        first = torch.full((len(unique),), len(inverse), dtype=torch.long,
+                           device=inverse.device).scatter_reduce(0, inverse, position, "amin")
+        latents, prompt_index = latents[first], prompt_index[first]
+    model_out = predict_in_chunks(adapter, latents, schedule.timesteps[i], cond.select(prompt_index),
+                                  config.max_batch)
+    if share_parents:
         model_out = model_out[inverse]
     kernel = get_kernel(config.kernel, schedule.kind)
     return kernel(transition.latents, model_out, schedule.levels[i], schedule.levels[i + 1],

@@ -42,7 +42,7 @@ from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompt
 from align.sampling.kernels import StepOut
 from align.sampling.rollout import Rollout, RolloutConfig, Transition, rescore, rollout
 from align.trainers.common import (TrainLog, TrainerConfig, end_iteration, finish_run, progress, reward_metrics,
-                                   start_run)
+                                   start_run, train_rows)
 
 VARIANTS = ("branch_grpo", "tree_grpo")
 
@@ -352,22 +352,19 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
                 for start in range(0, num_trees, per_update):
                     chosen = torch.zeros(num_trees, dtype=torch.bool)
                     chosen[order[start:start + per_update]] = True
-                    in_trees = {s: chosen[transitions[s].prompt_index.cpu()] for s in steps}
-                    if accelerator.num_processes == 1:
-                        selected = {s: (edge_rows[s] & in_trees[s]).nonzero().flatten() for s in steps}
-                        selected = {s: rows for s, rows in selected.items() if len(rows)}
-                        edge_weights = {s: None for s in selected}
-                        total = sum(len(rows) for rows in selected.values())
-                        if not total:
-                            continue
-                    else:
-                        # DDP all-reduces in each backward: every process runs every step over all
-                        # edges of its chosen trees, those it does not train with weight 0
-                        selected = {s: in_trees[s].nonzero().flatten() for s in steps}
-                        edge_weights = {s: edge_rows[s][selected[s]].float().to(accelerator.device) for s in steps}
-                        total = int(sum(w.sum() for w in edge_weights.values()))
-                        if not int(run.gather(torch.tensor([total])).sum()):
-                            continue
+                    # the kept edges of the chosen trees, step by step (train_rows keeps every process
+                    # running the same forward / backward calls under DDP)
+                    selected, edge_weights = {}, {}
+                    for s in steps:
+                        in_trees = chosen[transitions[s].prompt_index.cpu()].nonzero().flatten()
+                        index, weights = train_rows(run, edge_rows[s][in_trees])
+                        if len(index):
+                            selected[s] = in_trees[index]
+                            edge_weights[s] = None if weights is None else weights[index]
+                    if not selected:
+                        continue
+                    total = sum(len(i) if edge_weights[s] is None else float(edge_weights[s].sum())
+                                for s, i in selected.items())
                     with run.accumulate():
                         for step, index in selected.items():
                             part = transitions[step]
