@@ -9,49 +9,57 @@ import torch
 from torch import Tensor
 
 
-def group_stats(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row mean and (population) std of the row's group."""
+def group_stats(values: Tensor, group_ids: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row mean, (population) std and member count of the row's group, over the group's
+    ``valid`` rows only (all rows when None; invalid values, NaN included, never enter)."""
+    valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid.to(values.device).bool()
+    values = torch.where(valid, values, torch.zeros_like(values))
+    weight = valid.to(values.dtype)
     groups, inverse = torch.unique(group_ids, return_inverse=True)
-    count = torch.zeros(len(groups), dtype=values.dtype, device=values.device).index_add_(
-        0, inverse, torch.ones_like(values))
-    total = torch.zeros_like(count).index_add_(0, inverse, values)
-    mean = total / count
-    sq = torch.zeros_like(count).index_add_(0, inverse, (values - mean[inverse]) ** 2)
-    std = torch.sqrt(sq / count)
-    return mean[inverse], std[inverse]
+    count = torch.zeros(len(groups), dtype=values.dtype, device=values.device).index_add_(0, inverse, weight)
+    total = torch.zeros_like(count).index_add_(0, inverse, values * weight)
+    mean = total / count.clamp_min(1)
+    sq = torch.zeros_like(count).index_add_(0, inverse, weight * (values - mean[inverse]) ** 2)
+    std = torch.sqrt(sq / count.clamp_min(1))
+    return mean[inverse], std[inverse], count[inverse]
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, *, std: str = "group", eps: float = 1e-4,
-                     clip: float | None = 5.0) -> tuple[Tensor, Tensor]:
+                     clip: float | None = 5.0, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A = (r - mean_group) / (std + eps), std of the group ("group") or of the whole batch
-    ("global"), clipped to [-clip, clip]. Groups whose rewards are all equal carry no signal:
-    they get A = 0 and ``keep = False``. Returns (advantages, keep)."""
+    ("global"), clipped to [-clip, clip]. Statistics use the ``valid`` rows only (an unscored
+    sample is dropped from its group). Rows without signal get A = 0 and ``keep = False``: invalid
+    rows, and the rows of groups with fewer than 2 valid members or whose valid rewards are all
+    equal. Returns (advantages, keep)."""
     rewards = rewards.float()
-    mean, group_std = group_stats(rewards, group_ids)
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.to(rewards.device).bool()
+    clean = torch.where(valid, rewards, torch.zeros_like(rewards))
+    mean, group_std, count = group_stats(clean, group_ids, valid)
     if std == "group":
         scale = group_std
     elif std == "global":
-        scale = rewards.std(unbiased=False).expand_as(rewards)
+        scale = clean[valid].std(unbiased=False).expand_as(rewards) if valid.any() else torch.zeros_like(rewards)
     else:
         raise ValueError(f"std must be 'group' or 'global', got {std!r}")
-    advantages = (rewards - mean) / (scale + eps)
+    advantages = (clean - mean) / (scale + eps)
     if clip is not None:
         advantages = advantages.clamp(-clip, clip)
-    keep = group_std > 0
+    keep = valid & (count >= 2) & (group_std > 0)
     return torch.where(keep, advantages, torch.zeros_like(advantages)), keep
 
 
 def mixed_advantages(rewards: dict[str, Tensor], weights: dict[str, float], group_ids: Tensor,
-                     mode: str = "sum_rewards", **kwargs) -> tuple[Tensor, Tensor]:
+                     mode: str = "sum_rewards", valid: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
     """Several rewards -> one advantage. "sum_rewards": normalise sum_k w_k r_k;
-    "sum_advantages" (MixGRPO): sum_k w_k A_k with each reward normalised on its own."""
+    "sum_advantages" (MixGRPO): sum_k w_k A_k with each reward normalised on its own. A row is kept
+    when any reward's advantage carries signal for it."""
     if mode == "sum_rewards":
         total = sum(weights.get(k, 1.0) * r.float() for k, r in rewards.items())
-        return group_advantages(total, group_ids, **kwargs)
+        return group_advantages(total, group_ids, valid=valid, **kwargs)
     if mode == "sum_advantages":
         total, keep = 0.0, None
         for key, r in rewards.items():
-            adv, k = group_advantages(r, group_ids, **kwargs)
+            adv, k = group_advantages(r, group_ids, valid=valid, **kwargs)
             total = total + weights.get(key, 1.0) * adv
             keep = k if keep is None else keep | k
         return total, keep
@@ -101,13 +109,15 @@ def dense_step_gains(completion_rewards: Tensor) -> Tensor:
 
 
 def per_step_advantages(step_rewards: Tensor, group_ids: Tensor | None = None, eps: float = 1e-4,
-                        clip: float | None = 5.0) -> Tensor:
-    """Normalise each step's rewards (column) across the batch, or within groups: (B, T) -> (B, T)."""
+                        clip: float | None = 5.0, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Normalise each step's rewards (column) across the batch, or within groups, over the
+    ``valid`` (B, T) entries: (B, T) -> (advantages, keep), both (B, T)."""
     if group_ids is None:
         group_ids = torch.zeros(step_rewards.shape[0], dtype=torch.long, device=step_rewards.device)
-    columns = [group_advantages(step_rewards[:, t], group_ids, eps=eps, clip=clip)[0]
+    columns = [group_advantages(step_rewards[:, t], group_ids, eps=eps, clip=clip,
+                                valid=None if valid is None else valid[:, t])
                for t in range(step_rewards.shape[1])]
-    return torch.stack(columns, 1)
+    return torch.stack([c[0] for c in columns], 1), torch.stack([c[1] for c in columns], 1)
 
 
 class RunningPromptStats:
@@ -118,12 +128,18 @@ class RunningPromptStats:
         self.buffer_size, self.min_count = buffer_size, min_count
         self.history: dict[str, list[float]] = {}
 
-    def advantages(self, prompts: list[str], rewards: Tensor, eps: float = 1e-6) -> Tensor:
+    def advantages(self, prompts: list[str], rewards: Tensor, eps: float = 1e-6,
+                   valid: Tensor | None = None) -> Tensor:
+        """Advantages of the batch; ``valid`` False rows (unscored) neither enter a buffer nor the
+        batch statistics, and get 0."""
         rewards = rewards.float()
-        out = torch.empty_like(rewards)
-        batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False)
-        for prompt in set(prompts):
-            rows = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+        valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
+        out = torch.zeros_like(rewards)
+        if not valid.any():
+            return out
+        batch_mean, batch_std = rewards[valid].mean(), rewards[valid].std(unbiased=False)
+        for prompt in set(p for p, ok in zip(prompts, valid.tolist()) if ok):
+            rows = torch.tensor([i for i, p in enumerate(prompts) if p == prompt and bool(valid[i])])
             buffer = self.history.setdefault(prompt, [])
             buffer.extend(rewards[rows].tolist())
             del buffer[:-self.buffer_size]

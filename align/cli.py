@@ -2,6 +2,7 @@
 
     align sample --model toy --prompt "a red digit 7" --num 8 --out samples/ [key=value ...]
     align train flow_grpo --config configs/quickstart.yaml [key=value ...]
+    align train --config configs/methods/flow_grpo.yaml      (a method preset names its trainer)
     align env
     align models
 
@@ -46,11 +47,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_trainer(method: str | None, config_path: str | None, overrides) -> str:
+    """The trainer to run: the command's argument, or the ``trainer`` key of the config file (a
+    method preset names its trainer); when both are given they must agree."""
+    from omegaconf import OmegaConf
+
+    named = None
+    if config_path is not None:
+        from pathlib import Path
+
+        if not Path(config_path).is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        named = OmegaConf.load(config_path).get("trainer")
+    named = next((o.split("=", 1)[1] for o in overrides if o.startswith("trainer=")), named)
+    if method and named and method != named:
+        raise ConfigError(f"trainer: the command runs {method!r} but the config names {named!r}")
+    if not (method or named):
+        raise ConfigError("trainer: give a trainer name (align train flow_grpo ...) or a --config that names one")
+    return method or named
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from align.trainers import trainer_module
 
-    module = trainer_module(args.method)
+    module = trainer_module(resolve_trainer(args.method, args.config, args.overrides))
     config = load_config(module.CONFIG, args.config, list(args.overrides))
+    module.check_config(config)  # every name and value, before any model loads
     if args.print_config:
         from omegaconf import OmegaConf
 
@@ -99,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune a model against rewards with one method")
     from align.trainers import TRAINERS
 
-    train.add_argument("method", help=f"trainer: {', '.join(TRAINERS)}")
+    train.add_argument("method", nargs="?", help=f"trainer: {', '.join(TRAINERS)} (default: the `trainer` "
+                                                "key of --config)")
     train.add_argument("--config", help="YAML config of the trainer")
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved config (defaults, --config, overrides) as YAML and exit")

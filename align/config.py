@@ -7,7 +7,6 @@ closest valid key) before any model loads.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TypeVar
@@ -15,24 +14,9 @@ from typing import Any, Iterable, Sequence, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from align.errors import ConfigError, check_choice, closest, unknown_name_error  # noqa: F401 - re-exported
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A bad config key or value; the message is one line that names it."""
-
-
-def closest(name: str, choices: Iterable[str]) -> str | None:
-    matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return matches[0] if matches else None
-
-
-def unknown_name_error(what: str, name: str, choices: Iterable[str]) -> ConfigError:
-    """``unknown step kernel 'flow_grop' (did you mean 'flow_grpo'?; valid: ...)``"""
-    choices = sorted(choices)
-    hint = closest(name, choices)
-    did_you_mean = f"did you mean {hint!r}? " if hint else ""
-    return ConfigError(f"unknown {what} {name!r} ({did_you_mean}valid: {', '.join(choices)})")
 
 
 def _check_keys(schema_cls, data: dict, prefix: str = "") -> None:

@@ -17,8 +17,7 @@ def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, cl
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    per_sample = torch.maximum(unclipped, clipped)
-    loss = per_sample.mean() if weights is None else (weights * per_sample).sum() / weights.sum().clamp_min(1e-12)
+    loss = weighted_mean(torch.maximum(unclipped, clipped), weights)
     with torch.no_grad():
         stats = {
             "ratio_mean": ratio.mean(),
@@ -56,12 +55,21 @@ def flow_matching_target(x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[Tens
     return (1 - s) * x0 + s * noise, noise - x0
 
 
-def nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality: Tensor, beta: float) -> Tensor:
+def weighted_mean(values: Tensor, weights: Tensor | None = None) -> Tensor:
+    """mean(values), or sum(w values) / sum(w) with per-sample weights (0 when every weight is 0)."""
+    if weights is None:
+        return values.mean()
+    return (weights * values).sum() / weights.sum().clamp_min(1e-12)
+
+
+def nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality: Tensor, beta: float,
+             weights: Tensor | None = None) -> Tensor:
     """DiffusionNFT: with implicit policies v+ = (1 - beta) v_old + beta v_theta and
     v- = (1 + beta) v_old - beta v_theta, minimise r ||v+ - v||^2 + (1 - r) ||v- - v||^2
-    (mean over elements), r in [0, 1] the optimality weight of each sample."""
+    (mean over elements), r in [0, 1] the optimality weight of each sample; ``weights`` (per
+    sample, e.g. 0 for unscored ones) weight the mean over samples."""
     v_pos = (1 - beta) * v_old + beta * v_theta
     v_neg = (1 + beta) * v_old - beta * v_theta
     pos = reduce_elements((v_pos - target) ** 2)
     neg = reduce_elements((v_neg - target) ** 2)
-    return (optimality * pos + (1 - optimality) * neg).mean()
+    return weighted_mean(optimality * pos + (1 - optimality) * neg, weights)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from align.config import ConfigError, save_config, to_dict
+from align.config import ConfigError, check_choice, save_config, to_dict
 from align.sample import ModelConfig, load_model, resolve_device
 from align.sampling.rollout import RolloutConfig, rollout
 
@@ -85,13 +85,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.mixed_precision in (False, "False", "false"):  # YAML reads a bare `no` as false
             self.mixed_precision = "no"
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(f"run.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
-                              f"got {self.mixed_precision!r}")
+        check_choice("run.mixed_precision", self.mixed_precision, MIXED_PRECISION, "precision")
         if self.gradient_accumulation_steps < 1:
             raise ConfigError(f"run.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
-        if self.log_with not in TRACKERS:
-            raise ConfigError(f"run.log_with must be one of {', '.join(TRACKERS)}, got {self.log_with!r}")
+        check_choice("run.log_with", self.log_with, TRACKERS, "tracker")
 
 
 @dataclass
@@ -390,9 +387,9 @@ class Run:
             result = rollout(adapter, cond, config, group_size=per_prompt, generator=generator, **self.latent_kwargs)
             pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
         sample_prompts = [prompts[i] for i in result.prompt_index.tolist()]
-        metrics = {"eval/reward": float(reward(pixels, sample_prompts).total.mean())}
+        metrics = {"eval/reward": reward(pixels, sample_prompts).mean()}
         for name, extra in (heldout or {}).items():
-            metrics[f"eval/heldout/{name}"] = float(extra(pixels, sample_prompts).total.mean())
+            metrics[f"eval/heldout/{name}"] = extra(pixels, sample_prompts).mean()
         metrics["eval/diversity"] = float(diversity(pixels, result.prompt_index))
         if grid_name and self.is_main:
             from align.sample import write_samples

@@ -3,11 +3,11 @@ loading the toy model never imports diffusers."""
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from typing import Any
 
+from align.errors import unknown_name_error
 from pipelines.base import ModelAdapter
 
 #: adapter name -> "module:Class"; every class offers ``from_pretrained(path, **kwargs)``
@@ -19,6 +19,9 @@ ADAPTERS: dict[str, str] = {
     "sd": "pipelines.sd_unet:SDAdapter",
     "sdxl": "pipelines.sd_unet:SDXLAdapter",
 }
+
+#: adapters of flow-matching (velocity) models; the others are DDPM-family UNets
+FLOW_ADAPTERS = ("toy", "sd3", "flux", "wan")
 
 #: the checkpoint each adapter loads when no path is given (hub names)
 DEFAULT_CHECKPOINTS: dict[str, str] = {
@@ -34,13 +37,17 @@ def list_adapters() -> list[str]:
     return sorted(ADAPTERS)
 
 
-def adapter_class(name: str) -> type[ModelAdapter]:
-    """The adapter class registered as ``name`` (imported on first use)."""
+def check_adapter_name(name, field: str = "model.name") -> None:
+    """A one-line ConfigError naming ``field`` and the closest adapter unless ``name`` is one."""
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in ADAPTERS:
-        close = difflib.get_close_matches(str(key), list(ADAPTERS), n=1, cutoff=0.4)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model adapter {name!r}{hint} (valid: {', '.join(list_adapters())})")
+        raise unknown_name_error("model", name, ADAPTERS, field=field)
+
+
+def adapter_class(name: str) -> type[ModelAdapter]:
+    """The adapter class registered as ``name`` (imported on first use)."""
+    check_adapter_name(name)
+    key = name.strip().lower()
     module_name, class_name = ADAPTERS[key].split(":")
     return getattr(importlib.import_module(module_name), class_name)
 

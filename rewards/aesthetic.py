@@ -16,7 +16,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from align.config import ConfigError
+from align.errors import ConfigError
 from rewards.base import Reward, register_reward
 from rewards.clip import ClipBackbone, load_open_clip
 from rewards.loading import check_state_dict, freeze, read_state_dict

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from align.config import ConfigError, unknown_name_error
+from align.errors import ConfigError, unknown_name_error
 
 ENTRY_POINT_GROUP = "align.rewards"
 
@@ -37,6 +37,16 @@ class RewardOutput:
 
     def __len__(self) -> int:
         return self.total.shape[0]
+
+    def valid_mask(self) -> Tensor:
+        """(B,) bool: the scored rows (all rows when the reward flags none), finite totals only."""
+        ok = torch.isfinite(self.total)
+        return ok if self.valid is None else ok & self.valid.to(ok.device).bool()
+
+    def mean(self) -> float:
+        """Mean total over the scored rows (NaN only when no row was scored)."""
+        ok = self.valid_mask()
+        return float(self.total[ok].float().mean()) if bool(ok.any()) else float("nan")
 
 
 def check_samples(samples: Tensor, prompts: Sequence[str], who: str) -> None:
@@ -132,9 +142,10 @@ def available_rewards() -> list[str]:
     return sorted(REWARDS)
 
 
-def reward_class(name: str):
+def reward_class(name: str, field: str | None = None):
+    """The reward class registered as ``name`` (``field``: the config key it was given in, for the error)."""
     if name not in available_rewards():
-        raise unknown_name_error("reward", name, REWARDS)
+        raise unknown_name_error("reward", name, REWARDS, field=field)
     target = REWARDS[name]
     if isinstance(target, str):  # "module:attr" from an entry point
         import importlib

@@ -46,7 +46,7 @@ def reward_specs(names: list[str] | None, options: list[str] | None, config: str
     """Reward specs from ``--config`` (YAML / JSON: a list of specs, or ``{rewards: [...]}``), then
     ``--reward`` names, with ``-o [NAME.]KEY=VALUE`` options applied (``NAME.`` picks one reward when
     there are several)."""
-    from align.config import ConfigError
+    from align.errors import ConfigError
 
     specs: list[dict] = []
     if config:
@@ -82,7 +82,7 @@ def reward_specs(names: list[str] | None, options: list[str] | None, config: str
 
 def read_prompts(images_dir: Path, prompts_file: str | None, prompt: str | None) -> tuple[list[Path], list[str]]:
     """(files, prompts) for ``align score``."""
-    from align.config import ConfigError
+    from align.errors import ConfigError
 
     if not images_dir.is_dir():
         raise FileNotFoundError(f"no images folder at {images_dir}")

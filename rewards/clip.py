@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from align.config import ConfigError
+from align.errors import ConfigError
 from rewards.loading import CheckpointError, freeze, load_into, parse_dtype
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -224,7 +224,7 @@ def _open_clip_config(model: str | dict | Path) -> tuple[dict, dict, str]:
         return dict(cfg.get("model_cfg", cfg)), dict(cfg.get("preprocess_cfg", {})), str(path)
     cfg = open_clip.get_model_config(text)
     if cfg is None:
-        from align.config import unknown_name_error
+        from align.errors import unknown_name_error
 
         raise unknown_name_error("open_clip model", text, open_clip.list_models())
     return dict(cfg), {}, text

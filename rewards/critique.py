@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from align.config import ConfigError
+from align.errors import ConfigError
 from rewards.base import Reward, RewardError, register_reward
 
 NUMBER = r"([-+]?\d+(?:\.\d+)?)"

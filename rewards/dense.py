@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from align.config import ConfigError
+from align.errors import ConfigError
 from rewards.base import Reward, RewardError, build_reward, register_reward
 from rewards.loading import load_into
 

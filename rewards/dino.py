@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from align.config import ConfigError
+from align.errors import ConfigError
 from rewards.base import Reward, RewardError, register_reward
 from rewards.clip import IMAGENET_MEAN, IMAGENET_STD, clip_preprocess
 from rewards.loading import CheckpointError, check_state_dict, freeze, load_into, parse_dtype, read_state_dict
@@ -73,7 +73,7 @@ def load_dino(model: str = "vit_base_patch14_dinov2", checkpoint: str | Path | N
     import timm
 
     if model not in timm.list_models() and model.split(".")[0] not in timm.list_models():
-        from align.config import unknown_name_error
+        from align.errors import unknown_name_error
 
         raise unknown_name_error("timm model", model, timm.list_models("*dinov2*"))
     kwargs = dict(num_classes=0, img_size=int(image_size), **model_kwargs)

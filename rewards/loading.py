@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from align.config import ConfigError
+from align.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

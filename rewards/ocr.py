@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from align.config import ConfigError
+from align.errors import ConfigError
 from rewards.base import Reward, register_reward
 
 _QUOTED = re.compile(r'"([^"]+)"|\u201c([^\u201d]+)\u201d')

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from align.config import ConfigError
+from align.errors import ConfigError
 from rewards.base import Reward, register_reward
 from rewards.clip import ClipBackbone, load_hf_clip, load_open_clip
 

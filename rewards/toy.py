@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from align.config import ConfigError
+from align.errors import ConfigError
 from rewards.base import Reward, register_reward
 
 # the classifier module (and the toy pipeline it reads its palette from) is imported when a toy reward

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from align.config import ConfigError, unknown_name_error
+from align.errors import ConfigError, unknown_name_error
 from rewards.aesthetic import AestheticHead, load_aesthetic_head
 from rewards.base import Reward, register_reward
 from rewards.clip import ClipBackbone, load_open_clip

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from align.config import ConfigError
+from align.errors import ConfigError
 from rewards.base import Reward, RewardError, register_reward
 from rewards.loading import CheckpointError, load_into, parse_dtype
 

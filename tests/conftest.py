@@ -70,6 +70,41 @@ class GaussianAdapter(ModelAdapter):
         return self.shape
 
 
+class GaussianEpsDenoiser(torch.nn.Module):
+    """Exact noise prediction of data x0 ~ N(mu, s0^2 I) under x_a = sqrt(a) x0 + sqrt(1 - a) eps
+    (a = alpha_bar): E[eps | x] = sqrt(1 - a) (x - sqrt(a) mu) / (a s0^2 + 1 - a), times a trainable
+    ``gain``."""
+
+    def __init__(self, s0: float = 0.5):
+        super().__init__()
+        self.s0 = s0
+        self.gain = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, alpha, mu):
+        a = alpha.reshape(-1, *([1] * (x.ndim - 1)))
+        mu = mu.reshape(x.shape)
+        return self.gain * torch.sqrt(1 - a) * (x - torch.sqrt(a) * mu) / (a * self.s0**2 + 1 - a)
+
+
+class GaussianDDPMAdapter(GaussianAdapter):
+    """The same data as :class:`GaussianAdapter` under a DDPM-family (alpha_bar) schedule with an
+    eps-predicting denoiser: the analytic stand-in for a UNet model (DDPO, DDIM kernels)."""
+
+    name = "gaussian_ddpm"
+    prediction_type = "epsilon"
+
+    def __init__(self, shape=(3, 4, 4), s0: float = 0.5):
+        super().__init__(shape, s0)
+        self.denoiser = GaussianEpsDenoiser(s0)
+
+    def forward(self, x, t, tensors, extra):
+        return self.denoiser(x, 1 - t / 1000, tensors["mu"])
+
+    def schedule(self, num_steps, *, latent_shape=None):
+        alphas = torch.linspace(0.02, 0.995, num_steps + 1)
+        return Schedule((1 - alphas[:-1]) * 1000, alphas, "ddpm")
+
+
 @pytest.fixture
 def gaussian_adapter():
     return GaussianAdapter()

@@ -54,7 +54,8 @@ def test_dense_gains_telescope_to_the_total_improvement():
     gains = dense_step_gains(completions)
     torch.testing.assert_close(gains, torch.tensor([[0.2, -0.1, 0.7], [0.0, 0.1, -0.2]]))
     torch.testing.assert_close(gains.sum(1), completions[:, -1] - completions[:, 0])
-    adv = per_step_advantages(gains, eps=0.0)
+    adv, keep = per_step_advantages(gains, eps=0.0)
+    assert keep.all()
     torch.testing.assert_close(adv[:, 0], torch.tensor([1.0, -1.0]))
 
 

@@ -125,23 +125,24 @@ def test_reward_rises_on_the_tiny_sd_pipeline(sd_dirs, tmp_path, reward):
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5
 
 
-def test_flow_models_fall_back_to_a_flow_sde_kernel(tmp_path):
+def test_flow_models_are_a_one_line_error_naming_flow_grpo(tmp_path):
+    """DDPO on a flow model stops before anything loads (by the adapter's name) or, with an adapter
+    at hand, before the run opens (by its schedule), naming the trainer to use."""
     from conftest import GaussianAdapter
 
     config = make_config(None, tmp_path / "run", model=ModelConfig(name="toy", device="cpu"), prompts=["0.5"],
                          eval_prompts=["0.5"], prompts_per_iteration=1, iterations=2,
                          lora=LoraSettings(enabled=False))
-    with pytest.warns(UserWarning, match="flow model"):
-        train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
-    rows = training_rows(tmp_path / "run")
-    assert len(rows) == 2 and rows[0]["train/on_policy_approx_kl"] == 0.0
-    assert rows[0]["train/trained_steps"] == 8  # flow_grpo kernel records every step
+    for adapter in (None, GaussianAdapter(shape=(3, 4, 4))):
+        with pytest.raises(ConfigError, match="flow_grpo") as err:
+            train(config, adapter=adapter)
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("change, match", [
     ({"rollout": RolloutConfig(kernel="ode")}, "records no log-probs"),
     ({"clip_range": 0.0}, "clip_range"),
-    ({"flow_kernel": "ddim"}, "flow_kernel"),
     ({"timestep_fraction": 0.0}, "timestep_fraction"),
     ({"stats_min_count": 32}, "stats_min_count"),
 ])

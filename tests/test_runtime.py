@@ -9,7 +9,7 @@ import torch
 from align.config import ConfigError, load_config
 from align.trainers import TRAINERS, trainer_module
 from rewards.base import Reward, register_reward
-from tests.conftest import GaussianAdapter
+from tests.conftest import GaussianAdapter, GaussianDDPMAdapter
 
 
 @register_reward("test_brightness")
@@ -111,10 +111,16 @@ def test_killed_run_resumes_to_the_same_state(tmp_path, monkeypatch):
     torch.testing.assert_close(resumed.denoiser.gain, full.denoiser.gain, rtol=0, atol=0)
 
 
-def test_every_registered_trainer_has_a_config_and_train():
-    for name in TRAINERS:
-        module = importlib.import_module(TRAINERS[name])
-        assert hasattr(module, "CONFIG") and callable(module.train) and callable(module.check_config)
+@pytest.mark.parametrize("name", sorted(TRAINERS))
+def test_every_trainer_names_itself_and_checks_names_before_loading(name, tmp_path):
+    """Each trainer's config names its trainer, and its check_config rejects a mistyped model name
+    with a one-line error naming the field, before anything loads or any folder is made."""
+    module = importlib.import_module(TRAINERS[name])
+    config = load_config(module.CONFIG, None, ["model.name=sd33", f"run.output_dir={tmp_path / 'run'}"])
+    assert config.trainer == name
+    with pytest.raises(ConfigError, match=r"^model.name: unknown model 'sd33' \(did you mean 'sd3'\?") as err:
+        module.train(config)
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
 
 
 
@@ -126,7 +132,7 @@ def test_gradient_accumulation_matches_one_large_minibatch(name, tmp_path):
     def final_gain(label, *extra):
         module, config = config_for(name, tmp_path / label, "iterations=2", "group_size=8", "run.eval_per_prompt=2",
                                     *extra)
-        adapter = ImageAdapter()
+        adapter = GaussianDDPMAdapter() if name == "ddpo" else ImageAdapter()
         module.train(config, adapter=adapter)
         return adapter.denoiser.gain.detach().clone()
 

@@ -19,11 +19,13 @@ full-dimensional log-density.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from align.errors import ConfigError, unknown_name_error
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -82,6 +84,15 @@ def _finish(mean: Tensor, std: Tensor, x: Tensor, noise, prev_sample, generator,
     return StepOut(prev_sample, mean, std.reshape(x.shape[0], -1)[:, 0].expand(x.shape[0]), log_prob)
 
 
+def _deterministic(mean: Tensor, x: Tensor, prev_sample, mean_shift) -> StepOut:
+    """A deterministic step: the sample is the mean plus the drift; the reported mean stays the
+    unguided one, as for the stochastic kernels; no density (log-prob 0)."""
+    if prev_sample is None:
+        prev_sample = mean if mean_shift is None else mean + mean_shift.float()
+    zeros = torch.zeros(x.shape[0], device=x.device)
+    return StepOut(prev_sample.float(), mean, zeros, zeros)
+
+
 # --- flow models (velocity v ~ eps - x0, x_sigma = (1 - sigma) x0 + sigma eps) ----------------------
 
 
@@ -91,11 +102,7 @@ def euler_step(x, model_out, level, level_next, *, noise=None, prev_sample=None,
     x, v = x.float(), model_out.float()
     dt = per_sample(level_next, x) - per_sample(level, x)
     mean = x + v * dt
-    if mean_shift is not None:
-        mean = mean + mean_shift.float()
-    prev = mean if prev_sample is None else prev_sample.float()
-    zeros = torch.zeros(x.shape[0], device=x.device)
-    return StepOut(prev, mean, zeros, zeros)
+    return _deterministic(mean, x, prev_sample, mean_shift)
 
 
 def flow_grpo_std(sigma: Tensor, sigma_next: Tensor, noise_level: float) -> Tensor:
@@ -176,11 +183,7 @@ def ddim_step(x, model_out, level, level_next, *, noise=None, prev_sample=None, 
     std = eta * torch.sqrt(variance.clamp_min(0))
     mean = torch.sqrt(alpha_next) * x0 + torch.sqrt((1 - alpha_next - std**2).clamp_min(0)) * eps
     if eta == 0:
-        if mean_shift is not None:
-            mean = mean + mean_shift.float()
-        prev = mean if prev_sample is None else prev_sample.float()
-        zeros = torch.zeros(x.shape[0], device=x.device)
-        return StepOut(prev, mean, zeros, zeros)
+        return _deterministic(mean, x, prev_sample, mean_shift)
     return _finish(mean, std, x, noise, prev_sample, generator, mean_shift, reduce)
 
 
@@ -190,34 +193,83 @@ def ddim_ode_step(x, model_out, level, level_next, **kwargs) -> StepOut:
     return ddim_step(x, model_out, level, level_next, **kwargs)
 
 
+# --- x0 from a model output -------------------------------------------------------------------------
+
+
+def x0_hat(x: Tensor, model_out: Tensor, level, kind: str = "flow", prediction_type: str = "flow") -> Tensor:
+    """The model's clean-sample estimate at x: flow models x - sigma v; DDPM-family models
+    (x - sqrt(1 - a) eps) / sqrt(a) (eps prediction) or sqrt(a) x - sqrt(1 - a) v (v prediction)."""
+    x, out = x.float(), model_out.float()
+    if kind == "flow":
+        return x - per_sample(level, x) * out
+    return ddim_x0_eps(x, out, per_sample(level, x), prediction_type)[0]
+
+
 # --- registry ------------------------------------------------------------------------------------
 
 Kernel = Callable[..., StepOut]
 
-#: stochastic kernels by name, and the schedule kind each one applies to
-KERNELS: dict[str, tuple[Kernel, str]] = {
-    "flow_grpo": (flow_grpo_sde_step, "flow"),
-    "dance_grpo": (dance_grpo_sde_step, "flow"),
-    "cps": (cps_step, "flow"),
-    "ddim": (ddim_step, "ddpm"),
-    "ode": (euler_step, "flow"),
-}
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One step kernel: its function, the schedule kind it applies to ("flow", "ddpm", or "any" for
+    the ODE, which resolves to the deterministic kernel of the schedule), the parameter that sets its
+    noise level (scaled at tree splits and by per-step multipliers) and its default parameters."""
+
+    name: str
+    fn: Kernel | None
+    schedule_kind: str
+    noise_param: str | None
+    defaults: dict = field(default_factory=dict)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.noise_param is not None
+
+    def params(self, overrides: dict | None = None, prediction_type: str | None = None) -> dict:
+        """The defaults merged with ``overrides``; DDIM also takes the model's prediction type."""
+        params = {**self.defaults, **(overrides or {})}
+        if self.schedule_kind == "ddpm" and prediction_type is not None:
+            params.setdefault("prediction_type", prediction_type)
+        return params
+
+    def scaled(self, params: dict, scale: float) -> dict:
+        """``params`` with the noise parameter multiplied by ``scale``."""
+        if scale == 1.0 or self.noise_param is None:
+            return params
+        return {**params, self.noise_param: params[self.noise_param] * scale}
+
+    def resolve(self, schedule_kind: str) -> Kernel:
+        """The function for a model with this schedule kind; a ConfigError on a mismatch."""
+        if self.schedule_kind == "any":
+            return ODE_KERNELS[schedule_kind]
+        if self.schedule_kind != schedule_kind:
+            valid = sorted(k for k, spec in KERNELS.items() if spec.schedule_kind in (schedule_kind, "any"))
+            raise ConfigError(f"rollout.kernel: step kernel {self.name!r} is for {self.schedule_kind} schedules; "
+                              f"this model uses a {schedule_kind} schedule (use one of {valid})")
+        return self.fn
+
+
+#: every step kernel by name
+KERNELS: dict[str, KernelSpec] = {spec.name: spec for spec in (
+    KernelSpec("flow_grpo", flow_grpo_sde_step, "flow", "noise_level", {"noise_level": 0.7}),
+    KernelSpec("dance_grpo", dance_grpo_sde_step, "flow", "eta", {"eta": 0.3}),
+    KernelSpec("cps", cps_step, "flow", "noise_level", {"noise_level": 0.7}),
+    KernelSpec("ddim", ddim_step, "ddpm", "eta", {"eta": 1.0}),
+    KernelSpec("ode", None, "any", None),
+)}
 
 #: the deterministic kernel of each schedule kind
 ODE_KERNELS: dict[str, Kernel] = {"flow": euler_step, "ddpm": ddim_ode_step}
 
 
-def get_kernel(name: str, schedule_kind: str) -> Kernel:
-    """Kernel by name; "ode" resolves to the deterministic kernel of the schedule kind."""
-    from align.config import unknown_name_error
-
-    if name == "ode":
-        return ODE_KERNELS[schedule_kind]
+def kernel_spec(name: str, field: str = "rollout.kernel") -> KernelSpec:
+    """The registry entry ``name``; a one-line ConfigError naming ``field`` and the closest name."""
     if name not in KERNELS:
-        raise unknown_name_error("step kernel", name, KERNELS)
-    kernel, kind = KERNELS[name]
-    if kind != schedule_kind:
-        valid = sorted(k for k, (_, s) in KERNELS.items() if s == schedule_kind)
-        raise ValueError(f"step kernel {name!r} is for {kind} schedules; this model uses a "
-                         f"{schedule_kind} schedule (use one of {valid})")
-    return kernel
+        raise unknown_name_error("step kernel", name, KERNELS, field=field)
+    return KERNELS[name]
+
+
+def get_kernel(name: str, schedule_kind: str) -> Kernel:
+    """Kernel function by name for a schedule kind; "ode" resolves to that kind's deterministic kernel."""
+    return kernel_spec(name).resolve(schedule_kind)

@@ -12,26 +12,31 @@ single batch (CFG included) whatever the topology:
   stochastic child) and are then completed to a clean sample by ODE. A branch shares the model
   evaluation of its main row at the step it leaves.
 
+Two hooks steer the same loop (no method needs a second sampler):
+
+- ``drift(view) -> mean shift`` for the main rows of a step (guided SDE sampling, reward guidance):
+  added to the sample by every kernel, while the recorded mean and log-prob stay those of the
+  unguided step, so training on the transitions distils the guidance into the model;
+- ``select(view) -> row index`` after a step: keep, drop or copy main rows (test-time pruning,
+  branching at a step that moves), seeing the step's x0_hat.
+
 The rollout records, for every stochastic transition, the latents before and after, the mean, std
-and log-prob, and which row / prompt it belongs to, and counts model evaluations (NFE).
+and log-prob, which row / prompt it belongs to, and the kernel and parameters it was sampled with
+(re-scoring uses exactly those), and counts model evaluations (NFE).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from align.config import ConfigError
-from align.sampling.kernels import StepOut, get_kernel
+from align.errors import ConfigError
+from align.sampling.kernels import StepOut, kernel_spec, x0_hat
 from pipelines.base import Conditioning, ModelAdapter, Schedule
-
-#: the parameter of each kernel that sets its noise level (scaled at split steps)
-NOISE_PARAM = {"flow_grpo": "noise_level", "cps": "noise_level", "dance_grpo": "eta", "ddim": "eta"}
-DEFAULT_KERNEL_PARAMS = {"flow_grpo": {"noise_level": 0.7}, "cps": {"noise_level": 0.7},
-                         "dance_grpo": {"eta": 0.3}, "ddim": {"eta": 1.0}, "ode": {}}
 
 
 @dataclass
@@ -66,6 +71,7 @@ class RolloutConfig:
     max_batch: int | None = None
 
     def validate(self, num_steps: int | None = None) -> None:
+        kernel_spec(self.kernel)  # an unknown name is a one-line error naming rollout.kernel
         steps = self.num_steps if num_steps is None else num_steps
         if steps < 1:
             raise ConfigError(f"rollout.num_steps must be >= 1, got {steps}")
@@ -100,14 +106,41 @@ class Transition:
     #: main transitions: row index among main rows after the step; branch: index into branch_samples
     rows: Tensor
     branch: bool = False
-    #: factor applied to the kernel's noise level (split steps of a tree)
+    #: factor applied to the kernel's noise level (split steps of a tree, per-step multipliers)
     noise_scale: float = 1.0
+    #: the kernel the step was sampled with and its parameters (noise scale applied, log-prob
+    #: reduction included): re-scoring uses exactly these
+    kernel: str = "flow_grpo"
+    params: dict = field(default_factory=dict)
 
     def subset(self, index: Tensor) -> "Transition":
         """The transitions of rows ``index``."""
         return Transition(self.step, self.latents[index], self.next_latents[index], self.mean[index],
                           self.std[index], self.log_prob[index], self.prompt_index[index], self.parent[index],
-                          self.rows[index], self.branch, self.noise_scale)
+                          self.rows[index], self.branch, self.noise_scale, self.kernel, self.params)
+
+
+@dataclass
+class StepView:
+    """What a hook sees of one step's main rows: the latents before the step ``x``, the timestep,
+    the noise levels, the model output, the clean-sample estimate ``x0_hat`` and each row's prompt;
+    for a ``select`` hook also ``next_x``, the rows after the step (split children included)."""
+
+    step: int
+    x: Tensor
+    timestep: Tensor
+    level: Tensor
+    level_next: Tensor
+    model_out: Tensor
+    x0_hat: Tensor
+    prompt_index: Tensor
+    next_x: Tensor | None = None
+
+
+#: ``drift(view) -> mean shift`` (shape of view.x) or None for no shift at this step
+DriftHook = Callable[[StepView], "Tensor | None"]
+#: ``select(view) -> index`` into view.next_x of the rows to keep (repeats copy a row), or None
+SelectHook = Callable[[StepView], "Tensor | None"]
 
 
 @dataclass
@@ -153,17 +186,8 @@ class Rollout:
 
 
 def kernel_params(config: RolloutConfig, adapter: ModelAdapter) -> dict:
-    params = {**DEFAULT_KERNEL_PARAMS.get(config.kernel, {}), **config.kernel_params}
-    if config.kernel == "ddim":
-        params.setdefault("prediction_type", adapter.prediction_type)
-    return params
-
-
-def _scaled(params: dict, kernel_name: str, scale: float) -> dict:
-    if scale == 1.0 or kernel_name not in NOISE_PARAM:
-        return params
-    key = NOISE_PARAM[kernel_name]
-    return {**params, key: params[key] * scale}
+    """The configured kernel's parameters: its registry defaults, then ``rollout.kernel_params``."""
+    return kernel_spec(config.kernel).params(config.kernel_params, adapter.prediction_type)
 
 
 def predict_in_chunks(adapter: ModelAdapter, x: Tensor, t: Tensor, cond: Conditioning, max_batch: int | None,
@@ -187,31 +211,38 @@ def predict_in_chunks(adapter: ModelAdapter, x: Tensor, t: Tensor, cond: Conditi
 def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *, group_size: int = 1,
             generator: torch.Generator | None = None, initial_noise: Tensor | None = None,
             grad_steps=(), checkpoint_grad_steps: bool = False, height: int | None = None,
-            width: int | None = None, num_frames: int | None = None) -> Rollout:
+            width: int | None = None, num_frames: int | None = None, drift: DriftHook | None = None,
+            select: SelectHook | None = None) -> Rollout:
     """Sample ``group_size`` trajectories for each prompt row of ``cond`` over the configured topology.
 
     ``grad_steps``: steps whose model call keeps gradients (reward backprop); every other step runs
     without a graph, which also detaches the latent chain before them. ``checkpoint_grad_steps``
     recomputes those calls in the backward pass (non-reentrant checkpointing) to save memory.
+    ``drift`` / ``select``: the hooks of the module docstring (main rows only; branches are not
+    steered).
     """
     config.validate()
     num_prompts = len(cond)
     rows = num_prompts * group_size
     shape = adapter.latent_shape(height, width, num_frames)
     schedule = adapter.schedule(config.num_steps, latent_shape=shape)
-    sde = get_kernel(config.kernel, schedule.kind)
-    ode = get_kernel("ode", schedule.kind)
+    spec = kernel_spec(config.kernel)
+    sde = spec.resolve(schedule.kind)
+    ode = kernel_spec("ode").resolve(schedule.kind)
     params = kernel_params(config, adapter)
     ode_params = {"prediction_type": adapter.prediction_type} if schedule.kind == "ddpm" else {}
     num_steps = len(schedule)
     config.validate(num_steps)
-    if config.kernel == "ode":
+    if not spec.stochastic:
         sde_steps = set()
     else:
         sde_steps = set(range(num_steps)) if config.sde_steps is None else set(config.sde_steps)
     split_steps, branch_steps = set(config.split_steps), set(config.branch_steps or [])
     step_scales = config.step_noise_scales or [1.0] * num_steps
     grad_steps = set(grad_steps)
+
+    def recorded_params(scale: float) -> dict:
+        return {**spec.scaled(params, scale), "reduce": config.log_prob_reduce}
 
     main_prompt = torch.arange(num_prompts).repeat_interleave(group_size)
     if initial_noise is None:
@@ -244,33 +275,41 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
             model_out = predict_in_chunks(adapter, all_x, schedule.timesteps[i], row_cond,
                                           config.max_batch, checkpoint_grad_steps and i in grad_steps)
             main_out, branch_out = model_out[:n_main], model_out[n_main:]
+            view = None
+            if drift is not None or select is not None:
+                view = StepView(i, x, schedule.timesteps[i], level, level_next, main_out,
+                                x0_hat(x, main_out, level, schedule.kind, adapter.prediction_type), main_prompt)
+            shift = drift(view) if drift is not None else None
 
             # main rows: a split step repeats each row branch_factor times before the kernel
             factor = config.branch_factor if i in split_steps else 1
             parent = torch.arange(n_main).repeat_interleave(factor)
             x_src = x[parent] if factor > 1 else x
             v_src = main_out[parent] if factor > 1 else main_out
+            shift_src = shift[parent] if shift is not None and factor > 1 else shift
             if i in sde_steps:
                 scale = step_scales[i] * (config.split_noise_scale if i in split_steps else 1.0)
-                out = sde(x_src, v_src, level, level_next, generator=generator,
-                          reduce=config.log_prob_reduce, **_scaled(params, config.kernel, scale))
+                step_params = recorded_params(scale)
+                out = sde(x_src, v_src, level, level_next, generator=generator, mean_shift=shift_src, **step_params)
                 transitions.append(Transition(i, x_src.detach(), out.prev_sample.detach(), out.mean.detach(),
                                               out.std.detach(), out.log_prob.detach(), main_prompt[parent],
-                                              parent, torch.arange(len(parent)), noise_scale=scale))
+                                              parent, torch.arange(len(parent)), noise_scale=scale,
+                                              kernel=config.kernel, params=step_params))
             else:
-                out = ode(x_src, v_src, level, level_next, **ode_params)
+                out = ode(x_src, v_src, level, level_next, mean_shift=shift_src, **ode_params)
 
             # branches leaving the main rows at this step share the main rows' model evaluation
             new_branches = None
             if i in branch_steps:
                 src = torch.arange(n_main).repeat_interleave(config.branches_per_step)
                 if config.branch_kernel == "sde":
-                    b = sde(x[src], main_out[src], level, level_next, generator=generator,
-                            reduce=config.log_prob_reduce, **_scaled(params, config.kernel, step_scales[i]))
+                    step_params = recorded_params(step_scales[i])
+                    b = sde(x[src], main_out[src], level, level_next, generator=generator, **step_params)
                     ids = torch.arange(branch_count, branch_count + len(src))
                     transitions.append(Transition(i, x[src].detach(), b.prev_sample.detach(), b.mean.detach(),
                                                   b.std.detach(), b.log_prob.detach(), main_prompt[src], src,
-                                                  ids, branch=True, noise_scale=step_scales[i]))
+                                                  ids, branch=True, noise_scale=step_scales[i],
+                                                  kernel=config.kernel, params=step_params))
                 else:
                     b = ode(x[src], main_out[src], level, level_next, **ode_params)
                 new_branches = (b.prev_sample, main_prompt[src], src)
@@ -287,6 +326,17 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
 
         x = out.prev_sample
         main_prompt = main_prompt[parent]
+        if select is not None:
+            view.next_x, view.prompt_index = x, main_prompt
+            view.x0_hat = view.x0_hat[parent] if factor > 1 else view.x0_hat
+            keep = select(view)
+            if keep is not None:  # rows after the step are re-indexed, this step's transitions with them
+                keep = torch.as_tensor(keep, dtype=torch.long).cpu()
+                x, main_prompt, parent = x[keep.to(x.device)], main_prompt[keep], parent[keep]
+                if transitions and transitions[-1].step == i and not transitions[-1].branch:
+                    kept = transitions[-1].subset(keep.to(transitions[-1].rows.device))
+                    kept.rows = torch.arange(len(keep))
+                    transitions[-1] = kept
         lineage.append(parent)
 
     result = Rollout(x, main_prompt, transitions, lineage, schedule, adapter.nfe - nfe0,
@@ -300,9 +350,11 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
 
 
 def rescore(adapter: ModelAdapter, transition: Transition, cond: Conditioning, schedule: Schedule,
-            config: RolloutConfig, *, share_parents: bool = False) -> StepOut:
+            config: RolloutConfig | None = None, *, share_parents: bool = False) -> StepOut:
     """Log-prob of a stored transition under the adapter's current weights (the PPO ratio's
-    numerator). With unchanged weights and the same batch it equals the recorded log-prob exactly.
+    numerator), with the kernel and parameters the transition was sampled with (``config`` is read
+    for ``max_batch`` only). With unchanged weights and the same batch it equals the recorded
+    log-prob exactly.
 
     ``share_parents``: rows with the same parent (siblings of a tree, which leave the same latents)
     share one model evaluation, as in the rollout; with all rows of a step this repeats the rollout's
@@ -316,10 +368,9 @@ def rescore(adapter: ModelAdapter, transition: Transition, cond: Conditioning, s
                            device=inverse.device).scatter_reduce(0, inverse, position, "amin")
         latents, prompt_index = latents[first], prompt_index[first]
     model_out = predict_in_chunks(adapter, latents, schedule.timesteps[i], cond.select(prompt_index),
-                                  config.max_batch)
+                                  config.max_batch if config is not None else None)
     if share_parents:
         model_out = model_out[inverse]
-    kernel = get_kernel(config.kernel, schedule.kind)
+    kernel = kernel_spec(transition.kernel).resolve(schedule.kind)
     return kernel(transition.latents, model_out, schedule.levels[i], schedule.levels[i + 1],
-                  prev_sample=transition.next_latents, reduce=config.log_prob_reduce,
-                  **_scaled(kernel_params(config, adapter), config.kernel, transition.noise_scale))
+                  prev_sample=transition.next_latents, **transition.params)

@@ -41,7 +41,7 @@ from align.losses import mean_kl, ppo_clip_loss
 from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompts_for_iteration
 from align.sampling.kernels import StepOut
 from align.sampling.rollout import Rollout, RolloutConfig, Transition, rescore, rollout
-from align.trainers.common import (TrainLog, TrainerConfig, end_iteration, finish_run, progress, reward_metrics,
+from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, progress, reward_metrics,
                                    start_run, train_rows)
 
 VARIANTS = ("branch_grpo", "tree_grpo")
@@ -49,6 +49,7 @@ VARIANTS = ("branch_grpo", "tree_grpo")
 
 @dataclass
 class BranchGRPOConfig(TrainerConfig):
+    trainer: str = "branch_grpo"
     #: the tree: splits at steps 0, 3, 6 of 10 with 2 children each -> 8 leaves per tree, 43 model
     #: evaluations per tree instead of 80 (the paper: splits 0, 3, 6, 9 of 20 -> 16 leaves)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(
@@ -110,6 +111,7 @@ class BranchGRPOConfig(TrainerConfig):
 
 
 def check_config(config: BranchGRPOConfig) -> None:
+    check_names(config)
     choices = {"variant": VARIANTS, "fusion": ("mean", "logp"), "adv_group": ("tree", "prompt"),
                "adv_std": ("group", "global"), "width_keep": ("both", "best"), "step_weighting": ("edges", "steps")}
     for key, valid in choices.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from align.errors import ConfigError, unknown_name_error
 from align.runtime import TOY_EVAL_PROMPTS, TOY_PROMPTS, LoraSettings, OptimConfig, Run, RunConfig, prompt_list
 from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
@@ -12,6 +13,8 @@ from align.sampling.rollout import RolloutConfig
 
 @dataclass
 class TrainerConfig:
+    #: the trainer this config is for (each trainer's config sets it; a method preset names it)
+    trainer: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     #: trained reward(s): names or {name, weight, normalize, **options}
@@ -30,6 +33,27 @@ class TrainerConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+def check_names(config: TrainerConfig) -> None:
+    """Every name a user types, checked in one pass before anything loads: the model adapter, the
+    step kernel, the trained and held-out rewards (tracker and precision are checked as the config
+    is read). Each unknown name is a one-line ConfigError naming its field and the closest valid name."""
+    from pipelines.registry import check_adapter_name
+    from rewards.base import reward_class
+
+    from align.trainers import TRAINERS
+
+    if config.trainer not in TRAINERS:
+        raise unknown_name_error("trainer", config.trainer, TRAINERS, field="trainer")
+    check_adapter_name(config.model.name)
+    config.rollout.validate()
+    for field_name in ("rewards", "heldout_rewards"):
+        for i, spec in enumerate(getattr(config, field_name)):
+            name = spec if isinstance(spec, str) else dict(spec).get("name")
+            if name is None:
+                raise ConfigError(f"{field_name}[{i}]: a reward needs a 'name'")
+            reward_class(name, field=f"{field_name}[{i}]")
 
 
 def build_reward_set(config: TrainerConfig):
@@ -167,10 +191,19 @@ class TrainLog(dict):
         return {f"train/{k}": sum(v) / len(v) for k, v in self.items() if v}
 
 
-def reward_metrics(named: dict) -> dict[str, float]:
-    """reward/<name>/mean and /std of each reward dimension of the (gathered) batch."""
-    metrics = {f"reward/{k}/mean": float(v.float().mean()) for k, v in named.items()}
-    metrics.update({f"reward/{k}/std": float(v.float().std(unbiased=False)) for k, v in named.items()})
+def reward_metrics(named: dict, valid=None) -> dict[str, float]:
+    """reward/<name>/mean and /std of each reward dimension over the scored rows of the (gathered)
+    batch, and ``reward/unscored``, the number of rows the reward could not score."""
+    import torch
+
+    metrics = {}
+    for k, v in named.items():
+        ok = torch.isfinite(v) if valid is None else torch.isfinite(v) & valid.to(v.device).bool()
+        values = v.float()[ok]
+        metrics[f"reward/{k}/mean"] = float(values.mean()) if len(values) else 0.0
+        metrics[f"reward/{k}/std"] = float(values.std(unbiased=False)) if len(values) else 0.0
+    if valid is not None:
+        metrics["reward/unscored"] = float((~valid.bool()).sum())
     return metrics
 
 
@@ -229,22 +262,27 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
     return cond, result, scores
 
 
-def group_batch_advantages(run, config, reward, scores, prompt_index):
-    """Group advantages (groups = prompts, unique across processes) from the gathered batch, one
-    reward or several (``config.multi_reward``); returns this process's (advantages, keep) and the
-    gathered named scores."""
+def group_batch_advantages(run, reward, scores, groups, *, std: str, clip: float, multi_reward: str = "sum_rewards"):
+    """Group advantages from the gathered batch (``groups``: this process's group ids, unique
+    across processes). ``sum_rewards`` trains exactly the reward's total (a combination's weighted,
+    normalised total); ``sum_advantages`` (MixGRPO) sums the advantages of the combination's
+    top-level rewards, each normalised on its own, with their configured weights. Unscored rows
+    (the reward's valid flag) are dropped from their groups. Returns this process's (advantages,
+    keep), the gathered named scores and the gathered valid mask."""
     from align.advantages import group_advantages, mixed_advantages
+    from rewards.base import CombinedReward
 
     accelerator = run.accelerator
-    groups = prompt_index + accelerator.process_index * config.prompts_per_iteration
     all_groups = run.gather(groups)
+    valid = run.gather(scores.valid_mask())
     named = {k: run.gather(v.float()) for k, v in scores.scores.items()}
-    if len(named) > 1:
-        advantages, keep = mixed_advantages(named, getattr(reward, "weights", {}), all_groups, config.multi_reward,
-                                            std=config.adv_std, clip=config.adv_clip)
+    if multi_reward == "sum_advantages" and isinstance(reward, CombinedReward):
+        top = {k: named[k] for k in reward.rewards}
+        advantages, keep = mixed_advantages(top, reward.weights, all_groups, "sum_advantages", valid=valid,
+                                            std=std, clip=clip)
     else:
-        advantages, keep = group_advantages(run.gather(scores.total.float()), all_groups, std=config.adv_std,
-                                            clip=config.adv_clip)
+        advantages, keep = group_advantages(run.gather(scores.total.float()), all_groups, std=std, clip=clip,
+                                            valid=valid)
     rows = len(groups)
     local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
-    return advantages[local], keep[local], named
+    return advantages[local], keep[local], named, valid

@@ -10,30 +10,29 @@ step. Logged: approx-KL = 0.5 E[(logp - logp_old)^2] and the clip fraction, over
 (``train/on_policy_*``, the largest over steps) over the first minibatch of each iteration, before any
 update: both are exactly 0 when training re-scores a transition exactly as the rollout scored it.
 
-Flow models (the toy model, SD3, FLUX, Wan) have no DDIM posterior: with ``rollout.kernel: ddim``
-the trainer warns and samples with ``flow_kernel`` (the Flow-GRPO SDE by default) instead, which
-makes it Flow-GRPO without the KL term and with DDPO's running statistics.
+DDPO is for DDPM-family (UNet) models. Flow models (the toy model, SD3, FLUX, Wan) have no DDIM
+posterior: on one, the trainer stops with a one-line error that names ``flow_grpo``, the trainer
+of the same clipped objective over flow SDE steps.
 """
 
 from __future__ import annotations
 
 import random
-import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from align.advantages import RunningPromptStats
 from align.config import ConfigError
 from align.runtime import prompts_for_iteration
-from align.sampling.kernels import KERNELS
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
+from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
                                    reward_metrics, sample_and_score, start_run)
 
 
 @dataclass
 class DDPOConfig(TrainerConfig):
+    trainer: str = "ddpo"
     #: DDIM with eta = 1 (the DDPO paper samples 50 steps with CFG 5; 20 keeps CPU runs short)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=20, kernel="ddim",
                                                                          kernel_params={"eta": 1.0}))
@@ -59,12 +58,10 @@ class DDPOConfig(TrainerConfig):
     #: rollout rows per optimizer step (null: all rows of the iteration; the on-policy ratios are then
     #: exactly 1, while a smaller batch changes the model's float rounding slightly)
     train_batch_size: int | None = None
-    #: stochastic kernel used on flow models when rollout.kernel is "ddim" (there, consider
-    #: train_last_step: false, as the flow trainers do: the last flow SDE step is very sharp)
-    flow_kernel: str = "flow_grpo"
 
 
 def check_config(config: DDPOConfig) -> None:
+    check_names(config)
     if config.rollout.kernel == "ode":
         raise ConfigError("rollout.kernel 'ode' records no log-probs; DDPO needs a stochastic kernel (ddim)")
     if config.clip_range <= 0:
@@ -80,24 +77,17 @@ def check_config(config: DDPOConfig) -> None:
         raise ConfigError(f"inner_epochs must be >= 1, got {config.inner_epochs}")
     if config.train_batch_size is not None and config.train_batch_size < 1:
         raise ConfigError(f"train_batch_size must be >= 1, got {config.train_batch_size}")
-    if config.flow_kernel not in KERNELS or KERNELS[config.flow_kernel][1] != "flow":
-        valid = sorted(k for k, (_, kind) in KERNELS.items() if kind == "flow" and k != "ode")
-        raise ConfigError(f"flow_kernel must be one of {valid}, got {config.flow_kernel!r}")
 
 
-def resolve_rollout(config: DDPOConfig, schedule_kind: str) -> RolloutConfig:
-    """The rollout config for this model: on a flow model the DDIM kernel becomes ``flow_kernel``
-    (with a warning); any other mismatch fails with the kernel registry's message."""
-    rollout_config = config.rollout
-    if schedule_kind == "flow" and rollout_config.kernel == "ddim":
-        warnings.warn(f"DDPO's DDIM kernel needs a DDPM-family (UNet) model; this is a flow model, so "
-                      f"rollouts use the {config.flow_kernel!r} SDE kernel instead", stacklevel=2)
-        rollout_config = replace(rollout_config, kernel=config.flow_kernel, kernel_params={})
-    kernel_kind = KERNELS.get(rollout_config.kernel, (None, schedule_kind))[1]
-    if kernel_kind != schedule_kind:
-        raise ConfigError(f"rollout.kernel {rollout_config.kernel!r} is for {kernel_kind} models; this model "
-                          f"uses a {schedule_kind} schedule")
-    return rollout_config
+def check_ddpm_model(model_name: str, schedule_kind: str | None = None) -> None:
+    """DDPO needs a DDPM-family (UNet) model: a flow model is a one-line error naming the trainer to
+    use. Checked on the adapter's name before it loads, and on its schedule once it has."""
+    from pipelines.registry import FLOW_ADAPTERS
+
+    if schedule_kind == "flow" or (schedule_kind is None and model_name in FLOW_ADAPTERS):
+        raise ConfigError(f"model.name: ddpo trains DDPM-family (UNet) models (sd, sdxl); {model_name!r} is a "
+                          f"flow-matching model: use `align train flow_grpo` (the same clipped objective over "
+                          f"flow SDE steps)")
 
 
 def trained_steps(config: DDPOConfig, transitions, num_steps: int, rng: random.Random) -> list[int]:
@@ -128,11 +118,14 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
     from accelerate.utils import gather_object
 
     check_config(config)
+    if adapter is None:  # before anything loads: the adapter's name, or (given) its schedule
+        check_ddpm_model(config.model.name)
+    else:
+        size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
+        check_ddpm_model(adapter.name, adapter.schedule(1, latent_shape=adapter.latent_shape(**size)).kind)
     run, reward, heldout, prompts = start_run(config, adapter)
     adapter, accelerator = run.adapter, run.accelerator
-    size = run.latent_kwargs
-    schedule_kind = adapter.schedule(1, latent_shape=adapter.latent_shape(**size)).kind
-    rollout_config = resolve_rollout(config, schedule_kind)
+    rollout_config = config.rollout
     # the per-prompt reward buffers live in the checkpointed run state (restored on resume); the
     # tracker updates that very dict in place, so every checkpoint holds the current buffers
     stats_tracker = RunningPromptStats(config.stats_buffer, config.stats_min_count)

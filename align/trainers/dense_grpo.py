@@ -21,12 +21,13 @@ from align.advantages import dense_step_gains, per_step_advantages
 from align.config import ConfigError
 from align.runtime import iteration_generator, prompts_for_iteration
 from align.sampling.rollout import RolloutConfig, rollout
-from align.trainers.common import (TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
+from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
                                    reward_metrics, start_run)
 
 
 @dataclass
 class DenseGRPOConfig(TrainerConfig):
+    trainer: str = "dense_grpo"
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
     clip_range: float = 1e-4
     kl_beta: float = 0.0
@@ -45,6 +46,7 @@ class DenseGRPOConfig(TrainerConfig):
 
 
 def check_config(config: DenseGRPOConfig) -> None:
+    check_names(config)
     if config.adv_scope not in ("group", "batch"):
         raise ConfigError(f"adv_scope must be 'group' or 'batch', got {config.adv_scope!r}")
     if config.rollout.split_steps or config.rollout.branch_steps:
@@ -103,8 +105,8 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
         # 2. per-step gains -> per-step advantages (statistics over the global batch)
         gains = run.gather(dense_step_gains(table))
         groups = run.gather(result.prompt_index + accelerator.process_index * config.prompts_per_iteration)
-        advantages = per_step_advantages(gains, groups if config.adv_scope == "group" else None,
-                                         clip=config.adv_clip)
+        advantages, _ = per_step_advantages(gains, groups if config.adv_scope == "group" else None,
+                                            clip=config.adv_clip)
         rows = table.shape[0]
         local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
         advantages = advantages[local].to(accelerator.device)

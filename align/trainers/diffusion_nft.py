@@ -30,16 +30,17 @@ import torch
 from torch import Tensor
 
 from align.config import ConfigError
-from align.losses import flow_matching_target, nft_loss
+from align.losses import flow_matching_target, nft_loss, weighted_mean
 from align.runtime import prompts_for_iteration
 from align.sampling.kernels import reduce_elements
 from align.sampling.rollout import RolloutConfig, predict_in_chunks
-from align.trainers.common import (TrainLog, TrainerConfig, end_iteration, finish_run, group_batch_advantages,
+from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, group_batch_advantages,
                                    progress, reward_metrics, sample_and_score, start_run)
 
 
 @dataclass
 class DiffusionNFTConfig(TrainerConfig):
+    trainer: str = "diffusion_nft"
     #: any solver; the paper samples deterministically and without CFG (guidance 1)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="ode",
                                                                          guidance_scale=1.0))
@@ -79,6 +80,7 @@ class DiffusionNFTConfig(TrainerConfig):
 
 
 def check_config(config: DiffusionNFTConfig) -> None:
+    check_names(config)
     choices = {"adv_std": ("group", "global"), "multi_reward": ("sum_rewards", "sum_advantages"),
                "t_distribution": ("uniform", "logit_normal", "schedule"),
                "loss_weighting": ("velocity", "adaptive")}
@@ -149,7 +151,7 @@ def flow_timestep_scale(adapter, num_steps: int, size: dict) -> float:
 
 
 def adaptive_nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality: Tensor, beta: float,
-                      t: Tensor) -> Tensor:
+                      t: Tensor, weights: Tensor | None = None) -> Tensor:
     """The NFT loss with each term measured in x0 space (x0_hat - x0 = -t (v± - v)) and divided by
     its own detached mean absolute error: r e+^2 / sg(|e+|) + (1 - r) e-^2 / sg(|e-|)."""
     t = t.reshape(-1, *([1] * (v_theta.ndim - 1))).float()
@@ -161,7 +163,7 @@ def adaptive_nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality
         scale = reduce_elements(err.detach().abs()).clamp_min(1e-5)
         return reduce_elements(err**2) / scale
 
-    return (optimality * term(v_pos) + (1 - optimality) * term(v_neg)).mean()
+    return weighted_mean(optimality * term(v_pos) + (1 - optimality) * term(v_neg), weights)
 
 
 class SamplingPolicy:
@@ -243,9 +245,14 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
             cond, result, scores = sample_and_score(run, config, reward, batch_prompts, config.rollout, iteration)
 
         # 2. advantages over the gathered batch -> optimality r in [0, 1]
-        advantages, _, named = group_batch_advantages(run, config, reward, scores, result.prompt_index)
+        groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration
+        advantages, _, named, valid = group_batch_advantages(run, reward, scores, groups, std=config.adv_std,
+                                                             clip=config.adv_clip, multi_reward=config.multi_reward)
         rows = len(advantages)
         r = optimality(advantages, config.adv_clip).to(device)
+        # unscored samples carry no signal: weight 0 in the loss (every process still runs every call)
+        scored = scores.valid_mask()
+        sample_weights = None if bool(scored.all()) else scored.float().to(device)
 
         # 3. re-noise: item j = sample j // K at its (j % K)-th t; v_old with the old weights
         with run.phase("renoise"), torch.no_grad():
@@ -276,9 +283,10 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
                             r_items = r[samples]
                             if config.loss_weighting == "adaptive":
                                 loss = adaptive_nft_loss(v_theta, v_old[items], target[items], r_items, config.beta,
-                                                         t[items])
+                                                         t[items], weights=None if sample_weights is None else sample_weights[samples])
                             else:
-                                loss = nft_loss(v_theta, v_old[items], target[items], r_items, config.beta)
+                                loss = nft_loss(v_theta, v_old[items], target[items], r_items, config.beta,
+                                                weights=None if sample_weights is None else sample_weights[samples])
                             if config.kl_beta > 0:
                                 with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
                                     v_ref = adapter.predict(x_t[items], t[items] * scale, c).float()
@@ -294,11 +302,11 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
         old.update(decay)
 
         # 6. bookkeeping (NFE: sampling plus the v_old evaluations)
-        metrics = reward_metrics(named)
+        metrics = reward_metrics(named, valid)
         metrics.update({"optimality/mean": float(r.mean()), "optimality/abs_dev": float((r - 0.5).abs().mean()),
                         "policy/ema_decay": decay, "policy/weight_distance": old.distance()})
         metrics.update(log.metrics())
-        bar.set_postfix(reward=f"{float(scores.total.mean()):.3f}")
+        bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe + rows * K)
     return finish_run(config, run, reward, heldout)
 

@@ -17,13 +17,14 @@ import torch
 from align.config import ConfigError
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (TrainLog, TrainerConfig, end_iteration, finish_run, group_batch_advantages,
+from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, group_batch_advantages,
                                    ppo_transition_loss, progress, reward_metrics, sample_and_score, start_run,
                                    train_rows)
 
 
 @dataclass
 class FlowGRPOConfig(TrainerConfig):
+    trainer: str = "flow_grpo"
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
     #: PPO clip range on the per-step ratio (log-probs are element means, so it is tiny)
     clip_range: float = 1e-4
@@ -52,6 +53,7 @@ class FlowGRPOConfig(TrainerConfig):
 
 
 def check_config(config: FlowGRPOConfig) -> None:
+    check_names(config)
     choices = {"adv_std": ("group", "global"), "multi_reward": ("sum_rewards", "sum_advantages"),
                "window_mode": ("random", "sliding")}
     for key, valid in choices.items():
@@ -99,7 +101,9 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         cond, result, scores = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration)
 
         # 2. advantages from the global batch (groups = prompts, made unique across processes)
-        advantages, keep, named = group_batch_advantages(run, config, reward, scores, result.prompt_index)
+        groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration
+        advantages, keep, named, valid = group_batch_advantages(run, reward, scores, groups, std=config.adv_std,
+                                                                clip=config.adv_clip, multi_reward=config.multi_reward)
         advantages = advantages.to(accelerator.device)
 
         # 3. PPO over the trained steps of the kept rows
@@ -130,12 +134,12 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
             run.state.extra["guard_std"] = sum(stats["log_ratio_std"]) / len(stats["log_ratio_std"])
 
         # 4. bookkeeping
-        metrics = reward_metrics(named)
+        metrics = reward_metrics(named, valid)
         metrics.update({"advantage/mean": float(advantages.mean()),
                         "advantage/abs_mean": float(advantages.abs().mean()),
                         "advantage/kept_fraction": float(keep.float().mean())})
         metrics.update(stats.metrics())
-        bar.set_postfix(reward=f"{float(scores.total.mean()):.3f}")
+        bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
 

@@ -21,12 +21,13 @@ from align.advantages import group_advantages
 from align.config import ConfigError
 from align.runtime import iteration_generator, prompts_for_iteration
 from align.sampling.rollout import RolloutConfig, rollout
-from align.trainers.common import (TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
+from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
                                    reward_metrics, start_run, train_rows)
 
 
 @dataclass
 class TempFlowGRPOConfig(TrainerConfig):
+    trainer: str = "tempflow_grpo"
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
     #: stochastic children per branch step
     branches_per_step: int = 4
@@ -44,6 +45,7 @@ class TempFlowGRPOConfig(TrainerConfig):
 
 
 def check_config(config: TempFlowGRPOConfig) -> None:
+    check_names(config)
     if config.branches_per_step < 2:
         raise ConfigError("branches_per_step must be >= 2: siblings are compared with each other")
     bad = [s for s in config.branch_steps or [] if not 0 <= s < config.rollout.num_steps]
