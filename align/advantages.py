@@ -70,10 +70,14 @@ def mixed_advantages(rewards: dict[str, Tensor], weights: dict[str, float], grou
 
 
 def fuse_leaf_rewards(leaf_rewards: Tensor, node_of_leaf: Tensor, num_nodes: int, *,
-                      mode: str = "mean", leaf_log_probs: Tensor | None = None) -> Tensor:
+                      mode: str = "mean", leaf_log_probs: Tensor | None = None,
+                      valid: Tensor | None = None) -> Tensor:
     """Reward of each internal node from its leaves: the mean, or ("logp") sum_l softmax(logp)_l r_l
-    over the node's leaves, where logp is each leaf's path log-prob below the node."""
+    over the node's leaves, where logp is each leaf's path log-prob below the node. Only ``valid``
+    (scored) leaves enter; a node without one gets 0 (see :func:`nodes_with_valid_leaves`)."""
     leaf_rewards = leaf_rewards.float()
+    if valid is not None:
+        leaf_rewards = torch.where(valid.bool(), leaf_rewards, torch.zeros_like(leaf_rewards))
     if mode == "mean":
         weights = torch.ones_like(leaf_rewards)
     elif mode == "logp":
@@ -86,16 +90,23 @@ def fuse_leaf_rewards(leaf_rewards: Tensor, node_of_leaf: Tensor, num_nodes: int
         weights = torch.exp(lp - node_max[node_of_leaf])
     else:
         raise ValueError(f"mode must be 'mean' or 'logp', got {mode!r}")
+    if valid is not None:
+        weights = weights * valid.float()
     num = torch.zeros(num_nodes, device=leaf_rewards.device).index_add_(0, node_of_leaf, weights * leaf_rewards)
     den = torch.zeros(num_nodes, device=leaf_rewards.device).index_add_(0, node_of_leaf, weights)
-    return num / den
+    return num / den if valid is None else torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
+
+
+def nodes_with_valid_leaves(node_of_leaf: Tensor, num_nodes: int, valid: Tensor) -> Tensor:
+    """(num_nodes,) bool: nodes with at least one scored leaf."""
+    return torch.zeros(num_nodes).index_add_(0, node_of_leaf.cpu(), valid.float().cpu()) > 0
 
 
 def depth_advantages(node_rewards: Tensor, tree_ids: Tensor, eps: float = 1e-4,
-                     clip: float | None = 5.0) -> Tensor:
-    """Advantage of every node at one depth, normalised among the nodes of that depth within its
-    tree: (r - mean) / (std + eps)."""
-    advantages, _ = group_advantages(node_rewards, tree_ids, eps=eps, clip=clip)
+                     clip: float | None = 5.0, valid: Tensor | None = None) -> Tensor:
+    """Advantage of every node at one depth, normalised among the (``valid``) nodes of that depth
+    within its tree: (r - mean) / (std + eps)."""
+    advantages, _ = group_advantages(node_rewards, tree_ids, eps=eps, clip=clip, valid=valid)
     return advantages
 
 

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from align.advantages import depth_advantages, fuse_leaf_rewards, group_advantages, group_stats
+from align.advantages import fuse_leaf_rewards, group_advantages, nodes_with_valid_leaves
 from align.config import ConfigError
 from align.losses import mean_kl, ppo_clip_loss
 from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompts_for_iteration
@@ -229,34 +229,38 @@ class NodeTargets(NamedTuple):
 
 def node_targets(result: Rollout, leaf_rewards: Tensor, *, variant: str = "branch_grpo", fusion: str = "mean",
                  temperature: float = 1.0, group_of_tree: Tensor | None = None, std: str = "group",
-                 eps: float = 1e-4, clip: float | None = 5.0) -> dict[int, NodeTargets]:
+                 eps: float = 1e-4, clip: float | None = 5.0,
+                 leaf_valid: Tensor | None = None) -> dict[int, NodeTargets]:
     """For every recorded main transition (step s): the targets of its rows' child nodes.
 
     The child of row r is the node r after step s; its leaves are the leaves whose ancestor at step
     s + 1 is r. ``group_of_tree`` maps a tree (row of the prompt batch) to its normalisation group
-    (default: each tree alone); ``std``: "group" or "global" (the std of all nodes of the depth)."""
+    (default: each tree alone); ``std``: "group" or "global" (the std of all nodes of the depth).
+    ``leaf_valid``: the scored leaves; unscored ones enter no fusion, and a node without a scored
+    leaf is dropped from its depth's group."""
     leaf_rewards = leaf_rewards.float().cpu()
+    leaf_valid = torch.ones_like(leaf_rewards, dtype=torch.bool) if leaf_valid is None else leaf_valid.bool().cpu()
     leaf_tree = result.prompt_index.cpu()
     group_of_tree = torch.arange(int(leaf_tree.max()) + 1) if group_of_tree is None else group_of_tree.cpu()
     below = leaf_path_log_probs(result) / temperature if fusion == "logp" else None
     leaf_adv = leaf_keep = None
     if variant == "tree_grpo":
-        leaf_adv, leaf_keep = group_advantages(leaf_rewards, group_of_tree[leaf_tree], std=std, eps=eps, clip=clip)
+        leaf_adv, leaf_keep = group_advantages(leaf_rewards, group_of_tree[leaf_tree], std=std, eps=eps, clip=clip,
+                                               valid=leaf_valid)
     out = {}
     for t in result.main_transitions():
         nodes = len(t.rows)
         node_of_leaf = result.ancestor(t.step + 1)
         lp = None if below is None else below[t.step + 1]
         groups = group_of_tree[t.prompt_index.cpu()]
+        node_valid = nodes_with_valid_leaves(node_of_leaf, nodes, leaf_valid)
         if variant == "branch_grpo":
-            reward = fuse_leaf_rewards(leaf_rewards, node_of_leaf, nodes, mode=fusion, leaf_log_probs=lp)
-            if std == "group":
-                advantage = depth_advantages(reward, groups, eps=eps, clip=clip)
-                keep = group_stats(reward, groups)[1] > 0
-            else:
-                advantage, keep = group_advantages(reward, groups, std=std, eps=eps, clip=clip)
+            reward = fuse_leaf_rewards(leaf_rewards, node_of_leaf, nodes, mode=fusion, leaf_log_probs=lp,
+                                       valid=leaf_valid)
+            advantage, keep = group_advantages(reward, groups, std=std, eps=eps, clip=clip, valid=node_valid)
         else:
-            reward = fuse_leaf_rewards(leaf_adv, node_of_leaf, nodes, mode=fusion, leaf_log_probs=lp)
+            reward = fuse_leaf_rewards(leaf_adv, node_of_leaf, nodes, mode=fusion, leaf_log_probs=lp,
+                                       valid=leaf_valid)
             advantage = reward
             keep = torch.zeros(nodes).index_add_(0, node_of_leaf, leaf_keep.float()) > 0
         out[t.step] = NodeTargets(reward, advantage, keep)
@@ -320,14 +324,15 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
             leaf_tree = result.prompt_index.cpu()
             leaf_prompts = [batch_prompts[int(tree_prompt[i])] for i in leaf_tree.tolist()]
             scores = reward(pixels, leaf_prompts)
-            leaf_rewards = scores.total.float().cpu()
+            leaf_rewards, leaf_valid = scores.total.float().cpu(), scores.valid_mask().cpu()
 
         # 2. node rewards and advantages per depth (trees never span processes: no gather needed)
         group_of_tree = torch.arange(num_trees) if config.adv_group == "tree" else tree_prompt
         targets = node_targets(result, leaf_rewards, variant=config.variant, fusion=config.fusion,
                                temperature=config.fusion_temperature, group_of_tree=group_of_tree,
-                               std=config.adv_std, clip=config.adv_clip)
-        kept_leaves = width_kept_leaves(leaf_rewards, leaf_tree, config.width_keep_fraction, config.width_keep)
+                               std=config.adv_std, clip=config.adv_clip, leaf_valid=leaf_valid)
+        ranked = torch.where(leaf_valid, leaf_rewards, leaf_rewards[leaf_valid].mean() if leaf_valid.any() else 0.0)
+        kept_leaves = width_kept_leaves(ranked, leaf_tree, config.width_keep_fraction, config.width_keep) & leaf_valid
         last_depth = len(set(split_steps))
         transitions, edge_rows = {}, {}
         for t in result.main_transitions():
@@ -389,14 +394,15 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
                         stats.step(run)
 
         # 4. bookkeeping
-        metrics = reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()})
+        metrics = reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()},
+                                 run.gather(leaf_valid))
         trained_adv = [targets[s].advantage[edge_rows[s]] for s in steps]
         trained_adv = torch.cat(trained_adv) if trained_adv else torch.zeros(0)
         metrics.update({"advantage/abs_mean": float(trained_adv.abs().mean()) if len(trained_adv) else 0.0,
                         "tree/leaves": float(len(leaf_rewards)), "tree/nfe_per_leaf": result.nfe / len(leaf_rewards),
                         "tree/edges_trained": float(edges_trained)})
         metrics.update(stats.metrics())
-        bar.set_postfix(reward=f"{float(leaf_rewards.mean()):.3f}")
+        bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
 

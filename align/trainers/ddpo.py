@@ -101,15 +101,19 @@ def trained_steps(config: DDPOConfig, transitions, num_steps: int, rng: random.R
 
 
 def ddpo_advantages(config: DDPOConfig, stats: RunningPromptStats, prompts: list[str],
-                    rewards: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Advantages of the gathered batch, clipped; and the fraction of rows normalised with their
-    prompt's own running statistics (the rest used the batch statistics)."""
+                    rewards: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Advantages of the gathered batch, clipped (unscored rows, ``valid`` False, get 0 and stay
+    out of every statistic); and the fraction of rows normalised with their prompt's own running
+    statistics (the rest used the batch statistics)."""
     rewards = rewards.float()
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
     if config.per_prompt_stats:
-        advantages = stats.advantages(prompts, rewards)
-        own = sum(len(stats.history[p]) >= stats.min_count for p in prompts) / max(1, len(prompts))
+        advantages = stats.advantages(prompts, rewards, valid=valid)
+        own = sum(len(stats.history.get(p, ())) >= stats.min_count for p in prompts) / max(1, len(prompts))
     else:
-        advantages = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
+        clean = torch.where(valid, rewards, torch.zeros_like(rewards))
+        mean, std = clean[valid].mean(), clean[valid].std(unbiased=False)
+        advantages = torch.where(valid, (clean - mean) / (std + 1e-6), torch.zeros_like(clean))
         own = 0.0
     return advantages.clamp(-config.adv_clip, config.adv_clip), float(own)
 
@@ -144,7 +148,8 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
         # 2. advantages from the gathered batch; every process updates the same statistics
         all_rewards = run.gather(scores.total.float())
         all_prompts = gather_object(sample_prompts) if accelerator.num_processes > 1 else sample_prompts
-        advantages, own_stats = ddpo_advantages(config, stats_tracker, all_prompts, all_rewards)
+        all_valid = run.gather(scores.valid_mask())
+        advantages, own_stats = ddpo_advantages(config, stats_tracker, all_prompts, all_rewards, all_valid)
         rows = len(sample_prompts)
         local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
         advantages = advantages[local].to(accelerator.device)
@@ -176,13 +181,13 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
 
         # 4. bookkeeping
         metrics = reward_metrics({**{k: run.gather(v.float()) for k, v in scores.scores.items()},
-                                  **({"total": all_rewards} if len(scores.scores) > 1 else {})})
+                                  **({"total": all_rewards} if len(scores.scores) > 1 else {})}, all_valid)
         metrics.update({"advantage/abs_mean": float(advantages.abs().mean()),
                         "stats/per_prompt_fraction": own_stats, "stats/prompts_tracked": len(stats_tracker.history),
                         "train/trained_steps": len(steps)})
         metrics.update({f"train/on_policy_{k}": v for k, v in on_policy.items()})
         metrics.update(log.metrics())
-        bar.set_postfix(reward=f"{float(all_rewards.mean()):.3f}")
+        bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
 

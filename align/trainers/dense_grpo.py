@@ -101,12 +101,17 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
             scores = reward(final_pixels, final_prompts)
             branch_scores = reward(branch_pixels, [batch_prompts[i] for i in result.branch_prompt_index.tolist()])
             table = completion_rewards(result, scores.total.float().cpu(), branch_scores.total.float().cpu())
+            scored = completion_rewards(result, scores.valid_mask().float().cpu(),
+                                        branch_scores.valid_mask().float().cpu()) > 0
 
-        # 2. per-step gains -> per-step advantages (statistics over the global batch)
+        # 2. per-step gains -> per-step advantages (statistics over the global batch); a gain needs
+        # both its completions scored, an unscored one is dropped from its step's group
+        gain_valid = run.gather(scored[:, 1:] & scored[:, :-1])
         gains = run.gather(dense_step_gains(table))
+        gains = torch.where(gain_valid, gains, torch.zeros_like(gains))
         groups = run.gather(result.prompt_index + accelerator.process_index * config.prompts_per_iteration)
         advantages, _ = per_step_advantages(gains, groups if config.adv_scope == "group" else None,
-                                            clip=config.adv_clip)
+                                            clip=config.adv_clip, valid=gain_valid)
         rows = table.shape[0]
         local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
         advantages = advantages[local].to(accelerator.device)
@@ -135,11 +140,13 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
             for step, scale in zip(steps, scales):
                 run.state.extra["noise_scales"][step] = scale
 
-        metrics = reward_metrics({k: run.gather(v) for k, v in scores.scores.items()})
+        metrics = reward_metrics({k: run.gather(v) for k, v in scores.scores.items()},
+                                 run.gather(scores.valid_mask()))
+        metrics["dense/unscored_gains"] = float((~gain_valid).sum())
         metrics.update({f"dense/gain_std/step{t}": float(gains[:, t].std(unbiased=False)) for t in range(num_steps)})
         metrics.update({f"dense/noise_scale/step{t}": s for t, s in enumerate(run.state.extra["noise_scales"])})
         metrics.update(stats.metrics())
-        bar.set_postfix(reward=f"{float(scores.total.mean()):.3f}")
+        bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
 

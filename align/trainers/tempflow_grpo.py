@@ -89,8 +89,9 @@ def train(config: TempFlowGRPOConfig, adapter=None) -> dict[str, float]:
         main_rows = result.samples.shape[0]
         sibling_group = (result.branch_parent + accelerator.process_index * main_rows) * len(result.schedule) \
             + result.branch_origin
+        valid = run.gather(scores.valid_mask())  # an unscored child is dropped from its siblings
         advantages, keep = group_advantages(run.gather(scores.total.float()), run.gather(sibling_group),
-                                            clip=config.adv_clip)
+                                            clip=config.adv_clip, valid=valid)
         local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
         advantages, keep = advantages[local].to(accelerator.device), keep[local]
 
@@ -114,10 +115,10 @@ def train(config: TempFlowGRPOConfig, adapter=None) -> dict[str, float]:
                     stats.add(loss, **ppo)
                 stats.step(run)
 
-        metrics = reward_metrics({k: run.gather(v) for k, v in scores.scores.items()})
+        metrics = reward_metrics({k: run.gather(v) for k, v in scores.scores.items()}, valid)
         metrics.update({"advantage/kept_fraction": float(keep.float().mean())})
         metrics.update(stats.metrics())
-        bar.set_postfix(reward=f"{float(scores.total.mean()):.3f}")
+        bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
 

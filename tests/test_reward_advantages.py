@@ -1,0 +1,174 @@
+"""Rewards -> advantages through real trainer runs: a combination of a one-dimension and a
+multi-dimension reward trains exactly its total (``sum_rewards``) or the weighted sum of its
+top-level rewards' advantages (``sum_advantages``); unscored samples (the reward's valid flag)
+are dropped from their groups and NaN never reaches advantages, losses or the summary."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from align.advantages import group_advantages
+from align.config import load_config
+from align.trainers import trainer_module
+from rewards.base import Reward, register_reward
+from tests.conftest import GaussianAdapter, GaussianDDPMAdapter
+
+#: every call of the test rewards, in order: (samples' brightness, output dict)
+CALLS: list[dict] = []
+
+
+@register_reward("test_adv_bright")
+class Bright(Reward):
+    """One dimension: mean brightness."""
+
+    def score(self, samples, prompts, **context):
+        out = {"score": samples.mean(dim=(1, 2, 3))}
+        CALLS.append({"reward": "bright", **out})
+        return out
+
+
+@register_reward("test_adv_two_dims")
+class TwoDims(Reward):
+    """Two dimensions: brightness of the first channel and contrast (std) of the image."""
+
+    dimensions = ("red", "contrast")
+
+    def score(self, samples, prompts, **context):
+        out = {"red": samples[:, 0].mean(dim=(1, 2)), "contrast": samples.flatten(1).std(1)}
+        CALLS.append({"reward": "two_dims", **out})
+        return out
+
+
+#: rows of every scored batch of 8 that the partial reward cannot score (group 0 keeps one member)
+UNSCORED = (0, 1, 2, 5)
+
+
+@register_reward("test_adv_partial")
+class Partial(Reward):
+    """Brightness, but NaN (and flagged invalid) on rows UNSCORED of each batch of 8."""
+
+    def score(self, samples, prompts, **context):
+        score = samples.mean(dim=(1, 2, 3)).clone()
+        valid = torch.ones(len(score), dtype=torch.bool)
+        for row in range(len(score)):
+            if row % 8 in UNSCORED:
+                valid[row] = False
+                score[row] = float("nan")
+        CALLS.append({"reward": "partial", "score": score, "valid": valid})
+        return {"score": score, "_valid": valid}
+
+
+def run(trainer, tmp_path, rewards, *extra, spy_on="ppo_transition_loss", monkeypatch=None):
+    """One iteration of 2 prompts x 4 samples on the analytic model; returns the advantages each
+    trained row got (row -> advantage) and the metrics rows."""
+    module = trainer_module(trainer)
+    config = load_config(module.CONFIG, None, [
+        f"rewards={rewards}", "prompts=['0.3','0.6']", "eval_prompts=['0.5']", "iterations=1", "group_size=4",
+        "prompts_per_iteration=2", "lora.enabled=false", f"run.output_dir={tmp_path}", "run.log_with=none",
+        "run.progress=false", "run.eval_per_prompt=8", "rollout.num_steps=4", *extra])
+    seen: dict[int, float] = {}
+    if spy_on == "ppo_transition_loss":
+        original = module.ppo_transition_loss
+
+        def spy(run_, part, cond, schedule, rollout_config, advantages, **kwargs):
+            for row, value in zip(part.rows.tolist(), advantages.tolist()):
+                seen[row] = value
+            return original(run_, part, cond, schedule, rollout_config, advantages, **kwargs)
+    else:  # diffusion_nft: the optimality weight is a function of the advantages
+        original = module.optimality
+
+        def spy(advantages, adv_clip):
+            seen.update(enumerate(advantages.tolist()))
+            return original(advantages, adv_clip)
+    monkeypatch.setattr(module, spy_on, spy)
+    CALLS.clear()
+    adapter = GaussianDDPMAdapter() if trainer == "ddpo" else GaussianAdapter(shape=(3, 4, 4))
+    summary = module.train(config, adapter=adapter)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return seen, rows, summary
+
+
+def training_scores(reward_name):
+    """The test reward's outputs on the training batch (the call after the first evaluation)."""
+    calls = [c for c in CALLS if c["reward"] == reward_name]
+    return calls[1]
+
+
+GROUPS = torch.arange(2).repeat_interleave(4)
+COMBINATION = "[{name: test_adv_bright, weight: 2.0}, {name: test_adv_two_dims, weight: 0.5, normalize: batch}]"
+
+
+@pytest.mark.parametrize("trainer, spy_on, options", [
+    ("flow_grpo", "ppo_transition_loss", ["kl_beta=0"]),
+    ("diffusion_nft", "optimality", ["adv_std=group"]),
+])
+def test_sum_rewards_trains_exactly_the_combinations_total(trainer, spy_on, options, tmp_path, monkeypatch):
+    seen, _, _ = run(trainer, tmp_path, COMBINATION, "multi_reward=sum_rewards", *options, spy_on=spy_on,
+                     monkeypatch=monkeypatch)
+    bright = training_scores("bright")["score"]
+    two = training_scores("two_dims")
+    multi_total = two["red"] + two["contrast"]
+    normalised = (multi_total - multi_total.mean()) / (multi_total.std(unbiased=False) + 1e-6)
+    expected, _ = group_advantages(2.0 * bright + 0.5 * normalised, GROUPS, std="group")
+    got = torch.tensor([seen[r] for r in range(8)])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trainer, spy_on", [("flow_grpo", "ppo_transition_loss"), ("diffusion_nft", "optimality")])
+def test_sum_advantages_sums_the_top_level_rewards_with_their_weights(trainer, spy_on, tmp_path, monkeypatch):
+    seen, _, _ = run(trainer, tmp_path, COMBINATION, "multi_reward=sum_advantages", "adv_std=group",
+                     *(["kl_beta=0"] if trainer == "flow_grpo" else []), spy_on=spy_on, monkeypatch=monkeypatch)
+    bright = training_scores("bright")["score"]
+    two = training_scores("two_dims")
+    a_bright, _ = group_advantages(bright, GROUPS)
+    a_multi, _ = group_advantages(two["red"] + two["contrast"], GROUPS)
+    expected = 2.0 * a_bright + 0.5 * a_multi
+    got = torch.tensor([seen[r] for r in range(8)])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unscored_rows_are_dropped_from_their_groups(tmp_path, monkeypatch):
+    """With the global std (where one NaN used to make every advantage NaN): group 0 keeps one
+    scored member and is dropped; group 1 is normalised over its three scored members; unscored
+    rows are never trained; the metrics count them."""
+    seen, rows, summary = run("flow_grpo", tmp_path, "[test_adv_partial]", "adv_std=global", "kl_beta=0",
+                              monkeypatch=monkeypatch)
+    scores = training_scores("partial")
+    assert sorted(seen) == [4, 6, 7]  # the trained rows: group 1's scored members
+    values = scores["score"][torch.tensor([4, 6, 7])]
+    global_std = scores["score"][torch.tensor([3, 4, 6, 7])].std(unbiased=False)  # over every scored row
+    expected = (values - values.mean()) / (global_std + 1e-4)
+    torch.testing.assert_close(torch.tensor([seen[r] for r in (4, 6, 7)]), expected, rtol=1e-5, atol=1e-5)
+    trained = next(m for m in rows if "train/loss" in m)
+    assert trained["reward/unscored"] == 4.0 and trained["advantage/kept_fraction"] == 3 / 8
+    assert all(math.isfinite(v) for m in rows for v in m.values())
+    assert math.isfinite(summary["reward_before"]) and math.isfinite(summary["reward_after"])
+
+
+@pytest.mark.parametrize("trainer, options", [
+    ("flow_grpo", ["adv_std=global"]), ("diffusion_nft", []), ("dense_grpo", []),
+    ("tempflow_grpo", ["group_size=1", "branches_per_step=4", "steps_per_iteration=2"]),
+    ("branch_grpo", ["group_size=0", "rollout.split_steps=[0,1,2]", "trees_per_prompt=1"]),
+    ("ddpo", ["per_prompt_stats=false"]),
+])
+def test_no_nan_reaches_training_or_the_summary(trainer, options, tmp_path, monkeypatch):
+    """Every trainer with a reward that cannot score half its samples: every logged value (losses,
+    advantages, rewards) and the summary are finite, and the unscored samples are counted."""
+    module = trainer_module(trainer)
+    config = load_config(module.CONFIG, None, [
+        "rewards=[test_adv_partial]", "prompts=['0.3','0.6']", "eval_prompts=['0.5']", "iterations=2",
+        "group_size=4", "prompts_per_iteration=2", "lora.enabled=false", f"run.output_dir={tmp_path}",
+        "run.log_with=none", "run.progress=false", "run.eval_per_prompt=8", "rollout.num_steps=4", *options])
+    adapter = GaussianDDPMAdapter() if trainer == "ddpo" else GaussianAdapter(shape=(3, 4, 4))
+    summary = module.train(config, adapter=adapter)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in rows if "train/loss" in m]
+    assert len(trained) == 2 and all(m["reward/unscored"] > 0 for m in trained)
+    bad = [(k, v) for m in rows for k, v in m.items() if not math.isfinite(v)]
+    assert not bad, bad
+    assert math.isfinite(summary["reward_before"]) and math.isfinite(summary["reward_after"])
+    assert torch.isfinite(adapter.denoiser.gain).all()
