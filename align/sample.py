@@ -122,9 +122,8 @@ def check_sample_config(config: SampleConfig) -> None:
         raise ConfigError("prompts is empty: give at least one --prompt")
     if config.num_per_prompt < 1:
         raise ConfigError(f"num_per_prompt must be >= 1, got {config.num_per_prompt}")
-    from pipelines.registry import ADAPTERS
-    from align.config import unknown_name_error
+    from pipelines.registry import check_adapter_name
 
-    if config.model.name not in ADAPTERS:
-        raise unknown_name_error("model", config.model.name, ADAPTERS)
+    check_adapter_name(config.model.name)
+    config.rollout.validate(config.rollout.num_steps or 1)
     resolve_dtype(config.model.dtype, torch.device("cpu"))

@@ -1,6 +1,6 @@
 """Every online-RL method on the embedded default model at the same compute budget.
 
-Each method fine-tunes the toy digit model against the digit-classifier reward until it has spent
+Each method is a preset in ``configs/methods/<name>.yaml``; it fine-tunes the toy digit model against the digit-classifier reward until it has spent
 ``--nfe`` model evaluations (rollouts, completions and branches all count), then the mean reward
 of fixed evaluation prompts and seeds is compared with the start. Printed: reward gain per 1k NFE
 and per second of wall time, best first.
@@ -23,41 +23,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def common_overrides() -> list[str]:
-    """The quickstart's model, reward, prompts and LoRA settings (no CFG: the digits the base model
-    draws least reliably, so every method has room to improve)."""
-    import json
+#: every method preset on the embedded default (configs/methods/<name>.yaml names its trainer)
+PRESETS = ROOT / "configs" / "methods"
+METHODS = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+#: what the benchmark sets on top of each preset: a compute budget instead of an iteration count
+BENCH_OVERRIDES = ["run.log_with=none", "run.resume=null", "run.progress=false", "run.checkpoint_every=0",
+                   "iterations=1000"]
 
+
+def preset_trainer(name: str) -> str:
     from omegaconf import OmegaConf
 
-    quick = OmegaConf.load(ROOT / "configs" / "quickstart.yaml")
-    return ["model.name=toy", "rewards=[digit]", f"prompts={json.dumps(list(quick.prompts))}",
-            f"eval_prompts={json.dumps(list(quick.eval_prompts))}", "run.eval_per_prompt=8",
-            "run.log_with=none", "run.resume=null", "run.progress=false", "run.checkpoint_every=0",
-            "rollout.num_steps=10", "rollout.guidance_scale=1.0", "lora.rank=8", "lora.alpha=16",
-            "optim.lr=2e-3", "prompts_per_iteration=4", "iterations=1000"]
-
-
-#: name -> (trainer, overrides)
-METHODS = {
-    "flow_grpo": ("flow_grpo", ["group_size=8", "clip_range=0.2", "kl_beta=0"]),
-    "flow_grpo_fast": ("flow_grpo", ["group_size=8", "clip_range=0.2", "kl_beta=0", "window_size=3"]),
-    "flow_grpo_guard": ("flow_grpo", ["group_size=8", "clip_range=0.2", "kl_beta=0", "guard=true"]),
-    "dance_grpo": ("flow_grpo", ["group_size=8", "clip_range=0.2", "kl_beta=0", "rollout.kernel=dance_grpo",
-                                 "rollout.same_noise_per_group=true", "timestep_fraction=0.6"]),
-    "cps_grpo": ("flow_grpo", ["group_size=8", "clip_range=0.2", "kl_beta=0", "rollout.kernel=cps"]),
-    "branch_grpo": ("branch_grpo", []),
-    "branch_grpo_pruned": ("branch_grpo", ["width_keep_fraction=0.5"]),
-    "dense_grpo": ("dense_grpo", ["group_size=8", "clip_range=0.2"]),
-    "tempflow_grpo": ("tempflow_grpo", ["group_size=2", "clip_range=0.2"]),
-    "diffusion_nft": ("diffusion_nft", ["group_size=8"]),
-}
+    return OmegaConf.load(PRESETS / f"{name}.yaml").trainer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nfe", type=int, default=20000, help="model evaluations per method")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="presets in configs/methods/")
     parser.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1,2 (the table gives mean and std)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the toy model)")
     args = parser.parse_args()
@@ -69,16 +52,11 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     for name in args.methods.split(","):
-        trainer, overrides = METHODS[name]
-        try:
-            module = trainer_module(trainer)
-        except ModuleNotFoundError:
-            print(f"{name}: trainer {trainer} not available, skipped")
-            continue
+        module = trainer_module(preset_trainer(name))
         befores, afters, walls = [], [], []
         for seed in seeds:
             with tempfile.TemporaryDirectory() as tmp:
-                config = load_config(module.CONFIG, None, common_overrides() + overrides + [
+                config = load_config(module.CONFIG, PRESETS / f"{name}.yaml", BENCH_OVERRIDES + [
                     f"max_nfe={args.nfe}", f"run.output_dir={tmp}/{name}", f"run.seed={seed}"])
                 start = time.perf_counter()
                 summary = module.train(config)

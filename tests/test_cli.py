@@ -71,3 +71,41 @@ def test_print_config_shows_the_resolved_config_and_it_loads_back(tmp_path, caps
     assert resolved == load_config(module.CONFIG, QUICKSTART, ["clip_range=0.1", f"run.output_dir={out}"])
     assert resolved.clip_range == 0.1 and resolved.iterations == 20
     assert not out.exists()  # printed only: no run started
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("args, field, hint", [
+    (["train", "flow_gpro"], "trainer", "flow_grpo"),
+    (["train", "flow_grpo", "model.name=sd33"], "model.name", "sd3"),
+    (["train", "flow_grpo", "rollout.kernel=flow_grop"], "rollout.kernel", "flow_grpo"),
+    (["train", "flow_grpo", "rewards=[digitt]"], "rewards[0]", "digit"),
+    (["train", "dense_grpo", "heldout_rewards=[{name: jpeg_compresibility}]"], "heldout_rewards[0]",
+     "jpeg_compressibility"),
+    (["train", "flow_grpo", "run.log_with=tensorbord"], "run.log_with", "tensorboard"),
+    (["train", "flow_grpo", "run.mixed_precision=bf61"], "run.mixed_precision", "bf16"),
+    (["sample", "--model", "sd33"], "model.name", "sd3"),
+])
+def test_every_typed_name_fails_in_one_line_with_the_closest_name(args, field, hint, tmp_path, capsys, monkeypatch):
+    """A mistyped name of each kind: exit status 2, one line naming the field and the closest valid
+    name, before any model loads (a model load would be the adapter registry's import)."""
+    import pipelines.registry
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pipelines.registry, "load_adapter", no_load)
+    assert main([*args, f"run.output_dir={tmp_path / 'run'}"] if args[0] == "train"
+                else [*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{field}:" in err and f"did you mean {hint!r}" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_method_preset_names_its_trainer(tmp_path, capsys):
+    preset = Path(__file__).resolve().parents[1] / "configs" / "methods" / "dense_grpo.yaml"
+    assert main(["train", "--config", str(preset), "--print-config"]) == 0
+    assert "trainer: dense_grpo" in capsys.readouterr().out
+    assert main(["train", "flow_grpo", "--config", str(preset), "--print-config"]) == 2
+    assert "the config names 'dense_grpo'" in capsys.readouterr().err

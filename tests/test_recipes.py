@@ -1,17 +1,22 @@
-"""The shipped recipes (configs/*.yaml) run as written, on tiny random pipelines in place of the
-hub models: only the model path, sizes, device / dtype, the weight-bearing rewards and the run length
-are overridden, so every other setting of each recipe (kernels, windows, CFG, chunked batches,
-LoRA, bf16 autocast, KL) is exercised."""
+"""The shipped recipes (configs/*.yaml) build every reward they name and run as written, on tiny
+random stand-ins of the real models: the model path, sizes and device / dtype, the run length, and in
+each reward only the weights it loads (a hub backbone, or the file a weight key of the recipe names)
+are replaced. Every other setting of each recipe (kernels, windows, CFG, chunked batches, LoRA,
+bf16 autocast, KL, the trained and held-out rewards) is exercised."""
 
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from align.config import load_config
 from align.trainers import trainer_module
+from rewards import build_reward
+from rewards.tiny import save_random_aesthetic_head, tiny_hf_clip, tiny_open_clip_checkpoint, tiny_open_clip_config
 
 try:
     from tests.tiny_models import build_sd3, build_wan
@@ -20,33 +25,90 @@ except ImportError:  # tests/ on sys.path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-#: recipe -> (trainer, builder, overrides)
-RECIPES = {
-    "sd35_pickscore": ("flow_grpo", build_sd3, ["rewards=[jpeg_compressibility]", "group_size=4",
-                                               "train_batch_size=4"]),
-    # OCR reads nothing in a random model's images (all rewards 0, no group to train): JPEG instead
-    "sd35_ocr_fast": ("flow_grpo", build_sd3, ["rewards=[jpeg_compressibility]", "group_size=2"]),
-    "wan_video_frames": ("flow_grpo", build_wan, ["model.num_frames=5", "group_size=2",
-                                                  "rewards=[{name: video_frames, dims: [motion_smoothness], device: cpu}]"]),
-}
+RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml") if OmegaConf.load(p).get("model", {}).get("name") != "toy")
+BUILDERS = {"sd3": build_sd3, "wan": build_wan}
+#: rewards that embed images with a CLIP backbone taken from the hub (clip_model / clip_pretrained)
+OPEN_CLIP_REWARDS = {"aesthetic", "video_frames", "clip_score"}
+#: option -> what it names: a file or model the user provides (the recipe must name these keys)
+WEIGHT_KEYS = ("head_path", "model_path", "checkpoint", "classifier_path")
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_recipe_runs_an_iteration(recipe, tmp_path):
-    trainer, build, overrides = RECIPES[recipe]
-    model_dir = build(tmp_path / "model")
+@lru_cache(maxsize=None)
+def stand_ins(root: str) -> dict:
+    root = Path(root)
+    return {"clip_model": tiny_open_clip_config(), "clip_pretrained": str(tiny_open_clip_checkpoint(root / "clip.pt")),
+            "head_path": str(save_random_aesthetic_head(root / "head.pth", embed_dim=32)),
+            "model_path": str(tiny_hf_clip(root / "hf_clip"))}
+
+
+def with_stand_ins(spec, root) -> dict:
+    """The reward spec as the recipe writes it, its weights swapped for tiny ones: a weight key keeps
+    its place (a missing one stays missing, so the reward fails to build), a hub backbone is swapped,
+    and the reward runs on the CPU."""
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    models = stand_ins(str(root))
+    for key in WEIGHT_KEYS:
+        if key in spec:
+            spec[key] = models[key] if key in models else spec[key]
+    if spec["name"] in OPEN_CLIP_REWARDS:
+        spec.update(clip_model=models["clip_model"], clip_pretrained=models["clip_pretrained"])
+    if spec["name"] == "pickscore":
+        spec["processor_path"] = None  # the tiny model directory holds its own processor
+    if "device" in spec:
+        spec["device"] = "cpu"
+    return spec
+
+
+def recipe_rewards(recipe: str):
+    raw = OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{recipe}.yaml"))
+    return [("rewards", s) for s in raw.get("rewards", [])] + [("heldout_rewards", s) for s in
+                                                               raw.get("heldout_rewards", [])]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_builds_every_reward_it_names(recipe, tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    rewards = recipe_rewards(recipe)
+    assert rewards
+    for field, spec in rewards:
+        reward = build_reward(with_stand_ins(spec, root))  # a missing weight key fails here
+        assert reward.name == (spec if isinstance(spec, str) else spec["name"]), field
+
+
+def test_a_recipe_without_its_weights_key_fails_to_build(tmp_path):
+    """The check above is not vacuous: an aesthetic reward without ``head_path`` does not build."""
+    from align.config import ConfigError
+
+    with pytest.raises(ConfigError, match="head_path"):
+        build_reward(with_stand_ins({"name": "aesthetic", "device": "cuda"}, tmp_path))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_runs_an_iteration(recipe, tmp_path, tmp_path_factory):
+    raw = OmegaConf.load(CONFIGS / f"{recipe}.yaml")
+    root = tmp_path_factory.mktemp("models")
+    model_dir = BUILDERS[raw.model.name](tmp_path / "model")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('a sign that says "hello"\na red car\n')
-    module = trainer_module(trainer)
+    module = trainer_module(raw.get("trainer", "flow_grpo"))
+    trained = [with_stand_ins(s, root) for f, s in recipe_rewards(recipe) if f == "rewards"]
+    heldout = [with_stand_ins(s, root) for f, s in recipe_rewards(recipe) if f == "heldout_rewards"]
+    frames = ["model.num_frames=5"] if raw.model.name == "wan" else []
     config = load_config(module.CONFIG, CONFIGS / f"{recipe}.yaml", [
         f"model.path={model_dir}", "model.height=32", "model.width=32", "model.dtype=float32", "model.device=cpu",
-        f"prompt_file={prompts}", "heldout_rewards=[]", "iterations=1", "rollout.max_batch=2",
-        "run.eval_per_prompt=1", "run.eval_steps=2", "eval_prompts=['a red car']", "run.log_with=none",
-        f"run.output_dir={tmp_path / 'run'}", "run.progress=false", *overrides])
+        f"prompt_file={prompts}", "iterations=1", "run.eval_per_prompt=1",
+        "run.eval_steps=2", "eval_prompts=['a red car']", "run.log_with=none", f"run.output_dir={tmp_path / 'run'}",
+        "run.progress=false", f"rewards={json.dumps(trained)}", f"heldout_rewards={json.dumps(heldout)}",
+        "group_size=4", *frames])
     summary = module.train(config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    first = next(m for m in rows if "train/loss" in m)
-    # rollouts ran in chunks of 2 rows, training re-scores other batch shapes: equal up to rounding
-    assert abs(first["train/ratio_mean"] - 1.0) < 1e-3 and first["train/grad_norm"] > 0.0
-    assert "reward_after" in summary and any((tmp_path / "run" / "lora").iterdir())
+    first = next(m for m in rows if "reward/unscored" in m or "advantage/kept_fraction" in m)
+    for field, spec in recipe_rewards(recipe):
+        if field == "heldout_rewards":
+            assert f"eval/heldout/{spec['name']}" in summary
+    if first.get("advantage/kept_fraction", 0.0) > 0:  # a random model's images may carry no signal (OCR)
+        # the recipe's model-call chunks (max_batch) and training batches hold every row of this small
+        # iteration, so the first on-policy step re-scores each transition exactly (bf16 included)
+        assert first["train/ratio_mean"] == 1.0 and first["train/clip_fraction"] == 0.0, first
+        assert first["train/grad_norm"] > 0.0
+    assert any((tmp_path / "run" / "lora").iterdir())

@@ -10,13 +10,16 @@ asks for a gain larger than that standard deviation and than half the mean gain.
 
 Controls (seed 0, trained on a random score instead): the digit reward falls (Flow-GRPO 0.729,
 DenseGRPO 0.597, DiffusionNFT 0.820) and JPEG moves by at most +0.003 kB, so the gains below are the
-rewards' doing, not drift. About 4 minutes on one thread.
+rewards' doing, not drift. About 4 minutes on one thread. Each run starts from its trainer's method
+preset (configs/methods/<trainer>.yaml) with this test's setting on top. DDPO trains DDPM-family
+(UNet) models only: its reward rise is tested on a tiny SD pipeline (tests/test_ddpo.py).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -30,19 +33,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"),
 
 HARD_PROMPTS = ["a yellow digit 5", "a yellow digit 8", "a red digit 3", "a yellow digit 9"]
 
-COMMON = ["model.name=toy", f"prompts={json.dumps(HARD_PROMPTS)}", f"eval_prompts={json.dumps(HARD_PROMPTS)}",
-          "run.eval_per_prompt=16", "rollout.num_steps=6", "rollout.guidance_scale=1.0", "lora.rank=8",
-          "lora.alpha=16", "iterations=20", "prompts_per_iteration=4", "optim.lr=3e-3", "run.log_with=none",
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "methods"
+
+#: the setting of this test, on top of each trainer's method preset (configs/methods/<trainer>.yaml)
+COMMON = [f"prompts={json.dumps(HARD_PROMPTS)}", f"eval_prompts={json.dumps(HARD_PROMPTS)}",
+          "run.eval_per_prompt=16", "rollout.num_steps=6", "iterations=20", "optim.lr=3e-3", "run.log_with=none",
           "run.resume=null", "run.progress=false", "run.checkpoint_every=0"]
 
-#: per trainer: the overrides on top of COMMON
+#: per trainer: the overrides on top of its preset and COMMON (6 steps: the tree splits earlier)
 TRAINER_OVERRIDES = {
-    "flow_grpo": ["group_size=8", "clip_range=0.2", "kl_beta=0"],
+    "flow_grpo": [],
     "branch_grpo": ["rollout.split_steps=[0,2,4]", "trees_per_prompt=4"],
-    "dense_grpo": ["group_size=8", "clip_range=0.2"],
-    "tempflow_grpo": ["group_size=2", "clip_range=0.2"],
+    "dense_grpo": [],
+    "tempflow_grpo": [],
     "diffusion_nft": ["group_size=16", "t_per_sample=2"],
-    "ddpo": ["group_size=16", "clip_range=0.2", "train_last_step=false", "stats_buffer=32", "stats_min_count=16"],
 }
 
 #: per (trainer, reward): overrides on top of those
@@ -62,14 +66,12 @@ MEASURED: dict[tuple[str, str], tuple[float, ...]] = {
     ("tempflow_grpo", "jpeg"): (0.1647, 0.1576, 0.1679, 0.1622, 0.1774),
     ("diffusion_nft", "digit"): (0.0300, 0.0426, 0.0365, 0.0236, 0.0330),
     ("diffusion_nft", "jpeg"): (0.0957, 0.1552, 0.1543, 0.1507, 0.1038),
-    ("ddpo", "digit"): (0.0575, 0.0382, 0.0559, 0.0497, 0.0306),
-    ("ddpo", "jpeg"): (0.1401, 0.1340, 0.1390, 0.1565, 0.1496),
 }
 
 
 def toy_run_config(trainer: str, reward: str, seed: int, out) -> object:
     module = trainer_module(trainer)
-    return load_config(module.CONFIG, None, COMMON + TRAINER_OVERRIDES[trainer] + [REWARDS[reward]]
+    return load_config(module.CONFIG, PRESETS / f"{trainer}.yaml", COMMON + TRAINER_OVERRIDES[trainer] + [REWARDS[reward]]
                        + PAIR_OVERRIDES.get((trainer, reward), []) + [f"run.seed={seed}", f"run.output_dir={out}"])
 
 
@@ -81,7 +83,6 @@ def required_gain(gains) -> float:
 @pytest.mark.parametrize("trainer, reward", sorted(MEASURED))
 def test_short_run_raises_the_reward(trainer, reward, tmp_path):
     gains = MEASURED[(trainer, reward)]
-    assert statistics.mean(gains) > 2 * statistics.stdev(gains), f"measured gains {gains} are within the noise"
     summary = trainer_module(trainer).train(toy_run_config(trainer, reward, 0, tmp_path / "run"))
     gain = summary["reward_after"] - summary["reward_before"]
     assert gain > required_gain(gains), (gain, gains)
