@@ -188,3 +188,81 @@ def test_step_noise_scales_scale_each_steps_std_and_rescore(gaussian_adapter):
         assert torch.equal(rescore(gaussian_adapter, t, cond, out.schedule, config).log_prob, t.log_prob)
     with pytest.raises(ConfigError, match="step_noise_scales has 2 entries"):
         rollout(gaussian_adapter, cond, RolloutConfig(num_steps=4, step_noise_scales=[1.0, 1.0]))
+
+
+# --- hooks and recorded kernel specs ---------------------------------------------------------------
+
+
+def test_euler_drift_moves_the_sample_and_reports_the_unguided_mean():
+    from align.sampling.kernels import euler_step
+
+    x, v, d = torch.randn(2, 3), torch.randn(2, 3), torch.full((2, 3), 0.25)
+    plain = euler_step(x, v, 0.6, 0.4)
+    guided = euler_step(x, v, 0.6, 0.4, mean_shift=d)
+    torch.testing.assert_close(guided.prev_sample, plain.prev_sample + d)
+    torch.testing.assert_close(guided.mean, plain.mean)  # as every stochastic kernel reports it
+
+
+def test_drift_hook_shifts_samples_while_transitions_keep_the_unguided_log_prob(gaussian_adapter):
+    """A drift of +d on the last ODE step moves every final sample by exactly d; a drift on every
+    SDE step raises the samples' mean, and each recorded transition still re-scores to its own
+    log-prob (the unguided mean's), so training on it distils the guidance."""
+    cond = encode(gaussian_adapter, ["1"])
+    seen = []
+
+    def last_step_drift(view):
+        seen.append((view.step, view.x0_hat.shape))
+        return torch.full_like(view.x, 0.3) if view.step == 3 else None
+
+    ode = RolloutConfig(num_steps=4, kernel="ode")
+    plain = rollout(gaussian_adapter, cond, ode, group_size=4, generator=torch.Generator().manual_seed(0))
+    moved = rollout(gaussian_adapter, cond, ode, group_size=4, generator=torch.Generator().manual_seed(0),
+                    drift=last_step_drift)
+    torch.testing.assert_close(moved.samples, plain.samples + 0.3)
+    assert [s for s, _ in seen] == [0, 1, 2, 3] and seen[0][1] == (4, 2, 4, 4)
+
+    sde = RolloutConfig(num_steps=6)
+    base = rollout(gaussian_adapter, cond, sde, group_size=64, generator=torch.Generator().manual_seed(1))
+    up = rollout(gaussian_adapter, cond, sde, group_size=64, generator=torch.Generator().manual_seed(1),
+                 drift=lambda view: torch.full_like(view.x, 0.05))
+    assert up.samples.mean() > base.samples.mean() + 0.1
+    for t in up.transitions:
+        assert torch.equal(rescore(gaussian_adapter, t, cond, up.schedule).log_prob, t.log_prob)
+        assert t.kernel == "flow_grpo" and t.params["noise_level"] == 0.7 and t.params["reduce"] == "mean"
+
+
+def test_select_hook_prunes_and_copies_rows_seeing_x0_hat(gaussian_adapter):
+    """Test-time pruning: after step 1 keep the 4 rows of 8 whose x0_hat is largest; after step 3
+    copy every kept row twice. The final rows, their prompts, the lineage and the NFE follow."""
+    cond = encode(gaussian_adapter, ["0", "2"])
+
+    def select(view):
+        if view.step == 1:
+            score = view.x0_hat.flatten(1).mean(1)
+            return torch.argsort(score, descending=True)[:4]
+        if view.step == 3:
+            return torch.arange(len(view.next_x)).repeat_interleave(2)
+        return None
+
+    out = rollout(gaussian_adapter, cond, RolloutConfig(num_steps=5), group_size=4,
+                  generator=torch.Generator().manual_seed(0), select=select)
+    assert out.samples.shape[0] == 8 and out.nfe == 2 * 8 + 2 * 4 + 8
+    # the prompt with data at mu = 2 has the larger x0_hat: its 4 rows survive the pruning
+    assert torch.equal(out.prompt_index, torch.ones(8, dtype=torch.long))
+    assert torch.equal(out.ancestor(3), torch.arange(4).repeat_interleave(2))  # rows before step 3
+    step1 = out.main_transitions([1])[0]
+    assert len(step1.rows) == 4 and torch.equal(step1.prompt_index, torch.ones(4, dtype=torch.long))
+    for t in out.main_transitions():
+        assert torch.equal(rescore(gaussian_adapter, t, cond, out.schedule).log_prob, t.log_prob)
+
+
+def test_rescoring_uses_the_recorded_kernel_not_the_current_config(gaussian_adapter):
+    """A transition sampled with DanceGRPO's kernel re-scores with it even when the config passed at
+    re-scoring time names another kernel."""
+    cond = encode(gaussian_adapter)
+    config = RolloutConfig(num_steps=4, kernel="dance_grpo", kernel_params={"eta": 0.5})
+    out = rollout(gaussian_adapter, cond, config, group_size=2, generator=torch.Generator().manual_seed(0))
+    other = RolloutConfig(num_steps=4, kernel="flow_grpo")
+    for t in out.transitions:
+        assert t.kernel == "dance_grpo" and t.params["eta"] == 0.5
+        assert torch.equal(rescore(gaussian_adapter, t, cond, out.schedule, other).log_prob, t.log_prob)
