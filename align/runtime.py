@@ -21,7 +21,7 @@ from torch import Tensor
 
 from align.config import ConfigError, check_choice, save_config, to_dict
 from align.sample import ModelConfig, load_model, resolve_device
-from align.sampling.rollout import RolloutConfig, rollout
+from align.sampling.rollout import RolloutConfig
 
 TOY_PROMPTS = [f"a {c} digit {d}" for d in range(10) for c in ("red", "green", "blue", "yellow")]
 TOY_EVAL_PROMPTS = ["a red digit 3", "a blue digit 5", "a green digit 8", "a yellow digit 1"]
@@ -76,10 +76,6 @@ class RunConfig:
     gradient_checkpointing: bool = False
     #: write a sample grid of the evaluation prompts every N iterations (0: only before / after)
     sample_every: int = 0
-    #: evaluation samples per evaluation prompt (fixed seeds)
-    eval_per_prompt: int = 4
-    #: sampling steps of the evaluation (null: the rollout's)
-    eval_steps: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -184,6 +180,7 @@ class Run:
         self._register_trainable_only_checkpoints()
         if self.is_main:
             save_config(config, self.dir / "config.yaml")
+            describe_run_folder(self.dir, config)
             if run.log_with != "none":
                 flat = {k: str(v) for k, v in _flatten(to_dict(config)).items()}
                 self.accelerator.init_trackers("align", config=flat)
@@ -373,42 +370,43 @@ class Run:
             self.ema.restore(params)
 
     # --- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, reward, prompts: Sequence[str], rollout_config: RolloutConfig, *,
-                 heldout: dict | None = None, grid_name: str | None = None) -> dict[str, float]:
-        """Mean reward of ODE samples of fixed prompts and seeds, held-out rewards, and diversity
-        (mean pairwise RMS distance between samples of one prompt)."""
-        per_prompt = self.run_config.eval_per_prompt
-        steps = self.run_config.eval_steps or rollout_config.num_steps
-        config = RolloutConfig(num_steps=steps, kernel="ode", guidance_scale=rollout_config.guidance_scale)
-        adapter = self.adapter
-        with torch.no_grad(), self.ema_weights(), self.accelerator.autocast():
-            cond = adapter.encode(list(prompts), "", rollout_config.guidance_scale)
-            generator = torch.Generator().manual_seed(12345)
-            result = rollout(adapter, cond, config, group_size=per_prompt, generator=generator, **self.latent_kwargs)
-            pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
-        sample_prompts = [prompts[i] for i in result.prompt_index.tolist()]
-        metrics = {"eval/reward": reward(pixels, sample_prompts).mean()}
-        for name, extra in (heldout or {}).items():
-            metrics[f"eval/heldout/{name}"] = extra(pixels, sample_prompts).mean()
-        metrics["eval/diversity"] = float(diversity(pixels, result.prompt_index))
+    def evaluate(self, reward, prompts: Sequence[str], rollout_config: RolloutConfig, eval_config, *,
+                 negative_prompt: str = "", heldout: dict | None = None,
+                 grid_name: str | None = None) -> dict[str, float]:
+        """:func:`align.evaluation.evaluate` with the run's weights (the EMA when on) and autocast;
+        writes the sample grid ``samples/<grid_name>``."""
+        from align.evaluation import evaluate
+
+        with self.ema_weights(), self.accelerator.autocast():
+            metrics, pixels, sample_prompts = evaluate(self.adapter, reward, prompts, eval_config, rollout_config,
+                                                       negative_prompt=negative_prompt, heldout=heldout,
+                                                       latent_kwargs=self.latent_kwargs)
         if grid_name and self.is_main:
             from align.sample import write_samples
 
-            write_samples(pixels.cpu(), sample_prompts, self.dir / "samples" / grid_name, columns=per_prompt)
+            write_samples(pixels.cpu(), sample_prompts, self.dir / "samples" / grid_name,
+                          columns=eval_config.per_prompt)
         return metrics
 
 
-def diversity(pixels: Tensor, groups: Tensor) -> Tensor:
-    """Mean over groups of the mean pairwise RMS distance between a group's samples."""
-    values = []
-    for g in torch.unique(groups):
-        x = pixels[groups == g].flatten(1).float()
-        if len(x) < 2:
-            continue
-        d = torch.cdist(x, x) / math.sqrt(x.shape[1])
-        n = len(x)
-        values.append(d.sum() / (n * (n - 1)))
-    return torch.stack(values).mean() if values else torch.tensor(0.0)
+def describe_run_folder(directory: Path, config: Any) -> Path:
+    """``run.json``: what a run folder holds, so ``align`` commands, the demo and sweeps can read
+    any run: the trainer, the package version, the resolved config, metrics, checkpoints, grids
+    and the LoRA export (written atomically; the config file is ``config.yaml`` beside it)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("align-diffusion")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        version = "unknown"
+    info = {"trainer": getattr(config, "trainer", None), "version": version, "config": "config.yaml",
+            "metrics": "metrics.jsonl", "checkpoints": "checkpoints", "samples": "samples", "lora": "lora",
+            "log": "log.txt", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = directory / "run.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -164,7 +164,7 @@ def test_first_on_policy_step_has_ratio_one_and_no_clipping(tmp_path):
     log-probs equal to the recorded ones, so every ratio is exactly 1."""
     config = toy_config(tmp_path, "iterations=1", "prompts_per_iteration=2", "rollout.num_steps=6",
                         "rollout.split_steps=[0,2,4]", "rollout.guidance_scale=3.0",
-                        "eval_prompts=['a red digit 3']", "run.eval_per_prompt=1", "run.eval_steps=2")
+                        "eval_prompts=['a red digit 3']", "eval.per_prompt=1", "eval.num_steps=2")
     bg.train(config)
     first = next(m for m in metrics(tmp_path) if "train/ratio_mean" in m)
     assert first["train/ratio_mean"] == 1.0
@@ -178,8 +178,8 @@ def test_first_on_policy_step_has_ratio_one_and_no_clipping(tmp_path):
 def test_tree_grpo_with_pruning_kl_and_minibatches_runs(tmp_path):
     config = toy_config(tmp_path, "iterations=1", "prompts_per_iteration=1", "variant=tree_grpo", "fusion=logp",
                         "width_keep_fraction=0.5", "prune_depths=[1]", "kl_beta=0.01", "trees_per_update=1",
-                        "rollout.guidance_scale=1.0", "eval_prompts=['a red digit 3']", "run.eval_per_prompt=1",
-                        "run.eval_steps=2")
+                        "rollout.guidance_scale=1.0", "eval_prompts=['a red digit 3']", "eval.per_prompt=1",
+                        "eval.num_steps=2")
     bg.train(config)
     first = next(m for m in metrics(tmp_path) if "train/ratio_mean" in m)
     # depth 1 (steps 0-2) pruned; depth 2 (steps 3-5) 4 edges each; leaf depth (steps 6-8) 4 of 8 leaves

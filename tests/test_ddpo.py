@@ -17,6 +17,7 @@ except ImportError:  # tests/ on sys.path
     from tiny_models import build_sd, build_sdxl
 
 from align.config import ConfigError
+from align.evaluation import EvalConfig
 from align.runtime import LoraSettings, OptimConfig, RunConfig
 from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
@@ -62,8 +63,8 @@ def make_config(model_path: str, out: Path, **overrides) -> DDPOConfig:
         rollout=RolloutConfig(num_steps=8, kernel="ddim", guidance_scale=1.0, kernel_params={"eta": 1.0}),
         rewards=["test_ddpo_brightness"], prompts=PROMPTS, eval_prompts=PROMPTS, iterations=3,
         prompts_per_iteration=2, group_size=8, lora=LoraSettings(rank=4, alpha=8), optim=OptimConfig(lr=1e-2),
-        run=RunConfig(output_dir=str(out), seed=0, log_with="none", checkpoint_every=0, eval_per_prompt=8,
-                      progress=False, resume=None))
+        run=RunConfig(output_dir=str(out), seed=0, log_with="none", checkpoint_every=0,
+                      progress=False, resume=None), eval=EvalConfig(per_prompt=8))
     values.update(overrides)
     return DDPOConfig(**values)
 
@@ -97,10 +98,9 @@ def test_on_policy_ratio_is_exactly_one_and_running_stats_take_over(sd_dirs, tmp
 
 def test_running_stats_survive_a_resume(sd_dirs, tmp_path):
     out = tmp_path / "run"
-    run = dict(output_dir=str(out), seed=0, log_with="none", checkpoint_every=1, eval_per_prompt=2,
-               progress=False, resume="latest")
+    run = dict(output_dir=str(out), seed=0, log_with="none", checkpoint_every=1, progress=False, resume="latest")
     # one prompt of 8 rewards per iteration: 16 rewards (its own statistics) only at iteration 2
-    common = dict(prompts=PROMPTS[:1], prompts_per_iteration=1, eval_prompts=PROMPTS[:1],
+    common = dict(prompts=PROMPTS[:1], prompts_per_iteration=1, eval_prompts=PROMPTS[:1], eval=EvalConfig(per_prompt=2),
                   rollout=RolloutConfig(num_steps=4, kernel="ddim", guidance_scale=1.0))
     train(make_config(sd_dirs(), out, iterations=1, run=RunConfig(**run), **common))
     train(make_config(sd_dirs(), out, iterations=2, run=RunConfig(**run), **common))

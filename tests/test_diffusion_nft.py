@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from align.config import ConfigError, load_config
+from align.evaluation import EvalConfig
 from align.losses import nft_loss
 from align.runtime import LoraSettings, OptimConfig, RunConfig
 from align.sample import ModelConfig
@@ -147,7 +148,7 @@ def gaussian_config(out: Path, **overrides) -> DiffusionNFTConfig:
                   iterations=20, prompts_per_iteration=2, group_size=8, t_per_sample=2,
                   lora=LoraSettings(enabled=False), optim=OptimConfig(lr=1e-2, weight_decay=0.0),
                   run=RunConfig(output_dir=str(out), seed=0, log_with="none", checkpoint_every=0,
-                                eval_per_prompt=16, progress=False, resume=None))
+                                progress=False, resume=None), eval=EvalConfig(per_prompt=16))
     values.update(overrides)
     return DiffusionNFTConfig(**values)
 
@@ -182,7 +183,7 @@ def test_resume_restores_the_sampling_policy(tmp_path):
     def config(out, iterations):
         return gaussian_config(out, iterations=iterations, group_size=4, policy_ema_rate=0.2,
                                run=RunConfig(output_dir=str(out), seed=0, log_with="none", checkpoint_every=2,
-                                             eval_per_prompt=2, progress=False))
+                                             progress=False), eval=EvalConfig(per_prompt=2))
 
     whole = GaussianAdapter(shape=(3, 4, 4))
     train(config(tmp_path / "whole", 6), adapter=whole)
@@ -223,7 +224,7 @@ def test_toy_model_lora_smoke(tmp_path):
     the LoRA is exported."""
     out = tmp_path / "run"
     train(toy_config(out, "iterations=2", "rollout.num_steps=4", "group_size=4", "prompts_per_iteration=2",
-                     "run.eval_per_prompt=2", "t_per_sample=2", "train_batch_size=4", "optim.lr=3e-3"))
+                     "eval.per_prompt=2", "t_per_sample=2", "train_batch_size=4", "optim.lr=3e-3"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [m for m in rows if "train/loss" in m]
     assert [m["policy/ema_decay"] for m in trained] == [0.0, 0.001]

@@ -26,7 +26,7 @@ def test_flow_grpo_runs_on_two_processes(tmp_path, launcher):
     out = tmp_path / "run"
     command = [str(Path(sys.executable).parent / program), *options, "-m", "align", "train", "flow_grpo",
                "--config", str(ROOT / "configs/quickstart.yaml"), "iterations=2", f"run.output_dir={out}",
-               "run.progress=false", "run.eval_per_prompt=2", "run.checkpoint_every=1", "run.log_with=none"]
+               "run.progress=false", "eval.per_prompt=2", "run.checkpoint_every=1", "run.log_with=none"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -55,7 +55,7 @@ def test_processes_whose_groups_are_all_dropped_keep_step_with_the_others(tmp_pa
     command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29519",
                str(ROOT / "tests" / "ddp_rank_reward.py"), "train", trainer, "model.name=toy", "rewards=[rank_split]",
                "iterations=2", "prompts_per_iteration=2", "rollout.num_steps=4", "rollout.guidance_scale=1.0",
-               "eval_prompts=['a red digit 3']", "run.eval_per_prompt=1", f"run.output_dir={out}",
+               "eval_prompts=['a red digit 3']", "eval.per_prompt=1", f"run.output_dir={out}",
                "run.resume=null", "run.progress=false", "run.log_with=none", "run.checkpoint_every=0",
                *UNEVEN[trainer]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

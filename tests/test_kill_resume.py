@@ -19,7 +19,7 @@ ITERATIONS = 6
 
 def command(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "align", "train", "flow_grpo", "--config", str(ROOT / "configs/quickstart.yaml"),
-            f"iterations={ITERATIONS}", "group_size=4", "rollout.num_steps=6", "run.eval_per_prompt=1",
+            f"iterations={ITERATIONS}", "group_size=4", "rollout.num_steps=6", "eval.per_prompt=1",
             "run.checkpoint_every=1", "run.checkpoint_limit=2", "run.progress=false", "run.log_with=none",
             f"run.output_dir={out}", *extra]
 

@@ -90,7 +90,7 @@ def test_align_sample_with_a_trained_toy_lora(tmp_path, capsys):
     run_dir = tmp_path / "run"
     config = load_config(module.CONFIG, None, [
         "model.name=toy", "iterations=2", "prompts_per_iteration=2", "group_size=4", "rollout.num_steps=4",
-        "optim.lr=0.05", "lora.rank=4", "lora.alpha=4", "run.eval_per_prompt=1", "eval_prompts=['a red digit 3']",
+        "optim.lr=0.05", "lora.rank=4", "lora.alpha=4", "eval.per_prompt=1", "eval_prompts=['a red digit 3']",
         "run.log_with=none", "run.resume=null", "run.progress=false", "run.checkpoint_every=0",
         f"run.output_dir={run_dir}"])
     trained = load_toy_adapter()

@@ -96,8 +96,8 @@ def test_recipe_runs_an_iteration(recipe, tmp_path, tmp_path_factory):
     frames = ["model.num_frames=5"] if raw.model.name == "wan" else []
     config = load_config(module.CONFIG, CONFIGS / f"{recipe}.yaml", [
         f"model.path={model_dir}", "model.height=32", "model.width=32", "model.dtype=float32", "model.device=cpu",
-        f"prompt_file={prompts}", "iterations=1", "run.eval_per_prompt=1",
-        "run.eval_steps=2", "eval_prompts=['a red car']", "run.log_with=none", f"run.output_dir={tmp_path / 'run'}",
+        f"prompt_file={prompts}", "iterations=1", "eval.per_prompt=1",
+        "eval.num_steps=2", "eval_prompts=['a red car']", "run.log_with=none", f"run.output_dir={tmp_path / 'run'}",
         "run.progress=false", f"rewards={json.dumps(trained)}", f"heldout_rewards={json.dumps(heldout)}",
         "group_size=4", *frames])
     summary = module.train(config)

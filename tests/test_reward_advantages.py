@@ -69,7 +69,7 @@ def run(trainer, tmp_path, rewards, *extra, spy_on="ppo_transition_loss", monkey
     config = load_config(module.CONFIG, None, [
         f"rewards={rewards}", "prompts=['0.3','0.6']", "eval_prompts=['0.5']", "iterations=1", "group_size=4",
         "prompts_per_iteration=2", "lora.enabled=false", f"run.output_dir={tmp_path}", "run.log_with=none",
-        "run.progress=false", "run.eval_per_prompt=8", "rollout.num_steps=4", *extra])
+        "run.progress=false", "eval.per_prompt=8", "rollout.num_steps=4", *extra])
     seen: dict[int, float] = {}
     if spy_on == "ppo_transition_loss":
         original = module.ppo_transition_loss
@@ -162,7 +162,7 @@ def test_no_nan_reaches_training_or_the_summary(trainer, options, tmp_path, monk
     config = load_config(module.CONFIG, None, [
         "rewards=[test_adv_partial]", "prompts=['0.3','0.6']", "eval_prompts=['0.5']", "iterations=2",
         "group_size=4", "prompts_per_iteration=2", "lora.enabled=false", f"run.output_dir={tmp_path}",
-        "run.log_with=none", "run.progress=false", "run.eval_per_prompt=8", "rollout.num_steps=4", *options])
+        "run.log_with=none", "run.progress=false", "eval.per_prompt=8", "rollout.num_steps=4", *options])
     adapter = GaussianDDPMAdapter() if trainer == "ddpo" else GaussianAdapter(shape=(3, 4, 4))
     summary = module.train(config, adapter=adapter)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -36,7 +36,7 @@ def config_for(name, tmp_path, *extra):
     overrides = ["rewards=[test_brightness]", "prompts=['0.5']", "eval_prompts=['0.5']", "iterations=6",
                  "lora.enabled=false", f"run.output_dir={tmp_path / name}", "optim.lr=0.05",
                  "clip_range=0.2", "rollout.num_steps=6", "run.log_with=none", "prompts_per_iteration=1",
-                 "run.progress=false", "run.eval_per_prompt=16"]
+                 "run.progress=false", "eval.per_prompt=16"]
     if name in ("flow_grpo", "dense_grpo", "tempflow_grpo", "branch_grpo", "ddpo"):
         overrides.append("kl_beta=0")
     return module, load_config(module.CONFIG, None, overrides + list(extra))
@@ -130,7 +130,7 @@ def test_gradient_accumulation_matches_one_large_minibatch(name, tmp_path):
     loss is divided by the step count, one optimizer step per 2 minibatches); without accumulation
     the two minibatches of 4 make two different updates."""
     def final_gain(label, *extra):
-        module, config = config_for(name, tmp_path / label, "iterations=2", "group_size=8", "run.eval_per_prompt=2",
+        module, config = config_for(name, tmp_path / label, "iterations=2", "group_size=8", "eval.per_prompt=2",
                                     *extra)
         adapter = GaussianDDPMAdapter() if name == "ddpo" else ImageAdapter()
         module.train(config, adapter=adapter)

@@ -214,7 +214,7 @@ def test_a_run_writes_tensorboard_scalars_grids_config_and_metrics(tmp_path):
     module = trainer_module("flow_grpo")
     config = load_config(module.CONFIG, None, [
         "model.name=toy", "iterations=2", "prompts_per_iteration=2", "group_size=4", "rollout.num_steps=4",
-        "run.sample_every=1", "run.eval_per_prompt=2", "eval_prompts=['a red digit 3']", "run.resume=null",
+        "run.sample_every=1", "eval.per_prompt=2", "eval_prompts=['a red digit 3']", "run.resume=null",
         "run.progress=false", "run.checkpoint_every=0", "heldout_rewards=[jpeg_compressibility]",
         f"run.output_dir={tmp_path}"])
     module.train(config)

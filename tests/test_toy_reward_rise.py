@@ -37,7 +37,7 @@ PRESETS = Path(__file__).resolve().parents[1] / "configs" / "methods"
 
 #: the setting of this test, on top of each trainer's method preset (configs/methods/<trainer>.yaml)
 COMMON = [f"prompts={json.dumps(HARD_PROMPTS)}", f"eval_prompts={json.dumps(HARD_PROMPTS)}",
-          "run.eval_per_prompt=16", "rollout.num_steps=6", "iterations=20", "optim.lr=3e-3", "run.log_with=none",
+          "eval.per_prompt=16", "rollout.num_steps=6", "iterations=20", "optim.lr=3e-3", "run.log_with=none",
           "run.resume=null", "run.progress=false", "run.checkpoint_every=0"]
 
 #: per trainer: the overrides on top of its preset and COMMON (6 steps: the tree splits earlier)

@@ -57,7 +57,7 @@ def test_one_iteration_with_cfg_is_on_policy_and_exports_the_lora(model, trainer
         f"model.name={model}", "model.device=cpu", *size, "rewards=[jpeg_compressibility]", "iterations=1",
         "prompts=['a photo of a cat', 'a red car']", "prompts_per_iteration=2", "eval_prompts=['a red car']",
         "rollout.num_steps=4", f"rollout.guidance_scale={guidance}", "lora.rank=4", "lora.alpha=4",
-        "run.eval_per_prompt=1", "run.eval_steps=2", "run.log_with=none", "run.resume=null", "run.progress=false",
+        "eval.per_prompt=1", "eval.num_steps=2", "run.log_with=none", "run.resume=null", "run.progress=false",
         "run.checkpoint_every=0", f"run.output_dir={tmp_path}", *TRAINERS[trainer]])
     adapter = load_adapter(model, pipeline_dirs(model), max_sequence_length=16)
     adapter.pipe.set_progress_bar_config(disable=True)
@@ -84,7 +84,7 @@ def test_gradient_checkpointing_gives_the_same_update(pipeline_dirs, tmp_path):
             "model.name=sd3", "model.device=cpu", *MODELS["sd3"][1], "rewards=[jpeg_compressibility]",
             "iterations=1", "prompts=['a photo of a cat']", "prompts_per_iteration=1", "group_size=4",
             "eval_prompts=['a red car']", "rollout.num_steps=4", "rollout.guidance_scale=4.5", "lora.rank=4",
-            "lora.alpha=4", "optim.lr=0.01", "run.eval_per_prompt=1", "run.eval_steps=2", "run.log_with=none",
+            "lora.alpha=4", "optim.lr=0.01", "eval.per_prompt=1", "eval.num_steps=2", "run.log_with=none",
             "run.resume=null", "run.progress=false", "run.checkpoint_every=0", f"run.output_dir={tmp_path / label}",
             *extra])
         adapter = load_adapter("sd3", pipeline_dirs("sd3"), max_sequence_length=16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from align.config import unknown_name_error
+from align.errors import unknown_name_error
 
 TRAINERS: dict[str, str] = {
     "flow_grpo": "align.trainers.flow_grpo",
@@ -18,5 +18,5 @@ TRAINERS: dict[str, str] = {
 
 def trainer_module(name: str):
     if name not in TRAINERS:
-        raise unknown_name_error("trainer", name, TRAINERS)
+        raise unknown_name_error("trainer", name, TRAINERS, field="trainer")
     return importlib.import_module(TRAINERS[name])

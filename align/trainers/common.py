@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from align.errors import ConfigError, unknown_name_error
+from align.evaluation import EvalConfig
 from align.runtime import TOY_EVAL_PROMPTS, TOY_PROMPTS, LoraSettings, OptimConfig, Run, RunConfig, prompt_list
 from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
@@ -25,6 +26,8 @@ class TrainerConfig:
     prompt_file: str | None = None
     eval_prompts: list[str] = field(default_factory=lambda: list(TOY_EVAL_PROMPTS))
     negative_prompt: str = ""
+    #: evaluation on eval_prompts (kernel, steps, guidance, negative prompt, seed, samples per prompt)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     iterations: int = 100
     #: stop early once this many model evaluations (summed over processes) are spent
     max_nfe: int | None = None
@@ -48,6 +51,7 @@ def check_names(config: TrainerConfig) -> None:
         raise unknown_name_error("trainer", config.trainer, TRAINERS, field="trainer")
     check_adapter_name(config.model.name)
     config.rollout.validate()
+    config.eval.validate()
     for field_name in ("rewards", "heldout_rewards"):
         for i, spec in enumerate(getattr(config, field_name)):
             name = spec if isinstance(spec, str) else dict(spec).get("name")
@@ -81,11 +85,17 @@ def start_run(config: TrainerConfig, adapter=None):
         extra.to(device)
     run.maybe_resume()
     if run.state.reward_before is None:
-        before = run.evaluate(reward, config.eval_prompts, config.rollout, heldout=heldout, grid_name="before")
+        before = evaluate_run(run, config, reward, heldout, "before")
         run.state.reward_before = before["eval/reward"]
         run.state.heldout_before = {k: v for k, v in before.items() if k != "eval/reward"}
         run.log(before, step=0)
     return run, reward, heldout, prompts
+
+
+def evaluate_run(run, config: TrainerConfig, reward, heldout, grid_name: str) -> dict[str, float]:
+    """The run's evaluation (``config.eval``) on the evaluation prompts, with its sample grid."""
+    return run.evaluate(reward, config.eval_prompts, config.rollout, config.eval, negative_prompt=config.negative_prompt,
+                        heldout=heldout, grid_name=grid_name)
 
 
 def summary_lines(before: float, after: float, watched_before: dict[str, float],
@@ -109,7 +119,7 @@ def summary_lines(before: float, after: float, watched_before: dict[str, float],
 
 def finish_run(config: TrainerConfig, run, reward, heldout) -> dict[str, float]:
     """Final evaluation, LoRA export, and the one summary line ``reward before=<x> after=<y>``."""
-    after = run.evaluate(reward, config.eval_prompts, config.rollout, heldout=heldout, grid_name="after")
+    after = evaluate_run(run, config, reward, heldout, "after")
     run.log(after, step=run.state.iteration)
     if run.is_main and config.lora.enabled:
         run.adapter.export_lora(run.dir / "lora")
@@ -217,8 +227,8 @@ def end_iteration(run, config: TrainerConfig, reward, heldout, metrics: dict[str
     if every and run.state.iteration % every == 0:
         run.save_checkpoint()
     if config.run.sample_every and run.state.iteration % config.run.sample_every == 0:
-        run.log(run.evaluate(reward, config.eval_prompts, config.rollout, heldout=heldout,
-                             grid_name=f"iteration-{run.state.iteration:06d}"), step=run.state.iteration)
+        run.log(evaluate_run(run, config, reward, heldout, f"iteration-{run.state.iteration:06d}"),
+                step=run.state.iteration)
 
 
 class progress:
