@@ -1,8 +1,7 @@
 """Rewards: one interface, a registry by name, and a weighted combination."""
 
-from rewards.base import (CombinedReward, Reward, RewardError, RewardOutput, available_rewards, build_reward,
-                          build_rewards, register_reward)
-from rewards import aesthetic, critique, dense, dino, jpeg, ocr, preference, toy, video, video_reward  # noqa: F401,E402,E501 - registers the built-in rewards
+from rewards.base import CombinedReward, Reward, RewardError, RewardOutput, register_reward
+from rewards.registry import available_rewards, build_reward, build_rewards, reward_class
 
 __all__ = ["CombinedReward", "Reward", "RewardError", "RewardOutput", "available_rewards", "build_reward",
-           "build_rewards", "register_reward"]
+           "build_rewards", "register_reward", "reward_class"]

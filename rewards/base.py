@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from align.errors import ConfigError, unknown_name_error
-
-ENTRY_POINT_GROUP = "align.rewards"
 
 
 class RewardError(RuntimeError):
@@ -114,7 +111,7 @@ class Reward(abc.ABC):
         return RewardOutput(scores, total, valid)
 
 
-# --- registry ------------------------------------------------------------------------------------
+# --- registry (filled by register_reward; lookups by name are in rewards.registry) ---------------------
 
 REWARDS: dict[str, Callable[..., Reward] | str] = {}
 
@@ -128,53 +125,6 @@ def register_reward(name: str):
         return cls
 
     return wrap
-
-
-def _load_entry_points() -> None:
-    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        REWARDS.setdefault(entry.name, entry.value)
-
-
-def available_rewards() -> list[str]:
-    import rewards  # noqa: F401 - registers the built-in rewards
-
-    _load_entry_points()
-    return sorted(REWARDS)
-
-
-def reward_class(name: str, field: str | None = None):
-    """The reward class registered as ``name`` (``field``: the config key it was given in, for the error)."""
-    if name not in available_rewards():
-        raise unknown_name_error("reward", name, REWARDS, field=field)
-    target = REWARDS[name]
-    if isinstance(target, str):  # "module:attr" from an entry point
-        import importlib
-
-        module, _, attr = target.partition(":")
-        target = getattr(importlib.import_module(module), attr)
-        REWARDS[name] = target
-    return target
-
-
-def build_reward(spec: str | dict) -> Reward:
-    """A reward from its name or a config dict ``{name, weight?, normalize?, **options}``; an unknown
-    name or option is a one-line ConfigError."""
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    spec = dict(spec)
-    if "name" not in spec:
-        raise ConfigError(f"reward config {spec} has no 'name'")
-    name = spec.pop("name")
-    spec.pop("weight", None), spec.pop("normalize", None)
-    cls = reward_class(name)
-    import inspect
-
-    params = inspect.signature(cls.__init__).parameters
-    accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    for key in spec:
-        if key not in params and not accepts_any:
-            raise unknown_name_error(f"option of reward {name!r}", key, [p for p in params if p != "self"])
-    return cls(**spec)
 
 
 class CombinedReward(Reward):
@@ -225,21 +175,3 @@ class CombinedReward(Reward):
             if out.valid is not None:
                 valid = out.valid if valid is None else valid & out.valid
         return RewardOutput(scores, total, valid)
-
-
-def build_rewards(specs: Sequence[str | dict]) -> Reward:
-    """One reward for one spec; a :class:`CombinedReward` for several (weights / normalize per spec)."""
-    if not specs:
-        raise ConfigError("no reward configured: give at least one reward")
-    only = {"name": specs[0]} if isinstance(specs[0], str) else dict(specs[0])
-    if len(specs) == 1 and float(only.get("weight", 1.0)) == 1.0 and only.get("normalize", "none") == "none":
-        return build_reward(only)
-    rewards, weights, normalize = {}, {}, {}
-    for spec in specs:
-        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
-        key = spec.get("key", spec.get("name"))
-        spec.pop("key", None)
-        weights[key] = float(spec.get("weight", 1.0))
-        normalize[key] = spec.get("normalize", "none")
-        rewards[key] = build_reward(spec)
-    return CombinedReward(rewards, weights, normalize)

@@ -23,7 +23,7 @@ VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov")
 
 
 def cmd_rewards_list(args: argparse.Namespace) -> int:
-    from rewards.base import available_rewards, reward_class
+    from rewards.registry import available_rewards, reward_class
 
     for name in available_rewards():
         cls = reward_class(name)
@@ -187,7 +187,8 @@ def format_table(files: list[Path], prompts: list[str], rows: list[dict], valid:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from rewards.base import RewardError, build_rewards
+    from rewards.base import RewardError
+    from rewards.registry import build_rewards
 
     specs = reward_specs(args.reward, args.option, args.config)
     files, prompts = read_prompts(Path(args.images), args.prompts, args.prompt)

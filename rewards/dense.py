@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from align.errors import ConfigError
-from rewards.base import Reward, RewardError, build_reward, register_reward
+from rewards.base import Reward, RewardError, register_reward
+from rewards.registry import build_reward
 from rewards.loading import load_into
 
 

@@ -161,20 +161,24 @@ def test_gaussian_run_raises_the_reward(tmp_path):
     assert adapter.denoiser.gain.item() > 1.1  # brighter samples come from a larger velocity gain
 
 
-def test_options_run_cfg_sampling_sde_adaptive_kl(tmp_path):
+def test_options_cfg_sampling_sde_adaptive_kl_each_take_effect(tmp_path):
     """CFG and an SDE in the sampler, conditional-only training, logit-normal t, the adaptive
-    weighting, the KL to the reference and several minibatches all run and log finite values."""
-    out = tmp_path / "run"
-    config = gaussian_config(out, iterations=2, train_batch_size=4, t_distribution="logit_normal",
-                             loss_weighting="adaptive", kl_beta=0.1, beta=0.1, inner_epochs=2,
-                             rollout=RolloutConfig(num_steps=4, kernel="flow_grpo", guidance_scale=2.0))
-    train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    trained = [m for m in rows if "train/loss" in m]
-    assert len(trained) == 2
-    for m in trained:
-        assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
-        assert m["train/kl"] >= 0 and m["policy/ema_decay"] < 0.01
+    weighting, the KL to the reference and several minibatches: the KL is 0 while theta is the
+    reference and positive once it moved; the adaptive weighting changes the loss of the same
+    batch; 2 epochs of 2 minibatches make 4 updates an iteration."""
+    def run(out, **options):
+        config = gaussian_config(out, iterations=2, train_batch_size=8, t_distribution="logit_normal", kl_beta=0.1,
+                                 beta=0.1, inner_epochs=2, rollout=RolloutConfig(num_steps=4, kernel="flow_grpo",
+                                                                                 guidance_scale=2.0), **options)
+        train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
+        return [m for m in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+                if "train/loss" in m]
+
+    adaptive = run(tmp_path / "adaptive", loss_weighting="adaptive")
+    plain = run(tmp_path / "plain", loss_weighting="velocity")
+    assert len(adaptive) == 2 and adaptive[0]["policy/ema_decay"] < 0.01
+    assert 0 < adaptive[0]["train/kl"] < adaptive[1]["train/kl"]  # 0 on the first minibatch only
+    assert adaptive[0]["train/loss"] != plain[0]["train/loss"]
 
 
 def test_resume_restores_the_sampling_policy(tmp_path):

@@ -43,7 +43,7 @@ def check_names(config: TrainerConfig) -> None:
     step kernel, the trained and held-out rewards (tracker and precision are checked as the config
     is read). Each unknown name is a one-line ConfigError naming its field and the closest valid name."""
     from pipelines.registry import check_adapter_name
-    from rewards.base import reward_class
+    from rewards.registry import reward_class
 
     from align.trainers import TRAINERS
 

@@ -1,0 +1,74 @@
+"""The module import graph of the three packages (every import, top-level or inside a function):
+no cycle; ``pipelines`` imports nothing from ``rewards`` or the trainers, ``rewards`` nothing from
+the trainers; configuration errors come from the one ``align.errors`` module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("align", "rewards", "pipelines")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            targets |= {f for f in found if f in modules and f != name}
+        graph[name] = targets
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = import_graph()
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in graph[node]:
+            if nxt in (p for p in path if False):
+                continue
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_packages_import_only_downwards():
+    graph = import_graph()
+    for name, targets in graph.items():
+        if name.startswith("pipelines"):
+            bad = [t for t in targets if t.startswith(("rewards", "align.trainers"))]
+            assert not bad, (name, bad)
+            assert all(t == "align.errors" for t in targets if t.startswith("align")), (name, targets)
+        if name.startswith("rewards"):
+            assert not [t for t in targets if t.startswith("align.trainers")], name
+
+
+def test_config_errors_come_from_one_module():
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            text = path.read_text()
+            if path.name != "errors.py":
+                assert "class ConfigError" not in text, path
+            if pkg != "align":
+                assert "from align.config import ConfigError" not in text, path
