@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from align.errors import ConfigError, check_choice, closest, unknown_name_error  # noqa: F401 - re-exported
+from align.errors import ConfigError, check_choice, closest, unknown_name_error  # noqa: F401 - re-exported for callers
 
 T = TypeVar("T")
 

@@ -69,7 +69,7 @@ class Timed:
 
 def train_pass(adapter, result, cond, config, kept_rows) -> float:
     """Seconds to re-score the trained edges (dict step -> rows) with gradients and backpropagate."""
-    from align.trainers.branch_grpo import rescore_edges
+    from align.sampling.rollout import rescore
 
     params = adapter.trainable_parameters()
     start = time.perf_counter()
@@ -77,7 +77,7 @@ def train_pass(adapter, result, cond, config, kept_rows) -> float:
         rows = kept_rows.get(t.step)
         if rows is None or not len(rows):
             continue
-        out = rescore_edges(adapter, t, rows, cond, result.schedule, config)
+        out = rescore(adapter, t.subset(rows), cond, result.schedule, config, share_parents=True)
         out.log_prob.mean().backward()
     elapsed = time.perf_counter() - start
     for p in params:

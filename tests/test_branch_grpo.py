@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from align.config import ConfigError, load_config
-from align.sampling.rollout import RolloutConfig, rollout
+from align.sampling.rollout import RolloutConfig, rescore, rollout
 from align.trainers import branch_grpo as bg
 from pipelines.toy import TOY_WEIGHTS_DIR
 
@@ -138,11 +138,11 @@ def test_edges_rescore_exactly_with_one_model_call_per_parent(gaussian_adapter):
     result, cond, config = small_tree(gaussian_adapter, trees=2, seed=3)
     split = result.transitions[1]  # 8 children of 4 parents
     before = gaussian_adapter.nfe
-    out = bg.rescore_edges(gaussian_adapter, split, torch.arange(8), cond, result.schedule, config)
+    out = rescore(gaussian_adapter, split, cond, result.schedule, config, share_parents=True)
     assert gaussian_adapter.nfe - before == 4
     assert torch.equal(out.log_prob, split.log_prob) and torch.equal(out.mean, split.mean)
     some = torch.tensor([5, 2, 3])  # any subset, any order: same values row by row
-    part = bg.rescore_edges(gaussian_adapter, split, some, cond, result.schedule, config)
+    part = rescore(gaussian_adapter, split.subset(some), cond, result.schedule, config, share_parents=True)
     torch.testing.assert_close(part.log_prob, split.log_prob[some])
 
 

@@ -37,11 +37,9 @@ from torch import Tensor
 
 from align.advantages import fuse_leaf_rewards, group_advantages, nodes_with_valid_leaves
 from align.config import ConfigError
-from align.losses import mean_kl, ppo_clip_loss
 from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompts_for_iteration
-from align.sampling.kernels import StepOut
-from align.sampling.rollout import Rollout, RolloutConfig, Transition, rescore, rollout
-from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, progress, reward_metrics,
+from align.sampling.rollout import Rollout, RolloutConfig, rollout
+from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress, reward_metrics,
                                    start_run, train_rows)
 
 VARIANTS = ("branch_grpo", "tree_grpo")
@@ -286,15 +284,6 @@ def width_kept_leaves(leaf_rewards: Tensor, leaf_tree: Tensor, fraction: float, 
     return keep
 
 
-# --- re-scoring ------------------------------------------------------------------------------------
-
-
-def rescore_edges(adapter, transition: Transition, index: Tensor, cond, schedule, config: RolloutConfig) -> StepOut:
-    """Log-probs of the transition rows ``index`` under the current weights, with one model call per
-    distinct parent (siblings share their parent's evaluation, as in the rollout)."""
-    return rescore(adapter, transition.subset(index), cond, schedule, config, share_parents=True)
-
-
 # --- training --------------------------------------------------------------------------------------
 
 
@@ -374,18 +363,12 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
                                 for s, i in selected.items())
                     with run.accumulate():
                         for step, index in selected.items():
-                            part = transitions[step]
                             advantages = targets[step].advantage[index].to(accelerator.device)
-                            with accelerator.autocast():
-                                new = rescore_edges(adapter, part, index, cond, result.schedule, rollout_config)
-                            loss, ppo = ppo_clip_loss(new.log_prob, part.log_prob[index], advantages, config.clip_range,
-                                                      edge_weights[step])
-                            if config.kl_beta > 0:
-                                with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
-                                    ref = rescore_edges(adapter, part, index, cond, result.schedule, rollout_config)
-                                kl = mean_kl(new.mean, ref.mean, new.std).mean()
-                                loss = loss + config.kl_beta * kl
-                                ppo["kl"] = kl.detach()
+                            # siblings share their parent's model evaluation, as in the rollout
+                            loss, ppo = ppo_transition_loss(run, transitions[step].subset(index), cond, result.schedule,
+                                                            rollout_config, advantages, clip_range=config.clip_range,
+                                                            kl_beta=config.kl_beta, weights=edge_weights[step],
+                                                            share_parents=True)
                             edges = len(index) if edge_weights[step] is None else float(edge_weights[step].sum())
                             weight = edges / max(total, 1) if config.step_weighting == "edges" else 1 / len(selected)
                             accelerator.backward(loss * weight)

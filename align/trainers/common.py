@@ -135,11 +135,12 @@ def finish_run(config: TrainerConfig, run, reward, heldout) -> dict[str, float]:
 
 def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *, clip_range: float,
                         kl_beta: float = 0.0, guard: bool = False, guard_std: float | None = None,
-                        weights=None):
+                        weights=None, share_parents: bool = False):
     """The policy loss of one batch of stored transitions: re-score with the current weights,
     PPO-clip against the recorded log-probs, plus kl_beta * KL(mean, mean_ref) with the reference
     (LoRA disabled). ``guard`` turns on GRPO-Guard's per-step log-ratio normalisation, rescaled to
-    ``guard_std`` (null: the step's own spread, i.e. centring only). Returns (loss, stats)."""
+    ``guard_std`` (null: the step's own spread, i.e. centring only). ``share_parents``: siblings of a
+    tree share one model evaluation, as in the rollout. Returns (loss, stats)."""
     import torch
 
     from align.losses import mean_kl, normalize_log_ratio, ppo_clip_loss
@@ -147,7 +148,7 @@ def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *
 
     adapter, accelerator = run.adapter, run.accelerator
     with accelerator.autocast():
-        new = rescore(adapter, part, cond, schedule, rollout_config)
+        new = rescore(adapter, part, cond, schedule, rollout_config, share_parents=share_parents)
     log_prob = new.log_prob
     log_ratio = (log_prob - part.log_prob).detach()
     if guard:
@@ -157,7 +158,7 @@ def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *
     stats["log_ratio_std"] = log_ratio.std(unbiased=False)
     if kl_beta > 0:
         with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
-            ref = rescore(adapter, part, cond, schedule, rollout_config)
+            ref = rescore(adapter, part, cond, schedule, rollout_config, share_parents=share_parents)
         kl = mean_kl(new.mean, ref.mean, new.std).mean()
         loss = loss + kl_beta * kl
         stats["kl"] = kl.detach()
@@ -253,23 +254,35 @@ class progress:
         self.bar.set_postfix(**values)
 
 
-def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_config, iteration: int):
-    """Encode the prompts, roll out ``group_size`` samples of each (seeded by iteration and process),
-    decode and score them. Returns (cond, rollout result, scores)."""
+def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_config, iteration: int, *,
+                     score: str = "samples", grad_steps=(), group_size: int | None = None):
+    """Encode the prompts, roll out ``group_size`` (default ``config.group_size``) samples of each
+    (seeded by iteration and process), decode and score them: ``score`` "samples" (the final main
+    rows), "branches" (the rollout's side branches, e.g. TempFlow's children) or "both" (DenseGRPO's
+    final samples and ODE completions). ``grad_steps`` keeps gradients through those steps' model
+    calls (reward backprop); otherwise sampling runs without a graph. Returns (cond, rollout
+    result, scores of the samples or None, scores of the branches or None)."""
     import torch
 
     from align.runtime import iteration_generator
     from align.sampling.rollout import rollout
 
     adapter, process = run.adapter, run.accelerator.process_index
-    with run.sampling():
+    with run.sampling() if not grad_steps else run.accelerator.autocast():
         cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
-        result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
-                         generator=iteration_generator(config.run.seed, iteration, process), **run.latent_kwargs)
-        pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
-    with run.phase("reward"), torch.no_grad():
-        scores = reward(pixels, [batch_prompts[i] for i in result.prompt_index.tolist()])
-    return cond, result, scores
+        result = rollout(adapter, cond, rollout_config, group_size=config.group_size if group_size is None else group_size,
+                         generator=iteration_generator(config.run.seed, iteration, process), grad_steps=grad_steps,
+                         **run.latent_kwargs)
+        pixels = adapter.decode(result.samples.to(adapter.dtype)).float() if score in ("samples", "both") else None
+        branch_pixels = (adapter.decode(result.branch_samples.to(adapter.dtype)).float()
+                         if score in ("branches", "both") else None)
+    with run.phase("reward"), torch.set_grad_enabled(bool(grad_steps)):
+        scores = branch_scores = None
+        if pixels is not None:
+            scores = reward(pixels, [batch_prompts[i] for i in result.prompt_index.tolist()])
+        if branch_pixels is not None:
+            branch_scores = reward(branch_pixels, [batch_prompts[i] for i in result.branch_prompt_index.tolist()])
+    return cond, result, scores, branch_scores
 
 
 def group_batch_advantages(run, reward, scores, groups, *, std: str, clip: float, multi_reward: str = "sum_rewards"):

@@ -142,7 +142,7 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
                                               accelerator.process_index, accelerator.num_processes)
 
         # 1. sample (DDIM, eta 1, log-probs recorded), decode, score
-        cond, result, scores = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration)
+        cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration)
         sample_prompts = [batch_prompts[i] for i in result.prompt_index.tolist()]
 
         # 2. advantages from the gathered batch; every process updates the same statistics

@@ -19,10 +19,10 @@ import torch
 
 from align.advantages import dense_step_gains, per_step_advantages
 from align.config import ConfigError
-from align.runtime import iteration_generator, prompts_for_iteration
-from align.sampling.rollout import RolloutConfig, rollout
+from align.runtime import prompts_for_iteration
+from align.sampling.rollout import RolloutConfig
 from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
-                                   reward_metrics, start_run)
+                                   reward_metrics, sample_and_score, start_run)
 
 
 @dataclass
@@ -89,17 +89,9 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
                                  step_noise_scales=list(run.state.extra["noise_scales"]))
 
         # 1. SDE trajectories with an ODE completion from every step; score every clean sample
-        with run.sampling():
-            cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
-            result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
-                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index),
-                             **run.latent_kwargs)
-            final_pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
-            branch_pixels = adapter.decode(result.branch_samples.to(adapter.dtype)).float()
-        with run.phase("reward"), torch.no_grad():
-            final_prompts = [batch_prompts[i] for i in result.prompt_index.tolist()]
-            scores = reward(final_pixels, final_prompts)
-            branch_scores = reward(branch_pixels, [batch_prompts[i] for i in result.branch_prompt_index.tolist()])
+        cond, result, scores, branch_scores = sample_and_score(run, config, reward, batch_prompts, rollout_config,
+                                                               iteration, score="both")
+        with torch.no_grad():
             table = completion_rewards(result, scores.total.float().cpu(), branch_scores.total.float().cpu())
             scored = completion_rewards(result, scores.valid_mask().float().cpu(),
                                         branch_scores.valid_mask().float().cpu()) > 0

@@ -242,7 +242,7 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
 
         # 1. clean samples from the sampling (old) policy, decode, score
         with old.swapped():
-            cond, result, scores = sample_and_score(run, config, reward, batch_prompts, config.rollout, iteration)
+            cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, config.rollout, iteration)
 
         # 2. advantages over the gathered batch -> optimality r in [0, 1]
         groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration

@@ -98,7 +98,7 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         rollout_config = rollout_for_iteration(config, iteration, rng)
 
         # 1. sample, decode, score
-        cond, result, scores = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration)
+        cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration)
 
         # 2. advantages from the global batch (groups = prompts, made unique across processes)
         groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration

@@ -19,10 +19,10 @@ import torch
 
 from align.advantages import group_advantages
 from align.config import ConfigError
-from align.runtime import iteration_generator, prompts_for_iteration
-from align.sampling.rollout import RolloutConfig, rollout
+from align.runtime import prompts_for_iteration
+from align.sampling.rollout import RolloutConfig
 from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
-                                   reward_metrics, start_run, train_rows)
+                                   reward_metrics, sample_and_score, start_run, train_rows)
 
 
 @dataclass
@@ -74,15 +74,8 @@ def train(config: TempFlowGRPOConfig, adapter=None) -> dict[str, float]:
                                  branches_per_step=config.branches_per_step)
 
         # 1. one ODE trajectory per row; k SDE children at each branch step, completed by ODE
-        with run.sampling():
-            cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
-            result = rollout(adapter, cond, rollout_config, group_size=config.group_size,
-                             generator=iteration_generator(config.run.seed, iteration, accelerator.process_index),
-                             **run.latent_kwargs)
-            pixels = adapter.decode(result.branch_samples.to(adapter.dtype)).float()
-        with run.phase("reward"), torch.no_grad():
-            branch_prompts = [batch_prompts[i] for i in result.branch_prompt_index.tolist()]
-            scores = reward(pixels, branch_prompts)
+        cond, result, _, scores = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration,
+                                                   score="branches")
 
         # 2. siblings = children of one main row at one step
         rows = len(result.branch_origin)
