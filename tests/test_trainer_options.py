@@ -230,3 +230,21 @@ def test_evaluation_uses_its_own_negative_prompt_kernel_and_seed(monkeypatch, tm
     assert before(tmp_path / "c", "negative_prompt=blurry")[0] == base  # same seed: same evaluation
     assert before(tmp_path / "d", "negative_prompt=blurry", "eval.seed=7")[0] != base
     assert before(tmp_path / "e", "negative_prompt=blurry", "eval.kernel=flow_grpo")[0] != base
+
+
+def test_sample_and_score_keeps_gradients_through_chosen_steps(tmp_path):
+    """Reward backprop's seam: with ``grad_steps`` the reward of the decoded samples has a gradient
+    reaching the denoiser's weight (the analytic model's gain); without, sampling keeps no graph."""
+    from align.runtime import Run
+    from align.trainers.common import sample_and_score
+
+    _, config = configured("flow_grpo", tmp_path, "group_size=2", "run.log_with=none")
+    run = Run(config, model=config.model, lora=config.lora, optim=config.optim, run=config.run,
+              adapter=image_adapter())
+    reward = Brightness()
+    _, _, scores, _ = sample_and_score(run, config, reward, ["0.5"], config.rollout, 0, grad_steps=[4, 5])
+    scores.total.mean().backward()
+    gain = run.adapter.denoiser.gain
+    assert gain.grad is not None and gain.grad.abs() > 0
+    _, _, plain, _ = sample_and_score(run, config, reward, ["0.5"], config.rollout, 0)
+    assert not plain.total.requires_grad
