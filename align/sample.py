@@ -68,6 +68,9 @@ def load_model(config: ModelConfig):
         raise ConfigError(f"model.lora: LoRA folder not found: {config.lora}")
     device = resolve_device(config.device)
     adapter = load_adapter(config.name, config.path, device=device, torch_dtype=resolve_dtype(config.dtype, device))
+    # the configured size is the adapter's default (e.g. FLUX reads its packed latents' grid from it)
+    adapter.default_height = config.height or adapter.default_height
+    adapter.default_width = config.width or adapter.default_width
     if config.lora is not None:
         adapter.load_lora(config.lora)
     return adapter

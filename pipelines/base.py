@@ -131,6 +131,12 @@ class ModelAdapter(abc.ABC):
                      num_frames: int | None = None) -> tuple[int, ...]:
         """Shape of one sample's latent, without the batch dimension."""
 
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images (B, C, H, W) or videos (B, F, C, H, W) in [0, 1] -> latents (the inverse of
+        :meth:`decode` up to the VAE's reconstruction): offline preference pairs, real-data
+        regularisers. Adapters with a VAE implement it."""
+        raise NotImplementedError(f"the {self.name!r} adapter cannot encode images into latents")
+
     # --- shared ---------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -235,9 +241,11 @@ class ModelAdapter(abc.ABC):
         (directory / "lora_config.json").write_text(json.dumps(config, indent=2, default=str))
         return directory
 
-    def load_lora(self, directory: str | Path) -> None:
+    def load_lora(self, directory: str | Path, name: str = "default") -> None:
         """Attach a LoRA written by :meth:`export_lora` (or any ``load_lora_weights`` folder of a
-        diffusers pipeline) to the denoiser, e.g. to sample from a trained model."""
+        diffusers pipeline) to the denoiser under ``name``, e.g. to sample from a trained model.
+        Several LoRAs may be loaded on one base under different names; the last one loaded is
+        active, :meth:`use_lora` switches between them."""
         import json
 
         from peft import LoraConfig, set_peft_model_state_dict
@@ -246,9 +254,12 @@ class ModelAdapter(abc.ABC):
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"LoRA folder not found: {directory}")
+        if name in self.lora_names():
+            raise ValueError(f"a LoRA named {name!r} is already loaded: give another name")
         pipe = getattr(self, "pipe", None)
         if pipe is not None and hasattr(pipe, "load_lora_weights"):
-            pipe.load_lora_weights(str(directory))
+            pipe.load_lora_weights(str(directory), adapter_name=name)
+            self.use_lora(name)
             return
         weights, config = directory / "lora.safetensors", directory / "lora_config.json"
         if not weights.is_file() or not config.is_file():
@@ -257,11 +268,31 @@ class ModelAdapter(abc.ABC):
         fields = set(LoraConfig.__dataclass_fields__)
         lora_config = LoraConfig(**{k: v for k, v in options.items() if k in fields and k not in ("peft_type",)})
         base = self.base_denoiser
-        base.add_adapter(lora_config)
-        result = set_peft_model_state_dict(base, load_file(str(weights)))
+        base.add_adapter(lora_config, adapter_name=name)
+        result = set_peft_model_state_dict(base, load_file(str(weights)), adapter_name=name)
         unexpected = list(getattr(result, "unexpected_keys", None) or [])
         if unexpected:
             raise ValueError(f"{weights}: weights that match no LoRA layer of this model: {unexpected[:3]}")
+        self.use_lora(name)
+
+    def lora_names(self) -> list[str]:
+        """Names of the LoRAs attached to the denoiser."""
+        return list(getattr(self.base_denoiser, "peft_config", None) or {})
+
+    def use_lora(self, name: str | None) -> None:
+        """Make the LoRA ``name`` the active one (None: the base model, every LoRA off); the demo
+        compares checkpoints of one base this way."""
+        from align.errors import unknown_name_error
+
+        base = self.base_denoiser
+        if name is None:
+            if self.lora_names():
+                base.disable_adapters()
+            return
+        if name not in self.lora_names():
+            raise unknown_name_error("LoRA", name, self.lora_names())
+        base.set_adapter(name)
+        base.enable_adapters()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]

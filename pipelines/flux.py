@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from pipelines.base import Conditioning, ModelAdapter, Schedule
-from pipelines.sd3 import flow_schedule, freeze_except, load_pipeline, negative_list, prompt_list
+from pipelines.diffusers_common import (flow_schedule, freeze_except, load_pipeline, negative_list, prompt_list,
+                                        vae_encode)
 
 
 class FluxAdapter(ModelAdapter):
@@ -63,8 +64,6 @@ class FluxAdapter(ModelAdapter):
             max_sequence_length = 512 if self.guidance_embeds else 256
         self.max_sequence_length = max_sequence_length
         self.default_height = self.default_width = int(pipe.default_sample_size) * self.vae_scale_factor
-        #: packed sequence length -> (rows, cols) of the 2x2-patch grid, filled by latent_shape()
-        self._grids: dict[int, tuple[int, int]] = {}
         self._image_ids: dict[tuple, Tensor] = {}
         freeze_except(pipe, self.denoiser)
 
@@ -130,9 +129,9 @@ class FluxAdapter(ModelAdapter):
         )[0]
 
     def decode(self, latents: Tensor, *, height: int | None = None, width: int | None = None) -> Tensor:
-        """Packed latents (B, seq, 4C) -> images (B, 3, H, W) in [0, 1]; the image size is the one
-        given here, else the one of the last :meth:`latent_shape` call with this sequence length,
-        else square."""
+        """Packed latents (B, seq, 4C) -> images (B, 3, H, W) in [0, 1]. The image size is the one
+        given here, else the adapter's default size when its sequence length matches, else square;
+        it depends on nothing an earlier call left behind."""
         if height is not None or width is not None:
             rows, cols = self._grid_of(height or self.default_height, width or self.default_width)
         else:
@@ -165,7 +164,6 @@ class FluxAdapter(ModelAdapter):
     def latent_shape(self, height: int | None = None, width: int | None = None,
                      num_frames: int | None = None) -> tuple[int, ...]:
         rows, cols = self._grid_of(height or self.default_height, width or self.default_width)
-        self._grids[rows * cols] = (rows, cols)
         return (rows * cols, int(self.base_denoiser.config.in_channels))
 
     # --- packing helpers --------------------------------------------------------------------------
@@ -179,13 +177,22 @@ class FluxAdapter(ModelAdapter):
         grid = extra.get("latent_grid")
         if grid is not None and grid[0] * grid[1] == seq_len:
             return tuple(grid)
-        if seq_len in self._grids:
-            return self._grids[seq_len]
+        default = self._grid_of(self.default_height, self.default_width)
+        if default[0] * default[1] == seq_len:
+            return default
         side = math.isqrt(seq_len)
         if side * side != seq_len:
-            raise ValueError(f"cannot tell the image size of a packed latent with {seq_len} tokens: call "
-                             "latent_shape(height, width) first or pass height/width")
+            raise ValueError(f"cannot tell the image size of a packed latent with {seq_len} tokens: pass "
+                             "height / width (decode), encode(..., height=, width=), or set the model size "
+                             "(model.height / model.width)")
         return side, side
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> packed latents (B, seq, 4C) through the VAE (the inverse of
+        :meth:`decode`'s scaling, shift and packing)."""
+        config = self.vae.config
+        latents = (vae_encode(self.vae, images) - (config.shift_factor or 0.0)) * config.scaling_factor
+        return self.pack(latents).to(self.device)
 
     def image_ids(self, rows: int, cols: int, device, dtype) -> Tensor:
         """FLUX's (rows * cols, 3) positional ids of the packed image tokens (cached)."""

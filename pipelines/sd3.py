@@ -4,8 +4,6 @@ Latents are the transformer's (B, C, H/8, W/8) input; the model predicts the flo
 receives timesteps in the scheduler's units, ``sigma * 1000``. Text goes through the pipeline's own
 ``encode_prompt`` (two CLIP encoders, optionally T5) and images through its VAE.
 
-This module also holds the small helpers the other diffusers adapters share: pipeline loading
-(:func:`load_pipeline`), the flow-matching schedule (:func:`flow_schedule`) and prompt lists.
 """
 
 from __future__ import annotations
@@ -16,104 +14,8 @@ import torch
 from torch import Tensor
 
 from pipelines.base import Conditioning, ModelAdapter, Schedule
-
-
-# --- helpers shared by the diffusers adapters ---------------------------------------------------
-def _dtype_keyword() -> str:
-    """diffusers renamed ``from_pretrained(torch_dtype=...)`` to ``dtype=...`` (the old name now
-    warns); use whichever the installed version takes."""
-    from diffusers.pipelines import pipeline_utils
-
-    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
-
-
-def load_pipeline(pipeline_cls, path: str, *, torch_dtype: torch.dtype | None = None,
-                  device: str | torch.device | None = None, **kwargs: Any):
-    """``pipeline_cls.from_pretrained(path)`` that also loads checkpoints saved without some
-    components (for example SD3 without its T5 encoder): components recorded as ``null`` in
-    ``model_index.json`` are passed as ``None`` unless given in ``kwargs``. ``torch_dtype`` (or
-    ``dtype`` in ``kwargs``) may be one dtype or a dict per component, as diffusers takes it."""
-    try:
-        index = pipeline_cls.load_config(path, local_files_only=kwargs.get("local_files_only", False))
-    except Exception:  # noqa: BLE001 - from_pretrained below reports the real problem
-        index = {}
-    for name, value in index.items():
-        if name.startswith("_") or name in kwargs:
-            continue
-        if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is None and value[1] is None:
-            kwargs[name] = None
-    dtype = kwargs.pop("dtype", None) if torch_dtype is None else torch_dtype
-    if dtype is not None:
-        kwargs[_dtype_keyword()] = dtype
-    pipe = pipeline_cls.from_pretrained(path, **kwargs)
-    if device is not None:
-        pipe.to(device)
-    return pipe
-
-
-def freeze_except(pipe, keep: torch.nn.Module) -> None:
-    """Put every module of ``pipe`` in eval mode and freeze all but ``keep`` (the denoiser)."""
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-            if component is not keep:
-                component.requires_grad_(False)
-
-
-def prompt_list(prompts: str | Sequence[str]) -> list[str]:
-    if isinstance(prompts, str):
-        return [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("encode() needs at least one prompt")
-    return prompts
-
-
-def negative_list(negative_prompt: str | Sequence[str] | None, batch: int) -> list[str]:
-    """The negative prompt as a list of ``batch`` strings (``None`` means the empty prompt)."""
-    if negative_prompt is None:
-        negative_prompt = ""
-    if isinstance(negative_prompt, str):
-        return [negative_prompt] * batch
-    negative_prompt = list(negative_prompt)
-    if len(negative_prompt) != batch:
-        raise ValueError(f"got {len(negative_prompt)} negative prompts for {batch} prompts")
-    return negative_prompt
-
-
-def is_flow_scheduler(scheduler) -> bool:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    config = scheduler.config
-    return (isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or bool(config.get("use_flow_sigmas", False))
-            or config.get("prediction_type", None) == "flow_prediction")
-
-
-def flow_schedule(scheduler, num_steps: int, **set_timesteps_kwargs: Any) -> Schedule:
-    """A flow schedule from a fresh copy of ``scheduler`` (the pipeline's own scheduler is left
-    untouched): ``levels`` are its sigmas (1 -> 0, the final 0 included, float32, length T+1) and
-    ``timesteps`` the values it feeds the model (``sigma * num_train_timesteps``).
-
-    Flow-matching schedulers other than ``FlowMatchEulerDiscreteScheduler`` (UniPC with
-    ``use_flow_sigmas``, as Wan ships) round their timesteps to integers for their own multistep
-    solver; here timesteps are the exact ``sigma * num_train_timesteps`` of the same sigmas.
-    """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if not is_flow_scheduler(scheduler):
-        raise ValueError(f"{type(scheduler).__name__} is not a flow-matching scheduler")
-    fresh = type(scheduler).from_config(scheduler.config)
-    fresh.set_timesteps(num_steps, **set_timesteps_kwargs)
-    sigmas = torch.as_tensor(fresh.sigmas).detach().to("cpu", torch.float32).clone()
-    if isinstance(fresh, FlowMatchEulerDiscreteScheduler) and fresh.timesteps.is_floating_point():
-        timesteps = fresh.timesteps.detach().to("cpu", torch.float32).clone()
-    else:
-        timesteps = sigmas[:-1] * fresh.config.num_train_timesteps
-    if len(sigmas) != len(timesteps) + 1:
-        raise ValueError(f"{type(scheduler).__name__} gave {len(sigmas)} sigmas for {len(timesteps)} steps")
-    return Schedule(timesteps=timesteps, levels=sigmas, kind="flow")
+from pipelines.diffusers_common import (flow_schedule, freeze_except, load_pipeline, negative_list, prompt_list,
+                                        vae_encode)
 
 
 # --- the adapter ----------------------------------------------------------------------------------
@@ -200,6 +102,13 @@ class SD3Adapter(ModelAdapter):
         latents = latents.to(self.vae.device, self.vae.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
         image = self.vae.decode(latents, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="pt").float()
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> latents through the VAE (the inverse of :meth:`decode`'s
+        scaling and shift)."""
+        config = self.vae.config
+        latents = vae_encode(self.vae, images)
+        return ((latents - (config.shift_factor or 0.0)) * config.scaling_factor).to(self.device)
 
     def schedule(self, num_steps: int, *, latent_shape: tuple | None = None) -> Schedule:
         scheduler = self.pipe.scheduler

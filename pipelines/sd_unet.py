@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from pipelines.base import Conditioning, ModelAdapter, Schedule
-from pipelines.sd3 import freeze_except, load_pipeline, negative_list, prompt_list
+from pipelines.diffusers_common import freeze_except, load_pipeline, negative_list, prompt_list, vae_encode
 
 
 class _UNetAdapter(ModelAdapter):
@@ -96,6 +96,14 @@ class _UNetAdapter(ModelAdapter):
         latents = self._unscale(latents.to(self.vae.device, self.vae.dtype))
         image = self.vae.decode(latents, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="pt").float()
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> latents through the VAE (the inverse of :meth:`decode`'s
+        scaling)."""
+        return self._scale(vae_encode(self.vae, images)).to(self.device)
+
+    def _scale(self, latents: Tensor) -> Tensor:
+        return latents * self.vae.config.scaling_factor
 
 
 class SDAdapter(_UNetAdapter):
@@ -198,6 +206,16 @@ class SDXLAdapter(_UNetAdapter):
         if self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
             self.vae.to(torch.float32)
         return super().decode(latents)
+
+    def _scale(self, latents: Tensor) -> Tensor:
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
+            std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
+            return (latents - mean) * config.scaling_factor / std
+        return latents * config.scaling_factor
 
     def _unscale(self, latents: Tensor) -> Tensor:
         config = self.vae.config

@@ -378,6 +378,10 @@ class ToyAdapter(ModelAdapter):
     def decode(self, latents: Tensor) -> Tensor:
         return ((latents.float() + 1) / 2).clamp(0, 1)
 
+    def encode_images(self, images: Tensor) -> Tensor:
+        """The toy model works in pixel space: latents = 2 x - 1 (the exact inverse of decode)."""
+        return (images.float() * 2 - 1).to(self.device)
+
     def schedule(self, num_steps: int, *, latent_shape: tuple | None = None) -> Schedule:
         sigmas = flow_sigmas(num_steps, self.shift).to(self.device)
         return Schedule(timesteps=sigmas[:-1] * 1000, levels=sigmas, kind="flow")

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from pipelines.base import Conditioning, ModelAdapter, Schedule
-from pipelines.sd3 import flow_schedule, freeze_except, is_flow_scheduler, load_pipeline, negative_list, prompt_list
+from pipelines.diffusers_common import (flow_schedule, freeze_except, is_flow_scheduler, load_pipeline, negative_list,
+                                        prompt_list, vae_encode)
 
 
 class WanAdapter(ModelAdapter):
@@ -105,6 +106,17 @@ class WanAdapter(ModelAdapter):
         std = torch.tensor(config.latents_std, device=latents.device, dtype=latents.dtype).view(shape)
         video = self.vae.decode(latents * std + mean, return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
         return self.pipe.video_processor.postprocess_video(video, output_type="pt").float()
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Videos (B, F, 3, H, W) in [0, 1] (or images, as one-frame videos) -> latents (B, C, F', h, w)
+        through the video VAE, normalised as :meth:`decode` expects."""
+        videos = images[:, None] if images.ndim == 4 else images
+        latents = vae_encode(self.vae, videos.permute(0, 2, 1, 3, 4))  # the VAE takes (B, 3, F, H, W)
+        config = self.vae.config
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean, device=latents.device, dtype=latents.dtype).view(shape)
+        std = torch.tensor(config.latents_std, device=latents.device, dtype=latents.dtype).view(shape)
+        return ((latents - mean) / std).to(self.device)
 
     def schedule(self, num_steps: int, *, latent_shape: tuple | None = None) -> Schedule:
         scheduler = self.pipe.scheduler

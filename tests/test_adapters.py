@@ -204,7 +204,48 @@ def test_flux_packing_and_non_square(load):
     assert cond.extra["latent_grid"] == (8, 16) and cond.negative is None
     with torch.no_grad():
         assert adapter.predict(x, 500.0, cond).shape == x.shape
-        assert adapter.decode(x).shape == (1, 3, 32, 64)
+        assert adapter.decode(x, height=32, width=64).shape == (1, 3, 32, 64)
+
+
+def test_flux_decode_depends_on_no_earlier_call(load):
+    """32x64 and 64x32 images have the same packed length: decode follows the size it is given (or
+    the adapter's configured size), never the last latent_shape call."""
+    adapter = load("flux")
+    x = adapter.initial_noise(1, torch.Generator().manual_seed(0), height=32, width=64)
+    with torch.no_grad():
+        wide = adapter.decode(x, height=32, width=64)
+        adapter.latent_shape(64, 32)  # would have re-mapped this sequence length
+        assert torch.equal(adapter.decode(x, height=32, width=64), wide)
+        with pytest.raises(ValueError, match="height / width"):
+            adapter.decode(x)  # 128 tokens: not the default 32x32 size, not square
+        adapter.default_height, adapter.default_width = 32, 64  # the configured size (model.height/width)
+        assert torch.equal(adapter.decode(x), wide)
+
+
+@pytest.mark.parametrize("key", MAIN)
+def test_encode_images_inverts_the_decoders_latent_normalisation(load, key):
+    """encode_images then decode equals the VAE's own round trip (encode mean, decode) on the raw
+    latents: the adapter's scaling / shift / normalisation (and FLUX's packing) cancel exactly."""
+    adapter = load(key)
+    size = SPECS[key][4]
+    gen = torch.Generator().manual_seed(0)
+    if adapter.is_video:
+        images = torch.rand(2, size["num_frames"], 3, size["height"], size["width"], generator=gen)
+    else:
+        images = torch.rand(2, 3, size["height"], size["width"], generator=gen)
+    with torch.no_grad():
+        latents = adapter.encode_images(images)
+        assert latents.shape == (2, *adapter.latent_shape(**size))
+        ours = adapter.decode(latents)
+        vae = adapter.vae
+        if adapter.is_video:
+            raw = vae.encode(images.permute(0, 2, 1, 3, 4) * 2 - 1).latent_dist.mean
+            theirs = adapter.pipe.video_processor.postprocess_video(vae.decode(raw, return_dict=False)[0],
+                                                                    output_type="pt")
+        else:
+            raw = vae.encode(images * 2 - 1).latent_dist.mean
+            theirs = adapter.pipe.image_processor.postprocess(vae.decode(raw, return_dict=False)[0], output_type="pt")
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_registry(saved_dirs):

@@ -1,6 +1,7 @@
 """The exported LoRA loads into a fresh stock diffusers pipeline with ``load_lora_weights`` and
 gives the same outputs as the trained adapter."""
 
+import pytest
 import torch
 
 from tests.tiny_models import build_sd, build_sd3
@@ -107,3 +108,75 @@ def test_align_sample_with_a_trained_toy_lora(tmp_path, capsys):
     want = expected[0].permute(1, 2, 0).numpy()
     assert np.abs(got - want).max() <= 1 / 255 + 1e-6  # PNG rounding only
     assert not torch.allclose(expected, base, atol=1e-3)  # the LoRA matters
+
+
+def _exported_loras(make_adapter, tmp_path, seeds=(3, 4)):
+    """Two LoRAs of one base (different random lora_B), exported; returns their folders and the
+    outputs each gives on (x, t, cond)."""
+    folders = []
+    for seed in seeds:
+        adapter = make_adapter()
+        adapter.add_lora(rank=4, alpha=8)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, param in adapter.denoiser.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.5)
+        folders.append(adapter.export_lora(tmp_path / f"lora{seed}"))
+    return folders
+
+
+def _named_loras_switch(make_adapter, tmp_path, t):
+    """Load two LoRAs by name on one base: each name gives exactly what that LoRA alone gives, None
+    the base model; an unknown name is a one-line error listing the loaded ones."""
+    from align.config import ConfigError
+
+    first, second = _exported_loras(make_adapter, tmp_path)
+    adapter = make_adapter()
+    cond = adapter.encode(["a red car"], guidance_scale=1.0)
+    x = torch.randn(1, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    alone = {}
+    with torch.no_grad():
+        base = adapter.predict(x, t, cond)
+        for label, folder in (("a", first), ("b", second)):
+            single = make_adapter()
+            single.load_lora(folder)
+            alone[label] = single.predict(x, t, cond)
+        adapter.load_lora(first, name="a")
+        adapter.load_lora(second, name="b")
+        assert sorted(adapter.lora_names()) == ["a", "b"]
+        assert torch.equal(adapter.predict(x, t, cond), alone["b"])  # the last one loaded is active
+        adapter.use_lora("a")
+        torch.testing.assert_close(adapter.predict(x, t, cond), alone["a"], rtol=1e-5, atol=1e-6)
+        adapter.use_lora(None)
+        torch.testing.assert_close(adapter.predict(x, t, cond), base, rtol=1e-5, atol=1e-6)
+        adapter.use_lora("b")
+        torch.testing.assert_close(adapter.predict(x, t, cond), alone["b"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(alone["a"], alone["b"], atol=1e-4)
+    with pytest.raises(ConfigError, match="valid: a, b"):
+        adapter.use_lora("c")
+
+
+def test_named_loras_switch_on_the_toy_model(tmp_path):
+    from pipelines.toy import TOY_WEIGHTS_DIR, load_toy_adapter
+
+    if not (TOY_WEIGHTS_DIR / "config.json").exists():
+        pytest.skip("toy model weights not built")
+    _named_loras_switch(load_toy_adapter, tmp_path, 500.0)
+
+
+def test_named_loras_switch_on_sd3(tmp_path):
+    from pipelines.sd3 import SD3Adapter
+
+    model_dir = build_sd3(tmp_path / "sd3")
+    _named_loras_switch(lambda: SD3Adapter.from_pretrained(str(model_dir)), tmp_path, 500.0)
+
+
+def test_toy_encode_images_is_the_exact_inverse_of_decode():
+    from pipelines.toy import TOY_WEIGHTS_DIR, load_toy_adapter
+
+    if not (TOY_WEIGHTS_DIR / "config.json").exists():
+        pytest.skip("toy model weights not built")
+    adapter = load_toy_adapter()
+    images = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(adapter.decode(adapter.encode_images(images)), images)
