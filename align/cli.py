@@ -3,6 +3,7 @@
     align sample --model toy --prompt "a red digit 7" --num 8 --out samples/ [key=value ...]
     align train flow_grpo --config configs/quickstart.yaml [key=value ...]
     align train --config configs/methods/flow_grpo.yaml      (a method preset names its trainer)
+    align launch multi_gpu train flow_grpo --config ...     (accelerate launch with a shipped preset)
     align env
     align models
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from align.config import ConfigError, load_config
 
@@ -82,6 +84,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the accelerate launch presets (configs/accelerate/<name>.yaml)
+ACCELERATE_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def accelerate_presets() -> list[str]:
+    return sorted(p.stem for p in ACCELERATE_PRESETS.glob("*.yaml"))
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """``align launch PRESET train ...``: the command under ``accelerate launch`` with a shipped
+    preset. The preset name and the training config are checked here, before any process starts."""
+    import os
+    import subprocess
+
+    from align.errors import unknown_name_error
+
+    if args.preset not in accelerate_presets():
+        raise unknown_name_error("accelerate preset", args.preset, accelerate_presets(), field="launch")
+    command = list(args.command) + list(getattr(args, "overrides", []) or [])
+    if not command:
+        raise ConfigError("launch: give the command to run, e.g. align launch multi_gpu train flow_grpo --config ...")
+    if command[0] == "train":  # validate the whole config in this process first
+        train_args, extra = build_parser().parse_known_args(command)
+        module_name = resolve_trainer(train_args.method, train_args.config, list(train_args.overrides) + extra)
+        from align.trainers import trainer_module
+
+        module = trainer_module(module_name)
+        module.check_config(load_config(module.CONFIG, train_args.config, list(train_args.overrides) + extra))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ACCELERATE_PRESETS / f"{args.preset}.yaml"), "-m", "align", *command]
+    if args.dry_run:
+        print(" ".join(launch))
+        return 0
+    return subprocess.call(launch, env=os.environ.copy())
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     from align.env import environment_report
 
@@ -128,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the resolved config (defaults, --config, overrides) as YAML and exit")
     train.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=1e-4")
     train.set_defaults(func=cmd_train)
+
+    launch = sub.add_parser("launch", help="run a command under accelerate launch with a shipped preset "
+                                           "(align launch [--dry-run] PRESET train ...)")
+    launch.add_argument("--dry-run", action="store_true", help="print the accelerate command and exit")
+    launch.add_argument("preset", help="configs/accelerate/<preset>.yaml: " + ", ".join(accelerate_presets()))
+    launch.add_argument("command", nargs=argparse.REMAINDER, help="the align command, e.g. train flow_grpo ...")
+    launch.set_defaults(func=cmd_launch)
 
     env = sub.add_parser("env", help="versions, devices and attention backends")
     env.set_defaults(func=cmd_env)

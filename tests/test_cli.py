@@ -109,3 +109,17 @@ def test_a_method_preset_names_its_trainer(tmp_path, capsys):
     assert "trainer: dense_grpo" in capsys.readouterr().out
     assert main(["train", "flow_grpo", "--config", str(preset), "--print-config"]) == 2
     assert "the config names 'dense_grpo'" in capsys.readouterr().err
+
+
+def test_launch_checks_the_preset_and_the_config_before_starting_processes(tmp_path, capsys):
+    assert main(["launch", "multi_gpuu", "train", "flow_grpo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "launch:" in err and "did you mean 'multi_gpu'" in err
+    assert main(["launch", "--dry-run", "multi_cpu", "train", "flow_grpo", "rollout.kernel=flow_grop"]) == 2
+    assert "rollout.kernel:" in capsys.readouterr().err
+    assert main(["launch", "--dry-run", "multi_cpu", "train", "flow_grpo", "--config", str(QUICKSTART),
+                 "optim.lr=1e-3"]) == 0
+    command = capsys.readouterr().out.split()
+    assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
+    assert command[4].endswith("configs/accelerate/multi_cpu.yaml") and Path(command[4]).is_file()
+    assert command[5:] == ["-m", "align", "train", "flow_grpo", "--config", str(QUICKSTART), "optim.lr=1e-3"]
