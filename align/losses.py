@@ -34,6 +34,20 @@ def mean_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, reduce: str = "mean") -
     return reduce_elements((mean.float() - ref_mean.float()) ** 2 / (2 * std**2), reduce)
 
 
+def flow_grpo_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, dt: Tensor | float, reduce: str = "mean") -> Tensor:
+    """The Flow-GRPO reference's KL term: ||mean - ref||^2 / (2 std_t^2) with the SDE's std_t
+    (a sqrt(sigma / (1 - sigma)) for its kernel), i.e. without the step's sqrt(-dt): the step std is
+    std_t sqrt(-dt), so this is the exact Gaussian KL (:func:`mean_kl`) times (-dt)."""
+    scale = (-torch.as_tensor(dt, dtype=torch.float32, device=mean.device)).reshape(-1)
+    return mean_kl(mean, ref_mean, std, reduce) * scale
+
+
+#: the KL forms by name: "exact" (the step's Gaussian KL) or "flow_grpo" (the reference's, x (-dt))
+KL_FORMS = ("flow_grpo", "exact")
+#: the CFG gradient of training re-scores: "cond_only" (the Flow-GRPO reference) or "full"
+CFG_GRADS = ("cond_only", "full")
+
+
 def normalize_log_ratio(log_ratio: Tensor, target_std: Tensor | float, eps: float = 1e-8) -> Tensor:
     """GRPO-Guard: one denoising step's log-ratios d, centred and rescaled across the batch so the
     PPO clip stays two-sided at low-noise steps where d drifts below 0:

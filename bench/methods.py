@@ -1,6 +1,7 @@
 """Every online-RL method on the embedded default model at the same compute budget.
 
-Each method is a preset in ``configs/methods/<name>.yaml``; it fine-tunes the toy digit model against the digit-classifier reward until it has spent
+Each method is a preset in ``configs/methods/<name>.yaml``; it fine-tunes the toy digit model
+against the digit-classifier reward until it has spent
 ``--nfe`` model evaluations (rollouts, completions and branches all count), then the mean reward
 of fixed evaluation prompts and seeds is compared with the start. Printed: reward gain per 1k NFE
 and per second of wall time, best first.

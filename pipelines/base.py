@@ -148,9 +148,12 @@ class ModelAdapter(abc.ABC):
         dtype = getattr(self.base_denoiser, "dtype", None)
         return dtype if isinstance(dtype, torch.dtype) else next(self.denoiser.parameters()).dtype
 
-    def predict(self, x: Tensor, t: Tensor | float, cond: Conditioning) -> Tensor:
+    def predict(self, x: Tensor, t: Tensor | float, cond: Conditioning, *, cfg_grad: str = "full") -> Tensor:
         """Model output at (x, t) with classifier-free guidance as one batch:
-        out = u + g (c - u), u the unconditional and c the conditional prediction."""
+        out = u + g (c - u), u the unconditional and c the conditional prediction.
+        ``cfg_grad``: "full" differentiates both branches ((1 - g) du + g dc); "cond_only" detaches
+        the unconditional one (g dc), as the Flow-GRPO reference re-scores for training. The value
+        is the same either way."""
         batch = x.shape[0]
         t = _as_batch(t, batch, x.device)
         self.nfe += batch
@@ -159,6 +162,10 @@ class ModelAdapter(abc.ABC):
             self.transformer_rows += 2 * batch
             out = self.forward(torch.cat([x_in, x_in]), torch.cat([t, t]), cond.cfg_batch(), cond.extra)
             uncond, c = out.float().chunk(2)
+            if cfg_grad == "cond_only":
+                uncond = uncond.detach()
+            elif cfg_grad != "full":
+                raise ValueError(f"cfg_grad must be 'cond_only' or 'full', got {cfg_grad!r}")
             return uncond + cond.guidance_scale * (c - uncond)
         self.transformer_rows += batch
         return self.forward(x_in, t, cond.tensors, cond.extra).float()

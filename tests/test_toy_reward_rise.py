@@ -71,7 +71,8 @@ MEASURED: dict[tuple[str, str], tuple[float, ...]] = {
 
 def toy_run_config(trainer: str, reward: str, seed: int, out) -> object:
     module = trainer_module(trainer)
-    return load_config(module.CONFIG, PRESETS / f"{trainer}.yaml", COMMON + TRAINER_OVERRIDES[trainer] + [REWARDS[reward]]
+    return load_config(module.CONFIG, PRESETS / f"{trainer}.yaml",
+                       COMMON + TRAINER_OVERRIDES[trainer] + [REWARDS[reward]]
                        + PAIR_OVERRIDES.get((trainer, reward), []) + [f"run.seed={seed}", f"run.output_dir={out}"])
 
 

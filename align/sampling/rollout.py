@@ -191,13 +191,14 @@ def kernel_params(config: RolloutConfig, adapter: ModelAdapter) -> dict:
 
 
 def predict_in_chunks(adapter: ModelAdapter, x: Tensor, t: Tensor, cond: Conditioning, max_batch: int | None,
-                      use_checkpoint: bool = False) -> Tensor:
+                      use_checkpoint: bool = False, cfg_grad: str = "full") -> Tensor:
     """``adapter.predict`` over at most ``max_batch`` rows per call (null: one call). ``t`` is one
-    timestep for all rows or one per row; ``use_checkpoint`` recomputes activations in backward."""
+    timestep for all rows or one per row; ``use_checkpoint`` recomputes activations in backward;
+    ``cfg_grad`` as in :meth:`ModelAdapter.predict`."""
     def call(x_, t_, c_):
         if use_checkpoint:
-            return checkpoint(adapter.predict, x_, t_, c_, use_reentrant=False)
-        return adapter.predict(x_, t_, c_)
+            return checkpoint(adapter.predict, x_, t_, c_, cfg_grad=cfg_grad, use_reentrant=False)
+        return adapter.predict(x_, t_, c_, cfg_grad=cfg_grad)
     if not max_batch or x.shape[0] <= max_batch:
         return call(x, t, cond)
     per_row = t.ndim > 0 and t.shape[0] == x.shape[0]
@@ -350,7 +351,7 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
 
 
 def rescore(adapter: ModelAdapter, transition: Transition, cond: Conditioning, schedule: Schedule,
-            config: RolloutConfig | None = None, *, share_parents: bool = False) -> StepOut:
+            config: RolloutConfig | None = None, *, share_parents: bool = False, cfg_grad: str = "full") -> StepOut:
     """Log-prob of a stored transition under the adapter's current weights (the PPO ratio's
     numerator), with the kernel and parameters the transition was sampled with (``config`` is read
     for ``max_batch`` only). With unchanged weights and the same batch it equals the recorded
@@ -358,7 +359,8 @@ def rescore(adapter: ModelAdapter, transition: Transition, cond: Conditioning, s
 
     ``share_parents``: rows with the same parent (siblings of a tree, which leave the same latents)
     share one model evaluation, as in the rollout; with all rows of a step this repeats the rollout's
-    batch and its log-probs exactly."""
+    batch and its log-probs exactly. ``cfg_grad``: "cond_only" detaches the unconditional CFG branch
+    (the Flow-GRPO reference's training gradient), "full" differentiates both."""
     i = transition.step
     latents, prompt_index = transition.latents, transition.prompt_index
     if share_parents:  # evaluate the first row of each parent, then give every sibling its output
@@ -368,7 +370,7 @@ def rescore(adapter: ModelAdapter, transition: Transition, cond: Conditioning, s
                            device=inverse.device).scatter_reduce(0, inverse, position, "amin")
         latents, prompt_index = latents[first], prompt_index[first]
     model_out = predict_in_chunks(adapter, latents, schedule.timesteps[i], cond.select(prompt_index),
-                                  config.max_batch if config is not None else None)
+                                  config.max_batch if config is not None else None, cfg_grad=cfg_grad)
     if share_parents:
         model_out = model_out[inverse]
     kernel = kernel_spec(transition.kernel).resolve(schedule.kind)

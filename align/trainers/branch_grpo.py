@@ -36,11 +36,12 @@ import torch
 from torch import Tensor
 
 from align.advantages import fuse_leaf_rewards, group_advantages, nodes_with_valid_leaves
-from align.config import ConfigError
+from align.config import ConfigError, check_choice
+from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompts_for_iteration
 from align.sampling.rollout import Rollout, RolloutConfig, rollout
-from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress, reward_metrics,
-                                   start_run, train_rows)
+from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
+                                   ppo_transition_loss, progress, reward_metrics, start_run, train_rows)
 
 VARIANTS = ("branch_grpo", "tree_grpo")
 
@@ -97,6 +98,12 @@ class BranchGRPOConfig(TrainerConfig):
     clip_range: float = 1e-3
     #: weight of the KL to the reference policy (LoRA disabled); 0 turns it off (BranchGRPO: off)
     kl_beta: float = 0.0
+    #: KL form: "flow_grpo" (the reference's: std_t without the step's sqrt(-dt), so published
+    #: kl_beta values mean what they meant there) or "exact" (the step's Gaussian KL, flow_grpo / (-dt))
+    kl_form: str = "flow_grpo"
+    #: CFG gradient of a training re-score: "cond_only" (the Flow-GRPO reference detaches the
+    #: unconditional branch: g dc) or "full" ((1 - g) du + g dc); the rollout is the same either way
+    cfg_grad: str = "cond_only"
     #: the last step's std is tiny: it is not trained unless asked
     train_last_step: bool = False
     #: passes over each iteration's trees
@@ -110,6 +117,8 @@ class BranchGRPOConfig(TrainerConfig):
 
 def check_config(config: BranchGRPOConfig) -> None:
     check_names(config)
+    check_choice("kl_form", config.kl_form, KL_FORMS)
+    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     choices = {"variant": VARIANTS, "fusion": ("mean", "logp"), "adv_group": ("tree", "prompt"),
                "adv_std": ("group", "global"), "width_keep": ("both", "best"), "step_weighting": ("edges", "steps")}
     for key, valid in choices.items():
@@ -367,7 +376,8 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
                             # siblings share their parent's model evaluation, as in the rollout
                             loss, ppo = ppo_transition_loss(run, transitions[step].subset(index), cond, result.schedule,
                                                             rollout_config, advantages, clip_range=config.clip_range,
-                                                            kl_beta=config.kl_beta, weights=edge_weights[step],
+                                                            kl_beta=config.kl_beta, kl_form=config.kl_form,
+                                                            cfg_grad=config.cfg_grad, weights=edge_weights[step],
                                                             share_parents=True)
                             edges = len(index) if edge_weights[step] is None else float(edge_weights[step].sum())
                             weight = edges / max(total, 1) if config.step_weighting == "edges" else 1 / len(selected)

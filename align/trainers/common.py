@@ -94,8 +94,8 @@ def start_run(config: TrainerConfig, adapter=None):
 
 def evaluate_run(run, config: TrainerConfig, reward, heldout, grid_name: str) -> dict[str, float]:
     """The run's evaluation (``config.eval``) on the evaluation prompts, with its sample grid."""
-    return run.evaluate(reward, config.eval_prompts, config.rollout, config.eval, negative_prompt=config.negative_prompt,
-                        heldout=heldout, grid_name=grid_name)
+    return run.evaluate(reward, config.eval_prompts, config.rollout, config.eval,
+                        negative_prompt=config.negative_prompt, heldout=heldout, grid_name=grid_name)
 
 
 def summary_lines(before: float, after: float, watched_before: dict[str, float],
@@ -134,21 +134,24 @@ def finish_run(config: TrainerConfig, run, reward, heldout) -> dict[str, float]:
 
 
 def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *, clip_range: float,
-                        kl_beta: float = 0.0, guard: bool = False, guard_std: float | None = None,
-                        weights=None, share_parents: bool = False):
+                        kl_beta: float = 0.0, kl_form: str = "exact", cfg_grad: str = "full", guard: bool = False,
+                        guard_std: float | None = None, weights=None, share_parents: bool = False):
     """The policy loss of one batch of stored transitions: re-score with the current weights,
     PPO-clip against the recorded log-probs, plus kl_beta * KL(mean, mean_ref) with the reference
-    (LoRA disabled). ``guard`` turns on GRPO-Guard's per-step log-ratio normalisation, rescaled to
-    ``guard_std`` (null: the step's own spread, i.e. centring only). ``share_parents``: siblings of a
-    tree share one model evaluation, as in the rollout. Returns (loss, stats)."""
+    (LoRA disabled), in ``kl_form`` "exact" (:func:`align.losses.mean_kl`) or "flow_grpo" (the
+    reference's, :func:`align.losses.flow_grpo_kl`). ``cfg_grad``: the CFG gradient of the re-score
+    ("cond_only" detaches the unconditional branch). ``guard`` turns on GRPO-Guard's per-step
+    log-ratio normalisation, rescaled to ``guard_std`` (null: the step's own spread, i.e. centring
+    only). ``share_parents``: siblings of a tree share one model evaluation, as in the rollout.
+    Returns (loss, stats)."""
     import torch
 
-    from align.losses import mean_kl, normalize_log_ratio, ppo_clip_loss
+    from align.losses import flow_grpo_kl, mean_kl, normalize_log_ratio, ppo_clip_loss
     from align.sampling.rollout import rescore
 
     adapter, accelerator = run.adapter, run.accelerator
     with accelerator.autocast():
-        new = rescore(adapter, part, cond, schedule, rollout_config, share_parents=share_parents)
+        new = rescore(adapter, part, cond, schedule, rollout_config, share_parents=share_parents, cfg_grad=cfg_grad)
     log_prob = new.log_prob
     log_ratio = (log_prob - part.log_prob).detach()
     if guard:
@@ -159,7 +162,11 @@ def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *
     if kl_beta > 0:
         with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
             ref = rescore(adapter, part, cond, schedule, rollout_config, share_parents=share_parents)
-        kl = mean_kl(new.mean, ref.mean, new.std).mean()
+        if kl_form == "flow_grpo":
+            dt = schedule.levels[part.step + 1] - schedule.levels[part.step]
+            kl = flow_grpo_kl(new.mean, ref.mean, new.std, dt).mean()
+        else:
+            kl = mean_kl(new.mean, ref.mean, new.std).mean()
         loss = loss + kl_beta * kl
         stats["kl"] = kl.detach()
     return loss, stats
@@ -270,7 +277,8 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
     adapter, process = run.adapter, run.accelerator.process_index
     with run.sampling() if not grad_steps else run.accelerator.autocast():
         cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
-        result = rollout(adapter, cond, rollout_config, group_size=config.group_size if group_size is None else group_size,
+        rows = config.group_size if group_size is None else group_size
+        result = rollout(adapter, cond, rollout_config, group_size=rows,
                          generator=iteration_generator(config.run.seed, iteration, process), grad_steps=grad_steps,
                          **run.latent_kwargs)
         pixels = adapter.decode(result.samples.to(adapter.dtype)).float() if score in ("samples", "both") else None

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 import torch
 
 from align.advantages import RunningPromptStats
-from align.config import ConfigError
+from align.config import ConfigError, check_choice
+from align.losses import CFG_GRADS
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
-                                   reward_metrics, sample_and_score, start_run)
+from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
+                                   ppo_transition_loss, progress, reward_metrics, sample_and_score, start_run)
 
 
 @dataclass
@@ -40,6 +41,8 @@ class DDPOConfig(TrainerConfig):
     clip_range: float = 1e-4
     #: weight of a KL to the reference policy (LoRA disabled), as in Flow-GRPO; DDPO has none (0)
     kl_beta: float = 0.0
+    #: CFG gradient of a training re-score: "full" (DDPO differentiates both branches) or "cond_only"
+    cfg_grad: str = "full"
     #: advantages are clipped to [-adv_clip, adv_clip]
     adv_clip: float = 5.0
     #: per-prompt running statistics (false: normalise by the statistics of the whole batch)
@@ -62,6 +65,7 @@ class DDPOConfig(TrainerConfig):
 
 def check_config(config: DDPOConfig) -> None:
     check_names(config)
+    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     if config.rollout.kernel == "ode":
         raise ConfigError("rollout.kernel 'ode' records no log-probs; DDPO needs a stochastic kernel (ddim)")
     if config.clip_range <= 0:
@@ -170,7 +174,7 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
                             part = transitions[step].subset(index)
                             loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
                                                             advantages[index], clip_range=config.clip_range,
-                                                            kl_beta=config.kl_beta)
+                                                            kl_beta=config.kl_beta, cfg_grad=config.cfg_grad)
                             accelerator.backward(loss / len(steps))
                             log.add(loss, **ppo)
                             if not log["grad_norm"]:  # no update yet: on-policy, every ratio is exactly 1

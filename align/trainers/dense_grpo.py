@@ -18,11 +18,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from align.advantages import dense_step_gains, per_step_advantages
-from align.config import ConfigError
+from align.config import ConfigError, check_choice
+from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
-                                   reward_metrics, sample_and_score, start_run)
+from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
+                                   ppo_transition_loss, progress, reward_metrics, sample_and_score, start_run)
 
 
 @dataclass
@@ -31,6 +32,12 @@ class DenseGRPOConfig(TrainerConfig):
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
     clip_range: float = 1e-4
     kl_beta: float = 0.0
+    #: KL form: "flow_grpo" (the reference's: std_t without the step's sqrt(-dt), so published
+    #: kl_beta values mean what they meant there) or "exact" (the step's Gaussian KL, flow_grpo / (-dt))
+    kl_form: str = "flow_grpo"
+    #: CFG gradient of a training re-score: "cond_only" (the Flow-GRPO reference detaches the
+    #: unconditional branch: g dc) or "full" ((1 - g) du + g dc); the rollout is the same either way
+    cfg_grad: str = "cond_only"
     adv_clip: float = 5.0
     #: normalise each step's gains within the prompt's group ("group") or over the batch ("batch")
     adv_scope: str = "group"
@@ -47,6 +54,8 @@ class DenseGRPOConfig(TrainerConfig):
 
 def check_config(config: DenseGRPOConfig) -> None:
     check_names(config)
+    check_choice("kl_form", config.kl_form, KL_FORMS)
+    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     if config.adv_scope not in ("group", "batch"):
         raise ConfigError(f"adv_scope must be 'group' or 'batch', got {config.adv_scope!r}")
     if config.rollout.split_steps or config.rollout.branch_steps:
@@ -122,7 +131,8 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
                     for step in steps:
                         loss, ppo = ppo_transition_loss(run, transitions[step].subset(index), cond, result.schedule,
                                                         rollout_config, advantages[index, step],
-                                                        clip_range=config.clip_range, kl_beta=config.kl_beta)
+                                                        clip_range=config.clip_range, kl_beta=config.kl_beta,
+                                                        kl_form=config.kl_form, cfg_grad=config.cfg_grad)
                         accelerator.backward(loss / len(steps))
                         stats.add(loss, **ppo)
                     stats.step(run)

@@ -34,8 +34,8 @@ from align.losses import flow_matching_target, nft_loss, weighted_mean
 from align.runtime import prompts_for_iteration
 from align.sampling.kernels import reduce_elements
 from align.sampling.rollout import RolloutConfig, predict_in_chunks
-from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, group_batch_advantages,
-                                   progress, reward_metrics, sample_and_score, start_run)
+from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
+                                   group_batch_advantages, progress, reward_metrics, sample_and_score, start_run)
 
 
 @dataclass
@@ -281,12 +281,13 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
                             with accelerator.autocast():
                                 v_theta = adapter.predict(x_t[items], t[items] * scale, c).float()
                             r_items = r[samples]
+                            w_items = None if sample_weights is None else sample_weights[samples]
                             if config.loss_weighting == "adaptive":
                                 loss = adaptive_nft_loss(v_theta, v_old[items], target[items], r_items, config.beta,
-                                                         t[items], weights=None if sample_weights is None else sample_weights[samples])
+                                                         t[items], weights=w_items)
                             else:
                                 loss = nft_loss(v_theta, v_old[items], target[items], r_items, config.beta,
-                                                weights=None if sample_weights is None else sample_weights[samples])
+                                                weights=w_items)
                             if config.kl_beta > 0:
                                 with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
                                     v_ref = adapter.predict(x_t[items], t[items] * scale, c).float()

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from align.config import ConfigError
+from align.config import ConfigError, check_choice
+from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, group_batch_advantages,
-                                   ppo_transition_loss, progress, reward_metrics, sample_and_score, start_run,
-                                   train_rows)
+from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
+                                   group_batch_advantages, ppo_transition_loss, progress, reward_metrics,
+                                   sample_and_score, start_run, train_rows)
 
 
 @dataclass
@@ -30,6 +31,12 @@ class FlowGRPOConfig(TrainerConfig):
     clip_range: float = 1e-4
     #: weight of the KL to the reference policy (LoRA disabled); 0 turns it off
     kl_beta: float = 0.04
+    #: KL form: "flow_grpo" (the reference's: std_t without the step's sqrt(-dt), so published
+    #: kl_beta values mean what they meant there) or "exact" (the step's Gaussian KL, flow_grpo / (-dt))
+    kl_form: str = "flow_grpo"
+    #: CFG gradient of a training re-score: "cond_only" (the Flow-GRPO reference detaches the
+    #: unconditional branch: g dc) or "full" ((1 - g) du + g dc); the rollout is the same either way
+    cfg_grad: str = "cond_only"
     #: "group" std per prompt, or "global" std of the whole (gathered) batch
     adv_std: str = "group"
     adv_clip: float = 5.0
@@ -54,6 +61,8 @@ class FlowGRPOConfig(TrainerConfig):
 
 def check_config(config: FlowGRPOConfig) -> None:
     check_names(config)
+    check_choice("kl_form", config.kl_form, KL_FORMS)
+    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     choices = {"adv_std": ("group", "global"), "multi_reward": ("sum_rewards", "sum_advantages"),
                "window_mode": ("random", "sliding")}
     for key, valid in choices.items():
@@ -124,7 +133,8 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                             part = transitions[step].subset(index)
                             loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
                                                             advantages[index], clip_range=config.clip_range,
-                                                            kl_beta=config.kl_beta, guard=config.guard,
+                                                            kl_beta=config.kl_beta, kl_form=config.kl_form,
+                                                            cfg_grad=config.cfg_grad, guard=config.guard,
                                                             guard_std=run.state.extra.get("guard_std"),
                                                             weights=None if row_weights is None else row_weights[index])
                             accelerator.backward(loss * step_weights[j] / len(steps))

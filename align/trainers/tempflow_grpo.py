@@ -18,11 +18,13 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from align.advantages import group_advantages
-from align.config import ConfigError
+from align.config import ConfigError, check_choice
+from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (check_names, TrainLog, TrainerConfig, end_iteration, finish_run, ppo_transition_loss, progress,
-                                   reward_metrics, sample_and_score, start_run, train_rows)
+from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
+                                   ppo_transition_loss, progress, reward_metrics, sample_and_score, start_run,
+                                   train_rows)
 
 
 @dataclass
@@ -41,11 +43,19 @@ class TempFlowGRPOConfig(TrainerConfig):
     group_size: int = 1
     clip_range: float = 1e-4
     kl_beta: float = 0.0
+    #: KL form: "flow_grpo" (the reference's: std_t without the step's sqrt(-dt), so published
+    #: kl_beta values mean what they meant there) or "exact" (the step's Gaussian KL, flow_grpo / (-dt))
+    kl_form: str = "flow_grpo"
+    #: CFG gradient of a training re-score: "cond_only" (the Flow-GRPO reference detaches the
+    #: unconditional branch: g dc) or "full" ((1 - g) du + g dc); the rollout is the same either way
+    cfg_grad: str = "cond_only"
     adv_clip: float = 5.0
 
 
 def check_config(config: TempFlowGRPOConfig) -> None:
     check_names(config)
+    check_choice("kl_form", config.kl_form, KL_FORMS)
+    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     if config.branches_per_step < 2:
         raise ConfigError("branches_per_step must be >= 2: siblings are compared with each other")
     bad = [s for s in config.branch_steps or [] if not 0 <= s < config.rollout.num_steps]
@@ -102,7 +112,8 @@ def train(config: TempFlowGRPOConfig, adapter=None) -> dict[str, float]:
                     part = transition.subset(index)
                     loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
                                                     advantages[part.rows], clip_range=config.clip_range,
-                                                    kl_beta=config.kl_beta,
+                                                    kl_beta=config.kl_beta, kl_form=config.kl_form,
+                                                    cfg_grad=config.cfg_grad,
                                                     weights=None if row_weights is None else row_weights[index])
                     accelerator.backward(loss * weight / len(branch_transitions))
                     stats.add(loss, **ppo)
