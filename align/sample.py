@@ -26,6 +26,9 @@ class ModelConfig:
     num_frames: int | None = None
     #: a trained LoRA folder to load on top (a run's ``lora/`` export; null: the base model)
     lora: str | None = None
+    #: T5 / UMT5 tokens per prompt for sd3, flux and wan (null: the adapter's default, 256 for SD3;
+    #: the Flow-GRPO reference trains SD3.5 at 128)
+    max_sequence_length: int | None = None
 
 
 @dataclass
@@ -67,7 +70,11 @@ def load_model(config: ModelConfig):
     if config.lora is not None and not Path(config.lora).is_dir():
         raise ConfigError(f"model.lora: LoRA folder not found: {config.lora}")
     device = resolve_device(config.device)
-    adapter = load_adapter(config.name, config.path, device=device, torch_dtype=resolve_dtype(config.dtype, device))
+    options = {} if config.max_sequence_length is None else {"max_sequence_length": config.max_sequence_length}
+    if options and config.name not in ("sd3", "flux", "wan"):
+        raise ConfigError(f"model.max_sequence_length: the {config.name!r} adapter has no T5 encoder (sd3, flux, wan)")
+    adapter = load_adapter(config.name, config.path, device=device, torch_dtype=resolve_dtype(config.dtype, device),
+                           **options)
     # the configured size is the adapter's default (e.g. FLUX reads its packed latents' grid from it)
     adapter.default_height = config.height or adapter.default_height
     adapter.default_width = config.width or adapter.default_width

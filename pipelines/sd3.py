@@ -39,9 +39,11 @@ class SD3Adapter(ModelAdapter):
     default_guidance = 4.5
     default_height = 1024
     default_width = 1024
-    #: joint attention of the MM-DiT blocks (image and text streams)
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0",
-                            "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    #: joint attention of the MM-DiT blocks (image and text streams), named as the Flow-GRPO reference
+    #: does: ``attn.*`` only, not the ``attn2`` self-attention of SD3.5-Medium's dual-attention blocks
+    #: (a bare suffix such as ``to_q`` would catch those too)
+    default_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 
     def __init__(self, pipe, *, max_sequence_length: int = 256, clip_skip: int | None = None) -> None:
         super().__init__()

@@ -106,3 +106,86 @@ def test_flow_trainers_default_to_the_reference_conventions():
         config = trainer_module(name).CONFIG()
         assert (config.kl_form, config.cfg_grad) == ("flow_grpo", "cond_only"), name
     assert trainer_module("ddpo").CONFIG().cfg_grad == "full"
+
+
+# --- Flow-GRPO: LoRA targets, EMA, sequence length ------------------------------------------------
+
+
+def test_sd3_default_lora_targets_are_the_references_modules(tmp_path):
+    """On a dual-attention SD3 (SD3.5-Medium's layout), the default LoRA adapts exactly the joint
+    attention projections attn.{to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out},
+    never attn2; the last block (context_pre_only) has no to_add_out."""
+    from pipelines.sd3 import SD3Adapter
+    from tests.tiny_models import build_sd3
+
+    adapter = SD3Adapter.from_pretrained(str(build_sd3(tmp_path / "sd3", dual_attention_layers=(0,))))
+    assert any(".attn2." in n for n, _ in adapter.denoiser.named_modules())
+    adapter.add_lora(rank=2, alpha=4)
+    adapted = sorted({n.split(".lora_A")[0] for n, _ in adapter.denoiser.named_parameters() if "lora_A" in n})
+    suffixes = {n.split(".attn.", 1)[1] for n in adapted}
+    assert all(".attn." in n and ".attn2." not in n for n in adapted), adapted
+    assert suffixes == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
+
+
+def test_ema_every_n_updates_and_the_exported_lora_is_the_ema(tmp_path):
+    """optim.ema_every=2 over 4 updates steps the EMA twice; the exported LoRA holds the EMA weights
+    (what the evaluation measured), not the raw ones of the last checkpoint."""
+    from safetensors.torch import load_file
+
+    from pipelines.toy import TOY_WEIGHTS_DIR
+
+    if not (TOY_WEIGHTS_DIR / "config.json").exists():
+        pytest.skip("toy model weights not built")
+    module = trainer_module("flow_grpo")
+    out = tmp_path / "run"
+    config = load_config(module.CONFIG, None, [
+        "model.name=toy", "rewards=[digit]", "iterations=4", "prompts_per_iteration=1", "group_size=4",
+        "rollout.num_steps=3", "rollout.guidance_scale=1.0", "lora.rank=2", "lora.alpha=4", "optim.lr=0.01",
+        "optim.ema_decay=0.5", "optim.ema_every=2", "eval.per_prompt=1", "eval_prompts=['a red digit 3']",
+        f"run.output_dir={out}", "run.log_with=none", "run.progress=false", "run.checkpoint_every=4", "kl_beta=0"])
+    module.train(config)
+    checkpoint = out / "checkpoints" / "iteration-000004"
+    ema = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    assert ema["optimization_step"] == 2
+    raw = load_file(checkpoint / "trainable_0.safetensors")
+    exported = load_file(out / "lora" / "lora.safetensors")
+    raw_b = [v for k, v in sorted(raw.items()) if "lora_B" in k]
+    exported_b = [v for k, v in sorted(exported.items()) if "lora_B" in k]
+    assert len(raw_b) == len(exported_b) == len(ema["shadow_params"]) // 2
+    assert any(not torch.equal(a, b) for a, b in zip(raw_b, exported_b))
+    assert all(any(torch.equal(e, s) for s in ema["shadow_params"] if s.shape == e.shape) for e in exported_b)
+
+
+# --- Flow-GRPO / DanceGRPO: which steps timestep_fraction trains ---------------------------------
+
+
+def steps_trained_per_row(monkeypatch, tmp_path, selection):
+    module = trainer_module("flow_grpo")
+    seen: dict[int, set[int]] = {}
+    original = module.ppo_transition_loss
+
+    def spy(run_, part, *args, **kwargs):
+        for row in part.rows.tolist():
+            seen.setdefault(row, set()).add(part.step)
+        return original(run_, part, *args, **kwargs)
+
+    monkeypatch.setattr(module, "ppo_transition_loss", spy)
+    _, config = configured("flow_grpo", tmp_path, "group_size=8", "kl_beta=0", "iterations=1",
+                           "rollout.num_steps=11", "timestep_fraction=0.6", f"timestep_selection={selection}")
+    module.train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
+    monkeypatch.setattr(module, "ppo_transition_loss", original)
+    return seen
+
+
+def test_timestep_selection_modes(monkeypatch, tmp_path):
+    """10 trainable steps, fraction 0.6: "shared" trains one random set of 6 for every row,
+    "per_sample" (DanceGRPO) int(0.6 * 10) = 6 per row from each row's own permutation, "prefix"
+    (the Flow-GRPO reference's order) steps 0..5."""
+    shared = steps_trained_per_row(monkeypatch, tmp_path / "shared", "shared")
+    per_sample = steps_trained_per_row(monkeypatch, tmp_path / "per_sample", "per_sample")
+    prefix = steps_trained_per_row(monkeypatch, tmp_path / "prefix", "prefix")
+    assert len(shared) == len(per_sample) == len(prefix) == 8
+    assert len({frozenset(s) for s in shared.values()}) == 1 and all(len(s) == 6 for s in shared.values())
+    assert all(len(s) == 6 and max(s) < 10 for s in per_sample.values())
+    assert len({frozenset(s) for s in per_sample.values()}) > 1
+    assert all(s == set(range(6)) for s in prefix.values())

@@ -141,8 +141,9 @@ def _save(pipe, directory) -> Path:
 
 
 # --- pipelines ----------------------------------------------------------------------------------
-def build_sd3(directory, *, with_t5: bool = False, seed: int = 0) -> Path:
-    """StableDiffusion3Pipeline: two CLIP encoders (+ optional T5), SD3 transformer, 32 px images."""
+def build_sd3(directory, *, with_t5: bool = False, seed: int = 0, dual_attention_layers: tuple = ()) -> Path:
+    """StableDiffusion3Pipeline: two CLIP encoders (+ optional T5), SD3 transformer, 32 px images;
+    ``dual_attention_layers``: the blocks with SD3.5-Medium's second self-attention (``attn2``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     tok, tok2 = clip_tokenizer(), clip_tokenizer()
@@ -154,7 +155,7 @@ def build_sd3(directory, *, with_t5: bool = False, seed: int = 0) -> Path:
     transformer = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=2 * HIDDEN, caption_projection_dim=HIDDEN,
-        pooled_projection_dim=2 * HIDDEN, pos_embed_max_size=16,
+        pooled_projection_dim=2 * HIDDEN, pos_embed_max_size=16, dual_attention_layers=tuple(dual_attention_layers),
     ).eval()
     vae = tiny_vae(4, scaling_factor=1.5, shift_factor=0.06, seed=seed + 4)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)

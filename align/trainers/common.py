@@ -122,7 +122,8 @@ def finish_run(config: TrainerConfig, run, reward, heldout) -> dict[str, float]:
     after = evaluate_run(run, config, reward, heldout, "after")
     run.log(after, step=run.state.iteration)
     if run.is_main and config.lora.enabled:
-        run.adapter.export_lora(run.dir / "lora")
+        with run.ema_weights():  # the EMA's LoRA when EMA is on (what the evaluation measured)
+            run.adapter.export_lora(run.dir / "lora")
     summary = {"reward_before": run.state.reward_before, "reward_after": after["eval/reward"], **after}
     lines = summary_lines(run.state.reward_before, after["eval/reward"], run.state.heldout_before or {}, after)
     for line in lines:

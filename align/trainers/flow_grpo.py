@@ -44,8 +44,13 @@ class FlowGRPOConfig(TrainerConfig):
     multi_reward: str = "sum_rewards"
     #: the last step's std is tiny (~2e-3): it is not trained unless asked
     train_last_step: bool = False
-    #: train a random fraction of the trained steps each iteration (DanceGRPO: 0.6)
+    #: train a fraction of the trained steps each iteration (DanceGRPO: 0.6)
     timestep_fraction: float = 1.0
+    #: which steps timestep_fraction keeps: "shared" (one random subset of round(fraction * T) for
+    #: every row, the default: every minibatch trains the same steps), "per_sample" (DanceGRPO's
+    #: reference: each row its own random permutation, first int(fraction * T)) or "prefix" (the
+    #: first int(fraction * T) steps in order, as the Flow-GRPO reference trains steps 0..8 of 10)
+    timestep_selection: str = "shared"
     #: Fast / Mix: an SDE window of this many steps inside an ODE run (null: SDE everywhere)
     window_size: int | None = None
     #: "random" start every iteration (Fast), or "sliding" by one step every window_slide_every (Mix)
@@ -64,7 +69,7 @@ def check_config(config: FlowGRPOConfig) -> None:
     check_choice("kl_form", config.kl_form, KL_FORMS)
     check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     choices = {"adv_std": ("group", "global"), "multi_reward": ("sum_rewards", "sum_advantages"),
-               "window_mode": ("random", "sliding")}
+               "window_mode": ("random", "sliding"), "timestep_selection": ("shared", "per_sample", "prefix")}
     for key, valid in choices.items():
         if getattr(config, key) not in valid:
             raise ConfigError(f"{key} must be one of {valid}, got {getattr(config, key)!r}")
@@ -89,10 +94,23 @@ def rollout_for_iteration(config: FlowGRPOConfig, iteration: int, rng: random.Ra
 
 
 def trained_steps(config: FlowGRPOConfig, recorded: list[int], rng: random.Random) -> list[int]:
+    """The steps trained this iteration ("shared" and "prefix"; "per_sample": every candidate step,
+    each row keeping its own subset, see :func:`per_sample_steps`)."""
     steps = [s for s in recorded if config.train_last_step or s != config.rollout.num_steps - 1]
     if config.timestep_fraction < 1 and steps:
-        steps = sorted(rng.sample(steps, max(1, round(config.timestep_fraction * len(steps)))))
+        if config.timestep_selection == "shared":
+            steps = sorted(rng.sample(steps, max(1, round(config.timestep_fraction * len(steps)))))
+        elif config.timestep_selection == "prefix":
+            steps = steps[:max(1, int(config.timestep_fraction * len(steps)))]
     return steps
+
+
+def per_sample_steps(rows: int, num_steps: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """DanceGRPO's selection: (rows, num_steps) bool, row r keeping the first int(fraction * T)
+    entries of its own random permutation of the T steps."""
+    keep = max(1, int(fraction * num_steps))
+    order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(rows)])
+    return torch.zeros(rows, num_steps, dtype=torch.bool).scatter_(1, order[:, :keep], True)
 
 
 def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
@@ -121,6 +139,11 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         stds = torch.stack([transitions[s].std.mean() for s in steps]) if steps else torch.ones(1)
         step_weights = stds**2 / (stds**2).mean() if config.guard else torch.ones_like(stds)
         rows, row_weights = train_rows(run, keep)
+        per_sample = config.timestep_selection == "per_sample" and config.timestep_fraction < 1 and steps
+        if per_sample:
+            step_mask = per_sample_steps(len(keep), len(steps), config.timestep_fraction,
+                                         torch.Generator().manual_seed(rng.randrange(2**31)))
+            steps_per_row = int(step_mask[0].sum())
         stats = TrainLog()
         with run.phase("training"):
             batch = config.train_batch_size or max(1, len(rows))
@@ -130,14 +153,28 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                     with run.accumulate():
                         index = order[start:start + batch]
                         for j, step in enumerate(steps):
-                            part = transitions[step].subset(index)
+                            chosen, scale = index, None
+                            if per_sample:  # each row's own steps; a row's terms average over its steps
+                                weights = step_mask[index, j].float() * (1 if row_weights is None else
+                                                                         row_weights[index].cpu())
+                                chosen = index if row_weights is not None else index[step_mask[index, j]]
+                                if len(chosen) == 0:
+                                    continue
+                                scale = float(weights.sum()) / (len(index) * steps_per_row)
+                                chosen_weights = None if row_weights is None else weights.to(accelerator.device)
+                            else:
+                                chosen_weights = None if row_weights is None else row_weights[index]
+                            part = transitions[step].subset(chosen)
                             loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
-                                                            advantages[index], clip_range=config.clip_range,
+                                                            advantages[chosen], clip_range=config.clip_range,
                                                             kl_beta=config.kl_beta, kl_form=config.kl_form,
                                                             cfg_grad=config.cfg_grad, guard=config.guard,
                                                             guard_std=run.state.extra.get("guard_std"),
-                                                            weights=None if row_weights is None else row_weights[index])
-                            accelerator.backward(loss * step_weights[j] / len(steps))
+                                                            weights=chosen_weights)
+                            if scale is None:
+                                accelerator.backward(loss * step_weights[j] / len(steps))
+                            else:
+                                accelerator.backward(loss * step_weights[j] * scale)
                             stats.add(loss, **ppo)
                         stats.step(run)
         if config.guard and stats.get("log_ratio_std"):
