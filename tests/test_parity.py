@@ -189,3 +189,57 @@ def test_timestep_selection_modes(monkeypatch, tmp_path):
     assert all(len(s) == 6 and max(s) < 10 for s in per_sample.values())
     assert len({frozenset(s) for s in per_sample.values()}) > 1
     assert all(s == set(range(6)) for s in prefix.values())
+
+
+# --- DiffusionNFT ----------------------------------------------------------------------------------
+
+
+def test_nft_adaptive_loss_is_the_references_x0_space_form_with_its_constant():
+    """With x0_hat = x_t - t v (x_t = (1 - t) x0 + t eps), the reference's
+    (adv_clip / beta) [r mean((x0_hat+ - x0)^2) / sg(mean|x0_hat+ - x0|) + (1 - r) (same for -)]
+    equals adaptive_nft_loss with scale adv_clip / beta, the trainer's default."""
+    from align.losses import flow_matching_target
+    from align.trainers.diffusion_nft import DiffusionNFTConfig, adaptive_nft_loss
+
+    gen = torch.Generator().manual_seed(0)
+    x0, eps, v_old, v_theta = (torch.randn(4, 3, 4, 4, generator=gen) for _ in range(4))
+    t, r, beta, adv_clip = torch.tensor([0.9, 0.6, 0.3, 0.1]), torch.tensor([0.0, 0.3, 0.5, 1.0]), 0.1, 5.0
+    x_t, target = flow_matching_target(x0, eps, t)
+    tt = t.reshape(-1, 1, 1, 1)
+
+    def term(v):
+        err = (x_t - tt * v) - x0  # x0_hat - x0
+        return (err**2).mean(dim=(1, 2, 3)) / err.abs().mean(dim=(1, 2, 3))
+
+    v_pos, v_neg = (1 - beta) * v_old + beta * v_theta, (1 + beta) * v_old - beta * v_theta
+    reference = adv_clip / beta * (r * term(v_pos) + (1 - r) * term(v_neg)).mean()
+    ours = adaptive_nft_loss(v_theta, v_old, target, r, beta, t, scale=adv_clip / beta)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    config = DiffusionNFTConfig()
+    assert (config.loss_weighting, config.kl_beta, config.t_distribution) == ("adaptive", 1e-4, "schedule_permutation")
+
+
+def test_nft_trains_each_sample_at_the_samplers_levels_in_its_own_order():
+    """schedule_permutation: every sample gets t_per_sample distinct levels of the sampler (default:
+    9 of 10), in an order of its own."""
+    from align.trainers.diffusion_nft import DiffusionNFTConfig, draw_t, draws_per_sample
+
+    config = DiffusionNFTConfig()
+    levels = torch.linspace(1, 0, 11)  # 10 steps: levels 1.0 ... 0.1, then the clean 0
+    k = draws_per_sample(config)
+    assert k == 9
+    t = draw_t(config, 6 * k, torch.Generator().manual_seed(0), levels, per_sample=k).reshape(6, k)
+    allowed = set(levels[:-1].tolist())
+    for row in t:
+        assert len(set(row.tolist())) == 9 and set(row.tolist()) <= allowed
+    assert len({tuple(row.tolist()) for row in t}) == 6  # each sample its own order
+
+
+def test_nft_policy_decay_counts_optimizer_updates_and_offers_the_flat_warmup():
+    from align.trainers.diffusion_nft import DiffusionNFTConfig, policy_decay
+
+    linear = DiffusionNFTConfig(policy_ema_decay=0.5, policy_ema_rate=0.001)
+    assert [policy_decay(linear, u) for u in (1, 100, 500, 5000)] == pytest.approx([0.001, 0.1, 0.5, 0.5])
+    ocr = DiffusionNFTConfig(policy_ema_schedule="flat_warmup", policy_ema_rate=0.0075, policy_ema_decay=0.999,
+                             policy_ema_warmup=75)
+    assert [policy_decay(ocr, u) for u in (1, 75, 76, 100, 300)] == pytest.approx([0, 0, 0.0075, 0.1875, 0.999])

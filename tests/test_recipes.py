@@ -99,7 +99,7 @@ def test_recipe_runs_an_iteration(recipe, tmp_path, tmp_path_factory):
         f"prompt_file={prompts}", "iterations=1", "eval.per_prompt=1",
         "eval.num_steps=2", "eval_prompts=['a red car']", "run.log_with=none", f"run.output_dir={tmp_path / 'run'}",
         "run.progress=false", f"rewards={json.dumps(trained)}", f"heldout_rewards={json.dumps(heldout)}",
-        "group_size=4", *frames])
+        *frames])
     summary = module.train(config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = next(m for m in rows if "reward/unscored" in m or "advantage/kept_fraction" in m)
@@ -107,8 +107,9 @@ def test_recipe_runs_an_iteration(recipe, tmp_path, tmp_path_factory):
         if field == "heldout_rewards":
             assert f"eval/heldout/{spec['name']}" in summary
     if first.get("advantage/kept_fraction", 0.0) > 0:  # a random model's images may carry no signal (OCR)
-        # the recipe's model-call chunks (max_batch) and training batches hold every row of this small
-        # iteration, so the first on-policy step re-scores each transition exactly (bf16 included)
-        assert first["train/ratio_mean"] == 1.0 and first["train/clip_fraction"] == 0.0, first
+        # the recipe's group sizes, model-call chunks (max_batch) and minibatches as written: every
+        # model call has the rollout's batch size, so before the first update each transition
+        # re-scores exactly (bf16 included)
+        assert first["train/on_policy_approx_kl"] == 0.0 and first["train/on_policy_clip_fraction"] == 0.0, first
         assert first["train/grad_norm"] > 0.0
     assert any((tmp_path / "run" / "lora").iterdir())

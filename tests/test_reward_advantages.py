@@ -103,7 +103,7 @@ COMBINATION = "[{name: test_adv_bright, weight: 2.0}, {name: test_adv_two_dims, 
 
 
 @pytest.mark.parametrize("trainer, spy_on, options", [
-    ("flow_grpo", "ppo_transition_loss", ["kl_beta=0"]),
+    ("flow_grpo", "ppo_transition_loss", ["kl_beta=0", "adv_std=group"]),
     ("diffusion_nft", "optimality", ["adv_std=group"]),
 ])
 def test_sum_rewards_trains_exactly_the_combinations_total(trainer, spy_on, options, tmp_path, monkeypatch):

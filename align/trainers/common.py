@@ -188,16 +188,24 @@ def train_rows(run, keep):
 
 
 class TrainLog(dict):
-    """One iteration's training statistics, name -> list of floats, averaged into ``train/<name>``."""
+    """One iteration's training statistics, name -> list of floats, averaged into ``train/<name>``;
+    and ``train/on_policy_approx_kl`` / ``train/on_policy_clip_fraction``, the largest over the
+    terms seen before the iteration's first update (exactly 0 when training re-scores every
+    transition as the rollout scored it, however many updates follow)."""
 
     def __init__(self, *names: str) -> None:
         super().__init__({name: [] for name in ("loss", "grad_norm", *names)})
+        self.on_policy: dict[str, float] = {}
 
     def add(self, loss=None, **stats) -> None:
         if loss is not None:
             self["loss"].append(float(loss.detach()))
         for key, value in stats.items():
             self.setdefault(key, []).append(float(value))
+        if not self["grad_norm"]:  # no update yet this iteration: the policy is the rollout's
+            for key in ("approx_kl", "clip_fraction"):
+                if key in stats:
+                    self.on_policy[key] = max(self.on_policy.get(key, 0.0), float(stats[key]))
 
     def step(self, run) -> None:
         """``run.step_optimizer()``, recording the gradient norm when an update was made (not while
@@ -207,7 +215,9 @@ class TrainLog(dict):
             self["grad_norm"].append(norm)
 
     def metrics(self) -> dict[str, float]:
-        return {f"train/{k}": sum(v) / len(v) for k, v in self.items() if v}
+        out = {f"train/{k}": sum(v) / len(v) for k, v in self.items() if v}
+        out.update({f"train/on_policy_{k}": v for k, v in self.on_policy.items()})
+        return out
 
 
 def reward_metrics(named: dict, valid=None) -> dict[str, float]:

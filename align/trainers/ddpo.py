@@ -162,7 +162,6 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
         steps = trained_steps(config, result.main_transitions(), len(result.schedule), rng)
         transitions = {t.step: t for t in result.main_transitions(steps)}
         log = TrainLog()
-        on_policy: dict[str, float] = {}
         with run.phase("training"):
             batch = config.train_batch_size or rows
             for _ in range(config.inner_epochs):
@@ -177,9 +176,6 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
                                                             kl_beta=config.kl_beta, cfg_grad=config.cfg_grad)
                             accelerator.backward(loss / len(steps))
                             log.add(loss, **ppo)
-                            if not log["grad_norm"]:  # no update yet: on-policy, every ratio is exactly 1
-                                for key in ("approx_kl", "clip_fraction"):
-                                    on_policy[key] = max(on_policy.get(key, 0.0), float(ppo[key]))
                         if steps:
                             log.step(run)
 
@@ -189,7 +185,6 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
         metrics.update({"advantage/abs_mean": float(advantages.abs().mean()),
                         "stats/per_prompt_fraction": own_stats, "stats/prompts_tracked": len(stats_tracker.history),
                         "train/trained_steps": len(steps)})
-        metrics.update({f"train/on_policy_{k}": v for k, v in on_policy.items()})
         metrics.update(log.metrics())
         bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)

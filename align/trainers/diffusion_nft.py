@@ -4,11 +4,13 @@ One iteration reads top to bottom:
 prompts -> clean samples x0 from the sampling policy (the "old" weights, an EMA of the trained
 ones) with any solver (ODE by default; no log-probs) -> decode -> reward -> advantages A (reward
 minus its prompt's mean, over a std) -> optimality r = clip(A / adv_clip, -1, 1) / 2 + 1/2 ->
-re-noise every sample at ``t_per_sample`` random t: x_t = (1 - t) x0 + t eps, target v = eps - x0
--> v_old(x_t, t) with the old weights, no gradient -> for each minibatch: v_theta(x_t, t) and the
-implicit policies v+ = (1 - beta) v_old + beta v_theta, v- = (1 + beta) v_old - beta v_theta, loss
-r ||v+ - v||^2 + (1 - r) ||v- - v||^2 -> optimizer step -> the old weights follow theta:
-old <- d old + (1 - d) theta, with d = min(policy_ema_decay, policy_ema_rate * iteration).
+re-noise every sample at ``t_per_sample`` levels t (by default, as the reference: the sampler's own
+levels in a random order per sample, 9 of 10) with fresh noise: x_t = (1 - t) x0 + t eps, target
+v = eps - x0 -> v_old(x_t, t) with the old weights, no gradient -> for each minibatch: v_theta(x_t, t)
+and the implicit policies v+ = (1 - beta) v_old + beta v_theta, v- = (1 + beta) v_old - beta v_theta,
+loss r ||v+ - v||^2 + (1 - r) ||v- - v||^2 (by default in the reference's adaptive x0-space form,
+scaled by adv_clip / beta) + kl_beta ||v_theta - v_ref||^2 -> optimizer step -> the old weights
+follow theta: old <- d old + (1 - d) theta, with d = min(policy_ema_decay, policy_ema_rate * updates).
 
 High-reward samples (r > 1/2) pull v_theta towards their flow-matching target, low-reward ones push
 it away, and r = 1/2 (also every sample of a prompt whose rewards are all equal) only ties v_theta to
@@ -46,11 +48,15 @@ class DiffusionNFTConfig(TrainerConfig):
                                                                          guidance_scale=1.0))
     #: strength of the implicit policies v+- = v_old +- beta (v_theta - v_old) (paper: 1, 0.1 for some rewards)
     beta: float = 1.0
-    #: re-noising draws of t per sample (each one a separate model call in the same optimizer step)
-    t_per_sample: int = 1
-    #: "uniform" on [t_min, t_max], "logit_normal" (sigmoid of N(logit_mean, logit_std), clamped to
-    #: [t_min, t_max]) or "schedule" (one of the sampler's noise levels, uniformly)
-    t_distribution: str = "uniform"
+    #: re-noising draws of t per sample, each with fresh noise and a separate model call, all in the
+    #: same optimizer step (null: all the sampler's levels but one with "schedule_permutation", as
+    #: the reference trains 9 of 10; 1 otherwise)
+    t_per_sample: int | None = None
+    #: "schedule_permutation" (the reference: each sample at the sampler's own levels, in a random
+    #: order of its own, the first t_per_sample of them), "schedule" (a sampler level drawn at random
+    #: with replacement), "uniform" on [t_min, t_max] or "logit_normal" (sigmoid of
+    #: N(logit_mean, logit_std), clamped to [t_min, t_max])
+    t_distribution: str = "schedule_permutation"
     t_min: float = 0.0
     t_max: float = 1.0
     logit_mean: float = 0.0
@@ -64,15 +70,21 @@ class DiffusionNFTConfig(TrainerConfig):
     adv_clip: float = 5.0
     #: several rewards: "sum_rewards" (weighted sum, then normalise) or "sum_advantages"
     multi_reward: str = "sum_rewards"
-    #: the sampling ("old") policy's EMA decay after iteration i: min(policy_ema_decay,
-    #: policy_ema_rate * i); null rate: the constant policy_ema_decay (0: old = theta every iteration)
+    #: the sampling ("old") policy's EMA decay after u optimizer updates (counted as the reference,
+    #: this iteration's included): min(policy_ema_decay, policy_ema_rate * u) ("linear"), or 0 for
+    #: policy_ema_warmup updates and then min(policy_ema_decay, policy_ema_rate * (u - warmup))
+    #: ("flat_warmup": the reference's OCR schedule with rate 0.0075, decay 0.999, warm-up 75); null
+    #: rate: the constant policy_ema_decay (0: old = theta every iteration)
     policy_ema_decay: float = 0.5
     policy_ema_rate: float | None = 0.001
-    #: "velocity": the plain loss above; "adaptive": each term in x0 space, t^2 ||v± - v||^2, divided
-    #: by its own detached mean |t (v± - v)| (a self-normalised weighting over t)
-    loss_weighting: str = "velocity"
-    #: weight of ||v_theta - v_ref||^2 to the reference policy (LoRA disabled); 0 turns it off
-    kl_beta: float = 0.0
+    policy_ema_schedule: str = "linear"
+    policy_ema_warmup: int = 75
+    #: "adaptive" (the reference): each term in x0 space, t^2 ||v± - v||^2, divided by its own
+    #: detached mean |t (v± - v)|, the sum scaled by adv_clip / beta; "velocity": the plain loss above
+    loss_weighting: str = "adaptive"
+    #: weight of ||v_theta - v_ref||^2 to the reference policy (LoRA disabled; the reference always
+    #: adds 1e-4); 0 turns it off
+    kl_beta: float = 1e-4
     #: passes over each batch of samples
     inner_epochs: int = 1
     #: samples per optimizer step (null: all samples of the iteration)
@@ -82,15 +94,18 @@ class DiffusionNFTConfig(TrainerConfig):
 def check_config(config: DiffusionNFTConfig) -> None:
     check_names(config)
     choices = {"adv_std": ("group", "global"), "multi_reward": ("sum_rewards", "sum_advantages"),
-               "t_distribution": ("uniform", "logit_normal", "schedule"),
-               "loss_weighting": ("velocity", "adaptive")}
+               "t_distribution": ("uniform", "logit_normal", "schedule", "schedule_permutation"),
+               "loss_weighting": ("velocity", "adaptive"), "policy_ema_schedule": ("linear", "flat_warmup")}
     for key, valid in choices.items():
         if getattr(config, key) not in valid:
             raise ConfigError(f"{key} must be one of {valid}, got {getattr(config, key)!r}")
     if config.beta <= 0:
         raise ConfigError(f"beta must be > 0, got {config.beta}")
-    if config.t_per_sample < 1 or config.inner_epochs < 1:
+    if (config.t_per_sample is not None and config.t_per_sample < 1) or config.inner_epochs < 1:
         raise ConfigError("t_per_sample and inner_epochs must be >= 1")
+    if config.t_distribution == "schedule_permutation" and (config.t_per_sample or 1) > config.rollout.num_steps:
+        raise ConfigError(f"t_per_sample {config.t_per_sample} is more than the sampler's {config.rollout.num_steps} "
+                          f"levels (t_distribution schedule_permutation draws each at most once)")
     if not 0 <= config.t_min < config.t_max <= 1:
         raise ConfigError(f"need 0 <= t_min < t_max <= 1, got t_min={config.t_min}, t_max={config.t_max}")
     if config.adv_clip <= 0:
@@ -113,25 +128,52 @@ def optimality(advantages: Tensor, adv_clip: float) -> Tensor:
     return (advantages / adv_clip).clamp(-1, 1) / 2 + 0.5
 
 
-def policy_decay(config: DiffusionNFTConfig, iteration: int) -> float:
-    """EMA decay of the sampling policy after ``iteration`` (counted from 0)."""
+def policy_decay(config: DiffusionNFTConfig, updates: int) -> float:
+    """EMA decay of the sampling policy after ``updates`` optimizer updates."""
     if config.policy_ema_rate is None:
         return config.policy_ema_decay
-    return min(config.policy_ema_decay, config.policy_ema_rate * iteration)
+    if config.policy_ema_schedule == "flat_warmup":
+        updates = updates - config.policy_ema_warmup
+        if updates <= 0:
+            return 0.0
+    return min(config.policy_ema_decay, config.policy_ema_rate * updates)
 
 
-def draw_t(config: DiffusionNFTConfig, count: int, generator: torch.Generator, levels: Tensor) -> Tensor:
-    """``count`` noise levels t (float32, on the CPU) from the configured distribution."""
+def draws_per_sample(config: DiffusionNFTConfig) -> int:
+    """t_per_sample, or its default: all the sampler's levels but one (schedule_permutation), else 1."""
+    if config.t_per_sample is not None:
+        return config.t_per_sample
+    return max(1, config.rollout.num_steps - 1) if config.t_distribution == "schedule_permutation" else 1
+
+
+def sampler_levels(config: DiffusionNFTConfig, levels: Tensor) -> Tensor:
+    """The sampler's noise levels within [t_min, t_max] (the final clean level is not a step)."""
+    levels = levels[:-1].float().cpu()
+    levels = levels[(levels >= config.t_min) & (levels <= config.t_max)]
+    if len(levels) == 0:
+        raise ConfigError(f"t_distribution {config.t_distribution!r}: no sampler noise level lies in [t_min, t_max]")
+    return levels
+
+
+def draw_t(config: DiffusionNFTConfig, count: int, generator: torch.Generator, levels: Tensor,
+           per_sample: int = 1) -> Tensor:
+    """``count`` noise levels t (float32, on the CPU) from the configured distribution;
+    "schedule_permutation" gives ``count / per_sample`` samples ``per_sample`` distinct levels each,
+    from a random permutation of their own (sample-major order)."""
+    if config.t_distribution == "schedule_permutation":
+        levels = sampler_levels(config, levels)
+        if per_sample > len(levels):
+            raise ConfigError(f"t_per_sample {per_sample} is more than the {len(levels)} sampler levels in "
+                              "[t_min, t_max]")
+        orders = [torch.randperm(len(levels), generator=generator)[:per_sample] for _ in range(count // per_sample)]
+        return levels[torch.cat(orders)].float()
     if config.t_distribution == "uniform":
         t = config.t_min + (config.t_max - config.t_min) * torch.rand(count, generator=generator)
     elif config.t_distribution == "logit_normal":
         z = config.logit_mean + config.logit_std * torch.randn(count, generator=generator)
         t = torch.sigmoid(z).clamp(config.t_min, config.t_max)
     else:
-        levels = levels[:-1].float().cpu()  # the sampler's levels; the final clean level is not a step
-        levels = levels[(levels >= config.t_min) & (levels <= config.t_max)]
-        if len(levels) == 0:
-            raise ConfigError("t_distribution 'schedule': no sampler noise level lies in [t_min, t_max]")
+        levels = sampler_levels(config, levels)
         t = levels[torch.randint(len(levels), (count,), generator=generator)]
     return t.float()
 
@@ -151,9 +193,10 @@ def flow_timestep_scale(adapter, num_steps: int, size: dict) -> float:
 
 
 def adaptive_nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality: Tensor, beta: float,
-                      t: Tensor, weights: Tensor | None = None) -> Tensor:
+                      t: Tensor, weights: Tensor | None = None, scale: float = 1.0) -> Tensor:
     """The NFT loss with each term measured in x0 space (x0_hat - x0 = -t (v± - v)) and divided by
-    its own detached mean absolute error: r e+^2 / sg(|e+|) + (1 - r) e-^2 / sg(|e-|)."""
+    its own detached mean absolute error: scale (r e+^2 / sg(|e+|) + (1 - r) e-^2 / sg(|e-|)); the
+    reference's scale is adv_clip / beta."""
     t = t.reshape(-1, *([1] * (v_theta.ndim - 1))).float()
     v_pos = (1 - beta) * v_old + beta * v_theta
     v_neg = (1 + beta) * v_old - beta * v_theta
@@ -163,7 +206,7 @@ def adaptive_nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality
         scale = reduce_elements(err.detach().abs()).clamp_min(1e-5)
         return reduce_elements(err**2) / scale
 
-    return weighted_mean(optimality * term(v_pos) + (1 - optimality) * term(v_neg), weights)
+    return scale * weighted_mean(optimality * term(v_pos) + (1 - optimality) * term(v_neg), weights)
 
 
 class SamplingPolicy:
@@ -231,7 +274,7 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
     if "sampling_policy" in run.state.extra:
         old.load_state_dict(run.state.extra["sampling_policy"])
     run.state.extra["sampling_policy"] = old.state_dict()
-    K = config.t_per_sample
+    K = draws_per_sample(config)
 
     bar = progress(run, config, "diffusion_nft")
     for iteration in bar:
@@ -259,7 +302,7 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
             train_cond = cond if not cond.uses_cfg else adapter.encode(batch_prompts, config.negative_prompt, 1.0)
             item_sample = torch.arange(rows).repeat_interleave(K)
             item_cond = train_cond.select(result.prompt_index[item_sample])
-            t = draw_t(config, rows * K, noise_gen, result.schedule.levels).to(device)
+            t = draw_t(config, rows * K, noise_gen, result.schedule.levels, per_sample=K).to(device)
             x0 = result.samples.float()[item_sample.to(result.samples.device)].to(device)
             eps = torch.randn(x0.shape, generator=noise_gen).to(device)
             x_t, target = flow_matching_target(x0, eps, t)
@@ -284,7 +327,8 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
                             w_items = None if sample_weights is None else sample_weights[samples]
                             if config.loss_weighting == "adaptive":
                                 loss = adaptive_nft_loss(v_theta, v_old[items], target[items], r_items, config.beta,
-                                                         t[items], weights=w_items)
+                                                         t[items], weights=w_items,
+                                                         scale=config.adv_clip / config.beta)
                             else:
                                 loss = nft_loss(v_theta, v_old[items], target[items], r_items, config.beta,
                                                 weights=w_items)
@@ -299,7 +343,7 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
                         log.step(run)
 
         # 5. the sampling policy follows theta
-        decay = policy_decay(config, iteration)
+        decay = policy_decay(config, run.state.extra.get("updates", 0))
         old.update(decay)
 
         # 6. bookkeeping (NFE: sampling plus the v_old evaluations)

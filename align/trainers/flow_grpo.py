@@ -9,6 +9,7 @@ PPO-clip loss + beta * KL to the reference (LoRA off) -> optimizer step.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field, replace
 
@@ -37,8 +38,9 @@ class FlowGRPOConfig(TrainerConfig):
     #: CFG gradient of a training re-score: "cond_only" (the Flow-GRPO reference detaches the
     #: unconditional branch: g dc) or "full" ((1 - g) du + g dc); the rollout is the same either way
     cfg_grad: str = "cond_only"
-    #: "group" std per prompt, or "global" std of the whole (gathered) batch
-    adv_std: str = "group"
+    #: advantages (r - prompt mean) / std with the std of the whole gathered batch ("global", as every
+    #: paper config of the reference) or of the prompt's group ("group")
+    adv_std: str = "global"
     adv_clip: float = 5.0
     #: several rewards: "sum_rewards" (weighted sum, then normalise) or "sum_advantages" (MixGRPO)
     multi_reward: str = "sum_rewards"
@@ -58,8 +60,12 @@ class FlowGRPOConfig(TrainerConfig):
     window_slide_every: int = 10
     #: passes over each batch of rollouts
     inner_epochs: int = 1
-    #: rollout rows per optimizer step (null: all rows of the iteration)
+    #: rollout rows per optimizer step (null: all rows of the iteration, or updates_per_epoch)
     train_batch_size: int | None = None
+    #: optimizer updates per pass over the rollouts (the reference makes 2; its SD3.5 recipes here
+    #: set it); null: one (train_batch_size rows at a time), which keeps every ratio of the single
+    #: pass at exactly 1 so the clip only acts across inner epochs
+    updates_per_epoch: int | None = None
     #: GRPO-Guard: per-step log-ratio normalisation and step reweighting
     guard: bool = False
 
@@ -77,6 +83,10 @@ def check_config(config: FlowGRPOConfig) -> None:
         raise ConfigError(f"timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
     if config.window_size is not None and not 1 <= config.window_size < config.rollout.num_steps:
         raise ConfigError(f"window_size must be in 1..{config.rollout.num_steps - 1}, got {config.window_size}")
+    if config.updates_per_epoch is not None and config.updates_per_epoch < 1:
+        raise ConfigError(f"updates_per_epoch must be >= 1, got {config.updates_per_epoch}")
+    if config.updates_per_epoch is not None and config.train_batch_size is not None:
+        raise ConfigError("set one of train_batch_size and updates_per_epoch, not both")
     if config.group_size < 2:
         raise ConfigError("group_size must be >= 2: advantages compare samples of one prompt")
 
@@ -147,6 +157,8 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         stats = TrainLog()
         with run.phase("training"):
             batch = config.train_batch_size or max(1, len(rows))
+            if config.updates_per_epoch:
+                batch = max(1, math.ceil(len(rows) / config.updates_per_epoch))
             for _ in range(config.inner_epochs):
                 order = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(rng.randrange(2**31)))]
                 for start in range(0, len(order), batch):
