@@ -9,9 +9,11 @@ import torch
 from torch import Tensor
 
 
-def group_stats(values: Tensor, group_ids: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row mean, (population) std and member count of the row's group, over the group's
-    ``valid`` rows only (all rows when None; invalid values, NaN included, never enter)."""
+def group_stats(values: Tensor, group_ids: Tensor, valid: Tensor | None = None,
+                unbiased: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row mean, std (population, or with n - 1 when ``unbiased``) and member count of the
+    row's group, over the group's ``valid`` rows only (all rows when None; invalid values, NaN
+    included, never enter)."""
     valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid.to(values.device).bool()
     values = torch.where(valid, values, torch.zeros_like(values))
     weight = valid.to(values.dtype)
@@ -20,25 +22,27 @@ def group_stats(values: Tensor, group_ids: Tensor, valid: Tensor | None = None) 
     total = torch.zeros_like(count).index_add_(0, inverse, values * weight)
     mean = total / count.clamp_min(1)
     sq = torch.zeros_like(count).index_add_(0, inverse, weight * (values - mean[inverse]) ** 2)
-    std = torch.sqrt(sq / count.clamp_min(1))
+    std = torch.sqrt(sq / (count - 1 if unbiased else count).clamp_min(1))
     return mean[inverse], std[inverse], count[inverse]
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, *, std: str = "group", eps: float = 1e-4,
-                     clip: float | None = 5.0, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                     clip: float | None = 5.0, valid: Tensor | None = None,
+                     unbiased: bool = False) -> tuple[Tensor, Tensor]:
     """A = (r - mean_group) / (std + eps), std of the group ("group") or of the whole batch
     ("global"), clipped to [-clip, clip]. Statistics use the ``valid`` rows only (an unscored
     sample is dropped from its group). Rows without signal get A = 0 and ``keep = False``: invalid
     rows, and the rows of groups with fewer than 2 valid members or whose valid rewards are all
-    equal. Returns (advantages, keep)."""
+    equal. ``unbiased``: the std with n - 1 (BranchGRPO's reference). Returns (advantages, keep)."""
     rewards = rewards.float()
     valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.to(rewards.device).bool()
     clean = torch.where(valid, rewards, torch.zeros_like(rewards))
-    mean, group_std, count = group_stats(clean, group_ids, valid)
+    mean, group_std, count = group_stats(clean, group_ids, valid, unbiased=unbiased)
     if std == "group":
         scale = group_std
     elif std == "global":
-        scale = clean[valid].std(unbiased=False).expand_as(rewards) if valid.any() else torch.zeros_like(rewards)
+        scale = (clean[valid].std(unbiased=unbiased).expand_as(rewards) if int(valid.sum()) > int(unbiased)
+                 else torch.zeros_like(rewards))
     else:
         raise ValueError(f"std must be 'group' or 'global', got {std!r}")
     advantages = (clean - mean) / (scale + eps)

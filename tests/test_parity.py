@@ -243,3 +243,91 @@ def test_nft_policy_decay_counts_optimizer_updates_and_offers_the_flat_warmup():
     ocr = DiffusionNFTConfig(policy_ema_schedule="flat_warmup", policy_ema_rate=0.0075, policy_ema_decay=0.999,
                              policy_ema_warmup=75)
     assert [policy_decay(ocr, u) for u in (1, 75, 76, 100, 300)] == pytest.approx([0, 0, 0.0075, 0.1875, 0.999])
+
+
+# --- BranchGRPO ------------------------------------------------------------------------------------
+
+
+def small_tree(adapter, **rollout_options):
+    from align.sampling.rollout import RolloutConfig, rollout
+
+    cond = adapter.encode(["1.0"])
+    config = RolloutConfig(num_steps=4, split_steps=[0, 2], branch_factor=2, **rollout_options)
+    return rollout(adapter, cond, config, generator=torch.Generator().manual_seed(0)), cond
+
+
+def test_split_noise_injected_widens_the_draw_but_keeps_the_unscaled_density():
+    """split_noise "injected" (the reference): at a split the children spread split_noise_scale x
+    the kernel's std around its mean, while the recorded std and log-prob are the unscaled kernel's
+    (re-scoring reproduces them); "density" records the scaled std."""
+    from align.sampling.rollout import rescore
+
+    adapter = GaussianAdapter(shape=(1, 32, 32))
+    plain, _ = small_tree(adapter)
+    injected, cond = small_tree(adapter, split_noise_scale=4.0, split_noise="injected")
+    density, _ = small_tree(adapter, split_noise_scale=4.0, split_noise="density")
+    p0, i0, d0 = (r.main_transitions([0])[0] for r in (plain, injected, density))
+    torch.testing.assert_close(i0.std, p0.std)
+    torch.testing.assert_close(d0.std, 4 * p0.std)
+    spread = ((i0.next_latents - i0.mean).flatten(1).std(1) / i0.std).mean()
+    assert abs(float(spread) - 4.0) < 0.1
+    assert torch.equal(rescore(adapter, i0, cond, injected.schedule).log_prob, i0.log_prob)
+
+
+def test_final_x0_hat_is_the_last_steps_clean_estimate():
+    """Leaves decoded from x0_hat (the reference): on an ODE rollout the last Euler step to sigma = 0
+    lands exactly on x - sigma v = x0_hat; on an SDE rollout x0_hat leaves out the last step's noise."""
+    from align.sampling.rollout import RolloutConfig, rollout
+
+    adapter = GaussianAdapter()
+    cond = adapter.encode(["1.0"])
+    ode = rollout(adapter, cond, RolloutConfig(num_steps=4, kernel="ode"), group_size=3,
+                  generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ode.final_x0_hat, ode.samples, rtol=0, atol=1e-6)
+    sde = rollout(adapter, cond, RolloutConfig(num_steps=4), group_size=3, generator=torch.Generator().manual_seed(0))
+    last = sde.main_transitions([3])[0]
+    assert not torch.allclose(sde.final_x0_hat, sde.samples)
+    with torch.no_grad():
+        v = adapter.predict(last.latents, sde.schedule.timesteps[3], cond.select(last.prompt_index))
+    torch.testing.assert_close(sde.final_x0_hat, last.latents - sde.schedule.levels[3] * v)
+    assert trainer_module("branch_grpo").CONFIG().leaf_sample == "x0_hat"
+
+
+def test_depth_normalisation_unbiased_std_and_eps():
+    from align.advantages import group_advantages
+
+    r, groups = torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3, dtype=torch.long)
+    unbiased, _ = group_advantages(r, groups, eps=0.0, unbiased=True, clip=None)
+    population, _ = group_advantages(r, groups, eps=0.0, clip=None)
+    torch.testing.assert_close(unbiased, torch.tensor([-1.0, 0.0, 1.0]))  # std with n - 1 = 1
+    torch.testing.assert_close(population / unbiased.masked_fill(unbiased == 0, 1), torch.tensor(
+        [math.sqrt(3 / 2), 0.0, math.sqrt(3 / 2)]))
+    config = trainer_module("branch_grpo").CONFIG()
+    assert (config.adv_unbiased, config.adv_eps) == (True, 1e-8)
+
+
+def test_edge_fusion_is_a_recursive_softmax_over_one_step_log_probs():
+    """Splits at steps 0 and 2 (4 leaves): a child node of the first split is worth
+    softmax(lp_leafedges) . leaf rewards, the root softmax(lp_child edges) . those; a huge temperature
+    gives the plain mean."""
+    from align.trainers.branch_grpo import edge_fused_rewards
+
+    tree, _ = small_tree(GaussianAdapter())
+    rewards = torch.tensor([0.1, 0.7, 0.4, 0.9])
+    values = edge_fused_rewards(tree, rewards)
+    lp0, lp2 = tree.main_transitions([0])[0].log_prob, tree.main_transitions([2])[0].log_prob
+    child = torch.stack([torch.softmax(lp2[2 * k:2 * k + 2], 0) @ rewards[2 * k:2 * k + 2] for k in range(2)])
+    torch.testing.assert_close(values[1], child)  # the two nodes after step 1 (before the split at 2)
+    torch.testing.assert_close(values[-1], (torch.softmax(lp0, 0) @ child).reshape(1))
+    flat = edge_fused_rewards(tree, rewards, temperature=1e9)
+    torch.testing.assert_close(flat[-1], rewards.mean().reshape(1))
+
+
+def test_edges_per_update_steps_the_optimizer_every_n_edges(tmp_path):
+    module, config = configured("branch_grpo", tmp_path, "group_size=0", "rollout.split_steps=[0,2]",
+                                "trees_per_prompt=2", "edges_per_update=5", "iterations=1", "clip_range=0.2")
+    module.train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
+    row = trained_rows(tmp_path)[0]
+    assert row["tree/edges_trained"] > 5
+    assert row["train/updates"] == math.ceil(row["tree/edges_trained"] / 5)
+    assert row["train/on_policy_clip_fraction"] == 0.0  # the first update's edges are on-policy

@@ -55,6 +55,11 @@ class RolloutConfig:
     branch_factor: int = 2
     #: multiplies the kernel's noise level at split steps
     split_noise_scale: float = 1.0
+    #: how split_noise_scale acts: "density" (the kernel's noise parameter is scaled: the recorded
+    #: mean, std and log-prob are those of the wider step, a consistent density) or "injected"
+    #: (BranchGRPO's reference: only the injected noise is scaled, the recorded mean / std / log-prob
+    #: stay the unscaled kernel's, off-policy by design)
+    split_noise: str = "density"
     #: per-step multipliers of the kernel's noise level (null: 1 everywhere); depth-varying tree
     #: noise, DenseGRPO's calibrated noise
     step_noise_scales: list[float] | None = None
@@ -83,6 +88,8 @@ class RolloutConfig:
             raise ConfigError(f"rollout.step_noise_scales has {len(self.step_noise_scales)} entries for {steps} steps")
         if self.branch_factor < 1 or self.branches_per_step < 1:
             raise ConfigError("rollout.branch_factor and rollout.branches_per_step must be >= 1")
+        if self.split_noise not in ("density", "injected"):
+            raise ConfigError(f"rollout.split_noise must be 'density' or 'injected', got {self.split_noise!r}")
         if self.branch_kernel not in ("ode", "sde"):
             raise ConfigError(f"rollout.branch_kernel must be 'ode' or 'sde', got {self.branch_kernel!r}")
         if self.log_prob_reduce not in ("mean", "sum"):
@@ -154,6 +161,9 @@ class Rollout:
     nfe: int  # per-sample model evaluations (a CFG pair counts once)
     transformer_rows: int  # rows the network actually processed (CFG doubles them)
     initial_noise: Tensor
+    #: the last step's clean-sample estimate x0_hat of every final main row (BranchGRPO's reference
+    #: decodes its leaves from it)
+    final_x0_hat: Tensor | None = None
     branch_samples: Tensor | None = None  # clean completions of the branches
     branch_origin: Tensor | None = None  # (Nb,) the step each branch left from
     branch_parent: Tensor | None = None  # (Nb,) main row (before that step) it left from
@@ -289,9 +299,16 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
             v_src = main_out[parent] if factor > 1 else main_out
             shift_src = shift[parent] if shift is not None and factor > 1 else shift
             if i in sde_steps:
-                scale = step_scales[i] * (config.split_noise_scale if i in split_steps else 1.0)
+                split_scale = config.split_noise_scale if i in split_steps else 1.0
+                injected = config.split_noise == "injected" and split_scale != 1.0
+                scale = step_scales[i] * (1.0 if injected else split_scale)
                 step_params = recorded_params(scale)
-                out = sde(x_src, v_src, level, level_next, generator=generator, mean_shift=shift_src, **step_params)
+                noise = None
+                if injected:  # a wider draw around the unscaled kernel's mean, scored by that kernel
+                    noise = split_scale * torch.randn(x_src.shape, generator=generator, device="cpu" if generator
+                                                      is None else generator.device).to(x_src.device)
+                out = sde(x_src, v_src, level, level_next, generator=generator, mean_shift=shift_src, noise=noise,
+                          **step_params)
                 transitions.append(Transition(i, x_src.detach(), out.prev_sample.detach(), out.mean.detach(),
                                               out.std.detach(), out.log_prob.detach(), main_prompt[parent],
                                               parent, torch.arange(len(parent)), noise_scale=scale,
@@ -325,6 +342,8 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
                 origins.append(torch.full((len(src),), i))
                 branch_parents.append(src)
 
+        if i == num_steps - 1:
+            last_x0_hat = x0_hat(x_src, v_src, level, schedule.kind, adapter.prediction_type)
         x = out.prev_sample
         main_prompt = main_prompt[parent]
         if select is not None:
@@ -334,6 +353,8 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
             if keep is not None:  # rows after the step are re-indexed, this step's transitions with them
                 keep = torch.as_tensor(keep, dtype=torch.long).cpu()
                 x, main_prompt, parent = x[keep.to(x.device)], main_prompt[keep], parent[keep]
+                if i == num_steps - 1:
+                    last_x0_hat = last_x0_hat[keep.to(last_x0_hat.device)]
                 if transitions and transitions[-1].step == i and not transitions[-1].branch:
                     kept = transitions[-1].subset(keep.to(transitions[-1].rows.device))
                     kept.rows = torch.arange(len(keep))
@@ -341,7 +362,7 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
         lineage.append(parent)
 
     result = Rollout(x, main_prompt, transitions, lineage, schedule, adapter.nfe - nfe0,
-                     adapter.transformer_rows - rows0, initial_noise)
+                     adapter.transformer_rows - rows0, initial_noise, final_x0_hat=last_x0_hat)
     if branch_count:
         result.branch_samples = branch_x
         result.branch_origin = torch.cat(origins)

@@ -8,7 +8,7 @@ earlier steps through the tree:
 * ``variant: branch_grpo`` -- an internal node's reward is its leaves' mean reward (``fusion: mean``)
   or their softmax(log-prob)-weighted mean (``fusion: logp``, log-prob = the leaf's summed
   log-probs on the path below the node); the rewards of the nodes of one depth are normalised within
-  their tree: A = (r - mean) / (std + 1e-4).
+  their tree: A = (r - mean) / (std + adv_eps), with the reference's unbiased std and eps 1e-8.
 * ``variant: tree_grpo`` -- the leaves' rewards are normalised within their tree and a node's
   advantage is the (mean or log-prob weighted) fusion of its leaves' advantages.
 
@@ -61,10 +61,20 @@ class BranchGRPOConfig(TrainerConfig):
     #: unused by trees (a tree's leaves are its group: branch_factor ** len(split_steps)); 0, or that
     #: number as a consistency check
     group_size: int = 0
-    #: internal-node reward from its leaves: "mean" or "logp" (softmax of the leaves' path log-probs)
+    #: internal-node reward from its leaves: "mean", "logp" (softmax of the leaves' summed path
+    #: log-probs below the node) or "logp_edge" (the reference: at every split, a softmax over the
+    #: children's one-step edge log-probs, applied recursively from the leaves up)
     fusion: str = "mean"
-    #: "logp" fusion: softmax(logp / temperature); small values approach the most likely leaf
+    #: "logp" / "logp_edge" fusion: softmax(logp / temperature); small values approach the most
+    #: likely child
     fusion_temperature: float = 1.0
+    #: what a leaf is decoded from: "x0_hat" (the reference: the last step's clean estimate, without
+    #: the last step's noise) or "final" (the last step's sample)
+    leaf_sample: str = "x0_hat"
+    #: depth normalisation (r - mean) / (std + adv_eps), std with n - 1 (adv_unbiased, the reference)
+    #: or the population std
+    adv_eps: float = 1e-8
+    adv_unbiased: bool = True
     #: normalise each depth within its "tree", or across all trees of one "prompt"
     adv_group: str = "tree"
     #: divide by the std of the group ("group", as the paper) or of all nodes of that depth in the
@@ -110,6 +120,10 @@ class BranchGRPOConfig(TrainerConfig):
     inner_epochs: int = 1
     #: trees per optimizer step (null: all trees of the iteration, one step)
     trees_per_update: int | None = None
+    #: kept edges per optimizer step, shuffled across steps and trees (the reference: 12, about 37
+    #: updates an iteration at 2 trees of 218 edges, so the clip acts); null: trees_per_update. One
+    #: process only for now (under DDP every process must make the same number of updates)
+    edges_per_update: int | None = None
     #: loss weight of each trained step: "edges" (every edge counts once: deep steps weigh more) or
     #: "steps" (every step counts once)
     step_weighting: str = "edges"
@@ -119,7 +133,8 @@ def check_config(config: BranchGRPOConfig) -> None:
     check_names(config)
     check_choice("kl_form", config.kl_form, KL_FORMS)
     check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
-    choices = {"variant": VARIANTS, "fusion": ("mean", "logp"), "adv_group": ("tree", "prompt"),
+    choices = {"variant": VARIANTS, "fusion": ("mean", "logp", "logp_edge"), "adv_group": ("tree", "prompt"),
+               "leaf_sample": ("x0_hat", "final"),
                "adv_std": ("group", "global"), "width_keep": ("both", "best"), "step_weighting": ("edges", "steps")}
     for key, valid in choices.items():
         if getattr(config, key) not in valid:
@@ -157,6 +172,10 @@ def check_config(config: BranchGRPOConfig) -> None:
             raise ConfigError("depth_noise_scale multipliers must be > 0")
     if config.prune_window is not None and not 1 <= config.prune_window < len(set(r.split_steps)):
         raise ConfigError(f"prune_window must be in 1..{len(set(r.split_steps)) - 1}, got {config.prune_window}")
+    if config.edges_per_update is not None and config.edges_per_update < 1:
+        raise ConfigError(f"edges_per_update must be >= 1, got {config.edges_per_update}")
+    if config.edges_per_update is not None and config.trees_per_update is not None:
+        raise ConfigError("set one of edges_per_update and trees_per_update, not both")
     if config.trees_per_update is not None and config.trees_per_update < 1:
         raise ConfigError(f"trees_per_update must be >= 1, got {config.trees_per_update}")
     recorded = set(range(r.num_steps)) if r.sde_steps is None else set(r.sde_steps)
@@ -234,10 +253,37 @@ class NodeTargets(NamedTuple):
     keep: Tensor
 
 
+def edge_fused_rewards(result: Rollout, leaf_values: Tensor, temperature: float = 1.0,
+                       leaf_valid: Tensor | None = None) -> list[Tensor]:
+    """BranchGRPO's reference fusion, from the leaves up: a node's value is
+    sum_c softmax(logp_c / temperature) value_c over its children c, logp_c the one-step log-prob
+    of the edge to c (unscored leaves take no part; a node with none left gets 0). Returns, for each
+    step s, the values of the main rows after step s (index s) and before step 0 (index -1)."""
+    leaf_values = leaf_values.float().cpu()
+    valid = torch.ones_like(leaf_values, dtype=torch.bool) if leaf_valid is None else leaf_valid.bool().cpu()
+    edge_logp = {t.step: t.log_prob.float().cpu() for t in result.main_transitions()}
+    after = torch.where(valid, leaf_values, torch.zeros_like(leaf_values))
+    alive = valid.float()
+    values = [None] * len(result.lineage)
+    for step in reversed(range(len(result.lineage))):
+        values[step] = after
+        parent = result.lineage[step].cpu()
+        rows_before = int(parent.max()) + 1 if len(parent) else 0
+        logp = edge_logp.get(step, torch.zeros(len(parent))) / temperature
+        masked = logp.masked_fill(alive == 0, -torch.inf)
+        node_max = torch.full((rows_before,), -torch.inf).scatter_reduce(0, parent, masked, reduce="amax")
+        weights = torch.exp(logp - node_max[parent].clamp_min(-1e30)) * alive
+        num = torch.zeros(rows_before).index_add_(0, parent, weights * after)
+        den = torch.zeros(rows_before).index_add_(0, parent, weights)
+        after = torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
+        alive = (den > 0).float()
+    return values + [after]
+
+
 def node_targets(result: Rollout, leaf_rewards: Tensor, *, variant: str = "branch_grpo", fusion: str = "mean",
                  temperature: float = 1.0, group_of_tree: Tensor | None = None, std: str = "group",
-                 eps: float = 1e-4, clip: float | None = 5.0,
-                 leaf_valid: Tensor | None = None) -> dict[int, NodeTargets]:
+                 eps: float = 1e-4, clip: float | None = 5.0, leaf_valid: Tensor | None = None,
+                 unbiased: bool = False) -> dict[int, NodeTargets]:
     """For every recorded main transition (step s): the targets of its rows' child nodes.
 
     The child of row r is the node r after step s; its leaves are the leaves whose ancestor at step
@@ -253,7 +299,11 @@ def node_targets(result: Rollout, leaf_rewards: Tensor, *, variant: str = "branc
     leaf_adv = leaf_keep = None
     if variant == "tree_grpo":
         leaf_adv, leaf_keep = group_advantages(leaf_rewards, group_of_tree[leaf_tree], std=std, eps=eps, clip=clip,
-                                               valid=leaf_valid)
+                                               valid=leaf_valid, unbiased=unbiased)
+    edge_values = None
+    if fusion == "logp_edge":
+        edge_values = edge_fused_rewards(result, leaf_rewards if variant == "branch_grpo" else leaf_adv,
+                                         temperature, leaf_valid)
     out = {}
     for t in result.main_transitions():
         nodes = len(t.rows)
@@ -262,12 +312,15 @@ def node_targets(result: Rollout, leaf_rewards: Tensor, *, variant: str = "branc
         groups = group_of_tree[t.prompt_index.cpu()]
         node_valid = nodes_with_valid_leaves(node_of_leaf, nodes, leaf_valid)
         if variant == "branch_grpo":
-            reward = fuse_leaf_rewards(leaf_rewards, node_of_leaf, nodes, mode=fusion, leaf_log_probs=lp,
-                                       valid=leaf_valid)
-            advantage, keep = group_advantages(reward, groups, std=std, eps=eps, clip=clip, valid=node_valid)
+            reward = (edge_values[t.step] if edge_values is not None else
+                      fuse_leaf_rewards(leaf_rewards, node_of_leaf, nodes, mode=fusion, leaf_log_probs=lp,
+                                        valid=leaf_valid))
+            advantage, keep = group_advantages(reward, groups, std=std, eps=eps, clip=clip, valid=node_valid,
+                                               unbiased=unbiased)
         else:
-            reward = fuse_leaf_rewards(leaf_adv, node_of_leaf, nodes, mode=fusion, leaf_log_probs=lp,
-                                       valid=leaf_valid)
+            reward = (edge_values[t.step] if edge_values is not None else
+                      fuse_leaf_rewards(leaf_adv, node_of_leaf, nodes, mode=fusion, leaf_log_probs=lp,
+                                        valid=leaf_valid))
             advantage = reward
             keep = torch.zeros(nodes).index_add_(0, node_of_leaf, leaf_keep.float()) > 0
         out[t.step] = NodeTargets(reward, advantage, keep)
@@ -296,9 +349,49 @@ def width_kept_leaves(leaf_rewards: Tensor, leaf_tree: Tensor, fraction: float, 
 # --- training --------------------------------------------------------------------------------------
 
 
+def update_batches(run, config: BranchGRPOConfig, transitions: dict, edge_rows: dict, steps: list[int],
+                   num_trees: int, generator: torch.Generator):
+    """The kept edges of one pass, split into optimizer updates: ``({step: rows}, {step: weights})``
+    per update. ``edges_per_update``: all kept edges shuffled together, that many per update (the
+    reference: 12); otherwise ``trees_per_update`` trees (all trees: one update, in the rollout's row
+    order, so the first pass re-scores exactly). ``train_rows`` keeps every process running the same
+    forward / backward calls under DDP (tree updates)."""
+    if config.edges_per_update:
+        edges = [(s, int(r)) for s in steps for r in edge_rows[s].nonzero().flatten()]
+        order = torch.randperm(len(edges), generator=generator).tolist()
+        for start in range(0, len(edges), config.edges_per_update):
+            rows: dict[int, list[int]] = {}
+            for k in order[start:start + config.edges_per_update]:
+                rows.setdefault(edges[k][0], []).append(edges[k][1])
+            selected = {s: torch.tensor(sorted(r)) for s, r in sorted(rows.items())}
+            yield selected, {s: None for s in selected}
+        return
+    per_update = config.trees_per_update or num_trees
+    order = torch.randperm(num_trees, generator=generator)
+    if per_update >= num_trees:
+        order = torch.arange(num_trees)  # the rollout's row order: exact first-step ratios
+    for start in range(0, num_trees, per_update):
+        chosen = torch.zeros(num_trees, dtype=torch.bool)
+        chosen[order[start:start + per_update]] = True
+        selected, edge_weights = {}, {}
+        for s in steps:
+            in_trees = chosen[transitions[s].prompt_index.cpu()].nonzero().flatten()
+            index, weights = train_rows(run, edge_rows[s][in_trees])
+            if len(index):
+                selected[s] = in_trees[index]
+                edge_weights[s] = None if weights is None else weights[index]
+        if selected:
+            yield selected, edge_weights
+
+
+
 def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
     check_config(config)
     rollout_config = rollout_config_with_noise(config)
+    from accelerate import PartialState
+
+    if config.edges_per_update and PartialState().num_processes > 1:
+        raise ConfigError("edges_per_update runs on one process; under DDP use trees_per_update")
     run, reward, heldout, prompts = start_run(config, adapter)
     adapter, accelerator = run.adapter, run.accelerator
     split_steps = rollout_config.split_steps
@@ -317,7 +410,8 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
             result = rollout(adapter, cond, rollout_config, group_size=1,
                              generator=iteration_generator(config.run.seed, iteration, accelerator.process_index),
                              **run.latent_kwargs)
-            pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
+            leaves = result.final_x0_hat if config.leaf_sample == "x0_hat" else result.samples
+            pixels = adapter.decode(leaves.to(adapter.dtype)).float()
         with run.phase("reward"), torch.no_grad():
             leaf_tree = result.prompt_index.cpu()
             leaf_prompts = [batch_prompts[int(tree_prompt[i])] for i in leaf_tree.tolist()]
@@ -328,7 +422,8 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
         group_of_tree = torch.arange(num_trees) if config.adv_group == "tree" else tree_prompt
         targets = node_targets(result, leaf_rewards, variant=config.variant, fusion=config.fusion,
                                temperature=config.fusion_temperature, group_of_tree=group_of_tree,
-                               std=config.adv_std, clip=config.adv_clip, leaf_valid=leaf_valid)
+                               std=config.adv_std, clip=config.adv_clip, leaf_valid=leaf_valid,
+                               eps=config.adv_eps, unbiased=config.adv_unbiased)
         ranked = torch.where(leaf_valid, leaf_rewards, leaf_rewards[leaf_valid].mean() if leaf_valid.any() else 0.0)
         kept_leaves = width_kept_leaves(ranked, leaf_tree, config.width_keep_fraction, config.width_keep) & leaf_valid
         last_depth = len(set(split_steps))
@@ -345,29 +440,14 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
             transitions[t.step], edge_rows[t.step] = t, keep
         steps = sorted(transitions)
 
-        # 3. PPO over the kept edges, trees_per_update trees per optimizer step
+        # 3. PPO over the kept edges: edges_per_update shuffled edges (the reference), or
+        # trees_per_update trees, per optimizer step
         stats = TrainLog()
         edges_trained = 0
         with run.phase("training"):
-            per_update = config.trees_per_update or num_trees
             for _ in range(config.inner_epochs):
-                order = torch.randperm(num_trees, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
-                if per_update >= num_trees:
-                    order = torch.arange(num_trees)  # the rollout's row order: exact first-step ratios
-                for start in range(0, num_trees, per_update):
-                    chosen = torch.zeros(num_trees, dtype=torch.bool)
-                    chosen[order[start:start + per_update]] = True
-                    # the kept edges of the chosen trees, step by step (train_rows keeps every process
-                    # running the same forward / backward calls under DDP)
-                    selected, edge_weights = {}, {}
-                    for s in steps:
-                        in_trees = chosen[transitions[s].prompt_index.cpu()].nonzero().flatten()
-                        index, weights = train_rows(run, edge_rows[s][in_trees])
-                        if len(index):
-                            selected[s] = in_trees[index]
-                            edge_weights[s] = None if weights is None else weights[index]
-                    if not selected:
-                        continue
+                for selected, edge_weights in update_batches(run, config, transitions, edge_rows, steps, num_trees,
+                                                             torch.Generator().manual_seed(rng.randrange(2**31))):
                     total = sum(len(i) if edge_weights[s] is None else float(edge_weights[s].sum())
                                 for s, i in selected.items())
                     with run.accumulate():

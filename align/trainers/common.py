@@ -216,6 +216,7 @@ class TrainLog(dict):
 
     def metrics(self) -> dict[str, float]:
         out = {f"train/{k}": sum(v) / len(v) for k, v in self.items() if v}
+        out["train/updates"] = float(len(self["grad_norm"]))
         out.update({f"train/on_policy_{k}": v for k, v in self.on_policy.items()})
         return out
 
