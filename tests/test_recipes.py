@@ -19,18 +19,21 @@ from rewards import build_reward
 from rewards.tiny import save_random_aesthetic_head, tiny_hf_clip, tiny_open_clip_checkpoint, tiny_open_clip_config
 
 try:
-    from tests.tiny_models import build_sd3, build_wan
+    from tests.tiny_models import build_flux, build_sd3, build_wan
 except ImportError:  # tests/ on sys.path
-    from tiny_models import build_sd3, build_wan
+    from tiny_models import build_flux, build_sd3, build_wan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml") if OmegaConf.load(p).get("model", {}).get("name") != "toy")
-BUILDERS = {"sd3": build_sd3, "wan": build_wan}
+#: the recipes for real models (configs/*.yaml) and the reference presets (configs/reference/*.yaml)
+RECIPES = sorted(str(p.relative_to(CONFIGS).with_suffix("")) for p in [*CONFIGS.glob("*.yaml"),
+                                                                        *CONFIGS.glob("reference/*.yaml")]
+                 if OmegaConf.load(p).get("model", {}).get("name") != "toy")
+BUILDERS = {"sd3": build_sd3, "wan": build_wan, "flux": build_flux}
 #: rewards that embed images with a CLIP backbone taken from the hub (clip_model / clip_pretrained)
 OPEN_CLIP_REWARDS = {"aesthetic", "video_frames", "clip_score"}
 #: option -> what it names: a file or model the user provides (the recipe must name these keys)
-WEIGHT_KEYS = ("head_path", "model_path", "checkpoint", "classifier_path")
+WEIGHT_KEYS = ("head_path", "model_path", "classifier_path")
 
 
 @lru_cache(maxsize=None)
@@ -52,6 +55,10 @@ def with_stand_ins(spec, root) -> dict:
             spec[key] = models[key] if key in models else spec[key]
     if spec["name"] in OPEN_CLIP_REWARDS:
         spec.update(clip_model=models["clip_model"], clip_pretrained=models["clip_pretrained"])
+    if spec["name"] == "hpsv2":  # an open_clip model whose weights are the recipe's checkpoint file
+        spec["clip_model"] = models["clip_model"]
+        if "checkpoint" in spec:
+            spec["checkpoint"] = models["clip_pretrained"]
     if spec["name"] == "pickscore":
         spec["processor_path"] = None  # the tiny model directory holds its own processor
     if "device" in spec:
