@@ -152,6 +152,35 @@ def cps_step(x, model_out, level, level_next, *, noise=None, prev_sample=None, g
                    log_prob_fn=lambda sample, m: -reduce_elements((sample - m) ** 2, reduce))
 
 
+def dpm_solver_2m_step(x, model_out, level, level_next, *, noise=None, prev_sample=None, generator=None,
+                       mean_shift=None, reduce="mean", prev_x0=None, level_prev=None) -> StepOut:
+    """DPM-Solver++ (2M) for flow models, deterministic (log-prob 0). With alpha = 1 - sigma, the
+    data prediction x0 = x - sigma v and c = alpha' - sigma' alpha / sigma (= -alpha' (e^-h - 1),
+    h = lambda' - lambda, lambda = log(alpha / sigma)):
+    first order  x' = (sigma' / sigma) x + c x0;
+    second order x' = (sigma' / sigma) x + c x0 + c/2 (x0 - x0_prev) / r, r = (lambda - lambda_prev) / h,
+    used when the previous step's x0 (``prev_x0``, at ``level_prev``) is given, the previous level is
+    below 1 and the step does not end at sigma' = 0 (the final step is first order, as diffusers'
+    ``lower_order_final``)."""
+    x, v = x.float(), model_out.float()
+    sigma, sigma_next = per_sample(level, x), per_sample(level_next, x)
+    alpha, alpha_next = 1 - sigma, 1 - sigma_next
+    x0 = x - sigma * v
+    c = alpha_next - sigma_next * alpha / sigma
+    mean = (sigma_next / sigma) * x + c * x0
+    if prev_x0 is not None and level_prev is not None:
+        sigma_prev = per_sample(level_prev, x)
+        second = (sigma_prev < 1) & (sigma_next > 0)
+        if bool(second.any()):
+            lam = torch.log(alpha / sigma)
+            lam_next = torch.log(alpha_next.clamp_min(1e-12) / sigma_next.clamp_min(1e-12))
+            lam_prev = torch.log((1 - sigma_prev).clamp_min(1e-12) / sigma_prev)
+            r = (lam - lam_prev) / (lam_next - lam)
+            correction = 0.5 * c * (x0 - prev_x0.float()) / r
+            mean = mean + torch.where(second, correction, torch.zeros_like(correction))
+    return _deterministic(mean, x, prev_sample, mean_shift)
+
+
 # --- DDPM-family models (UNet, eps or v prediction, levels = alpha_bar) -----------------------------
 
 
@@ -221,6 +250,9 @@ class KernelSpec:
     schedule_kind: str
     noise_param: str | None
     defaults: dict = field(default_factory=dict)
+    #: a multistep solver: the rollout passes each row's previous x0 (``prev_x0``) and level
+    #: (``level_prev``)
+    multistep: bool = False
 
     @property
     def stochastic(self) -> bool:
@@ -257,6 +289,7 @@ KERNELS: dict[str, KernelSpec] = {spec.name: spec for spec in (
     KernelSpec("cps", cps_step, "flow", "noise_level", {"noise_level": 0.7}),
     KernelSpec("ddim", ddim_step, "ddpm", "eta", {"eta": 1.0}),
     KernelSpec("ode", None, "any", None),
+    KernelSpec("dpm_solver", dpm_solver_2m_step, "flow", None, multistep=True),
 )}
 
 #: the deterministic kernel of each schedule kind

@@ -239,7 +239,9 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
     schedule = adapter.schedule(config.num_steps, latent_shape=shape)
     spec = kernel_spec(config.kernel)
     sde = spec.resolve(schedule.kind)
-    ode = kernel_spec("ode").resolve(schedule.kind)
+    # a deterministic solver named as the kernel (DPM-Solver++) takes every step; else the ODE kernel
+    ode = sde if not spec.stochastic and spec.schedule_kind != "any" else kernel_spec("ode").resolve(schedule.kind)
+    prev_x0, level_prev = None, None  # the main rows' previous step, for multistep solvers
     params = kernel_params(config, adapter)
     ode_params = {"prediction_type": adapter.prediction_type} if schedule.kind == "ddpm" else {}
     num_steps = len(schedule)
@@ -314,7 +316,9 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
                                               parent, torch.arange(len(parent)), noise_scale=scale,
                                               kernel=config.kernel, params=step_params))
             else:
-                out = ode(x_src, v_src, level, level_next, mean_shift=shift_src, **ode_params)
+                history = {"prev_x0": prev_x0[parent] if prev_x0 is not None and factor > 1 else prev_x0,
+                           "level_prev": level_prev} if spec.multistep else {}
+                out = ode(x_src, v_src, level, level_next, mean_shift=shift_src, **ode_params, **history)
 
             # branches leaving the main rows at this step share the main rows' model evaluation
             new_branches = None
@@ -342,8 +346,9 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
                 origins.append(torch.full((len(src),), i))
                 branch_parents.append(src)
 
-        if i == num_steps - 1:
+        if i == num_steps - 1 or spec.multistep:
             last_x0_hat = x0_hat(x_src, v_src, level, schedule.kind, adapter.prediction_type)
+            prev_x0, level_prev = last_x0_hat, level
         x = out.prev_sample
         main_prompt = main_prompt[parent]
         if select is not None:
@@ -353,8 +358,8 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
             if keep is not None:  # rows after the step are re-indexed, this step's transitions with them
                 keep = torch.as_tensor(keep, dtype=torch.long).cpu()
                 x, main_prompt, parent = x[keep.to(x.device)], main_prompt[keep], parent[keep]
-                if i == num_steps - 1:
-                    last_x0_hat = last_x0_hat[keep.to(last_x0_hat.device)]
+                if i == num_steps - 1 or spec.multistep:
+                    last_x0_hat = prev_x0 = last_x0_hat[keep.to(last_x0_hat.device)]
                 if transitions and transitions[-1].step == i and not transitions[-1].branch:
                     kept = transitions[-1].subset(keep.to(transitions[-1].rows.device))
                     kept.rows = torch.arange(len(keep))

@@ -41,7 +41,8 @@ from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompts_for_iteration
 from align.sampling.rollout import Rollout, RolloutConfig, rollout
 from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
-                                   ppo_transition_loss, progress, reward_metrics, start_run, train_rows)
+                                   ppo_transition_loss, progress, require_stochastic_kernel, reward_metrics,
+                                   start_run, train_rows)
 
 VARIANTS = ("branch_grpo", "tree_grpo")
 
@@ -145,8 +146,7 @@ def check_config(config: BranchGRPOConfig) -> None:
         raise ConfigError("a tree needs rollout.split_steps (e.g. [0, 3, 6] of 10 steps)")
     if r.branch_factor < 2:
         raise ConfigError(f"rollout.branch_factor must be >= 2 for a tree, got {r.branch_factor}")
-    if r.kernel == "ode":
-        raise ConfigError("rollout.kernel 'ode' has no log-prob and makes identical children: use an SDE kernel")
+    require_stochastic_kernel(r)  # a deterministic kernel would also make identical children
     if r.sde_steps is not None:
         deterministic = sorted(set(r.split_steps) - set(r.sde_steps))
         if deterministic:

@@ -60,6 +60,17 @@ def check_names(config: TrainerConfig) -> None:
             reward_class(name, field=f"{field_name}[{i}]")
 
 
+def require_stochastic_kernel(rollout_config) -> None:
+    """Trainers of transition log-probs need a stochastic kernel: a deterministic one (ode,
+    dpm_solver) records no transition to train."""
+    from align.sampling.kernels import KERNELS, kernel_spec
+
+    if not kernel_spec(rollout_config.kernel).stochastic:
+        valid = sorted(k for k, spec in KERNELS.items() if spec.stochastic)
+        raise ConfigError(f"rollout.kernel: {rollout_config.kernel!r} is deterministic and records no log-probs "
+                          f"to train; use a stochastic kernel ({', '.join(valid)})")
+
+
 def build_reward_set(config: TrainerConfig):
     """(trained reward, {name: held-out reward}); unknown names fail here, before any model loads."""
     from rewards import build_reward, build_rewards

@@ -28,7 +28,8 @@ from align.losses import CFG_GRADS
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
-                                   ppo_transition_loss, progress, reward_metrics, sample_and_score, start_run)
+                                   ppo_transition_loss, progress, require_stochastic_kernel, reward_metrics,
+                                   sample_and_score, start_run)
 
 
 @dataclass
@@ -66,8 +67,7 @@ class DDPOConfig(TrainerConfig):
 def check_config(config: DDPOConfig) -> None:
     check_names(config)
     check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
-    if config.rollout.kernel == "ode":
-        raise ConfigError("rollout.kernel 'ode' records no log-probs; DDPO needs a stochastic kernel (ddim)")
+    require_stochastic_kernel(config.rollout)
     if config.clip_range <= 0:
         raise ConfigError(f"clip_range must be > 0, got {config.clip_range}")
     if config.kl_beta < 0:

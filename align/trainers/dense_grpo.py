@@ -23,7 +23,8 @@ from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
-                                   ppo_transition_loss, progress, reward_metrics, sample_and_score, start_run)
+                                   ppo_transition_loss, progress, require_stochastic_kernel, reward_metrics,
+                                   sample_and_score, start_run)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class DenseGRPOConfig(TrainerConfig):
 
 def check_config(config: DenseGRPOConfig) -> None:
     check_names(config)
+    require_stochastic_kernel(config.rollout)
     check_choice("kl_form", config.kl_form, KL_FORMS)
     check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     if config.adv_scope not in ("group", "batch"):

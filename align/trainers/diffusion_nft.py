@@ -43,8 +43,8 @@ from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_ite
 @dataclass
 class DiffusionNFTConfig(TrainerConfig):
     trainer: str = "diffusion_nft"
-    #: any solver; the paper samples deterministically and without CFG (guidance 1)
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="ode",
+    #: any solver; the reference samples with DPM-Solver++ (2M), 10 steps, without CFG (guidance 1)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="dpm_solver",
                                                                          guidance_scale=1.0))
     #: strength of the implicit policies v+- = v_old +- beta (v_theta - v_old) (paper: 1, 0.1 for some rewards)
     beta: float = 1.0
