@@ -394,3 +394,21 @@ def test_dpm_solver_in_the_rollout_is_second_order_and_trainers_that_need_log_pr
     module, config = configured("flow_grpo", "unused", "rollout.kernel=dpm_solver")
     with pytest.raises(ConfigError, match="rollout.kernel: 'dpm_solver' is deterministic"):
         module.check_config(config)
+
+
+def test_model_max_sequence_length_reaches_the_t5_encoder(tmp_path):
+    """model.max_sequence_length (the reference trains SD3.5 with 128 T5 tokens): the prompt
+    embedding is 77 CLIP tokens plus that many T5 tokens; a model without T5 rejects the key."""
+    from align.config import ConfigError
+    from align.sample import ModelConfig, load_model
+    from tests.tiny_models import build_sd3
+
+    path = str(build_sd3(tmp_path / "sd3", with_t5=True))
+    lengths = {}
+    for tokens in (8, 12):
+        adapter = load_model(ModelConfig(name="sd3", path=path, device="cpu", dtype="float32",
+                                         max_sequence_length=tokens))
+        lengths[tokens] = adapter.encode(["a red car"], guidance_scale=1.0).tensors["prompt_embeds"].shape[1]
+    assert lengths[12] - lengths[8] == 4
+    with pytest.raises(ConfigError, match="model.max_sequence_length"):
+        load_model(ModelConfig(name="toy", max_sequence_length=8))
