@@ -207,22 +207,20 @@ class SDXLAdapter(_UNetAdapter):
             self.vae.to(torch.float32)
         return super().decode(latents)
 
-    def _scale(self, latents: Tensor) -> Tensor:
+    def _latent_stats(self, latents: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """The VAE's per-channel latent mean and std (SDXL-family configs may give them), else 0, 1."""
         config = self.vae.config
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            shape = (1, -1, 1, 1)
-            mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
-            std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
-            return (latents - mean) * config.scaling_factor / std
-        return latents * config.scaling_factor
+        if mean is None or std is None:
+            return 0.0, 1.0
+        shape = (1, -1, 1, 1)
+        return (torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape),
+                torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape))
+
+    def _scale(self, latents: Tensor) -> Tensor:
+        mean, std = self._latent_stats(latents)
+        return (latents - mean) * self.vae.config.scaling_factor / std
 
     def _unscale(self, latents: Tensor) -> Tensor:
-        config = self.vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            shape = (1, -1, 1, 1)
-            mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
-            std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
-            return latents * std / config.scaling_factor + mean
-        return latents / config.scaling_factor
+        mean, std = self._latent_stats(latents)
+        return latents * std / self.vae.config.scaling_factor + mean

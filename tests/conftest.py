@@ -105,6 +105,27 @@ class GaussianDDPMAdapter(GaussianAdapter):
         return Schedule((1 - alphas[:-1]) * 1000, alphas, "ddpm")
 
 
+def gaussian_trainer(name: str, out, *extra: str):
+    """(trainer module, config) of a short full-fine-tuning run of trainer ``name`` on the analytic
+    model (prompt "0.5", reward: mean brightness, 6 steps); ``extra`` overrides win."""
+    from align.config import load_config
+    from align.trainers import trainer_module
+    from rewards.base import REWARDS, Reward, register_reward
+
+    if "test_gaussian_brightness" not in REWARDS:
+        @register_reward("test_gaussian_brightness")
+        class Brightness(Reward):
+            def score(self, samples, prompts, **context):
+                return {"score": samples.mean(dim=(1, 2, 3))}
+
+    module = trainer_module(name)
+    config = load_config(module.CONFIG, None, [
+        "rewards=[test_gaussian_brightness]", "prompts=['0.5']", "eval_prompts=['0.5']", "iterations=2",
+        "lora.enabled=false", f"run.output_dir={out}", "optim.lr=0.05", "rollout.num_steps=6",
+        "run.log_with=none", "prompts_per_iteration=1", "run.progress=false", "eval.per_prompt=2", *extra])
+    return module, config
+
+
 @pytest.fixture
 def gaussian_adapter():
     return GaussianAdapter()

@@ -13,23 +13,8 @@ from align.config import load_config
 from align.losses import flow_grpo_kl, mean_kl
 from align.sampling.kernels import flow_grpo_sde_step, flow_grpo_std
 from align.trainers import trainer_module
-from rewards.base import Reward, register_reward
 from tests.conftest import GaussianAdapter
-
-
-@register_reward("test_parity_brightness")
-class Brightness(Reward):
-    def score(self, samples, prompts, **context):
-        return {"score": samples.mean(dim=(1, 2, 3))}
-
-
-def configured(name, tmp_path, *extra):
-    module = trainer_module(name)
-    config = load_config(module.CONFIG, None, [
-        "rewards=[test_parity_brightness]", "prompts=['0.5']", "eval_prompts=['0.5']", "iterations=2",
-        "lora.enabled=false", f"run.output_dir={tmp_path}", "optim.lr=0.05", "rollout.num_steps=6",
-        "run.log_with=none", "prompts_per_iteration=1", "run.progress=false", "eval.per_prompt=2", *extra])
-    return module, config
+from tests.conftest import gaussian_trainer as configured
 
 
 def trained_rows(out):

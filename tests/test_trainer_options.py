@@ -10,25 +10,18 @@ import json
 import pytest
 import torch
 
-from align.config import load_config
 from align.trainers import trainer_module
-from rewards.base import Reward, register_reward
-from tests.conftest import GaussianAdapter
+from rewards.base import Reward
+from tests.conftest import GaussianAdapter, gaussian_trainer
 
 
-@register_reward("test_opt_brightness")
 class Brightness(Reward):
     def score(self, samples, prompts, **context):
         return {"score": samples.mean(dim=(1, 2, 3))}
 
 
 def configured(name, tmp_path, *extra):
-    module = trainer_module(name)
-    config = load_config(module.CONFIG, None, [
-        "rewards=[test_opt_brightness]", "prompts=['0.5']", "eval_prompts=['0.5']", "iterations=4",
-        "lora.enabled=false", f"run.output_dir={tmp_path}", "optim.lr=0.05", "rollout.num_steps=6",
-        "run.log_with=none", "prompts_per_iteration=1", "run.progress=false", "eval.per_prompt=4", *extra])
-    return module, config
+    return gaussian_trainer(name, tmp_path, "iterations=4", "eval.per_prompt=4", *extra)
 
 
 def metrics(tmp_path):
