@@ -62,6 +62,40 @@ def load_config(schema_cls: type[T], path: str | Path | None = None,
         raise ConfigError(f"bad config value for {key!r}: {first_line}" if key else first_line) from None
 
 
+#: numeric fields by name that must be > 0 wherever they appear (zero or negative is meaningless)
+POSITIVE_FIELDS = frozenset({
+    "clip_range", "adv_clip", "lr", "iterations", "prompts_per_iteration", "inner_epochs", "num_steps",
+    "per_prompt", "branch_factor", "branches_per_step", "trees_per_prompt", "beta", "calibration_rate",
+    "fusion_temperature", "t_per_sample", "train_batch_size", "updates_per_epoch", "edges_per_update",
+    "trees_per_update", "max_batch", "steps_per_iteration", "window_slide_every", "window_size", "checkpoint_limit",
+    "ema_every", "stats_buffer", "stats_min_count", "gradient_accumulation_steps", "rank", "alpha", "max_nfe",
+    "split_noise_scale", "num_per_prompt", "fps", "prune_window_slide_every", "max_sequence_length", "height",
+    "width", "num_frames", "eps",
+})
+#: numeric fields by name that must be >= 0
+NON_NEGATIVE_FIELDS = frozenset({
+    "kl_beta", "weight_decay", "checkpoint_every", "sample_every", "guidance_scale", "policy_ema_warmup",
+    "max_grad_norm", "policy_ema_rate", "adv_eps", "t_min", "timestep_fraction", "width_keep_fraction",
+})
+
+
+def check_ranges(config: Any, prefix: str = "") -> None:
+    """One pass over a config dataclass (recursively): every field named in POSITIVE_FIELDS must be
+    > 0 and every one in NON_NEGATIVE_FIELDS >= 0 where set; a ConfigError names the first that is
+    not. Fields with their own rule (a range, a choice) are checked by their config's validation."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key + ".")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        elif f.name in POSITIVE_FIELDS and not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+        elif f.name in NON_NEGATIVE_FIELDS and not value >= 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+
+
 def to_dict(config: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
 

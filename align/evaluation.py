@@ -60,11 +60,24 @@ def evaluate(adapter, reward, prompts: Sequence[str], config: EvalConfig, traini
                          **(latent_kwargs or {}))
         pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
     sample_prompts = [prompts[i] for i in result.prompt_index.tolist()]
-    metrics = {"eval/reward": reward(pixels, sample_prompts).mean()}
+    metrics = {"eval/reward": scored_mean(reward, pixels, sample_prompts, "the trained reward")}
     for name, extra in (heldout or {}).items():
-        metrics[f"eval/heldout/{name}"] = extra(pixels, sample_prompts).mean()
+        metrics[f"eval/heldout/{name}"] = scored_mean(extra, pixels, sample_prompts, f"held-out reward {name!r}")
     metrics["eval/diversity"] = float(diversity(pixels, result.prompt_index))
     return metrics, pixels, sample_prompts
+
+
+def scored_mean(reward, pixels: Tensor, prompts: Sequence[str], what: str) -> float:
+    """The reward's mean over the samples it could score; a one-line RewardError when it scored none
+    (a run must not end ``reward before=nan``)."""
+    from rewards.base import RewardError
+
+    out = reward(pixels, prompts)
+    if not bool(out.valid_mask().any()):
+        raise RewardError(f"{what} ({getattr(reward, 'name', type(reward).__name__)}) could score none of the "
+                          f"{len(prompts)} evaluation samples: check the reward (e.g. OCR needs quoted text in the "
+                          f"eval_prompts) or its server")
+    return out.mean()
 
 
 def diversity(pixels: Tensor, groups: Tensor) -> Tensor:

@@ -48,6 +48,20 @@ class SampleConfig:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_device(device: str, field: str = "model.device") -> None:
+    """A one-line ConfigError for a device this machine does not have (checked before loading)."""
+    try:
+        resolved = resolve_device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"{field}: {str(err).splitlines()[0]}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{field}: {device!r} is not available on this machine (no CUDA device); use cpu or auto")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ConfigError(f"{field}: {device!r} is not available ({torch.cuda.device_count()} CUDA devices)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{field}: 'mps' is not available on this machine; use cpu or auto")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,4 +150,8 @@ def check_sample_config(config: SampleConfig) -> None:
 
     check_adapter_name(config.model.name)
     config.rollout.validate(config.rollout.num_steps or 1)
+    check_device(config.model.device)
+    from align.config import check_ranges
+
+    check_ranges(config)
     resolve_dtype(config.model.dtype, torch.device("cpu"))

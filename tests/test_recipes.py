@@ -104,7 +104,8 @@ def test_recipe_runs_an_iteration(recipe, tmp_path, tmp_path_factory):
     config = load_config(module.CONFIG, CONFIGS / f"{recipe}.yaml", [
         f"model.path={model_dir}", "model.height=32", "model.width=32", "model.dtype=float32", "model.device=cpu",
         f"prompt_file={prompts}", "iterations=1", "eval.per_prompt=1",
-        "eval.num_steps=2", "eval_prompts=['a red car']", "run.log_with=none", f"run.output_dir={tmp_path / 'run'}",
+        "eval.num_steps=2", "eval_prompts=['a sign that says \"hello\"']", "run.log_with=none",
+        f"run.output_dir={tmp_path / 'run'}",
         "run.progress=false", f"rewards={json.dumps(trained)}", f"heldout_rewards={json.dumps(heldout)}",
         *frames])
     summary = module.train(config)

@@ -265,6 +265,21 @@ class KernelSpec:
             params.setdefault("prediction_type", prediction_type)
         return params
 
+    def check_params(self, params: dict, field: str = "rollout.kernel_params") -> None:
+        """A ConfigError for a parameter this kernel does not take (with the valid names), or a noise
+        parameter that is not > 0."""
+        import inspect
+
+        fixed = {"x", "model_out", "level", "level_next", "noise", "prev_sample", "generator", "mean_shift",
+                 "reduce", "prev_x0", "level_prev"}
+        valid = [] if self.fn is None else [p for p in inspect.signature(self.fn).parameters if p not in fixed]
+        for key, value in (params or {}).items():
+            if key not in valid:
+                raise unknown_name_error(f"parameter of step kernel {self.name!r}", key, valid or ["(none)"],
+                                         field=field)
+            if key == self.noise_param and not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"{field}.{key} must be > 0, got {value}")
+
     def scaled(self, params: dict, scale: float) -> dict:
         """``params`` with the noise parameter multiplied by ``scale``."""
         if scale == 1.0 or self.noise_param is None:

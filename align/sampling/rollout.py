@@ -76,7 +76,7 @@ class RolloutConfig:
     max_batch: int | None = None
 
     def validate(self, num_steps: int | None = None) -> None:
-        kernel_spec(self.kernel)  # an unknown name is a one-line error naming rollout.kernel
+        kernel_spec(self.kernel).check_params(self.kernel_params)  # unknown names: one line each
         steps = self.num_steps if num_steps is None else num_steps
         if steps < 1:
             raise ConfigError(f"rollout.num_steps must be >= 1, got {steps}")

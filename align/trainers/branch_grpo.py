@@ -40,7 +40,7 @@ from align.config import ConfigError, check_choice
 from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompts_for_iteration
 from align.sampling.rollout import Rollout, RolloutConfig, rollout
-from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
+from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
                                    ppo_transition_loss, progress, require_stochastic_kernel, reward_metrics,
                                    start_run, train_rows)
 
@@ -130,8 +130,8 @@ class BranchGRPOConfig(TrainerConfig):
     step_weighting: str = "edges"
 
 
-def check_config(config: BranchGRPOConfig) -> None:
-    check_names(config)
+def check_config(config: BranchGRPOConfig, adapter=None) -> None:
+    check_common(config, adapter)
     check_choice("kl_form", config.kl_form, KL_FORMS)
     check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     choices = {"variant": VARIANTS, "fusion": ("mean", "logp", "logp_edge"), "adv_group": ("tree", "prompt"),
@@ -386,7 +386,7 @@ def update_batches(run, config: BranchGRPOConfig, transitions: dict, edge_rows: 
 
 
 def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
-    check_config(config)
+    check_config(config, adapter)
     rollout_config = rollout_config_with_noise(config)
     from accelerate import PartialState
 

@@ -38,26 +38,69 @@ class TrainerConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def check_names(config: TrainerConfig) -> None:
-    """Every name a user types, checked in one pass before anything loads: the model adapter, the
-    step kernel, the trained and held-out rewards (tracker and precision are checked as the config
-    is read). Each unknown name is a one-line ConfigError naming its field and the closest valid name."""
-    from pipelines.registry import check_adapter_name
+def check_common(config: TrainerConfig, adapter=None) -> None:
+    """The validation pass every trainer's check_config starts with, before anything loads: every
+    name a user types (the trainer, the model adapter, the step kernel and its parameters, the
+    trained and held-out rewards; tracker and precision are checked as the config is read), the
+    numeric ranges of every field (align.config.check_ranges), non-empty prompt lists, a kernel of
+    the model's family, an available device, and a run folder that does not hold another trainer's
+    run. Each problem is a one-line ConfigError naming its field. ``adapter``: the model when the
+    caller has it (its schedule, not ``model.name``, then tells the model family)."""
+    from pipelines.registry import FLOW_ADAPTERS, check_adapter_name
     from rewards.registry import reward_class
 
+    from align.config import check_ranges
+    from align.sample import check_device
+    from align.sampling.kernels import kernel_spec
     from align.trainers import TRAINERS
 
     if config.trainer not in TRAINERS:
         raise unknown_name_error("trainer", config.trainer, TRAINERS, field="trainer")
     check_adapter_name(config.model.name)
+    check_ranges(config)
     config.rollout.validate()
     config.eval.validate()
+    if adapter is not None:
+        size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
+        family, model = adapter.schedule(1, latent_shape=adapter.latent_shape(**size)).kind, adapter.name
+    else:
+        family, model = ("flow" if config.model.name in FLOW_ADAPTERS else "ddpm"), config.model.name
+    for field_name, kernel in (("rollout.kernel", config.rollout.kernel), ("eval.kernel", config.eval.kernel)):
+        spec = kernel_spec(kernel, field=field_name)
+        if spec.schedule_kind not in (family, "any"):
+            hint = " (flow models train with flow_grpo and its family)" if family == "flow" else ""
+            raise ConfigError(f"{field_name}: step kernel {kernel!r} is for {spec.schedule_kind} models; "
+                              f"{model!r} is a {family} model{hint}")
+    if not config.prompts and not config.prompt_file:
+        raise ConfigError("prompts is empty: give at least one prompt (or a prompt_file)")
+    if not config.eval_prompts:
+        raise ConfigError("eval_prompts is empty: give at least one evaluation prompt")
+    check_device(config.model.device)
+    check_run_folder(config)
     for field_name in ("rewards", "heldout_rewards"):
         for i, spec in enumerate(getattr(config, field_name)):
             name = spec if isinstance(spec, str) else dict(spec).get("name")
             if name is None:
                 raise ConfigError(f"{field_name}[{i}]: a reward needs a 'name'")
             reward_class(name, field=f"{field_name}[{i}]")
+
+
+def check_run_folder(config: TrainerConfig) -> None:
+    """A run folder that holds another trainer's run is refused (its checkpoints would be resumed
+    into the wrong method), unless run.resume is off (a fresh start writes over it)."""
+    import json
+    from pathlib import Path
+
+    described = Path(config.run.output_dir) / "run.json"
+    if not described.is_file() or not config.run.resume:
+        return
+    try:
+        previous = json.loads(described.read_text()).get("trainer")
+    except (OSError, ValueError):
+        return
+    if previous and previous != config.trainer:
+        raise ConfigError(f"run.output_dir: {config.run.output_dir} holds a {previous} run; give another "
+                          f"run.output_dir for {config.trainer} (or run.resume=null to start over there)")
 
 
 def require_stochastic_kernel(rollout_config) -> None:

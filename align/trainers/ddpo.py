@@ -26,8 +26,9 @@ from align.advantages import RunningPromptStats
 from align.config import ConfigError, check_choice
 from align.losses import CFG_GRADS
 from align.runtime import prompts_for_iteration
+from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
+from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
                                    ppo_transition_loss, progress, require_stochastic_kernel, reward_metrics,
                                    sample_and_score, start_run)
 
@@ -35,6 +36,8 @@ from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_ite
 @dataclass
 class DDPOConfig(TrainerConfig):
     trainer: str = "ddpo"
+    #: a DDPM-family (UNet) model: SD 1.x / 2.x (sd) or SDXL (sdxl); give model.path
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="sd"))
     #: DDIM with eta = 1 (the DDPO paper samples 50 steps with CFG 5; 20 keeps CPU runs short)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=20, kernel="ddim",
                                                                          kernel_params={"eta": 1.0}))
@@ -64,8 +67,8 @@ class DDPOConfig(TrainerConfig):
     train_batch_size: int | None = None
 
 
-def check_config(config: DDPOConfig) -> None:
-    check_names(config)
+def check_config(config: DDPOConfig, adapter=None) -> None:
+    check_common(config, adapter)
     check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     require_stochastic_kernel(config.rollout)
     if config.clip_range <= 0:
@@ -125,7 +128,7 @@ def ddpo_advantages(config: DDPOConfig, stats: RunningPromptStats, prompts: list
 def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
     from accelerate.utils import gather_object
 
-    check_config(config)
+    check_config(config, adapter)
     if adapter is None:  # before anything loads: the adapter's name, or (given) its schedule
         check_ddpm_model(config.model.name)
     else:

@@ -22,7 +22,7 @@ from align.config import ConfigError, check_choice
 from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
+from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
                                    ppo_transition_loss, progress, require_stochastic_kernel, reward_metrics,
                                    sample_and_score, start_run)
 
@@ -53,8 +53,8 @@ class DenseGRPOConfig(TrainerConfig):
     train_batch_size: int | None = None
 
 
-def check_config(config: DenseGRPOConfig) -> None:
-    check_names(config)
+def check_config(config: DenseGRPOConfig, adapter=None) -> None:
+    check_common(config, adapter)
     require_stochastic_kernel(config.rollout)
     check_choice("kl_form", config.kl_form, KL_FORMS)
     check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
@@ -86,7 +86,7 @@ def calibrate(scales: list[float], gains: torch.Tensor, config: DenseGRPOConfig)
 
 
 def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
-    check_config(config)
+    check_config(config, adapter)
     run, reward, heldout, prompts = start_run(config, adapter)
     adapter, accelerator = run.adapter, run.accelerator
     num_steps = config.rollout.num_steps

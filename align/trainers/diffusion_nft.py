@@ -36,7 +36,7 @@ from align.losses import flow_matching_target, nft_loss, weighted_mean
 from align.runtime import prompts_for_iteration
 from align.sampling.kernels import reduce_elements
 from align.sampling.rollout import RolloutConfig, predict_in_chunks
-from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
+from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
                                    group_batch_advantages, progress, reward_metrics, sample_and_score, start_run)
 
 
@@ -91,8 +91,8 @@ class DiffusionNFTConfig(TrainerConfig):
     train_batch_size: int | None = None
 
 
-def check_config(config: DiffusionNFTConfig) -> None:
-    check_names(config)
+def check_config(config: DiffusionNFTConfig, adapter=None) -> None:
+    check_common(config, adapter)
     choices = {"adv_std": ("group", "global"), "multi_reward": ("sum_rewards", "sum_advantages"),
                "t_distribution": ("uniform", "logit_normal", "schedule", "schedule_permutation"),
                "loss_weighting": ("velocity", "adaptive"), "policy_ema_schedule": ("linear", "flat_warmup")}
@@ -260,7 +260,7 @@ class SamplingPolicy:
 
 
 def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
-    check_config(config)
+    check_config(config, adapter)
     size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
     if adapter is not None:  # fail before the run opens when the model is at hand
         flow_timestep_scale(adapter, config.rollout.num_steps, size)

@@ -19,7 +19,7 @@ from align.config import ConfigError, check_choice
 from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (TrainLog, TrainerConfig, check_names, end_iteration, finish_run,
+from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
                                    group_batch_advantages, ppo_transition_loss, progress, require_stochastic_kernel,
                                    reward_metrics, sample_and_score, start_run, train_rows)
 
@@ -70,8 +70,8 @@ class FlowGRPOConfig(TrainerConfig):
     guard: bool = False
 
 
-def check_config(config: FlowGRPOConfig) -> None:
-    check_names(config)
+def check_config(config: FlowGRPOConfig, adapter=None) -> None:
+    check_common(config, adapter)
     require_stochastic_kernel(config.rollout)
     check_choice("kl_form", config.kl_form, KL_FORMS)
     check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
@@ -125,7 +125,7 @@ def per_sample_steps(rows: int, num_steps: int, fraction: float, generator: torc
 
 
 def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
-    check_config(config)
+    check_config(config, adapter)
     run, reward, heldout, prompts = start_run(config, adapter)
     adapter, accelerator = run.adapter, run.accelerator
     bar = progress(run, config, "flow_grpo")
