@@ -52,15 +52,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def resolve_trainer(method: str | None, config_path: str | None, overrides) -> str:
     """The trainer to run: the command's argument, or the ``trainer`` key of the config file (a
     method preset names its trainer); when both are given they must agree."""
-    from omegaconf import OmegaConf
+    from align.config import read_yaml
 
-    named = None
-    if config_path is not None:
-        from pathlib import Path
-
-        if not Path(config_path).is_file():
-            raise ConfigError(f"config file not found: {config_path}")
-        named = OmegaConf.load(config_path).get("trainer")
+    named = read_yaml(config_path).get("trainer") if config_path is not None else None
     named = next((o.split("=", 1)[1] for o in overrides if o.startswith("trainer=")), named)
     if method and named and method != named:
         raise ConfigError(f"trainer: the command runs {method!r} but the config names {named!r}")

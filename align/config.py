@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from align.errors import ConfigError, check_choice, closest, unknown_name_error  # noqa: F401 - re-exported for callers
@@ -20,13 +20,39 @@ T = TypeVar("T")
 
 
 def _check_keys(schema_cls, data: dict, prefix: str = "") -> None:
-    """Raise a ConfigError for the first key that is not a field of ``schema_cls`` (recursively)."""
+    """Raise a ConfigError for the first key that is not a field of ``schema_cls`` (recursively), or
+    whose value is not a mapping where the field is a config block."""
     hints = typing.get_type_hints(schema_cls)
     for key, value in data.items():
         if key not in hints:
             raise unknown_name_error("config key", prefix + str(key), [prefix + k for k in hints])
-        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
-            _check_keys(hints[key], value, prefix + key + ".")
+        if dataclasses.is_dataclass(hints[key]):
+            if isinstance(value, dict):
+                _check_keys(hints[key], value, prefix + key + ".")
+            elif value is not None:
+                raise ConfigError(f"{prefix}{key}: expected a mapping of {hints[key].__name__} keys, got "
+                                  f"{type(value).__name__} {value!r}")
+
+
+def read_yaml(path: str | Path):
+    """A config file as an OmegaConf mapping; a missing file, malformed YAML (with its line) or a
+    file that is not a mapping of keys is a one-line ConfigError naming the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(layer, DictConfig):
+        kind = type(layer).__name__.removesuffix("Config").lower()
+        raise ConfigError(f"{path}: expected a mapping of config keys, got a {kind}")
+    return layer
 
 
 def load_config(schema_cls: type[T], path: str | Path | None = None,
@@ -37,10 +63,7 @@ def load_config(schema_cls: type[T], path: str | Path | None = None,
     if base:
         layers.append(OmegaConf.create(base))
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        layers.append(OmegaConf.load(path))
+        layers.append(read_yaml(path))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:

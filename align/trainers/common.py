@@ -89,9 +89,16 @@ def check_run_folder(config: TrainerConfig) -> None:
     """A run folder that holds another trainer's run is refused (its checkpoints would be resumed
     into the wrong method), unless run.resume is off (a fresh start writes over it)."""
     import json
+    import os
     from pathlib import Path
 
-    described = Path(config.run.output_dir) / "run.json"
+    folder = Path(config.run.output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"run.output_dir: {folder} is a file, not a folder")
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise ConfigError(f"run.output_dir: {existing} is not writable")
+    described = folder / "run.json"
     if not described.is_file() or not config.run.resume:
         return
     try:

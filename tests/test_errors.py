@@ -1,0 +1,122 @@
+"""Bad input is one line before any model loads (docs/errors.md lists every case): exit status 2,
+a single line naming the field or file, no traceback, no model loaded, no run folder made."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+#: (id, command, what the line must name) -- docs/errors.md has the same table
+CASES = [
+    ("negative clip_range", ["train", "flow_grpo", "clip_range=-1"], "clip_range must be > 0"),
+    ("negative adv_clip", ["train", "flow_grpo", "adv_clip=-2"], "adv_clip must be > 0"),
+    ("negative learning rate", ["train", "flow_grpo", "optim.lr=-1e-4"], "optim.lr must be > 0"),
+    ("negative kl_beta", ["train", "dense_grpo", "kl_beta=-0.1"], "kl_beta must be >= 0"),
+    ("zero iterations", ["train", "flow_grpo", "iterations=0"], "iterations must be > 0"),
+    ("zero inner epochs", ["train", "flow_grpo", "inner_epochs=0"], "inner_epochs must be > 0"),
+    ("zero batch size", ["train", "flow_grpo", "train_batch_size=0"], "train_batch_size must be > 0"),
+    ("zero eval samples", ["train", "flow_grpo", "eval.per_prompt=0"], "eval.per_prompt must be > 0"),
+    ("negative noise level", ["train", "flow_grpo", "rollout.kernel_params={noise_level: -0.5}"],
+     "rollout.kernel_params.noise_level must be > 0"),
+    ("mistyped kernel parameter", ["train", "flow_grpo", "rollout.kernel_params={noise_levl: 0.5}"],
+     "rollout.kernel_params: unknown parameter of step kernel 'flow_grpo' 'noise_levl' (did you mean 'noise_level'"),
+    ("kernel of the wrong family", ["train", "flow_grpo", "rollout.kernel=ddim"],
+     "rollout.kernel: step kernel 'ddim' is for ddpm models; 'toy' is a flow model"),
+    ("empty prompts", ["train", "flow_grpo", "prompts=[]"], "prompts is empty"),
+    ("empty eval prompts", ["train", "flow_grpo", "eval_prompts=[]"], "eval_prompts is empty"),
+    ("sample: zero samples", ["sample", "--num", "0"], "num_per_prompt must be >= 1"),
+    ("sample: negative steps", ["sample", "--steps", "-3"], "rollout.num_steps must be >= 1"),
+]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import pipelines.registry
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pipelines.registry, "load_adapter", refuse)
+
+
+def run_cli(args, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*args, f"run.output_dir={out}"] if args[0] == "train" else [*args, "--out", str(out)]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err, out
+
+
+@pytest.mark.parametrize("case, args, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_value_is_one_line_before_loading(case, args, expected, tmp_path, capsys, no_model_load):
+    code, err, out = run_cli(args, tmp_path, capsys)
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert expected in err, err
+    assert not out.exists()
+
+
+def test_print_config_runs_the_same_validation(tmp_path, capsys, no_model_load):
+    assert main(["train", "flow_grpo", "--print-config", "adv_clip=-1"]) == 2
+    assert "adv_clip must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_an_unavailable_device_is_one_line(tmp_path, capsys, no_model_load):
+    for args in (["train", "flow_grpo", "model.device=cuda"], ["sample", "--device", "cuda:0"]):
+        code, err, _ = run_cli(args, tmp_path, capsys)
+        assert code == 2 and "model.device:" in err and "not available" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a: [1, 2\nb: 3\n", "malformed YAML at line 2"),
+    ("- rollout\n- rewards\n", "expected a mapping of config keys, got a list"),
+    ("rollout: [1, 2]\n", "rollout: expected a mapping of RolloutConfig keys, got list"),
+])
+def test_bad_config_files_name_the_file(text, expected, tmp_path, capsys, no_model_load):
+    path = write(tmp_path, "config.yaml", text)
+    code, err, _ = run_cli(["train", "flow_grpo", "--config", path], tmp_path, capsys)
+    assert code == 2 and expected in err and "\n" not in err, err
+    if "YAML" in expected or "got a list" in expected:
+        assert path in err
+
+
+def test_a_folder_holding_another_trainers_run_is_refused(tmp_path, capsys, no_model_load):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"trainer": "dense_grpo"}))
+    assert main(["train", "flow_grpo", f"run.output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "run.output_dir:" in err and "holds a dense_grpo run" in err
+    (tmp_path / "file").write_text("x")
+    assert main(["train", "flow_grpo", f"run.output_dir={tmp_path / 'file'}"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_reward_that_scores_nothing_stops_with_one_line(tmp_path, capsys):
+    """OCR with evaluation prompts that quote no text: the baseline evaluation scores nothing, and
+    the run stops with one line naming the reward instead of ending `reward before=nan`."""
+    code = main(["train", "flow_grpo", "rewards=[ocr]", "eval_prompts=['a red digit 3']", "iterations=1",
+                 "eval.per_prompt=1", "rollout.num_steps=2", f"run.output_dir={tmp_path / 'run'}",
+                 "run.log_with=none", "run.progress=false"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err and "(ocr) could score none of the 1 evaluation samples" in err, err
+
+
+def test_errors_doc_lists_every_case():
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    for case, _, expected in CASES:
+        assert case in doc, case
