@@ -89,9 +89,11 @@ def fuse_leaf_rewards(leaf_rewards: Tensor, node_of_leaf: Tensor, num_nodes: int
             raise ValueError("mode 'logp' needs leaf_log_probs")
         # softmax within each node: subtract each node's max for stability
         lp = leaf_log_probs.float()
+        if valid is not None:  # unscored leaves must not set a node's maximum (their weight is 0)
+            lp = lp.masked_fill(~valid.bool().to(lp.device), -torch.inf)
         node_max = torch.full((num_nodes,), -torch.inf, device=lp.device).scatter_reduce(
             0, node_of_leaf, lp, reduce="amax")
-        weights = torch.exp(lp - node_max[node_of_leaf])
+        weights = torch.exp(lp - node_max[node_of_leaf].clamp_min(-1e30))
     else:
         raise ValueError(f"mode must be 'mean' or 'logp', got {mode!r}")
     if valid is not None:

@@ -163,6 +163,9 @@ class Run:
             project_config=ProjectConfiguration(project_dir=str(self.dir), logging_dir=str(self.dir / "logs")))
         set_seed(run.seed)
         self.adapter = adapter if adapter is not None else load_model(model)
+        # the configured size is the adapter's default (FLUX reads its packed latents' grid from it)
+        self.adapter.default_height = model.height or self.adapter.default_height
+        self.adapter.default_width = model.width or self.adapter.default_width
         self.adapter.denoiser.to(self.accelerator.device)
         self._setup_parameters(lora)
         params = self.adapter.trainable_parameters()
@@ -177,10 +180,7 @@ class Run:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(params, decay=optim.ema_decay)
-            self.accelerator.register_for_checkpointing(self.ema)
         self.state = TrainState()
-        self.accelerator.register_for_checkpointing(self.state)
-        self._register_trainable_only_checkpoints()
         if self.is_main:
             save_config(config, self.dir / "config.yaml")
             describe_run_folder(self.dir, config)
@@ -215,33 +215,6 @@ class Run:
                 raise ConfigError(f"run.gradient_checkpointing: {type(base).__name__} does not support it")
             base.enable_gradient_checkpointing()
 
-    def _register_trainable_only_checkpoints(self) -> None:
-        """Checkpoints hold the trainable weights only (LoRA: a few MB instead of the whole model)."""
-        from safetensors.torch import load_file, save_file
-
-        def trainable_state(model):
-            return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-        def save_hook(models, weights, output_dir):
-            for i, model in enumerate(models):
-                save_file(trainable_state(self.accelerator.unwrap_model(model)),
-                          Path(output_dir) / f"trainable_{i}.safetensors")
-            weights.clear()
-
-        def load_hook(models, input_dir):
-            while models:
-                model = self.accelerator.unwrap_model(models.pop())
-                state = load_file(Path(input_dir) / f"trainable_{len(models)}.safetensors")
-                expected = set(trainable_state(model))
-                if set(state) != expected:
-                    missing = sorted(expected - set(state))[:1] or sorted(set(state) - expected)[:1]
-                    raise ConfigError(f"checkpoint {input_dir} does not match the model's trainable weights "
-                                      f"(first difference: {missing[0]}); was it made with other LoRA settings?")
-                model.load_state_dict(state, strict=False)
-
-        self.accelerator.register_save_state_pre_hook(save_hook)
-        self.accelerator.register_load_state_pre_hook(load_hook)
-
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
@@ -251,18 +224,30 @@ class Run:
         folder = self.dir / "checkpoints"
         return sorted(folder.glob("iteration-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
 
+    def trainable_state(self) -> dict[str, Tensor]:
+        """The trainable weights only (LoRA: a few MB instead of the whole model)."""
+        model = self.accelerator.unwrap_model(self.adapter.denoiser)
+        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
     def save_checkpoint(self) -> Path:
-        """Written to a temporary folder and renamed when complete: a kill mid-write leaves the
-        previous checkpoint intact."""
+        """Trainable weights, optimizer, run state and EMA as safetensors + JSON (no pickle; see
+        align/checkpoints.py), written to a temporary folder and renamed when complete: a kill
+        mid-write leaves the previous checkpoint intact."""
+        from align.checkpoints import write_checkpoint
+
         folder = self.dir / "checkpoints"
         final = folder / f"iteration-{self.state.iteration:06d}"
         tmp = folder / f".tmp-{final.name}"
-        if self.is_main and tmp.exists():
-            shutil.rmtree(tmp)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
         self.accelerator.wait_for_everyone()
         if self.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            parts = {"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
+                     "state": {**self.state.state_dict(), "accelerator_step": int(self.accelerator.step)}}
+            if self.ema is not None:
+                parts["ema"] = self.ema.state_dict()
+            write_checkpoint(tmp, parts)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -272,21 +257,59 @@ class Run:
         return final
 
     def maybe_resume(self) -> bool:
+        """``run.resume``: "latest" takes the newest intact checkpoint of the run folder (a newer one
+        with a missing or truncated file is skipped, with a one-line warning), or a checkpoint path."""
+        from align.checkpoints import checkpoint_problem
+
         resume = self.run_config.resume
         if not resume:
             return False
         if resume == "latest":
-            found = self.checkpoints()
-            if not found:
+            path = None
+            for candidate in reversed(self.checkpoints()):
+                problem = checkpoint_problem(candidate)
+                if problem is None:
+                    path = candidate
+                    break
+                message = f"checkpoint {candidate} is unusable ({problem}): trying the one before"
+                warnings.warn(message, stacklevel=2)
+                self.log_text(message)
+            if path is None:
                 return False
-            path = found[-1]
         else:
             path = Path(resume)
             if not path.is_dir():
                 raise ConfigError(f"run.resume: checkpoint folder not found: {path}")
-        self.accelerator.load_state(str(path))
-        self.log_text(f"resumed from {path} at iteration {self.state.iteration}")
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise ConfigError(f"run.resume: checkpoint {path} is unusable: {problem}")
+        self.load_checkpoint(path)
+        message = f"resuming {self.dir} at iteration {self.state.iteration} (from {path.name})"
+        self.log_text(message)
+        if self.is_main and self.run_config.progress:
+            print(message, flush=True)
         return True
+
+    def load_checkpoint(self, path: Path) -> None:
+        from align.checkpoints import has_part, read_part
+
+        trainable = read_part(path, "trainable")
+        expected = self.trainable_state()
+        if set(trainable) != set(expected) or any(trainable[k].shape != expected[k].shape for k in expected):
+            differ = sorted(set(expected) ^ set(trainable))[:1] or [k for k in expected
+                                                                    if trainable[k].shape != expected[k].shape][:1]
+            raise ConfigError(f"checkpoint {path} does not match the model's trainable weights (first difference: "
+                              f"{differ[0]}); was it made with other LoRA settings (lora.rank, lora.target_modules)?")
+        model = self.accelerator.unwrap_model(self.adapter.denoiser)
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in trainable.items()}, strict=False)
+        optimizer = read_part(path, "optimizer")
+        optimizer["state"] = {int(k): v for k, v in optimizer["state"].items()}
+        self.optimizer.load_state_dict(optimizer)
+        state = read_part(path, "state")
+        self.accelerator.step = int(state.pop("accelerator_step", 0))
+        self.state.load_state_dict(state)
+        if self.ema is not None and has_part(path, "ema"):
+            self.ema.load_state_dict(read_part(path, "ema"))
 
     # --- training helpers -----------------------------------------------------------------------
     def accumulate(self):

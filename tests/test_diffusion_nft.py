@@ -195,11 +195,11 @@ def test_resume_restores_the_sampling_policy(tmp_path):
     resumed = GaussianAdapter(shape=(3, 4, 4))
     train(config(tmp_path / "parts", 6), adapter=resumed)
     assert resumed.denoiser.gain.item() == whole.denoiser.gain.item()
-    from safetensors.torch import load_file
+    from align.checkpoints import read_part
 
     checkpoint = tmp_path / "parts" / "checkpoints" / "iteration-000004"
-    saved = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
-    theta = load_file(checkpoint / "trainable_0.safetensors")["gain"]
+    saved = read_part(checkpoint, "state")
+    theta = read_part(checkpoint, "trainable")["gain"]
     old = saved["extra"]["sampling_policy"]["shadow"][0]
     assert 0 < abs(old.item() - theta.item()) < abs(theta.item() - 1.0)  # an EMA between start and theta
 

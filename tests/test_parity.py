@@ -130,9 +130,11 @@ def test_ema_every_n_updates_and_the_exported_lora_is_the_ema(tmp_path):
         f"run.output_dir={out}", "run.log_with=none", "run.progress=false", "run.checkpoint_every=4", "kl_beta=0"])
     module.train(config)
     checkpoint = out / "checkpoints" / "iteration-000004"
-    ema = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    from align.checkpoints import read_part
+
+    ema = read_part(checkpoint, "ema")
     assert ema["optimization_step"] == 2
-    raw = load_file(checkpoint / "trainable_0.safetensors")
+    raw = read_part(checkpoint, "trainable")
     exported = load_file(out / "lora" / "lora.safetensors")
     raw_b = [v for k, v in sorted(raw.items()) if "lora_B" in k]
     exported_b = [v for k, v in sorted(exported.items()) if "lora_B" in k]
@@ -397,3 +399,27 @@ def test_model_max_sequence_length_reaches_the_t5_encoder(tmp_path):
     assert lengths[12] - lengths[8] == 4
     with pytest.raises(ConfigError, match="model.max_sequence_length"):
         load_model(ModelConfig(name="toy", max_sequence_length=8))
+
+
+def test_updates_per_epoch_makes_that_many_updates_and_the_first_is_on_policy(tmp_path):
+    """updates_per_epoch=2 (the reference's) with 2 inner epochs: 4 updates an iteration; before the
+    first one every transition re-scores exactly; later minibatches are off-policy (ratios move)."""
+    module, config = configured("flow_grpo", tmp_path, "group_size=8", "kl_beta=0", "iterations=1",
+                                "updates_per_epoch=2", "inner_epochs=2", "clip_range=1e-6")
+    module.train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
+    row = trained_rows(tmp_path)[0]
+    assert row["train/updates"] == 4
+    assert row["train/on_policy_approx_kl"] == 0.0 and row["train/on_policy_clip_fraction"] == 0.0
+    assert row["train/clip_fraction"] > 0  # the clip acts once the policy has moved
+
+
+def test_edge_minibatches_let_the_clip_act(tmp_path):
+    """With the reference's edge minibatches the later updates see moved ratios: at a tight clip a
+    part of them is clipped (one update an iteration never clips)."""
+    rows = {}
+    for label, extra in (("edges", ["edges_per_update=4"]), ("one", [])):
+        module, config = configured("branch_grpo", tmp_path / label, "group_size=0", "rollout.split_steps=[0,2]",
+                                    "trees_per_prompt=2", "iterations=1", "clip_range=1e-6", *extra)
+        module.train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
+        rows[label] = trained_rows(tmp_path / label)[0]
+    assert rows["edges"]["train/clip_fraction"] > 0 and rows["one"]["train/clip_fraction"] == 0.0

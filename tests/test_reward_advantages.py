@@ -172,3 +172,15 @@ def test_no_nan_reaches_training_or_the_summary(trainer, options, tmp_path, monk
     assert not bad, bad
     assert math.isfinite(summary["reward_before"]) and math.isfinite(summary["reward_after"])
     assert torch.isfinite(adapter.denoiser.gain).all()
+
+
+def test_logp_fusion_ignores_unscored_leaves_even_when_they_are_the_most_likely():
+    """An unscored leaf with the highest log-prob must not set the softmax's maximum: the node's
+    reward comes from its scored leaves (here 3, the likelier of the two)."""
+    from align.advantages import fuse_leaf_rewards
+
+    rewards = torch.tensor([1.0, float("nan"), 3.0])
+    node = fuse_leaf_rewards(rewards, torch.zeros(3, dtype=torch.long), 1, mode="logp",
+                             leaf_log_probs=torch.tensor([-200.0, -1.0, -100.0]),
+                             valid=torch.tensor([True, False, True]))
+    torch.testing.assert_close(node, torch.tensor([3.0]))

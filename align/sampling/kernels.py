@@ -172,11 +172,12 @@ def dpm_solver_2m_step(x, model_out, level, level_next, *, noise=None, prev_samp
         sigma_prev = per_sample(level_prev, x)
         second = (sigma_prev < 1) & (sigma_next > 0)
         if bool(second.any()):
-            lam = torch.log(alpha / sigma)
-            lam_next = torch.log(alpha_next.clamp_min(1e-12) / sigma_next.clamp_min(1e-12))
-            lam_prev = torch.log((1 - sigma_prev).clamp_min(1e-12) / sigma_prev)
-            r = (lam - lam_prev) / (lam_next - lam)
-            correction = 0.5 * c * (x0 - prev_x0.float()) / r
+            def lam(s):  # log(alpha / sigma), only where the second-order step applies (finite there)
+                s = torch.where(second, s, torch.full_like(s, 0.5))
+                return torch.log((1 - s) / s)
+
+            r = (lam(sigma) - lam(sigma_prev)) / (lam(sigma_next) - lam(sigma))
+            correction = 0.5 * c * (x0 - prev_x0.float()) / torch.where(second, r, torch.ones_like(r))
             mean = mean + torch.where(second, correction, torch.zeros_like(correction))
     return _deterministic(mean, x, prev_sample, mean_shift)
 

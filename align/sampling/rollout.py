@@ -112,19 +112,19 @@ class Transition:
     parent: Tensor
     #: main transitions: row index among main rows after the step; branch: index into branch_samples
     rows: Tensor
+    #: the kernel the step was sampled with and its parameters (noise scale applied, log-prob
+    #: reduction included): re-scoring uses exactly these (no default: every transition says)
+    kernel: str
+    params: dict
     branch: bool = False
     #: factor applied to the kernel's noise level (split steps of a tree, per-step multipliers)
     noise_scale: float = 1.0
-    #: the kernel the step was sampled with and its parameters (noise scale applied, log-prob
-    #: reduction included): re-scoring uses exactly these
-    kernel: str = "flow_grpo"
-    params: dict = field(default_factory=dict)
 
     def subset(self, index: Tensor) -> "Transition":
         """The transitions of rows ``index``."""
         return Transition(self.step, self.latents[index], self.next_latents[index], self.mean[index],
                           self.std[index], self.log_prob[index], self.prompt_index[index], self.parent[index],
-                          self.rows[index], self.branch, self.noise_scale, self.kernel, self.params)
+                          self.rows[index], self.kernel, self.params, self.branch, self.noise_scale)
 
 
 @dataclass
@@ -360,10 +360,11 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
                 x, main_prompt, parent = x[keep.to(x.device)], main_prompt[keep], parent[keep]
                 if i == num_steps - 1 or spec.multistep:
                     last_x0_hat = prev_x0 = last_x0_hat[keep.to(last_x0_hat.device)]
-                if transitions and transitions[-1].step == i and not transitions[-1].branch:
-                    kept = transitions[-1].subset(keep.to(transitions[-1].rows.device))
-                    kept.rows = torch.arange(len(keep))
-                    transitions[-1] = kept
+                for j, t in enumerate(transitions):
+                    if t.step == i and not t.branch:
+                        kept = t.subset(keep.to(t.rows.device))
+                        kept.rows = torch.arange(len(keep))
+                        transitions[j] = kept
         lineage.append(parent)
 
     result = Rollout(x, main_prompt, transitions, lineage, schedule, adapter.nfe - nfe0,

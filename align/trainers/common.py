@@ -195,6 +195,11 @@ def finish_run(config: TrainerConfig, run, reward, heldout) -> dict[str, float]:
     return summary
 
 
+#: kernels whose step std is std_t sqrt(-dt) (Flow-GRPO's, DanceGRPO's): the reference KL form applies;
+#: for the others (CPS, DDIM) kl_form "flow_grpo" is the exact KL, as their references use
+KL_DT_KERNELS = ("flow_grpo", "dance_grpo")
+
+
 def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *, clip_range: float,
                         kl_beta: float = 0.0, kl_form: str = "exact", cfg_grad: str = "full", guard: bool = False,
                         guard_std: float | None = None, weights=None, share_parents: bool = False):
@@ -208,7 +213,7 @@ def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *
     Returns (loss, stats)."""
     import torch
 
-    from align.losses import flow_grpo_kl, mean_kl, normalize_log_ratio, ppo_clip_loss
+    from align.losses import flow_grpo_kl, mean_kl, normalize_log_ratio, ppo_clip_loss, weighted_mean
     from align.sampling.rollout import rescore
 
     adapter, accelerator = run.adapter, run.accelerator
@@ -224,11 +229,11 @@ def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *
     if kl_beta > 0:
         with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
             ref = rescore(adapter, part, cond, schedule, rollout_config, share_parents=share_parents)
-        if kl_form == "flow_grpo":
+        if kl_form == "flow_grpo" and part.kernel in KL_DT_KERNELS:
             dt = schedule.levels[part.step + 1] - schedule.levels[part.step]
-            kl = flow_grpo_kl(new.mean, ref.mean, new.std, dt).mean()
+            kl = weighted_mean(flow_grpo_kl(new.mean, ref.mean, new.std, dt), weights)
         else:
-            kl = mean_kl(new.mean, ref.mean, new.std).mean()
+            kl = weighted_mean(mean_kl(new.mean, ref.mean, new.std), weights)
         loss = loss + kl_beta * kl
         stats["kl"] = kl.detach()
     return loss, stats

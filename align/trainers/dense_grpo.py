@@ -75,10 +75,20 @@ def completion_rewards(result, final: torch.Tensor, branch: torch.Tensor) -> tor
     return table
 
 
-def calibrate(scales: list[float], gains: torch.Tensor, config: DenseGRPOConfig) -> list[float]:
+def gain_spread(gains: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(T,) population std of each step's gains over its scored entries."""
+    valid = torch.ones_like(gains, dtype=torch.bool) if valid is None else valid.bool()
+    weight = valid.float()
+    count = weight.sum(0).clamp_min(1)
+    mean = (gains * weight).sum(0) / count
+    return torch.sqrt((weight * (gains - mean) ** 2).sum(0) / count)
+
+
+def calibrate(scales: list[float], gains: torch.Tensor, config: DenseGRPOConfig,
+              valid: torch.Tensor | None = None) -> list[float]:
     """scale_t <- clip(scale_t * (target / spread_t) ** rate): steps whose gains barely differ get
-    more noise, steps that dominate get less."""
-    spread = gains.std(0, unbiased=False).clamp_min(1e-8)
+    more noise, steps that dominate get less (spreads over the scored gains)."""
+    spread = gain_spread(gains, valid).clamp_min(1e-8)
     target = config.calibration_target if config.calibration_target is not None else float(spread.mean())
     low, high = config.calibration_bounds
     updated = torch.tensor(scales) * (target / spread) ** config.calibration_rate
@@ -140,14 +150,15 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
                     stats.step(run)
         if config.calibrate_noise:
             current = run.state.extra["noise_scales"]
-            scales = calibrate([current[s] for s in steps], gains[:, steps], config)  # trained steps only
+            scales = calibrate([current[s] for s in steps], gains[:, steps], config, gain_valid[:, steps])
             for step, scale in zip(steps, scales):
                 run.state.extra["noise_scales"][step] = scale
 
         metrics = reward_metrics({k: run.gather(v) for k, v in scores.scores.items()},
                                  run.gather(scores.valid_mask()))
         metrics["dense/unscored_gains"] = float((~gain_valid).sum())
-        metrics.update({f"dense/gain_std/step{t}": float(gains[:, t].std(unbiased=False)) for t in range(num_steps)})
+        spreads = gain_spread(gains, gain_valid)
+        metrics.update({f"dense/gain_std/step{t}": float(spreads[t]) for t in range(num_steps)})
         metrics.update({f"dense/noise_scale/step{t}": s for t, s in enumerate(run.state.extra["noise_scales"])})
         metrics.update(stats.metrics())
         bar.set_postfix(reward=f"{scores.mean():.3f}")

@@ -167,14 +167,16 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                         index = order[start:start + batch]
                         for j, step in enumerate(steps):
                             chosen, scale = index, None
-                            if per_sample:  # each row's own steps; a row's terms average over its steps
-                                weights = step_mask[index, j].float() * (1 if row_weights is None else
-                                                                         row_weights[index].cpu())
-                                chosen = index if row_weights is not None else index[step_mask[index, j]]
+                            if per_sample and row_weights is None:  # each row's own steps, averaged per row
+                                chosen, chosen_weights = index[step_mask[index, j]], None
                                 if len(chosen) == 0:
                                     continue
-                                scale = float(weights.sum()) / (len(index) * steps_per_row)
-                                chosen_weights = None if row_weights is None else weights.to(accelerator.device)
+                                scale = len(chosen) / (len(index) * steps_per_row)
+                            elif per_sample:  # DDP: every process runs every call, unpicked rows weigh 0
+                                mask = step_mask[index, j].float().to(row_weights.device)
+                                chosen, chosen_weights = index, row_weights[index] * mask
+                                rows_in_batch = float(row_weights[index].sum())
+                                scale = float(chosen_weights.sum()) / max(rows_in_batch * steps_per_row, 1e-12)
                             else:
                                 chosen_weights = None if row_weights is None else row_weights[index]
                             part = transitions[step].subset(chosen)
