@@ -196,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"align: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = ""
+        if getattr(args, "command", None) == "train":
+            where = " (run the same command again: run.resume=latest continues from the last checkpoint)"
+        print(f"align: interrupted{where}", file=sys.stderr)
+        return 130
     except RuntimeError as err:
         from align.runtime import TrainingError
         from rewards.base import RewardError

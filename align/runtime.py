@@ -182,8 +182,6 @@ class Run:
             self.ema = EMAModel(params, decay=optim.ema_decay)
         self.state = TrainState()
         if self.is_main:
-            save_config(config, self.dir / "config.yaml")
-            describe_run_folder(self.dir, config)
             if run.log_with != "none":
                 flat = {k: str(v) for k, v in _flatten(to_dict(config)).items()}
                 self.accelerator.init_trackers("align", config=flat)
@@ -284,11 +282,30 @@ class Run:
             if problem is not None:
                 raise ConfigError(f"run.resume: checkpoint {path} is unusable: {problem}")
         self.load_checkpoint(path)
+        self._drop_metrics_after(self.state.iteration)
         message = f"resuming {self.dir} at iteration {self.state.iteration} (from {path.name})"
         self.log_text(message)
         if self.is_main and self.run_config.progress:
             print(message, flush=True)
         return True
+
+    def describe(self) -> None:
+        """Write config.yaml and run.json: called once the run has started (resumed or not), so a
+        start that fails never overwrites the folder's saved config."""
+        if self.is_main:
+            save_config(self.config, self.dir / "config.yaml")
+            describe_run_folder(self.dir, self.config)
+
+    def _drop_metrics_after(self, iteration: int) -> None:
+        """A resumed run redoes the iterations after its checkpoint: their old metrics rows go, so
+        metrics.jsonl never holds an iteration twice."""
+        if not self.is_main or not self.metrics_path.is_file():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.metrics_path)
 
     def load_checkpoint(self, path: Path) -> None:
         from align.checkpoints import has_part, read_part

@@ -86,8 +86,58 @@ def test_a_checkpoint_of_other_lora_settings_is_one_line(tmp_path):
             f"run.output_dir={tmp_path}", "run.log_with=none", "run.progress=false", "run.checkpoint_every=1"])
 
     module.train(config(2))
+    saved = (tmp_path / "config.yaml").read_text()
     wider = config(4)
     wider.iterations = 2  # resumes the rank-2 checkpoint
     with pytest.raises(ConfigError, match="other LoRA settings") as err:
         module.train(wider)
     assert "\n" not in str(err.value)
+    assert (tmp_path / "config.yaml").read_text() == saved  # a failed start leaves the saved config
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_a_resumed_run_never_logs_an_iteration_twice(tmp_path, monkeypatch):
+    """Checkpoints every 2 iterations, a crash in iteration 4: the resume starts after 2 and redoes
+    3; metrics.jsonl keeps one row per iteration, and the run ends where an uninterrupted one does."""
+    import json
+
+    from align.trainers import flow_grpo
+
+    whole = run(tmp_path / "whole", 5)
+    module, config = gaussian_trainer("flow_grpo", tmp_path / "parts", "iterations=5", "group_size=4", "kl_beta=0",
+                                      "run.checkpoint_every=2", "clip_range=0.2")
+    original, calls = flow_grpo.sample_and_score, {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Crash("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(flow_grpo, "sample_and_score", crashing)
+    with pytest.raises(Crash):
+        module.train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
+    monkeypatch.setattr(flow_grpo, "sample_and_score", original)
+    rows = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in rows if "train/loss" in m] == [1, 2, 3]
+    resumed = GaussianAdapter(shape=(3, 4, 4))
+    module.train(config, adapter=resumed)
+    rows = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in rows if "train/loss" in m] == [1, 2, 3, 4, 5]
+    torch.testing.assert_close(resumed.denoiser.gain, whole, rtol=0, atol=0)
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(monkeypatch, capsys, tmp_path):
+    from align import cli
+    from align.trainers import flow_grpo
+
+    def interrupted(config, adapter=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flow_grpo, "train", interrupted)
+    assert cli.main(["train", "flow_grpo", f"run.output_dir={tmp_path}"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("align: interrupted") and "run.resume=latest" in err

@@ -145,6 +145,7 @@ def start_run(config: TrainerConfig, adapter=None):
     for extra in heldout.values():
         extra.to(device)
     run.maybe_resume()
+    run.describe()
     if run.state.reward_before is None:
         before = evaluate_run(run, config, reward, heldout, "before")
         run.state.reward_before = before["eval/reward"]
