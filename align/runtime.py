@@ -162,10 +162,12 @@ class Run:
             log_with=None if run.log_with == "none" else run.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.dir), logging_dir=str(self.dir / "logs")))
         set_seed(run.seed)
-        self.adapter = adapter if adapter is not None else load_model(model)
-        # the configured size is the adapter's default (FLUX reads its packed latents' grid from it)
-        self.adapter.default_height = model.height or self.adapter.default_height
-        self.adapter.default_width = model.width or self.adapter.default_width
+        if adapter is None:
+            adapter = load_model(model)  # sets the configured size as the adapter's default
+        else:  # the configured size is the adapter's default (FLUX reads its packed latents' grid from it)
+            adapter.default_height = model.height or adapter.default_height
+            adapter.default_width = model.width or adapter.default_width
+        self.adapter = adapter
         self.adapter.denoiser.to(self.accelerator.device)
         self._setup_parameters(lora)
         params = self.adapter.trainable_parameters()

@@ -155,6 +155,7 @@ def _named_loras_switch(make_adapter, tmp_path, t):
     assert not torch.allclose(alone["a"], alone["b"], atol=1e-4)
     with pytest.raises(ConfigError, match="valid: a, b"):
         adapter.use_lora("c")
+    return adapter
 
 
 def test_named_loras_switch_on_the_toy_model(tmp_path):
@@ -162,14 +163,16 @@ def test_named_loras_switch_on_the_toy_model(tmp_path):
 
     if not (TOY_WEIGHTS_DIR / "config.json").exists():
         pytest.skip("toy model weights not built")
-    _named_loras_switch(load_toy_adapter, tmp_path, 500.0)
+    adapter = _named_loras_switch(load_toy_adapter, tmp_path, 500.0)
+    assert sorted(adapter.lora_names()) == ["a", "b"]
 
 
 def test_named_loras_switch_on_sd3(tmp_path):
     from pipelines.sd3 import SD3Adapter
 
     model_dir = build_sd3(tmp_path / "sd3")
-    _named_loras_switch(lambda: SD3Adapter.from_pretrained(str(model_dir)), tmp_path, 500.0)
+    adapter = _named_loras_switch(lambda: SD3Adapter.from_pretrained(str(model_dir)), tmp_path, 500.0)
+    assert sorted(adapter.lora_names()) == ["a", "b"]
 
 
 def test_toy_encode_images_is_the_exact_inverse_of_decode():
