@@ -74,8 +74,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(OmegaConf.to_yaml(OmegaConf.structured(config)), end="")
         return 0
-    module.train(config)
+    try:
+        module.train(config)
+    except KeyboardInterrupt:
+        print(f"align: interrupted: {resume_hint(Path(config.run.output_dir), config.run.resume)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def resume_hint(folder: Path, resume: str | None) -> str:
+    """Where an interrupted run stands and how to continue it (one line)."""
+    from align.run_folder import continues_a_run
+
+    checkpoints = sorted((folder / "checkpoints").glob("iteration-*")) if (folder / "checkpoints").is_dir() else []
+    if not checkpoints:
+        return f"no checkpoint was written in {folder} yet (the same command starts over)"
+    settings = f"run.output_dir={folder}" + ("" if continues_a_run(resume) else " run.resume=auto")
+    return f"the last checkpoint is {checkpoints[-1]}; the same command with {settings} continues from it"
 
 
 #: the accelerate launch presets (configs/accelerate/<name>.yaml)
@@ -105,7 +120,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
         from align.trainers import trainer_module
 
         module = trainer_module(module_name)
-        module.check_config(load_config(module.CONFIG, train_args.config, list(train_args.overrides) + extra))
+        config = load_config(module.CONFIG, train_args.config, list(train_args.overrides) + extra)
+        module.check_config(config)
+        # every process must write the one folder chosen here (a null run.output_dir is a timestamp)
+        command.append(f"run.output_dir={config.run.output_dir}")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(ACCELERATE_PRESETS / f"{args.preset}.yaml"), "-m", "align", *command]
     if args.dry_run:
@@ -197,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = ""
-        if getattr(args, "command", None) == "train":
-            where = " (run the same command again: run.resume=latest continues from the last checkpoint)"
-        print(f"align: interrupted{where}", file=sys.stderr)
+        print("align: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as err:
         from align.runtime import TrainingError

@@ -63,10 +63,14 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/default"
+    #: the run folder (null: a fresh ``runs/<trainer>-<date>-<time>`` per run)
+    output_dir: str | None = None
     seed: int = 0
-    #: "latest" resumes from the newest checkpoint in output_dir (if any), or a checkpoint path
-    resume: str | None = "latest"
+    #: auto: continue output_dir's newest checkpoint when the run there has the same settings (a
+    #: changed setting or another trainer is refused); latest: as auto, and with a null output_dir
+    #: the newest runs/<trainer>-* folder; a checkpoint folder: continue from it with this config's
+    #: settings; null: start over (align/run_folder.py)
+    resume: str | None = "auto"
     checkpoint_every: int = 10
     checkpoint_limit: int = 2
     #: tensorboard (offline, default), wandb, or none
@@ -80,6 +84,9 @@ class RunConfig:
     #: write a sample grid of the evaluation prompts every N iterations (0: only before / after)
     sample_every: int = 0
     progress: bool = True
+    #: stop the run when more than this fraction of an iteration's samples is unscored (the
+    #: reward's valid flag: a server down, OCR with no text); below it they are dropped and counted
+    max_unscored_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.mixed_precision in (False, "False", "false"):  # YAML reads a bare `no` as false
@@ -88,6 +95,8 @@ class RunConfig:
         if self.gradient_accumulation_steps < 1:
             raise ConfigError(f"run.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         check_choice("run.log_with", self.log_with, TRACKERS, "tracker")
+        if not 0 <= self.max_unscored_fraction <= 1:
+            raise ConfigError(f"run.max_unscored_fraction must be in [0, 1], got {self.max_unscored_fraction}")
 
 
 @dataclass
@@ -257,15 +266,16 @@ class Run:
         return final
 
     def maybe_resume(self) -> bool:
-        """``run.resume``: "latest" takes the newest intact checkpoint of the run folder (a newer one
-        with a missing or truncated file is skipped, with a one-line warning), or a checkpoint path."""
+        """``run.resume`` (see align/run_folder.py): "auto" / "latest" take the newest intact
+        checkpoint of the run folder (a newer one with a missing or truncated file is skipped, with
+        a one-line warning), a path that checkpoint; null starts over (the folder's old checkpoints
+        and metrics go). Whatever is not resumed starts with an empty metrics.jsonl."""
         from align.checkpoints import checkpoint_problem
+        from align.run_folder import continues_a_run
 
         resume = self.run_config.resume
-        if not resume:
-            return False
-        if resume == "latest":
-            path = None
+        path = None
+        if continues_a_run(resume):
             for candidate in reversed(self.checkpoints()):
                 problem = checkpoint_problem(candidate)
                 if problem is None:
@@ -274,15 +284,19 @@ class Run:
                 message = f"checkpoint {candidate} is unusable ({problem}): trying the one before"
                 warnings.warn(message, stacklevel=2)
                 self.log_text(message)
-            if path is None:
-                return False
-        else:
+        elif resume:
             path = Path(resume)
             if not path.is_dir():
                 raise ConfigError(f"run.resume: checkpoint folder not found: {path}")
             problem = checkpoint_problem(path)
             if problem is not None:
                 raise ConfigError(f"run.resume: checkpoint {path} is unusable: {problem}")
+        if path is None:
+            if not resume and self.is_main:
+                for old in self.checkpoints():
+                    shutil.rmtree(old)
+            self._drop_metrics_after(-1)
+            return False
         self.load_checkpoint(path)
         self._drop_metrics_after(self.state.iteration)
         message = f"resuming {self.dir} at iteration {self.state.iteration} (from {path.name})"

@@ -81,8 +81,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_model(config: ModelConfig):
     from pipelines.registry import load_adapter
 
-    if config.lora is not None and not Path(config.lora).is_dir():
-        raise ConfigError(f"model.lora: LoRA folder not found: {config.lora}")
+    if config.lora is not None:
+        check_lora_folder(config.lora)
     device = resolve_device(config.device)
     options = {} if config.max_sequence_length is None else {"max_sequence_length": config.max_sequence_length}
     if options and config.name not in ("sd3", "flux", "wan"):
@@ -93,8 +93,21 @@ def load_model(config: ModelConfig):
     adapter.default_height = config.height or adapter.default_height
     adapter.default_width = config.width or adapter.default_width
     if config.lora is not None:
-        adapter.load_lora(config.lora)
+        try:
+            adapter.load_lora(config.lora)
+        except ValueError as err:  # weights of another model (layer names, sizes)
+            raise ConfigError(f"model.lora: {err}") from None
     return adapter
+
+
+def check_lora_folder(path: str, field: str = "model.lora") -> None:
+    """A one-line ConfigError for a LoRA folder that cannot load (missing, corrupt, truncated, of
+    another rank than its config), found before the model loads."""
+    from pipelines.base import lora_folder_problem
+
+    problem = lora_folder_problem(path)
+    if problem is not None:
+        raise ConfigError(f"{field}: LoRA folder {path}: {problem}")
 
 
 def generate(adapter, config: SampleConfig):
@@ -151,7 +164,15 @@ def check_sample_config(config: SampleConfig) -> None:
     check_adapter_name(config.model.name)
     config.rollout.validate(config.rollout.num_steps or 1)
     check_device(config.model.device)
+    from dataclasses import replace
+
     from align.config import check_ranges
 
-    check_ranges(config)
+    # rollout.num_steps 0 is the model family's default here
+    check_ranges(replace(config, rollout=replace(config.rollout, num_steps=config.rollout.num_steps or 1)))
     resolve_dtype(config.model.dtype, torch.device("cpu"))
+    if config.model.lora is not None:
+        check_lora_folder(config.model.lora)
+    from align.run_folder import check_writable_folder
+
+    check_writable_folder(Path(config.out), "--out")

@@ -259,27 +259,33 @@ class ModelAdapter(abc.ABC):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"LoRA folder not found: {directory}")
+        problem = lora_folder_problem(directory)
+        if problem is not None:
+            raise ValueError(f"LoRA folder {directory}: {problem}")
         if name in self.lora_names():
             raise ValueError(f"a LoRA named {name!r} is already loaded: give another name")
-        pipe = getattr(self, "pipe", None)
-        if pipe is not None and hasattr(pipe, "load_lora_weights"):
-            pipe.load_lora_weights(str(directory), adapter_name=name)
-            self.use_lora(name)
-            return
-        weights, config = directory / "lora.safetensors", directory / "lora_config.json"
-        if not weights.is_file() or not config.is_file():
-            raise FileNotFoundError(f"{directory} has no lora.safetensors + lora_config.json (an export_lora folder)")
-        options = json.loads(config.read_text())
-        fields = set(LoraConfig.__dataclass_fields__)
-        lora_config = LoraConfig(**{k: v for k, v in options.items() if k in fields and k not in ("peft_type",)})
-        base = self.base_denoiser
-        base.add_adapter(lora_config, adapter_name=name)
-        result = set_peft_model_state_dict(base, load_file(str(weights)), adapter_name=name)
-        unexpected = list(getattr(result, "unexpected_keys", None) or [])
-        if unexpected:
-            raise ValueError(f"{weights}: weights that match no LoRA layer of this model: {unexpected[:3]}")
+        try:
+            pipe = getattr(self, "pipe", None)
+            if pipe is not None and hasattr(pipe, "load_lora_weights"):
+                pipe.load_lora_weights(str(directory), adapter_name=name)
+            else:
+                options = json.loads((directory / "lora_config.json").read_text())
+                fields = set(LoraConfig.__dataclass_fields__)
+                lora_config = LoraConfig(**{k: v for k, v in options.items() if k in fields and k not in ("peft_type",)})
+                base = self.base_denoiser
+                base.add_adapter(lora_config, adapter_name=name)
+                weights = directory / "lora.safetensors"
+                result = set_peft_model_state_dict(base, load_file(str(weights)), adapter_name=name)
+                unexpected = list(getattr(result, "unexpected_keys", None) or [])
+                if unexpected:
+                    raise ValueError(f"weights that match no LoRA layer of this model: {unexpected[:3]}")
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:  # shapes / layers of another model
+            problem = str(err).strip().splitlines()
+            problem = next((line.strip() for line in problem if "size mismatch" in line), problem[0] if problem
+                           else type(err).__name__)
+            if name in self.lora_names():  # a half-attached LoRA must not stay active
+                self.base_denoiser.delete_adapters(name)
+            raise ValueError(f"LoRA folder {directory} does not fit this {self.name} model: {problem}") from None
         self.use_lora(name)
 
     def lora_names(self) -> list[str]:
@@ -303,3 +309,42 @@ class ModelAdapter(abc.ABC):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+
+#: the weight file of a LoRA folder: export_lora's (with lora_config.json), or diffusers' save_lora_weights'
+LORA_WEIGHT_FILES = ("lora.safetensors", "pytorch_lora_weights.safetensors")
+
+
+def lora_folder_problem(directory: str | Path) -> str | None:
+    """Why a LoRA folder cannot be loaded (one line), found without the model: missing folder or
+    weight file, a weight file that is not readable safetensors (corrupt, truncated), an unreadable
+    lora_config.json, or LoRA weights of another rank than the config states. None when it looks
+    loadable (whether it fits the model is known only on loading)."""
+    import json
+
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return "not found"
+    weights = next((directory / n for n in LORA_WEIGHT_FILES if (directory / n).is_file()), None)
+    if weights is None:
+        return f"has no {' or '.join(LORA_WEIGHT_FILES)} (an export_lora or save_lora_weights folder)"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    except Exception as err:  # noqa: BLE001 - any failure to parse means unusable
+        return f"{weights.name} is not readable safetensors (corrupt or truncated: {str(err).splitlines()[0]})"
+    if weights.name != "lora.safetensors":
+        return None
+    config = directory / "lora_config.json"
+    try:
+        options = json.loads(config.read_text())
+        rank = options.get("r")
+    except (OSError, ValueError, AttributeError) as err:
+        return f"{config.name} is missing or not a JSON mapping ({str(err).splitlines()[0]})"
+    if isinstance(rank, int) and not options.get("rank_pattern"):
+        for key, shape in shapes.items():
+            if "lora_A" in key and shape[0] != rank:
+                return f"{key} has rank {shape[0]}, but {config.name} says r={rank}"
+    return None

@@ -118,7 +118,19 @@ def read_prompts(images_dir: Path, prompts_file: str | None, prompt: str | None)
 
 
 def load_sample(path: Path):
-    """An image (C, H, W) or a video (F, C, H, W), float in [0, 1]."""
+    """An image (C, H, W) or a video (F, C, H, W), float in [0, 1]; a file that cannot be decoded
+    (corrupt, truncated, not an image) is a one-line ConfigError naming it."""
+    from align.errors import ConfigError
+
+    try:
+        return _decode_sample(path)
+    except Exception as err:  # noqa: BLE001 - PIL / imageio raise many kinds for a bad file
+        kind = "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
+        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{path}: not a readable {kind} ({problem})") from None
+
+
+def _decode_sample(path: Path):
     import numpy as np
     import torch
 
@@ -137,17 +149,17 @@ def load_sample(path: Path):
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
 
 
-def score_files(reward, files: list[Path], prompts: list[str], batch_size: int = 8, device: str = "cpu"):
-    """Scores per file: a list of {dimension: float} and a list of valid flags, in file order. Files of
-    the same shape are scored together in batches of ``batch_size``."""
+def score_files(reward, samples: list, prompts: list[str], batch_size: int = 8, device: str = "cpu"):
+    """Scores per sample (:func:`load_sample` of each file): a list of {dimension: float} and a list
+    of valid flags, in file order. Samples of the same shape are scored together in batches of
+    ``batch_size``."""
     import torch
 
-    samples = [load_sample(f) for f in files]
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(samples):
         groups.setdefault(tuple(s.shape), []).append(i)
-    rows: list[dict[str, float] | None] = [None] * len(files)
-    valid = [True] * len(files)
+    rows: list[dict[str, float] | None] = [None] * len(samples)
+    valid = [True] * len(samples)
     for indices in groups.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
@@ -187,16 +199,24 @@ def format_table(files: list[Path], prompts: list[str], rows: list[dict], valid:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from align.errors import ConfigError
     from rewards.base import RewardError
     from rewards.registry import build_rewards
 
     specs = reward_specs(args.reward, args.option, args.config)
     files, prompts = read_prompts(Path(args.images), args.prompts, args.prompt)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.device:
+        from align.sample import check_device
+
+        check_device(args.device, field="--device")
+    samples = [load_sample(f) for f in files]  # every file decodes before a reward model loads
     try:
         reward = build_rewards(specs)
         if args.device:
             reward.to(args.device)
-        rows, valid = score_files(reward, files, prompts, batch_size=args.batch_size,
+        rows, valid = score_files(reward, samples, prompts, batch_size=args.batch_size,
                                   device=args.device or "cpu")
     except RewardError as err:
         print(f"align: reward error: {err}", file=sys.stderr)

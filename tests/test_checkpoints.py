@@ -88,7 +88,12 @@ def test_a_checkpoint_of_other_lora_settings_is_one_line(tmp_path):
     module.train(config(2))
     saved = (tmp_path / "config.yaml").read_text()
     wider = config(4)
-    wider.iterations = 2  # resumes the rank-2 checkpoint
+    wider.iterations = 2  # run.resume=auto: the folder's rank-2 run is refused before anything loads
+    with pytest.raises(ConfigError, match="holds a run with lora.rank=2, this config has lora.rank=4") as err:
+        module.train(wider)
+    assert "\n" not in str(err.value)
+    # continuing it explicitly: the checkpoint's weights do not fit the rank-4 LoRA
+    wider.run.resume = str(tmp_path / "checkpoints" / "iteration-000001")
     with pytest.raises(ConfigError, match="other LoRA settings") as err:
         module.train(wider)
     assert "\n" not in str(err.value)
@@ -140,4 +145,9 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(flow_grpo, "train", interrupted)
     assert cli.main(["train", "flow_grpo", f"run.output_dir={tmp_path}"]) == 130
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("align: interrupted") and "run.resume=latest" in err
+    assert "\n" not in err and err.startswith("align: interrupted") and "no checkpoint was written" in err
+    (tmp_path / "checkpoints" / "iteration-000004").mkdir(parents=True)
+    assert cli.main(["train", "flow_grpo", f"run.output_dir={tmp_path}"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"the last checkpoint is {tmp_path}/checkpoints/iteration-000004" in err
+    assert f"run.output_dir={tmp_path} continues from it" in err

@@ -33,6 +33,24 @@ def test_sample_wan_writes_mp4(tmp_path):
     assert (out / "0000.mp4").stat().st_size > 0 and (out / "grid.png").exists()
 
 
+def test_sample_without_steps_takes_the_models_default(tmp_path, capsys):
+    """rollout.num_steps 0 (the default of `align sample`) is the adapter's own step count."""
+    from pipelines.toy import TOY_WEIGHTS_DIR, ToyAdapter
+
+    if not (TOY_WEIGHTS_DIR / "config.json").exists():
+        import pytest
+
+        pytest.skip("toy model weights not built")
+    def nfe(*args):
+        out = tmp_path / "-".join(args or ("default",))
+        assert main(["sample", "--model", "toy", "--prompt", "a red digit 7", "--num", "2", "--out", str(out),
+                     *args]) == 0
+        assert len(list(out.glob("0*.png"))) == 2
+        return capsys.readouterr().out.split("nfe=")[1].strip(")\n")
+
+    assert nfe() == nfe("--steps", str(ToyAdapter.default_steps)) != nfe("--steps", "3")
+
+
 def test_config_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["sample", "--model", "sd33", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -122,4 +140,6 @@ def test_launch_checks_the_preset_and_the_config_before_starting_processes(tmp_p
     command = capsys.readouterr().out.split()
     assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
     assert command[4].endswith("configs/accelerate/multi_cpu.yaml") and Path(command[4]).is_file()
-    assert command[5:] == ["-m", "align", "train", "flow_grpo", "--config", str(QUICKSTART), "optim.lr=1e-3"]
+    # every process writes the folder the launcher chose
+    assert command[5:] == ["-m", "align", "train", "flow_grpo", "--config", str(QUICKSTART), "optim.lr=1e-3",
+                           "run.output_dir=runs/quickstart"]

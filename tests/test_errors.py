@@ -120,3 +120,121 @@ def test_errors_doc_lists_every_case():
     doc = (ROOT / "docs" / "errors.md").read_text()
     for case, _, expected in CASES:
         assert case in doc, case
+
+
+def lora_folder(path, rank_in_config=4, rank=4, features=16):
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    save_file({"layer.lora_A.weight": torch.randn(rank, features), "layer.lora_B.weight": torch.randn(features, rank)},
+              str(path / "lora.safetensors"))
+    (path / "lora_config.json").write_text(json.dumps({"r": rank_in_config, "lora_alpha": 8,
+                                                       "target_modules": ["layer"]}))
+    return path
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+#: the file cases below, by the name docs/errors.md gives them
+FILE_CASES = ["sample: corrupt LoRA folder", "sample: LoRA of another rank", "sample: LoRA of another model",
+              "sample: --out is a file", "sample: --out not writable", "score: corrupt or truncated image"]
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("garbage", "lora.safetensors is not readable safetensors (corrupt or truncated"),
+    ("truncate", "lora.safetensors is not readable safetensors (corrupt or truncated"),
+    ("rank", "layer.lora_A.weight has rank 4, but lora_config.json says r=8"),
+    ("no config", "lora_config.json is missing or not a JSON mapping"),
+    ("no weights", "has no lora.safetensors or pytorch_lora_weights.safetensors"),
+])
+def test_a_bad_lora_folder_is_one_line_before_loading(damage, expected, tmp_path, capsys, no_model_load):
+    folder = lora_folder(tmp_path / "lora", rank_in_config=8 if damage == "rank" else 4)
+    if damage == "garbage":
+        (folder / "lora.safetensors").write_bytes(b"not a tensor file")
+    elif damage == "truncate":
+        truncate(folder / "lora.safetensors")
+    elif damage == "no config":
+        (folder / "lora_config.json").unlink()
+    elif damage == "no weights":
+        (folder / "lora.safetensors").unlink()
+    code, err, out = run_cli(["sample", "--lora", str(folder)], tmp_path, capsys)
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert f"model.lora: LoRA folder {folder}: {expected}" in err, err
+    assert not out.exists()
+
+
+def test_a_lora_of_another_model_is_one_line(tmp_path, capsys):
+    """Layer names of the toy model, sizes of another: peft's size mismatch, said in one line, and
+    the toy model is left without the half-attached LoRA."""
+    from pipelines.toy import TOY_WEIGHTS_DIR
+
+    if not (TOY_WEIGHTS_DIR / "config.json").exists():
+        pytest.skip("toy model weights not built")
+    from align.sample import ModelConfig, load_model
+
+    adapter = load_model(ModelConfig(name="toy"))
+    name, layer = next((n, m) for n, m in adapter.base_denoiser.named_modules() if isinstance(m, torch.nn.Linear))
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    wrong = layer.in_features + 3
+    save_file({f"{name}.lora_A.weight": torch.randn(4, wrong), f"{name}.lora_B.weight": torch.randn(layer.out_features, 4)},
+              str(folder / "lora.safetensors"))
+    (folder / "lora_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "target_modules": [name]}))
+    code, err, out = run_cli(["sample", "--lora", str(folder), "--steps", "2", "--num", "1"], tmp_path, capsys)
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert f"model.lora: LoRA folder {folder} does not fit this toy model: size mismatch" in err, err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="does not fit"):
+        adapter.load_lora(folder)
+    assert adapter.lora_names() == []
+
+
+def test_sample_out_must_be_a_writable_folder(tmp_path, capsys, monkeypatch, no_model_load):
+    import align.run_folder
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    for out, expected in ((notes, f"--out: {notes} is a file, not a folder"),
+                          (notes / "grid", f"--out: {notes} is a file, so {notes / 'grid'} cannot be made")):
+        assert main(["sample", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and expected in err, err
+    # (root may write anywhere: the permission answer is what the check asks)
+    monkeypatch.setattr(align.run_folder.os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert main(["sample", "--out", str(tmp_path / "new")]) == 2
+    assert f"--out: {tmp_path} is not writable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate"])
+def test_score_names_a_corrupt_image_before_any_reward_loads(damage, tmp_path, capsys, monkeypatch):
+    import rewards.registry
+    from PIL import Image
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a reward was built")
+
+    monkeypatch.setattr(rewards.registry, "build_rewards", refuse)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(images / f"{i:04d}.png")
+    bad = images / "0001.png"
+    if damage == "garbage":
+        bad.write_bytes(b"\x89PNG not really")
+    else:
+        truncate(bad)
+    code = main(["score", "--reward", "jpeg_compressibility", "--images", str(images), "--prompt", "a cat"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert f"{bad}: not a readable image (" in err, err
+
+
+def test_errors_doc_lists_every_file_case():
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    for case in FILE_CASES:
+        assert f"| {case} |" in doc, case

@@ -1,6 +1,7 @@
 """A training run killed with SIGKILL part-way (a real process, no chance to clean up) and resumed
 with ``run.resume=latest`` ends with exactly the weights of an uninterrupted run with the same seed,
-losing at most the step that was running."""
+losing at most the step that was running; one stopped with Ctrl-C (SIGINT) checkpoints the iteration
+it was running, exits 130 with one line saying where to resume, and resumes to the same weights."""
 
 import os
 import signal
@@ -29,11 +30,25 @@ def logged_iterations(out: Path) -> int:
     return metrics.read_text().count('"nfe"') if metrics.exists() else 0
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_lora(tmp_path_factory):
+    full = tmp_path_factory.mktemp("full")
+    subprocess.run(command(full), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
+    return load_file(full / "lora" / "lora.safetensors")
+
+
+def assert_same_weights(got, expected):
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = tmp_path / "full"
-    subprocess.run(command(full), cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+def test_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, uninterrupted_lora):
+    env = ENV
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -58,8 +73,32 @@ def test_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "reward before=" in resumed.stdout
-    expected = load_file(full / "lora" / "lora.safetensors")
-    got = load_file(killed / "lora" / "lora.safetensors")
-    assert expected.keys() == got.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    assert_same_weights(load_file(killed / "lora" / "lora.safetensors"), uninterrupted_lora)
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_the_running_iteration_and_resumes_to_the_same_weights(tmp_path, uninterrupted_lora):
+    stopped = tmp_path / "stopped"
+    # no periodic checkpoints: the one resumed from is the one Ctrl-C wrote
+    process = subprocess.Popen(command(stopped, "run.checkpoint_every=0"), cwd=ROOT, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while logged_iterations(stopped) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    done = logged_iterations(stopped)
+    assert 2 <= done < ITERATIONS
+    checkpoints = sorted(p.name for p in (stopped / "checkpoints").iterdir())
+    assert checkpoints == [f"iteration-{done:06d}"]  # the running iteration finished and was kept
+    last = stderr.strip().splitlines()[-1]
+    # (the quickstart config starts over by default: run.resume null)
+    assert last == (f"align: interrupted: the last checkpoint is {stopped}/checkpoints/{checkpoints[0]}; the same "
+                    f"command with run.output_dir={stopped} run.resume=auto continues from it")
+
+    resumed = subprocess.run(command(stopped, "run.resume=auto"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {stopped} at iteration {done}" in (stopped / "log.txt").read_text()
+    assert_same_weights(load_file(stopped / "lora" / "lora.safetensors"), uninterrupted_lora)

@@ -40,9 +40,9 @@ from align.config import ConfigError, check_choice
 from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompts_for_iteration
 from align.sampling.rollout import Rollout, RolloutConfig, rollout
-from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
-                                   ppo_transition_loss, progress, require_stochastic_kernel, reward_metrics,
-                                   start_run, train_rows)
+from align.trainers.common import (TrainLog, TrainerConfig, check_common, check_unscored, end_iteration,
+                                   finish_run, ppo_transition_loss, progress, require_stochastic_kernel,
+                                   reward_metrics, start_run, train_rows)
 
 VARIANTS = ("branch_grpo", "tree_grpo")
 
@@ -417,6 +417,7 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
             leaf_prompts = [batch_prompts[int(tree_prompt[i])] for i in leaf_tree.tolist()]
             scores = reward(pixels, leaf_prompts)
             leaf_rewards, leaf_valid = scores.total.float().cpu(), scores.valid_mask().cpu()
+        check_unscored(run, reward, leaf_valid, iteration)
 
         # 2. node rewards and advantages per depth (trees never span processes: no gather needed)
         group_of_tree = torch.arange(num_trees) if config.adv_group == "tree" else tree_prompt

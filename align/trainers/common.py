@@ -43,13 +43,14 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     name a user types (the trainer, the model adapter, the step kernel and its parameters, the
     trained and held-out rewards; tracker and precision are checked as the config is read), the
     numeric ranges of every field (align.config.check_ranges), non-empty prompt lists, a kernel of
-    the model's family, an available device, and a run folder that does not hold another trainer's
-    run. Each problem is a one-line ConfigError naming its field. ``adapter``: the model when the
+    the model's family, an available device, and a run folder this run may use (align/run_folder.py:
+    not another trainer's run, not a run of other settings, not a finished run). Each problem is a one-line ConfigError naming its field. ``adapter``: the model when the
     caller has it (its schedule, not ``model.name``, then tells the model family)."""
     from pipelines.registry import FLOW_ADAPTERS, check_adapter_name
     from rewards.registry import reward_class
 
     from align.config import check_ranges
+    from align.run_folder import check_run_folder
     from align.sample import check_device
     from align.sampling.kernels import kernel_spec
     from align.trainers import TRAINERS
@@ -85,31 +86,6 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
             reward_class(name, field=f"{field_name}[{i}]")
 
 
-def check_run_folder(config: TrainerConfig) -> None:
-    """A run folder that holds another trainer's run is refused (its checkpoints would be resumed
-    into the wrong method), unless run.resume is off (a fresh start writes over it)."""
-    import json
-    import os
-    from pathlib import Path
-
-    folder = Path(config.run.output_dir)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"run.output_dir: {folder} is a file, not a folder")
-    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK):
-        raise ConfigError(f"run.output_dir: {existing} is not writable")
-    described = folder / "run.json"
-    if not described.is_file() or not config.run.resume:
-        return
-    try:
-        previous = json.loads(described.read_text()).get("trainer")
-    except (OSError, ValueError):
-        return
-    if previous and previous != config.trainer:
-        raise ConfigError(f"run.output_dir: {config.run.output_dir} holds a {previous} run; give another "
-                          f"run.output_dir for {config.trainer} (or run.resume=null to start over there)")
-
-
 def require_stochastic_kernel(rollout_config) -> None:
     """Trainers of transition log-probs need a stochastic kernel: a deterministic one (ode,
     dpm_solver) records no transition to train."""
@@ -134,9 +110,12 @@ def build_reward_set(config: TrainerConfig):
 
 
 def start_run(config: TrainerConfig, adapter=None):
-    """Validate, build rewards and prompts, open the run, resume, and evaluate the start point.
-    Returns (run, reward, heldout, prompts)."""
-    config.rollout.validate()
+    """Validate (the trainer's own ``check_config``, which starts with :func:`check_common`: no
+    trainer opens a run without the validation pass), build rewards and prompts, open the run,
+    resume, and evaluate the start point. Returns (run, reward, heldout, prompts)."""
+    from align.trainers import trainer_module
+
+    trainer_module(config.trainer).check_config(config, adapter)
     reward, heldout = build_reward_set(config)
     prompts = prompt_list(config.prompts, config.prompt_file, TOY_PROMPTS)
     run = Run(config, model=config.model, lora=config.lora, optim=config.optim, run=config.run, adapter=adapter)
@@ -181,6 +160,9 @@ def summary_lines(before: float, after: float, watched_before: dict[str, float],
 
 def finish_run(config: TrainerConfig, run, reward, heldout) -> dict[str, float]:
     """Final evaluation, LoRA export, and the one summary line ``reward before=<x> after=<y>``."""
+    if config.run.checkpoint_every and not any(p.name == f"iteration-{run.state.iteration:06d}"
+                                               for p in run.checkpoints()):
+        run.save_checkpoint()  # the finished state: a rerun says the run is done instead of redoing steps
     after = evaluate_run(run, config, reward, heldout, "after")
     run.log(after, step=run.state.iteration)
     if run.is_main and config.lora.enabled:
@@ -320,21 +302,48 @@ def end_iteration(run, config: TrainerConfig, reward, heldout, metrics: dict[str
 
 class progress:
     """The iteration loop with a progress bar that starts where a resumed run left off and stops
-    early once ``max_nfe`` model evaluations are spent."""
+    early once ``max_nfe`` model evaluations are spent. Ctrl-C (SIGINT) lets the running iteration
+    finish, checkpoints it and raises KeyboardInterrupt; a second Ctrl-C stops at once (the last
+    checkpoint is kept)."""
 
     def __init__(self, run, config: TrainerConfig, name: str) -> None:
         from tqdm.auto import tqdm
 
         self.run, self.max_nfe = run, config.max_nfe
+        self.stop_requested = False
         self.bar = tqdm(range(run.state.iteration, config.iterations), desc=name, initial=run.state.iteration,
                         total=config.iterations, disable=not (run.run_config.progress and run.is_main))
 
+    def _on_sigint(self, signum, frame) -> None:
+        import signal
+        import sys
+
+        self.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C stops now
+        print(f"\nalign: Ctrl-C: stopping after iteration {self.run.state.iteration + 1} (Ctrl-C again stops now)",
+              file=sys.stderr, flush=True)
+
     def __iter__(self):
-        for iteration in self.bar:
-            if self.max_nfe is not None and self.run.state.nfe >= self.max_nfe:
-                break
-            yield iteration
-        self.bar.close()
+        import signal
+        import threading
+
+        handler = None
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            for iteration in self.bar:
+                if self.max_nfe is not None and self.run.state.nfe >= self.max_nfe:
+                    break
+                yield iteration
+                if self.stop_requested:
+                    name = f"iteration-{self.run.state.iteration:06d}"
+                    if not any(p.name == name for p in self.run.checkpoints()):
+                        self.run.save_checkpoint()
+                    raise KeyboardInterrupt
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+            self.bar.close()
 
     def set_postfix(self, **values) -> None:
         self.bar.set_postfix(**values)
@@ -369,7 +378,25 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
             scores = reward(pixels, [batch_prompts[i] for i in result.prompt_index.tolist()])
         if branch_pixels is not None:
             branch_scores = reward(branch_pixels, [batch_prompts[i] for i in result.branch_prompt_index.tolist()])
+    for out in (scores, branch_scores):
+        if out is not None:
+            check_unscored(run, reward, out.valid_mask(), iteration)
     return cond, result, scores, branch_scores
+
+
+def check_unscored(run, reward, valid, iteration: int) -> None:
+    """The unscored-sample policy: rows the reward could not score (its valid flag) are dropped from
+    their groups and counted; when more than ``run.max_unscored_fraction`` of the iteration's batch
+    (all processes) is unscored, the run stops with a one-line RewardError naming the reward."""
+    from rewards.base import RewardError
+
+    everything = run.gather(valid.bool())
+    unscored = int((~everything).sum())
+    limit = run.run_config.max_unscored_fraction
+    if unscored and unscored > limit * len(everything):
+        raise RewardError(f"the trained reward ({getattr(reward, 'name', type(reward).__name__)}) could not score "
+                          f"{unscored} of the {len(everything)} samples of iteration {iteration + 1} (more than "
+                          f"run.max_unscored_fraction={limit}): is its server down? the last checkpoint is intact")
 
 
 def group_batch_advantages(run, reward, scores, groups, *, std: str, clip: float, multi_reward: str = "sum_rewards"):

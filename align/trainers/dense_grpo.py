@@ -96,8 +96,7 @@ def calibrate(scales: list[float], gains: torch.Tensor, config: DenseGRPOConfig,
 
 
 def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
-    check_config(config, adapter)
-    run, reward, heldout, prompts = start_run(config, adapter)
+    run, reward, heldout, prompts = start_run(config, adapter)  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
     num_steps = config.rollout.num_steps
     run.state.extra.setdefault("noise_scales", list(config.rollout.step_noise_scales or [1.0] * num_steps))

@@ -125,8 +125,7 @@ def per_sample_steps(rows: int, num_steps: int, fraction: float, generator: torc
 
 
 def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
-    check_config(config, adapter)
-    run, reward, heldout, prompts = start_run(config, adapter)
+    run, reward, heldout, prompts = start_run(config, adapter)  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
     bar = progress(run, config, "flow_grpo")
     for iteration in bar:

@@ -72,8 +72,7 @@ def branch_steps_for_iteration(config: TempFlowGRPOConfig, rng: random.Random) -
 
 
 def train(config: TempFlowGRPOConfig, adapter=None) -> dict[str, float]:
-    check_config(config, adapter)
-    run, reward, heldout, prompts = start_run(config, adapter)
+    run, reward, heldout, prompts = start_run(config, adapter)  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
     bar = progress(run, config, "tempflow_grpo")
     for iteration in bar:
