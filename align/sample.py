@@ -62,6 +62,22 @@ def check_device(device: str, field: str = "model.device") -> None:
         raise ConfigError(f"{field}: 'mps' is not available on this machine; use cpu or auto")
 
 
+def check_precision(precision: str, device: str, field: str = "run.mixed_precision") -> None:
+    """A one-line ConfigError for a mixed precision this machine's stack cannot run (checked
+    before loading): fp8 needs a CUDA device and Transformer Engine or MS-AMP; bf16 on a CUDA
+    device needs one that supports it."""
+    import importlib.util
+
+    resolved = resolve_device(device)
+    if precision == "fp8":
+        if resolved.type != "cuda":
+            raise ConfigError(f"{field}: fp8 runs on CUDA devices only (this run is on {resolved.type}); use bf16 or no")
+        if not any(importlib.util.find_spec(m) for m in ("transformer_engine", "msamp")):
+            raise ConfigError(f"{field}: fp8 needs transformer_engine or MS-AMP installed; use bf16 or no")
+    if precision == "bf16" and resolved.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{field}: this CUDA device does not support bf16; use fp16 or no")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -204,9 +204,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     from rewards.registry import build_rewards
 
     specs = reward_specs(args.reward, args.option, args.config)
-    files, prompts = read_prompts(Path(args.images), args.prompts, args.prompt)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    files, prompts = read_prompts(Path(args.images), args.prompts, args.prompt)
     if args.device:
         from align.sample import check_device
 

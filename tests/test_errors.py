@@ -40,6 +40,8 @@ CASES = [
     ("empty eval prompts", ["train", "flow_grpo", "eval_prompts=[]"], "eval_prompts is empty"),
     ("sample: zero samples", ["sample", "--num", "0"], "num_per_prompt must be >= 1"),
     ("sample: negative steps", ["sample", "--steps", "-3"], "rollout.num_steps must be >= 1"),
+    ("fp8 without its stack", ["train", "flow_grpo", "run.mixed_precision=fp8", "model.device=cpu"],
+     "run.mixed_precision: fp8 runs on CUDA devices only"),
 ]
 
 
@@ -140,7 +142,8 @@ def truncate(path):
 
 #: the file cases below, by the name docs/errors.md gives them
 FILE_CASES = ["sample: corrupt LoRA folder", "sample: LoRA of another rank", "sample: LoRA of another model",
-              "sample: --out is a file", "sample: --out not writable", "score: corrupt or truncated image"]
+              "sample: --out is a file", "sample: --out not writable", "score: corrupt or truncated image",
+              "score: zero batch size"]
 
 
 @pytest.mark.parametrize("damage, expected", [
@@ -232,6 +235,13 @@ def test_score_names_a_corrupt_image_before_any_reward_loads(damage, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "Traceback" not in err, err
     assert f"{bad}: not a readable image (" in err, err
+
+
+def test_score_batch_size_must_be_positive(tmp_path, capsys):
+    assert main(["score", "--reward", "jpeg_compressibility", "--images", str(tmp_path), "--prompt", "x",
+                 "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--batch-size must be >= 1, got 0" in err
 
 
 def test_errors_doc_lists_every_file_case():

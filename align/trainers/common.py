@@ -51,7 +51,7 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
 
     from align.config import check_ranges
     from align.run_folder import check_run_folder
-    from align.sample import check_device
+    from align.sample import check_device, check_precision
     from align.sampling.kernels import kernel_spec
     from align.trainers import TRAINERS
 
@@ -77,6 +77,7 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     if not config.eval_prompts:
         raise ConfigError("eval_prompts is empty: give at least one evaluation prompt")
     check_device(config.model.device)
+    check_precision(config.run.mixed_precision, config.model.device)
     check_run_folder(config)
     for field_name in ("rewards", "heldout_rewards"):
         for i, spec in enumerate(getattr(config, field_name)):
