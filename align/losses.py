@@ -87,3 +87,80 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality: Tensor,
     pos = reduce_elements((v_pos - target) ** 2)
     neg = reduce_elements((v_neg - target) ** 2)
     return weighted_mean(optimality * pos + (1 - optimality) * neg, weights)
+
+
+# --- gradient-based and preference methods -------------------------------------------------------
+
+#: reward_backprop's loss forms of a differentiable reward r
+REWARD_LOSSES = ("neg", "one_minus", "target", "hinge")
+
+
+def reward_loss(reward: Tensor, form: str = "neg", *, target: float = 10.0, margin: float = 2.0) -> Tensor:
+    """Per-sample loss of a differentiable reward r: "neg" -r, "one_minus" 1 - r (HPS-like scores in
+    [0, 1]), "target" |r - target| (AlignProp's aesthetic), "hinge" ReLU(margin - r) (ReFL)."""
+    if form == "neg":
+        return -reward
+    if form == "one_minus":
+        return 1 - reward
+    if form == "target":
+        return (reward - target).abs()
+    if form == "hinge":
+        return torch.relu(margin - reward)
+    raise ValueError(f"reward loss must be one of {', '.join(REWARD_LOSSES)}, got {form!r}")
+
+
+def noised_and_target(x0: Tensor, noise: Tensor, level: Tensor, kind: str,
+                      prediction_type: str) -> tuple[Tensor, Tensor]:
+    """The forward process at ``level`` (per sample) and the model's regression target there:
+    flow: x_s = (1 - s) x0 + s eps, target v = eps - x0; DDPM (level = alpha_bar a):
+    x_a = sqrt(a) x0 + sqrt(1 - a) eps, target eps ("epsilon") or sqrt(a) eps - sqrt(1 - a) x0
+    ("v_prediction")."""
+    shape = (-1, *([1] * (x0.ndim - 1)))
+    level = level.to(x0.device, torch.float32).reshape(shape)
+    if kind == "flow":
+        return (1 - level) * x0 + level * noise, noise - x0
+    a, b = level.sqrt(), (1 - level).sqrt()
+    x_t = a * x0 + b * noise
+    if prediction_type == "epsilon":
+        return x_t, noise
+    if prediction_type == "v_prediction":
+        return x_t, a * noise - b * x0
+    raise ValueError(f"no denoising target for prediction type {prediction_type!r}")
+
+
+def diffusion_dpo_loss(err_w: Tensor, err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor,
+                       beta: float) -> tuple[Tensor, Tensor]:
+    """Diffusion-DPO (and Flow-DPO with the velocity target) per pair, from the per-sample squared
+    errors of the winner w and loser l under the model and the reference at one shared t and noise:
+    inside = -(beta / 2) [(err_w - err_l) - (ref_err_w - ref_err_l)], loss = -log sigmoid(inside).
+    The beta convention has the 1/2 (beta 5000 here = 2500 without it). At model = reference the
+    loss is ln 2. Returns (loss per pair, inside: the implicit reward margin)."""
+    inside = -0.5 * beta * ((err_w - err_l) - (ref_err_w - ref_err_l))
+    return -torch.nn.functional.logsigmoid(inside), inside
+
+
+def d3po_loss(log_ratio_w: Tensor, log_ratio_l: Tensor, beta: float, clip: float) -> Tensor:
+    """D3PO at one denoising step of a pair that shares its prompt and start noise: with
+    log rho = log pi_theta - log pi_ref of the step clamped to [log(1 - clip), log(1 + clip)],
+    loss = -log sigmoid(beta [log rho_w - log rho_l]) (ln 2 at rho_w = rho_l)."""
+    low, high = torch.log1p(torch.tensor(-clip)).item(), torch.log1p(torch.tensor(clip)).item()
+    inside = beta * (log_ratio_w.clamp(low, high) - log_ratio_l.clamp(low, high))
+    return -torch.nn.functional.logsigmoid(inside)
+
+
+def prdp_loss(rhat_a: Tensor, rhat_b: Tensor, reward_a: Tensor, reward_b: Tensor, beta: float) -> Tensor:
+    """PRDP's reward-difference regression of a pair of trajectories of one prompt, with
+    rhat = sum over steps of log pi_theta / pi_ref: (rhat_a - rhat_b - (r_a - r_b) / beta)^2. It is 0
+    exactly when the log-ratio difference equals the reward difference over beta; its optimum is
+    the KL-regularised optimum pi* ~ pi_ref exp(r / beta)."""
+    return (rhat_a - rhat_b - (reward_a - reward_b) / beta) ** 2
+
+
+def rwr_weights(rewards: Tensor, temperature: float, valid: Tensor | None = None) -> Tensor:
+    """Reward-weighted regression weights exp(r / temperature), normalised to mean 1 over the
+    (valid) batch: softmax(r / T) * N. Invalid rows weigh 0."""
+    logits = rewards.float() / temperature
+    if valid is not None:
+        logits = logits.masked_fill(~valid.bool(), float("-inf"))
+    count = int(valid.sum()) if valid is not None else len(rewards)
+    return torch.softmax(logits, dim=0) * max(count, 1)

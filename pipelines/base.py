@@ -161,14 +161,15 @@ class ModelAdapter(abc.ABC):
         if cond.uses_cfg:
             self.transformer_rows += 2 * batch
             out = self.forward(torch.cat([x_in, x_in]), torch.cat([t, t]), cond.cfg_batch(), cond.extra)
-            uncond, c = out.float().chunk(2)
+            uncond, c = (out if out.dtype == torch.float64 else out.float()).chunk(2)
             if cfg_grad == "cond_only":
                 uncond = uncond.detach()
             elif cfg_grad != "full":
                 raise ValueError(f"cfg_grad must be 'cond_only' or 'full', got {cfg_grad!r}")
             return uncond + cond.guidance_scale * (c - uncond)
         self.transformer_rows += batch
-        return self.forward(x_in, t, cond.tensors, cond.extra).float()
+        out = self.forward(x_in, t, cond.tensors, cond.extra)
+        return out if out.dtype == torch.float64 else out.float()
 
     def initial_noise(self, batch: int, generator: torch.Generator | None = None, *,
                       height: int | None = None, width: int | None = None,

@@ -83,7 +83,8 @@ class GaussianEpsDenoiser(torch.nn.Module):
     def forward(self, x, alpha, mu):
         a = alpha.reshape(-1, *([1] * (x.ndim - 1)))
         mu = mu.reshape(x.shape)
-        return self.gain * torch.sqrt(1 - a) * (x - torch.sqrt(a) * mu) / (a * self.s0**2 + 1 - a)
+        # the gain multiplies last: a float64 x keeps the whole output float64 (gradient checks)
+        return self.gain * (torch.sqrt(1 - a) * (x - torch.sqrt(a) * mu) / (a * self.s0**2 + 1 - a))
 
 
 class GaussianDDPMAdapter(GaussianAdapter):

@@ -11,7 +11,8 @@ Every kernel has the signature
 transition. ``mean_shift`` is a drift added to the sample only (guided sampling): the reported
 log-prob uses the unguided mean, so training distils the guidance into the model.
 
-All math runs in float32 whatever the model dtype. Log-probs are the mean over latent elements by
+All math runs in float32 whatever the model dtype (float64 when the inputs are float64: gradient
+checks). Log-probs are the mean over latent elements by
 default (as the public reference implementations do: ratios stay near 1); ``reduce="sum"`` gives the
 full-dimensional log-density.
 """
@@ -38,9 +39,16 @@ class StepOut:
     log_prob: Tensor  # (B,) log-prob of prev_sample under N(mean, std^2)
 
 
+def upcast(t: Tensor) -> Tensor:
+    """float32, or float64 for a float64 tensor (kernels never compute below float32)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def per_sample(value: float | Tensor, x: Tensor) -> Tensor:
-    """A float, 0-d or (B,) tensor -> float32 tensor of shape (B, 1, ..., 1) that broadcasts over x."""
-    v = torch.as_tensor(value, dtype=torch.float32, device=x.device)
+    """A float, 0-d or (B,) tensor -> float32 (float64 for a float64 x) tensor of shape
+    (B, 1, ..., 1) that broadcasts over x."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    v = torch.as_tensor(value, dtype=dtype, device=x.device)
     if v.ndim == 0:
         v = v.expand(x.shape[0])
     return v.reshape(-1, *([1] * (x.ndim - 1)))
@@ -59,8 +67,8 @@ def reduce_elements(values: Tensor, reduce: str = "mean") -> Tensor:
 def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
     """log N(sample; mean, std^2) per element, reduced over elements:
     -(sample - mean)^2 / (2 std^2) - log std - log sqrt(2 pi)."""
-    std = std.float()
-    elementwise = -((sample.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+    std = upcast(std)
+    elementwise = -((upcast(sample) - upcast(mean)) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
     return reduce_elements(elementwise, reduce)
 
 
@@ -71,10 +79,10 @@ def _finish(mean: Tensor, std: Tensor, x: Tensor, noise, prev_sample, generator,
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device="cpu" if generator is None
                                 else generator.device, dtype=torch.float32).to(x.device)
-        shifted = mean if mean_shift is None else mean + mean_shift.float()
-        prev_sample = shifted + std * noise.float()
+        shifted = mean if mean_shift is None else mean + upcast(mean_shift)
+        prev_sample = shifted + std * upcast(noise)
     else:
-        prev_sample = prev_sample.float()
+        prev_sample = upcast(prev_sample)
     if log_prob_fn is not None:
         log_prob = log_prob_fn(prev_sample, mean)
     elif bool((std > 0).all()):
@@ -88,9 +96,9 @@ def _deterministic(mean: Tensor, x: Tensor, prev_sample, mean_shift) -> StepOut:
     """A deterministic step: the sample is the mean plus the drift; the reported mean stays the
     unguided one, as for the stochastic kernels; no density (log-prob 0)."""
     if prev_sample is None:
-        prev_sample = mean if mean_shift is None else mean + mean_shift.float()
+        prev_sample = mean if mean_shift is None else mean + upcast(mean_shift)
     zeros = torch.zeros(x.shape[0], device=x.device)
-    return StepOut(prev_sample.float(), mean, zeros, zeros)
+    return StepOut(upcast(prev_sample), mean, zeros, zeros)
 
 
 # --- flow models (velocity v ~ eps - x0, x_sigma = (1 - sigma) x0 + sigma eps) ----------------------
@@ -99,7 +107,7 @@ def _deterministic(mean: Tensor, x: Tensor, prev_sample, mean_shift) -> StepOut:
 def euler_step(x, model_out, level, level_next, *, noise=None, prev_sample=None, generator=None,
                mean_shift=None, reduce="mean") -> StepOut:
     """ODE (Euler): x' = x + v dt, dt = sigma' - sigma. Deterministic, log-prob 0."""
-    x, v = x.float(), model_out.float()
+    x, v = upcast(x), upcast(model_out)
     dt = per_sample(level_next, x) - per_sample(level, x)
     mean = x + v * dt
     return _deterministic(mean, x, prev_sample, mean_shift)
@@ -115,7 +123,7 @@ def flow_grpo_sde_step(x, model_out, level, level_next, *, noise=None, prev_samp
                        generator=None, mean_shift=None, reduce="mean", noise_level=0.7) -> StepOut:
     """Flow-GRPO SDE: mean = x + [v + std_t^2 (x + (1 - sigma) v) / (2 sigma)] dt,
     x' = mean + std_t sqrt(-dt) eps."""
-    x, v = x.float(), model_out.float()
+    x, v = upcast(x), upcast(model_out)
     sigma, sigma_next = per_sample(level, x), per_sample(level_next, x)
     dt = sigma_next - sigma
     std_t = flow_grpo_std(sigma, sigma_next, noise_level)
@@ -128,7 +136,7 @@ def dance_grpo_sde_step(x, model_out, level, level_next, *, noise=None, prev_sam
                         generator=None, mean_shift=None, reduce="mean", eta=0.3) -> StepOut:
     """DanceGRPO SDE: score = -(x + (1 - sigma) v) / sigma; mean = x + v dt - 0.5 eta^2 score dt;
     std = eta sqrt(sigma - sigma')."""
-    x, v = x.float(), model_out.float()
+    x, v = upcast(x), upcast(model_out)
     sigma, sigma_next = per_sample(level, x), per_sample(level_next, x)
     dt = sigma_next - sigma
     score = -(x + (1 - sigma) * v) / sigma
@@ -142,7 +150,7 @@ def cps_step(x, model_out, level, level_next, *, noise=None, prev_sample=None, g
     """Coefficients-preserving sampling: s = sigma' sin(a pi / 2), x0_hat = x - sigma v,
     x1_hat = x + (1 - sigma) v, mean = (1 - sigma') x0_hat + sqrt(sigma'^2 - s^2) x1_hat,
     x' = mean + s eps, log p = -mean((x' - mean)^2) (constants dropped, as in the method)."""
-    x, v = x.float(), model_out.float()
+    x, v = upcast(x), upcast(model_out)
     sigma, sigma_next = per_sample(level, x), per_sample(level_next, x)
     s = sigma_next * math.sin(noise_level * math.pi / 2)
     x0_hat = x - sigma * v
@@ -162,7 +170,7 @@ def dpm_solver_2m_step(x, model_out, level, level_next, *, noise=None, prev_samp
     used when the previous step's x0 (``prev_x0``, at ``level_prev``) is given, the previous level is
     below 1 and the step does not end at sigma' = 0 (the final step is first order, as diffusers'
     ``lower_order_final``)."""
-    x, v = x.float(), model_out.float()
+    x, v = upcast(x), upcast(model_out)
     sigma, sigma_next = per_sample(level, x), per_sample(level_next, x)
     alpha, alpha_next = 1 - sigma, 1 - sigma_next
     x0 = x - sigma * v
@@ -177,7 +185,7 @@ def dpm_solver_2m_step(x, model_out, level, level_next, *, noise=None, prev_samp
                 return torch.log((1 - s) / s)
 
             r = (lam(sigma) - lam(sigma_prev)) / (lam(sigma_next) - lam(sigma))
-            correction = 0.5 * c * (x0 - prev_x0.float()) / torch.where(second, r, torch.ones_like(r))
+            correction = 0.5 * c * (x0 - upcast(prev_x0)) / torch.where(second, r, torch.ones_like(r))
             mean = mean + torch.where(second, correction, torch.zeros_like(correction))
     return _deterministic(mean, x, prev_sample, mean_shift)
 
@@ -204,7 +212,7 @@ def ddim_step(x, model_out, level, level_next, *, noise=None, prev_sample=None, 
     """DDIM with log-prob (DDPO): var = (1 - a') / (1 - a) (1 - a / a'), std = eta sqrt(var),
     mean = sqrt(a') x0_hat + sqrt(1 - a' - std^2) eps_hat, x' = mean + std eps. eta = 0 is the
     deterministic DDIM ODE."""
-    x, out = x.float(), model_out.float()
+    x, out = upcast(x), upcast(model_out)
     alpha, alpha_next = per_sample(level, x), per_sample(level_next, x)
     x0, eps = ddim_x0_eps(x, out, alpha, prediction_type)
     if clip_sample is not None:
@@ -229,7 +237,7 @@ def ddim_ode_step(x, model_out, level, level_next, **kwargs) -> StepOut:
 def x0_hat(x: Tensor, model_out: Tensor, level, kind: str = "flow", prediction_type: str = "flow") -> Tensor:
     """The model's clean-sample estimate at x: flow models x - sigma v; DDPM-family models
     (x - sqrt(1 - a) eps) / sqrt(a) (eps prediction) or sqrt(a) x - sqrt(1 - a) v (v prediction)."""
-    x, out = x.float(), model_out.float()
+    x, out = upcast(x), upcast(model_out)
     if kind == "flow":
         return x - per_sample(level, x) * out
     return ddim_x0_eps(x, out, per_sample(level, x), prediction_type)[0]

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from align.errors import ConfigError
-from align.sampling.kernels import StepOut, kernel_spec, x0_hat
+from align.sampling.kernels import StepOut, kernel_spec, upcast, x0_hat
 from pipelines.base import Conditioning, ModelAdapter, Schedule
 
 
@@ -223,14 +223,15 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
             generator: torch.Generator | None = None, initial_noise: Tensor | None = None,
             grad_steps=(), checkpoint_grad_steps: bool = False, height: int | None = None,
             width: int | None = None, num_frames: int | None = None, drift: DriftHook | None = None,
-            select: SelectHook | None = None) -> Rollout:
+            select: SelectHook | None = None, stop_at: int | None = None) -> Rollout:
     """Sample ``group_size`` trajectories for each prompt row of ``cond`` over the configured topology.
 
     ``grad_steps``: steps whose model call keeps gradients (reward backprop); every other step runs
     without a graph, which also detaches the latent chain before them. ``checkpoint_grad_steps``
     recomputes those calls in the backward pass (non-reentrant checkpointing) to save memory.
     ``drift`` / ``select``: the hooks of the module docstring (main rows only; branches are not
-    steered).
+    steered). ``stop_at``: run steps 0 .. stop_at - 1 only; ``samples`` are then the latents before
+    step ``stop_at`` (still noisy: ReFL's one-step prediction starts there).
     """
     config.validate()
     num_prompts = len(cond)
@@ -266,7 +267,7 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
             initial_noise = initial_noise.repeat_interleave(group_size, dim=0)
     if initial_noise.shape != (rows, *shape):
         raise ValueError(f"initial_noise has shape {tuple(initial_noise.shape)}, expected {(rows, *shape)}")
-    x = initial_noise.float().to(adapter.device)
+    x = upcast(initial_noise).to(adapter.device)
     nfe0, rows0 = adapter.nfe, adapter.transformer_rows
 
     branch_x = x.new_zeros((0, *shape))
@@ -276,8 +277,11 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
     transitions: list[Transition] = []
     lineage: list[Tensor] = []
     row_cond, row_prompt = None, None
+    last_x0_hat = None
+    if stop_at is not None and not 0 <= stop_at <= num_steps:
+        raise ValueError(f"stop_at must be in 0..{num_steps}, got {stop_at}")
 
-    for i in range(num_steps):
+    for i in range(num_steps if stop_at is None else stop_at):
         level, level_next = schedule.levels[i], schedule.levels[i + 1]
         n_main = x.shape[0]
         all_x = torch.cat([x, branch_x]) if len(branch_x) else x

@@ -13,6 +13,7 @@ TRAINERS: dict[str, str] = {
     "tempflow_grpo": "align.trainers.tempflow_grpo",
     "diffusion_nft": "align.trainers.diffusion_nft",
     "ddpo": "align.trainers.ddpo",
+    "reward_backprop": "align.trainers.reward_backprop",
 }
 
 

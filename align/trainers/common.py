@@ -351,12 +351,14 @@ class progress:
 
 
 def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_config, iteration: int, *,
-                     score: str = "samples", grad_steps=(), group_size: int | None = None):
+                     score: str = "samples", grad_steps=(), checkpoint_grad_steps: bool = False,
+                     group_size: int | None = None):
     """Encode the prompts, roll out ``group_size`` (default ``config.group_size``) samples of each
     (seeded by iteration and process), decode and score them: ``score`` "samples" (the final main
     rows), "branches" (the rollout's side branches, e.g. TempFlow's children) or "both" (DenseGRPO's
     final samples and ODE completions). ``grad_steps`` keeps gradients through those steps' model
-    calls (reward backprop); otherwise sampling runs without a graph. Returns (cond, rollout
+    calls (reward backprop; ``checkpoint_grad_steps`` recomputes them in backward); otherwise
+    sampling runs without a graph. Returns (cond, rollout
     result, scores of the samples or None, scores of the branches or None)."""
     import torch
 
@@ -369,7 +371,7 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
         rows = config.group_size if group_size is None else group_size
         result = rollout(adapter, cond, rollout_config, group_size=rows,
                          generator=iteration_generator(config.run.seed, iteration, process), grad_steps=grad_steps,
-                         **run.latent_kwargs)
+                         checkpoint_grad_steps=checkpoint_grad_steps, **run.latent_kwargs)
         pixels = adapter.decode(result.samples.to(adapter.dtype)).float() if score in ("samples", "both") else None
         branch_pixels = (adapter.decode(result.branch_samples.to(adapter.dtype)).float()
                          if score in ("branches", "both") else None)

@@ -1,0 +1,73 @@
+"""The ordinary denoising / flow-matching loss on given clean latents: ReFL's regulariser, RAFT and
+Flow-RWR fine-tuning, and the per-sample errors Diffusion-DPO / Flow-DPO compare.
+
+Training levels come from a fine schedule of the model itself (``schedule_steps`` steps: its
+timesteps and noise levels, shift included), so every adapter -- velocity, epsilon or v prediction,
+image or video -- is trained at timesteps it knows. Predictions are conditional only (no CFG).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from align.errors import ConfigError
+from align.losses import noised_and_target
+from align.sampling.kernels import reduce_elements
+from align.sampling.rollout import predict_in_chunks
+from pipelines.base import Schedule
+
+T_DISTRIBUTIONS = ("uniform", "logit_normal")
+
+
+@dataclass
+class DenoisingConfig:
+    #: steps of the model schedule the training levels are drawn from
+    schedule_steps: int = 1000
+    #: "uniform" over those levels, or "logit_normal": the level nearest sigmoid(N(logit_mean,
+    #: logit_std)) (flow models: SD3's training distribution; on DDPM models read as 1 - alpha_bar)
+    t_distribution: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def validate(self, field: str = "denoising") -> None:
+        if self.t_distribution not in T_DISTRIBUTIONS:
+            from align.errors import unknown_name_error
+
+            raise unknown_name_error("t distribution", self.t_distribution, T_DISTRIBUTIONS,
+                                     field=f"{field}.t_distribution")
+        if self.schedule_steps < 1:
+            raise ConfigError(f"{field}.schedule_steps must be >= 1, got {self.schedule_steps}")
+        if self.logit_std <= 0:
+            raise ConfigError(f"{field}.logit_std must be > 0, got {self.logit_std}")
+
+
+def training_schedule(adapter, config: DenoisingConfig, latent_kwargs: dict) -> Schedule:
+    """The adapter's schedule of ``config.schedule_steps`` steps at the run's latent size."""
+    return adapter.schedule(config.schedule_steps, latent_shape=adapter.latent_shape(**latent_kwargs))
+
+
+def draw_levels(schedule: Schedule, count: int, config: DenoisingConfig, generator: torch.Generator) -> Tensor:
+    """Indices into the schedule's steps (count,), by ``config.t_distribution``."""
+    steps = len(schedule)
+    if config.t_distribution == "uniform":
+        return torch.randint(steps, (count,), generator=generator)
+    noise_level = torch.sigmoid(config.logit_mean + config.logit_std * torch.randn(count, generator=generator))
+    levels = schedule.levels[:steps].float().cpu()
+    noise_of_level = levels if schedule.kind == "flow" else 1 - levels
+    return (noise_of_level[None, :] - noise_level[:, None]).abs().argmin(dim=1)
+
+
+def denoising_errors(adapter, x0: Tensor, cond, schedule: Schedule, index: Tensor, noise: Tensor,
+                     max_batch: int | None = None) -> Tensor:
+    """Per-sample mean squared error ||f_theta(x_t, t) - target||^2 / D of the model's prediction
+    at step ``index`` (per row) of ``schedule`` with the given ``noise`` (so pairs can share t and
+    noise), against the denoising target of its prediction type."""
+    levels = schedule.levels[index.cpu()].to(x0.device)
+    x_t, target = noised_and_target(x0.float(), noise.float().to(x0.device), levels, schedule.kind,
+                                    adapter.prediction_type)
+    timesteps = schedule.timesteps[index.cpu()].to(x0.device)
+    out = predict_in_chunks(adapter, x_t, timesteps, cond, max_batch)
+    return reduce_elements((out.float() - target) ** 2, "mean")
