@@ -16,7 +16,8 @@ from align.losses import nft_loss
 from align.runtime import LoraSettings, OptimConfig, RunConfig
 from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
-from align.trainers.diffusion_nft import (DiffusionNFTConfig, SamplingPolicy, adaptive_nft_loss, check_config,
+from align.trainers.snapshot import WeightSnapshot
+from align.trainers.diffusion_nft import (DiffusionNFTConfig, adaptive_nft_loss, check_config,
                                           draw_t, optimality, policy_decay, train)
 from conftest import GaussianAdapter
 from pipelines.toy import TOY_WEIGHTS_DIR
@@ -83,7 +84,7 @@ def test_optimality_maps_clipped_advantages_to_unit_interval():
 def test_ema_update_swap_and_state():
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     q = torch.nn.Parameter(torch.tensor([[3.0]]))
-    policy = SamplingPolicy([p, q])
+    policy = WeightSnapshot([p, q])
     with torch.no_grad():
         p.copy_(torch.tensor([3.0, 6.0]))
         q.copy_(torch.tensor([[-1.0]]))
@@ -99,7 +100,7 @@ def test_ema_update_swap_and_state():
     state = policy.state_dict()  # holds the live tensors: later updates show in it
     policy.update(0.0)  # decay 0: the old policy becomes theta
     torch.testing.assert_close(state["shadow"][0], torch.tensor([3.0, 6.0]))
-    fresh = SamplingPolicy([torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1, 1))])
+    fresh = WeightSnapshot([torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1, 1))])
     fresh.load_state_dict({"shadow": [torch.tensor([7.0, 8.0]), torch.tensor([[9.0]])]})
     torch.testing.assert_close(fresh.shadow[0], torch.tensor([7.0, 8.0]))
     with pytest.raises(ConfigError, match="LoRA settings"):

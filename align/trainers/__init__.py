@@ -14,6 +14,7 @@ TRAINERS: dict[str, str] = {
     "diffusion_nft": "align.trainers.diffusion_nft",
     "ddpo": "align.trainers.ddpo",
     "reward_backprop": "align.trainers.reward_backprop",
+    "dpo": "align.trainers.dpo",
 }
 
 

@@ -23,9 +23,7 @@ copy of the trainable (LoRA) weights, not the LoRA-off model, which only serves 
 
 from __future__ import annotations
 
-import math
 import random
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +34,7 @@ from align.losses import flow_matching_target, nft_loss, weighted_mean
 from align.runtime import prompts_for_iteration
 from align.sampling.kernels import reduce_elements
 from align.sampling.rollout import RolloutConfig, predict_in_chunks
+from align.trainers.snapshot import WeightSnapshot
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
                                    group_batch_advantages, progress, reward_metrics, sample_and_score, start_run)
 
@@ -209,53 +208,6 @@ def adaptive_nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality
     return scale * weighted_mean(optimality * term(v_pos) + (1 - optimality) * term(v_neg), weights)
 
 
-class SamplingPolicy:
-    """The "old" policy: an EMA copy of the trainable parameters. ``swapped()`` puts it into the
-    model (sampling, v_old) and restores the trained weights after; ``update(d)`` is
-    old <- d old + (1 - d) theta. Like a module's, ``state_dict()`` holds the tensors themselves
-    (updated in place), so it can be stored once and saved at any later time."""
-
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        self.params = list(params)
-        self.shadow = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self, decay: float) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.mul_(decay).add_(p.detach().to(s.dtype), alpha=1 - decay)
-
-    @contextmanager
-    def swapped(self):
-        with torch.no_grad():
-            trained = [p.detach().clone() for p in self.params]
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, value in zip(self.params, trained):
-                    p.copy_(value)
-
-    def distance(self) -> float:
-        """Root mean square difference between the old and the trained weights."""
-        total = sum(float(((p.detach().float() - s.float()) ** 2).sum()) for p, s in zip(self.params, self.shadow))
-        count = sum(p.numel() for p in self.params)
-        return math.sqrt(total / max(1, count))
-
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["shadow"]) != len(self.shadow) or any(
-                a.shape != b.shape for a, b in zip(state["shadow"], self.shadow)):
-            raise ConfigError("the checkpoint's sampling policy does not match the trainable weights: "
-                              "was it made with other LoRA settings?")
-        with torch.no_grad():
-            for s, value in zip(self.shadow, state["shadow"]):
-                s.copy_(value.to(s.device, s.dtype))
-
-
 # --- the loop --------------------------------------------------------------------------------------
 
 
@@ -270,7 +222,7 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
     scale = flow_timestep_scale(adapter, config.rollout.num_steps, size)
     # the old policy lives in the checkpointed run state: restored on resume, and stored there by
     # reference (its tensors are updated in place), so every checkpoint saves the current EMA
-    old = SamplingPolicy(adapter.trainable_parameters())
+    old = WeightSnapshot(adapter.trainable_parameters())
     if "sampling_policy" in run.state.extra:
         old.load_state_dict(run.state.extra["sampling_policy"])
     run.state.extra["sampling_policy"] = old.state_dict()

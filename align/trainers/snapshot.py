@@ -1,0 +1,58 @@
+"""A snapshot of the trainable weights that can be swapped into the model (old / reference policies)."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+
+from align.errors import ConfigError
+
+
+class WeightSnapshot:
+    """A copy of the trainable parameters: DiffusionNFT's "old" policy (an EMA of them), the online
+    DPO reference and PRDP's sampling snapshot (refreshed copies). ``swapped()`` puts it into the
+    model and restores the trained weights after; ``update(d)`` is old <- d old + (1 - d) theta
+    (d = 0: a fresh copy). Like a module's, ``state_dict()`` holds the tensors themselves
+    (updated in place), so it can be stored once and saved at any later time."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(decay).add_(p.detach().to(s.dtype), alpha=1 - decay)
+
+    @contextmanager
+    def swapped(self):
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.params, trained):
+                    p.copy_(value)
+
+    def distance(self) -> float:
+        """Root mean square difference between the old and the trained weights."""
+        total = sum(float(((p.detach().float() - s.float()) ** 2).sum()) for p, s in zip(self.params, self.shadow))
+        count = sum(p.numel() for p in self.params)
+        return math.sqrt(total / max(1, count))
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["shadow"]) != len(self.shadow) or any(
+                a.shape != b.shape for a, b in zip(state["shadow"], self.shadow)):
+            raise ConfigError("the checkpoint's weight snapshot does not match the trainable weights: "
+                              "was it made with other LoRA settings?")
+        with torch.no_grad():
+            for s, value in zip(self.shadow, state["shadow"]):
+                s.copy_(value.to(s.device, s.dtype))

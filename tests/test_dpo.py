@@ -1,0 +1,133 @@
+"""Diffusion-DPO / Flow-DPO: the loss's closed forms, the pair file format, one optimisation step
+favouring the winner, and the trainer's first update at ln 2 (LoRA starts as the reference)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from align.config import ConfigError
+from align.losses import diffusion_dpo_loss
+from align.trainers.denoising import DenoisingConfig, denoising_errors, draw_levels
+from align.trainers.dpo import best_and_worst, read_pairs
+from tests.conftest import GaussianAdapter, GaussianDDPMAdapter
+
+
+def test_loss_is_ln2_at_the_reference_and_swapping_flips_the_inside_term():
+    errors = torch.rand(4, 6)
+    loss, inside = diffusion_dpo_loss(*errors[:4], beta=5000.0)
+    swapped_loss, swapped = diffusion_dpo_loss(errors[1], errors[0], errors[3], errors[2], beta=5000.0)
+    torch.testing.assert_close(swapped, -inside)
+    # model = reference: inside 0, loss ln 2 whatever the errors
+    same, zero = diffusion_dpo_loss(errors[0], errors[1], errors[0], errors[1], beta=5000.0)
+    torch.testing.assert_close(same, torch.full((6,), math.log(2)))
+    assert float(zero.abs().max()) == 0
+    # a known value: the winner's error fell by 0.002 against the reference, beta 5000 with the 1/2
+    loss, inside = diffusion_dpo_loss(torch.tensor([0.098]), torch.tensor([0.1]), torch.tensor([0.1]),
+                                      torch.tensor([0.1]), beta=5000.0)
+    assert float(inside) == pytest.approx(5.0, rel=1e-4) and float(loss) == pytest.approx(-math.log(1 / (1 + math.exp(-5.0))), rel=1e-4)
+
+
+@pytest.mark.parametrize("make_adapter", [GaussianAdapter, GaussianDDPMAdapter], ids=["flow", "eps"])
+def test_one_step_lowers_the_winners_error_relative_to_the_losers(make_adapter):
+    torch.manual_seed(0)
+    model = make_adapter(shape=(2, 3, 3))
+    with torch.no_grad():
+        model.denoiser.gain.fill_(0.8)  # not the exact model: the pair's errors differ
+    reference = copy.deepcopy(model)
+    schedule = model.schedule(1000)
+    cond = model.encode(["0.5", "0.5"], guidance_scale=1.0)
+    winner, loser = torch.full((1, 2, 3, 3), 0.5), torch.full((1, 2, 3, 3), 0.9)
+    x0 = torch.cat([winner, loser])
+    generator = torch.Generator().manual_seed(1)
+    index = draw_levels(schedule, 1, DenoisingConfig(), generator).repeat(2)
+    noise = torch.randn(1, 2, 3, 3, generator=generator).repeat(2, 1, 1, 1)
+
+    def margin(adapter):
+        errors = denoising_errors(adapter, x0, cond, schedule, index, noise)
+        return errors[0] - errors[1]
+
+    before = float(margin(model))
+    optimizer = torch.optim.SGD(model.denoiser.parameters(), lr=1e-3)
+    errors = denoising_errors(model, x0, cond, schedule, index, noise)
+    with torch.no_grad():
+        ref = denoising_errors(reference, x0, cond, schedule, index, noise)
+    loss, inside = diffusion_dpo_loss(errors[:1], errors[1:], ref[:1], ref[1:], beta=100.0)
+    assert float(loss) == pytest.approx(math.log(2)) and float(inside) == 0
+    loss.mean().backward()
+    optimizer.step()
+    assert float(margin(model)) < before
+
+
+def write_pair_file(tmp_path, lines):
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" if isinstance(line, dict) else line + "\n" for line in lines))
+    return str(path)
+
+
+def test_the_pair_file_format(tmp_path):
+    path = write_pair_file(tmp_path, [
+        {"prompt": "p1", "chosen": "a.png", "rejected": "b.png"},
+        {"prompt": "p2", "chosen": "a.png", "rejected": "b.png", "label": 0},
+        {"prompt": "tie", "chosen": "a.png", "rejected": "b.png", "label": 0.5},
+        "",
+    ])
+    pairs = read_pairs(path)
+    assert [(p.prompt, p.chosen.name, p.rejected.name) for p in pairs] == [("p1", "a.png", "b.png"),
+                                                                            ("p2", "b.png", "a.png")]
+    assert pairs[0].chosen == tmp_path / "a.png"  # relative to the file's folder
+
+
+@pytest.mark.parametrize("line, expected", [
+    ({"prompt": "p", "chosen": "a.png", "rejected": "missing.png"}, "line 2: image not found: "),
+    ({"prompt": "p", "chosen": "a.png"}, "line 2: expected a JSON object with prompt, chosen, rejected"),
+    ("{not json", "line 2: expected a JSON object"),
+    ({"prompt": "p", "chosen": "a.png", "rejected": "b.png", "label": 2}, "line 2: label must be 1"),
+])
+def test_a_bad_pair_line_names_the_file_and_line(line, expected, tmp_path):
+    path = write_pair_file(tmp_path, [{"prompt": "ok", "chosen": "a.png", "rejected": "b.png"}, line])
+    with pytest.raises(ConfigError, match=expected) as err:
+        read_pairs(path)
+    assert str(err.value).startswith(path) and "\n" not in str(err.value)
+
+
+def test_online_pairs_are_the_best_and_worst_of_each_group():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.3, 0.3, 0.2, 0.8])
+    valid = torch.tensor([True, False, True, True, True, True, True, True])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    # group 0: row 1 is unscored, so 2 beats 0; group 1 is all equal: no pair
+    assert best_and_worst(scores, valid, groups) == ([2, 7], [0, 6])
+
+
+def test_the_first_update_starts_at_ln2_and_logs_the_implicit_accuracy(tmp_path):
+    from pipelines.toy import TOY_WEIGHTS_DIR
+
+    if not (TOY_WEIGHTS_DIR / "config.json").exists():
+        pytest.skip("toy model weights not built")
+    from align.config import load_config
+    from align.trainers import dpo
+
+    config = load_config(dpo.CONFIG, None, [
+        "model.name=toy", "iterations=2", "prompts_per_iteration=2", "group_size=4", "rollout.num_steps=3",
+        "eval.per_prompt=1", "eval_prompts=['a red digit 3']", "beta=30", f"run.output_dir={tmp_path}",
+        "run.log_with=none", "run.progress=false", "run.checkpoint_every=0"])
+    dpo.train(config)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "train/loss" in r)
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0: model = reference
+    assert first["train/implicit_accuracy"] == 0.0 and first["train/pairs"] == 2.0
+    assert "train/reward_margin" in first
+
+
+def test_a_missing_pair_file_is_one_line(tmp_path):
+    from align.cli import main
+
+    assert main(["train", "dpo", "pairs=missing.jsonl", f"run.output_dir={tmp_path}"]) == 2
