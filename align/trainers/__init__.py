@@ -15,6 +15,9 @@ TRAINERS: dict[str, str] = {
     "ddpo": "align.trainers.ddpo",
     "reward_backprop": "align.trainers.reward_backprop",
     "dpo": "align.trainers.dpo",
+    "d3po": "align.trainers.d3po",
+    "prdp": "align.trainers.prdp",
+    "raft": "align.trainers.raft",
 }
 
 

@@ -1,0 +1,118 @@
+"""D3PO: direct preference optimisation on the denoising steps, without a reward model's gradient.
+
+One iteration reads top to bottom:
+prompts -> pairs: two stochastic rollouts per prompt from the SAME start noise (log-probs recorded)
+-> decode -> the preference of each pair (the trained reward as the proxy: the higher total wins;
+ties and unscored pairs are dropped) -> for each trained step j: re-score both transitions with the
+current weights, log rho = log pi_theta - log pi_ref of the step (pi_ref: the policy that sampled,
+as recorded), clamped to [log(1 - clip), log(1 + clip)], loss = -log sigmoid(beta [log rho_w -
+log rho_l]) -> optimizer step (``inner_epochs`` passes).
+
+Features and their fields: the step kernel (``rollout.kernel``: flow_grpo / dance_grpo / cps on
+flow models, ddim on UNet models), ``beta`` and ``clip`` (D3PO: 0.1 each), steps trained
+(``train_last_step``, ``timestep_fraction``). Images and videos.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from align.config import ConfigError, check_choice
+from align.losses import CFG_GRADS, d3po_loss
+from align.runtime import prompts_for_iteration
+from align.sampling.rollout import RolloutConfig, rescore
+from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
+                                   require_stochastic_kernel, reward_metrics, sample_and_score, start_run)
+
+
+@dataclass
+class D3POConfig(TrainerConfig):
+    trainer: str = "d3po"
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
+    beta: float = 0.1
+    #: the per-step ratio is clamped to [1 - clip, 1 + clip]
+    clip: float = 0.1
+    inner_epochs: int = 1
+    train_last_step: bool = False
+    #: train a random fraction of the steps each iteration
+    timestep_fraction: float = 1.0
+    cfg_grad: str = "cond_only"
+    #: pairs whose rewards differ by less than this are dropped (a proxy reward's near-ties are noise)
+    min_reward_gap: float = 0.0
+    #: pairs: two samples per prompt (fixed)
+    group_size: int = 2
+
+
+def check_config(config: D3POConfig, adapter=None) -> None:
+    check_common(config, adapter)
+    require_stochastic_kernel(config.rollout)
+    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
+    if config.group_size != 2:
+        raise ConfigError(f"group_size must be 2 for d3po (a pair per prompt), got {config.group_size}")
+    if config.min_reward_gap < 0:
+        raise ConfigError(f"min_reward_gap must be >= 0, got {config.min_reward_gap}")
+    if not 0 < config.clip < 1:
+        raise ConfigError(f"clip must be in (0, 1), got {config.clip}")
+    if not 0 < config.timestep_fraction <= 1:
+        raise ConfigError(f"timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
+
+
+def pair_preferences(scores: torch.Tensor, valid: torch.Tensor, min_gap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (2p, 2p + 1) are pair p: (winner rows, loser rows) of the pairs with two scored rewards
+    that differ (by more than ``min_gap``)."""
+    first, second = scores[0::2], scores[1::2]
+    keep = valid[0::2].bool() & valid[1::2].bool() & ((first - second).abs() > min_gap) & (first != second)
+    index = torch.arange(len(first)) * 2
+    winner = torch.where(first >= second, index, index + 1)
+    loser = torch.where(first >= second, index + 1, index)
+    return winner[keep], loser[keep]
+
+
+def train(config: D3POConfig, adapter=None) -> dict[str, float]:
+    run, reward, heldout, prompts = start_run(config, adapter)  # validates first (check_config)
+    adapter, accelerator = run.adapter, run.accelerator
+    rollout_config = replace(config.rollout, same_noise_per_group=True)  # a pair shares its start noise
+    bar = progress(run, config, "d3po")
+    for iteration in bar:
+        rng = random.Random(f"{config.run.seed}-{iteration}")
+        batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
+                                              accelerator.process_index, accelerator.num_processes)
+        # 1. pairs from one start noise, scored; the reward decides each pair
+        cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration)
+        winner, loser = pair_preferences(scores.total.float().cpu(), scores.valid_mask().cpu(), config.min_reward_gap)
+        transitions = {t.step: t for t in result.main_transitions()
+                       if config.train_last_step or t.step != rollout_config.num_steps - 1}
+        steps = sorted(transitions)
+        if config.timestep_fraction < 1 and steps:
+            steps = sorted(rng.sample(steps, max(1, round(config.timestep_fraction * len(steps)))))
+
+        # 2. the per-step preference loss against the sampling policy, clamped ratios
+        stats = TrainLog("preference_accuracy")
+        with run.phase("training"):
+            for _ in range(config.inner_epochs if len(winner) else 0):
+                with run.accumulate():
+                    for step in steps:
+                        rows = torch.cat([winner, loser])
+                        part = transitions[step].subset(rows)
+                        with accelerator.autocast():
+                            new = rescore(adapter, part, cond, result.schedule, rollout_config, cfg_grad=config.cfg_grad)
+                        log_ratio = new.log_prob - part.log_prob.to(new.log_prob.device)
+                        n = len(winner)
+                        loss = d3po_loss(log_ratio[:n], log_ratio[n:], config.beta, config.clip).mean()
+                        accelerator.backward(loss / len(steps))
+                        stats.add(loss, preference_accuracy=(log_ratio[:n] > log_ratio[n:]).float().mean())
+                    stats.step(run)
+
+        # 3. bookkeeping
+        metrics = reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()},
+                                 run.gather(scores.valid_mask()))
+        metrics.update(stats.metrics())
+        metrics["train/pairs"] = float(len(winner))
+        end_iteration(run, config, reward, heldout, metrics, result.nfe)
+    return finish_run(config, run, reward, heldout)
+
+
+CONFIG = D3POConfig

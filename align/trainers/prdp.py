@@ -1,0 +1,130 @@
+"""PRDP: proximal reward-difference prediction, a regression of reward differences on log-ratio
+differences over pairs of trajectories of one prompt.
+
+One iteration reads top to bottom:
+prompts -> ``group_size`` stochastic rollouts per prompt from the sampling snapshot (log-probs
+recorded) -> decode -> reward r -> pairs (rows 2k, 2k + 1 of each prompt) -> per trained step j:
+l_j = log pi_theta - log pi_ref (pi_ref: the base model, LoRA off), with pi_theta's per-step
+log-ratio to the sampling snapshot clipped to [-clip_range, clip_range] (the proximal update) ->
+rhat = sum_j l_j -> loss = (rhat_a - rhat_b - (r_a - r_b) / beta)^2 -> optimizer step; the
+snapshot catches up with the trained weights every ``snapshot_every`` updates.
+
+The loss's gradient 2 (residual) d(rhat_a - rhat_b) is taken step by step: a first pass without
+gradients gives each pair's residual, a second pass back-propagates residual x l_j one step at a
+time, so memory stays that of one step. The optimum is the KL-regularised pi* ~ pi_ref exp(r / beta).
+
+Features and their fields: the step kernel (``rollout.kernel``), ``beta``, ``clip_range``,
+``snapshot_every``, ``train_last_step``, ``inner_epochs``. Images and videos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from align.config import ConfigError, check_choice
+from align.losses import CFG_GRADS, prdp_loss
+from align.runtime import prompts_for_iteration
+from align.sampling.rollout import RolloutConfig, rescore
+from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
+                                   require_stochastic_kernel, reward_metrics, sample_and_score, start_run)
+from align.trainers.snapshot import WeightSnapshot
+
+
+@dataclass
+class PRDPConfig(TrainerConfig):
+    trainer: str = "prdp"
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
+    #: the KL strength: reward differences are matched as (r_a - r_b) / beta
+    beta: float = 1.0
+    #: proximal clip of each step's log-ratio to the sampling snapshot
+    clip_range: float = 0.01
+    #: optimizer updates between refreshes of the sampling snapshot
+    snapshot_every: int = 1
+    inner_epochs: int = 1
+    train_last_step: bool = False
+    cfg_grad: str = "cond_only"
+    #: trajectories per prompt (even: consecutive rows form pairs)
+    group_size: int = 2
+
+
+def check_config(config: PRDPConfig, adapter=None) -> None:
+    check_common(config, adapter)
+    require_stochastic_kernel(config.rollout)
+    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
+    if config.group_size < 2 or config.group_size % 2:
+        raise ConfigError(f"group_size must be even and >= 2 (pairs of one prompt), got {config.group_size}")
+    if config.snapshot_every < 1:
+        raise ConfigError(f"snapshot_every must be >= 1, got {config.snapshot_every}")
+
+
+def step_log_ratios(run, config, part, cond, schedule, rollout_config, grad: bool):
+    """l_j per row of one step: log pi_theta - log pi_ref, pi_theta's log-ratio to the sampling
+    snapshot (the recorded log-prob) clipped to +-clip_range."""
+    adapter, accelerator = run.adapter, run.accelerator
+    with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
+        ref = rescore(adapter, part, cond, schedule, rollout_config).log_prob
+    with torch.set_grad_enabled(grad), accelerator.autocast():
+        new = rescore(adapter, part, cond, schedule, rollout_config, cfg_grad=config.cfg_grad).log_prob
+    old = part.log_prob.to(new.device)
+    proximal = old + (new - old).clamp(-config.clip_range, config.clip_range)
+    return proximal - ref.to(new.device)
+
+
+def train(config: PRDPConfig, adapter=None) -> dict[str, float]:
+    run, reward, heldout, prompts = start_run(config, adapter)  # validates first (check_config)
+    adapter, accelerator = run.adapter, run.accelerator
+    snapshot = WeightSnapshot(adapter.trainable_parameters())  # the sampling snapshot, checkpointed
+    if "sampling_snapshot" in run.state.extra:
+        snapshot.load_state_dict(run.state.extra["sampling_snapshot"])
+    run.state.extra["sampling_snapshot"] = snapshot.state_dict()
+    bar = progress(run, config, "prdp")
+    for iteration in bar:
+        batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
+                                              accelerator.process_index, accelerator.num_processes)
+        # 1. trajectories from the sampling snapshot, scored; pairs of one prompt
+        with snapshot.swapped():
+            cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, config.rollout, iteration)
+        r, valid = scores.total.float().cpu(), scores.valid_mask().cpu()
+        a, b = torch.arange(0, len(r), 2), torch.arange(1, len(r), 2)
+        keep = valid[a] & valid[b]
+        a, b = a[keep], b[keep]
+        target = (r[a] - r[b]) / config.beta
+        transitions = [t for t in result.main_transitions()
+                       if config.train_last_step or t.step != config.rollout.num_steps - 1]
+
+        # 2. residuals without gradients, then residual x l_j back-propagated step by step
+        stats = TrainLog("residual_abs")
+        rows = torch.cat([a, b])
+        n = len(a)
+        with run.phase("training"):
+            for _ in range(config.inner_epochs if n else 0):
+                with torch.no_grad():
+                    rhat = sum(step_log_ratios(run, config, t.subset(rows), cond, result.schedule, config.rollout,
+                                               grad=False) for t in transitions).cpu()
+                residual = rhat[:n] - rhat[n:] - target
+                loss = prdp_loss(rhat[:n], rhat[n:], r[a], r[b], config.beta).mean()
+                with run.accumulate():
+                    coefficient = (2 * residual / n).to(accelerator.device)
+                    for t in transitions:
+                        l_j = step_log_ratios(run, config, t.subset(rows), cond, result.schedule, config.rollout,
+                                              grad=True)
+                        term = (coefficient * (l_j[:n] - l_j[n:])).sum()
+                        if term.requires_grad:
+                            accelerator.backward(term)
+                    stats.add(loss, residual_abs=residual.abs().mean())
+                    stats.step(run)
+                if stats["grad_norm"] and run.state.extra.get("updates", 0) % config.snapshot_every == 0:
+                    snapshot.update(0.0)
+
+        # 3. bookkeeping
+        metrics = reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()},
+                                 run.gather(scores.valid_mask()))
+        metrics.update(stats.metrics())
+        metrics["train/pairs"] = float(n)
+        end_iteration(run, config, reward, heldout, metrics, result.nfe)
+    return finish_run(config, run, reward, heldout)
+
+
+CONFIG = PRDPConfig
