@@ -24,8 +24,9 @@ T_DISTRIBUTIONS = ("uniform", "logit_normal")
 
 @dataclass
 class DenoisingConfig:
-    #: steps of the model schedule the training levels are drawn from
-    schedule_steps: int = 1000
+    #: steps of the model schedule the training levels are drawn from (500: every other of a
+    #: DDPM model's 1000 timesteps, whatever its spacing and offset)
+    schedule_steps: int = 500
     #: "uniform" over those levels, or "logit_normal": the level nearest sigmoid(N(logit_mean,
     #: logit_std)) (flow models: SD3's training distribution; on DDPM models read as 1 - alpha_bar)
     t_distribution: str = "uniform"
