@@ -10,7 +10,9 @@ from align.trainers import trainer_module
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAINER_OF = {"quickstart": "flow_grpo", "sd35_pickscore": "flow_grpo", "sd35_ocr_fast": "flow_grpo",
-              "wan_video_frames": "flow_grpo"}
+              "wan_video_frames": "flow_grpo", "sd15_aesthetic_alignprop": "reward_backprop",
+              "sd35_pickscore_draft_lv": "reward_backprop", "sd15_dpo_pickapic": "dpo", "sd35_flow_dpo_online": "dpo",
+              "wan_video_backprop": "reward_backprop"}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
@@ -19,9 +21,23 @@ def test_recipe_config_loads(path, tmp_path):
     module = trainer_module(TRAINER_OF[path.stem])
     raw = OmegaConf.load(path)
     overrides = [f"prompt_file={tmp_path / 'p.txt'}"] if OmegaConf.is_missing(raw, "prompt_file") else []
+    if "pairs" in raw.keys() and OmegaConf.is_missing(raw, "pairs"):
+        overrides.append(f"pairs={write_pairs(tmp_path)}")
     config = load_config(module.CONFIG, path, overrides)
     config.rollout.validate()
     module.check_config(config)
+
+
+def write_pairs(folder: Path) -> Path:
+    """A preference-pair file of two small images (docs/preference_pairs.md)."""
+    from PIL import Image
+
+    for name, colour in (("a.png", (200, 40, 40)), ("b.png", (40, 40, 200))):
+        Image.new("RGB", (32, 32), colour).save(folder / name)
+    path = folder / "pairs.jsonl"
+    path.write_text('{"prompt": "a red car", "chosen": "a.png", "rejected": "b.png"}\n'
+                    '{"prompt": "a blue car", "chosen": "b.png", "rejected": "a.png"}\n')
+    return path
 
 
 def test_missing_prompt_file_is_named():

@@ -19,9 +19,9 @@ from rewards import build_reward
 from rewards.tiny import save_random_aesthetic_head, tiny_hf_clip, tiny_open_clip_checkpoint, tiny_open_clip_config
 
 try:
-    from tests.tiny_models import build_flux, build_sd3, build_wan
+    from tests.tiny_models import build_flux, build_sd, build_sd3, build_wan
 except ImportError:  # tests/ on sys.path
-    from tiny_models import build_flux, build_sd3, build_wan
+    from tiny_models import build_flux, build_sd, build_sd3, build_wan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -29,7 +29,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(str(p.relative_to(CONFIGS).with_suffix("")) for p in [*CONFIGS.glob("*.yaml"),
                                                                         *CONFIGS.glob("reference/*.yaml")]
                  if OmegaConf.load(p).get("model", {}).get("name") != "toy")
-BUILDERS = {"sd3": build_sd3, "wan": build_wan, "flux": build_flux}
+BUILDERS = {"sd3": build_sd3, "wan": build_wan, "flux": build_flux, "sd": build_sd}
 #: rewards that embed images with a CLIP backbone taken from the hub (clip_model / clip_pretrained)
 OPEN_CLIP_REWARDS = {"aesthetic", "video_frames", "clip_score"}
 #: option -> what it names: a file or model the user provides (the recipe must name these keys)
@@ -101,6 +101,10 @@ def test_recipe_runs_an_iteration(recipe, tmp_path, tmp_path_factory):
     trained = [with_stand_ins(s, root) for f, s in recipe_rewards(recipe) if f == "rewards"]
     heldout = [with_stand_ins(s, root) for f, s in recipe_rewards(recipe) if f == "heldout_rewards"]
     frames = ["model.num_frames=5"] if raw.model.name == "wan" else []
+    if "pairs" in raw.keys():  # offline preference pairs: two images the tiny model's VAE encodes
+        from tests.test_configs import write_pairs
+
+        frames.append(f"pairs={write_pairs(tmp_path)}")
     config = load_config(module.CONFIG, CONFIGS / f"{recipe}.yaml", [
         f"model.path={model_dir}", "model.height=32", "model.width=32", "model.dtype=float32", "model.device=cpu",
         f"prompt_file={prompts}", "iterations=1", "eval.per_prompt=1",
@@ -110,7 +114,7 @@ def test_recipe_runs_an_iteration(recipe, tmp_path, tmp_path_factory):
         *frames])
     summary = module.train(config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    first = next(m for m in rows if "reward/unscored" in m or "advantage/kept_fraction" in m)
+    first = next(m for m in rows if "reward/unscored" in m or "advantage/kept_fraction" in m or "train/loss" in m)
     for field, spec in recipe_rewards(recipe):
         if field == "heldout_rewards":
             assert f"eval/heldout/{spec['name']}" in summary
@@ -120,4 +124,8 @@ def test_recipe_runs_an_iteration(recipe, tmp_path, tmp_path_factory):
         # re-scores exactly (bf16 included)
         assert first["train/on_policy_approx_kl"] == 0.0 and first["train/on_policy_clip_fraction"] == 0.0, first
         assert first["train/grad_norm"] > 0.0
+    if raw.get("trainer") in ("reward_backprop", "dpo"):  # the gradient and preference recipes
+        accumulated = raw.get("run", {}).get("gradient_accumulation_steps", 1) > 1  # no update in one iteration
+        assert accumulated or first["train/grad_norm"] > 0.0, first
+        assert first["train/loss"] == first["train/loss"]  # a finite loss, not NaN
     assert any((tmp_path / "run" / "lora").iterdir())
