@@ -39,7 +39,7 @@ def _sample(keys: Iterable[str], n: int = 3) -> str:
 
 
 def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
-    """Tensors of a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` file (also a TorchScript archive);
+    """Tensors of a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` file (``weights_only`` loading);
     a ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper and a ``module.`` prefix are removed."""
     path = Path(path)
     if not path.is_file():
@@ -50,13 +50,9 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
 
             state = load_file(str(path))
         else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as err:  # a TorchScript archive (OpenAI CLIP) is not a pickle of tensors
-                try:
-                    state = torch.jit.load(str(path), map_location="cpu").state_dict()
-                except Exception:
-                    raise err from None
+            # tensors only: never a pickle of arbitrary objects, never a TorchScript archive (both
+            # can run code); convert those to safetensors first
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as err:

@@ -189,3 +189,39 @@ def tiny_qwen2_vl(directory: str | Path, *, hidden: int = 32, seed: int = 0) -> 
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+#: a tiny ImageReward: the released architecture at test width
+TINY_IMAGE_REWARD = {
+    "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                   patch_size=8, layer_norm_eps=1e-6),
+    "text": dict(vocab_size=64, hidden_size=32, encoder_hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=40, layer_norm_eps=1e-12),
+}
+
+
+def tiny_bert_tokenizer(directory: str | Path) -> Path:
+    """A real transformers BERT (WordPiece) tokenizer over a small vocabulary, saved to ``directory``."""
+    from transformers import BertTokenizer
+
+    words = ["a", "an", "the", "photo", "of", "cat", "dog", "red", "blue", "car", "digit", "on", "sofa", "sign",
+             "that", "says", "hello", "painting", "fox", "snow", "astronaut", "horse", "moon", "##s"]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(str(directory))
+    return directory
+
+
+def save_random_image_reward(path: str | Path, seed: int = 0, config: dict | None = None) -> Path:
+    """A random :class:`rewards.image_reward.ImageRewardModel` saved in the public checkpoint's
+    layout (``blip.visual_encoder.*`` timm-style keys, ``blip.text_encoder.*``, ``mlp.layers.*``)."""
+    from rewards.image_reward import ImageRewardModel, to_checkpoint_key
+
+    torch.manual_seed(seed)
+    model = ImageRewardModel(config or TINY_IMAGE_REWARD)
+    state = {to_checkpoint_key(k): v.contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    torch.save(state, path)
+    return path
