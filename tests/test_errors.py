@@ -40,6 +40,9 @@ CASES = [
     ("empty eval prompts", ["train", "flow_grpo", "eval_prompts=[]"], "eval_prompts is empty"),
     ("sample: zero samples", ["sample", "--num", "0"], "num_per_prompt must be >= 1"),
     ("sample: negative steps", ["sample", "--steps", "-3"], "rollout.num_steps must be >= 1"),
+    ("reward backprop on a black-box reward", ["train", "reward_backprop", "rewards=[jpeg_compressibility]"],
+     "rewards[0]: reward 'jpeg_compressibility' is not differentiable"),
+    ("dpo: missing pair file", ["train", "dpo", "pairs=missing.jsonl"], "pairs: file not found: missing.jsonl"),
     ("fp8 without its stack", ["train", "flow_grpo", "run.mixed_precision=fp8", "model.device=cpu"],
      "run.mixed_precision: fp8 runs on CUDA devices only"),
 ]

@@ -39,6 +39,7 @@ TRAINERS = {
     "dpo": ["trainer=dpo", "group_size=3", "rollout.kernel=ode"],
     "d3po": ["trainer=d3po", "STOCHASTIC"],
     "prdp": ["trainer=prdp", "STOCHASTIC"],
+    "b2_diffurl": ["trainer=b2_diffurl", "STOCHASTIC", "branch_factor=2", "keep_threshold=0"],
     "raft": ["trainer=raft", "group_size=2", "rollout.kernel=ode"],
     "flow_rwr": ["trainer=raft", "weighting=rwr", "group_size=2", "rollout.kernel=ode"],
 }

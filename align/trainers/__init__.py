@@ -18,6 +18,7 @@ TRAINERS: dict[str, str] = {
     "d3po": "align.trainers.d3po",
     "prdp": "align.trainers.prdp",
     "raft": "align.trainers.raft",
+    "b2_diffurl": "align.trainers.b2_diffurl",
 }
 
 
