@@ -49,6 +49,33 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    """``align label``: pairs for a person to judge (align/label.py), before D3PO trains on them."""
+    from align.label import write_label_set
+    from align.run_folder import check_writable_folder
+    from align.sample import check_device, load_model
+    from align.trainers import trainer_module
+    from align.trainers.common import require_stochastic_kernel
+    from pipelines.registry import check_adapter_name
+
+    module = trainer_module("d3po")
+    overrides = list(args.overrides) + (["model.lora=" + args.lora] if args.lora else [])
+    config = load_config(module.CONFIG, args.config, [o for o in overrides if not o.startswith("trainer=")])
+    if args.pairs < 1:
+        raise ConfigError(f"--pairs must be >= 1, got {args.pairs}")
+    check_adapter_name(config.model.name)
+    config.rollout.validate()
+    require_stochastic_kernel(config.rollout)
+    check_device(config.model.device)
+    out = Path(args.out)
+    check_writable_folder(out, "--out")
+    adapter = load_model(config.model)
+    write_label_set(adapter, config, out, args.pairs)
+    print(f"wrote {args.pairs} pairs to {out}: open {out / 'index.html'}, choose, save pairs.jsonl there, then "
+          f"align train d3po --config ... labels={out / 'pairs.jsonl'}")
+    return 0
+
+
 def resolve_trainer(method: str | None, config_path: str | None, overrides) -> str:
     """The trainer to run: the command's argument, or the ``trainer`` key of the config file (a
     method preset names its trainer); when both are given they must agree."""
@@ -185,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("preset", help="configs/accelerate/<preset>.yaml: " + ", ".join(accelerate_presets()))
     launch.add_argument("command", nargs=argparse.REMAINDER, help="the align command, e.g. train flow_grpo ...")
     launch.set_defaults(func=cmd_launch)
+
+    label = sub.add_parser("label", help="sample preference pairs for a person to judge (then align train d3po "
+                                         "labels=OUT/pairs.jsonl)")
+    label.add_argument("--config", help="a d3po config (model, rollout, prompts, seed)")
+    label.add_argument("--out", required=True, help="the label folder to write")
+    label.add_argument("--pairs", type=int, default=16, help="pairs to judge")
+    label.add_argument("--lora", help="a LoRA folder to sample with")
+    label.add_argument("overrides", nargs="*", help="key=value config overrides")
+    label.set_defaults(func=cmd_label)
 
     env = sub.add_parser("env", help="versions, devices and attention backends")
     env.set_defaults(func=cmd_env)

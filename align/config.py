@@ -93,12 +93,15 @@ POSITIVE_FIELDS = frozenset({
     "trees_per_update", "max_batch", "steps_per_iteration", "window_slide_every", "window_size", "checkpoint_limit",
     "ema_every", "stats_buffer", "stats_min_count", "gradient_accumulation_steps", "rank", "alpha", "max_nfe",
     "split_noise_scale", "num_per_prompt", "fps", "prune_window_slide_every", "max_sequence_length", "height",
-    "width", "num_frames", "eps",
+    "width", "num_frames", "eps", "labelled_pairs_per_iteration", "pairs_per_iteration", "t_per_pair", "lv_renoise",
+    "truncation_steps", "regularizer_samples", "updates_per_iteration", "keep_per_prompt", "temperature", "cut_std",
+    "schedule_steps", "ref_refresh_every", "snapshot_every", "logit_std", "refl_last_fraction",
 })
 #: numeric fields by name that must be >= 0
 NON_NEGATIVE_FIELDS = frozenset({
     "kl_beta", "weight_decay", "checkpoint_every", "sample_every", "guidance_scale", "policy_ema_warmup",
     "max_grad_norm", "policy_ema_rate", "adv_eps", "t_min", "timestep_fraction", "width_keep_fraction",
+    "regularizer_weight", "keep_threshold", "min_reward_gap", "split_end", "cut_step",
 })
 
 

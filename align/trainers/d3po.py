@@ -8,6 +8,11 @@ current weights, log rho = log pi_theta - log pi_ref of the step (pi_ref: the po
 as recorded), clamped to [log(1 - clip), log(1 + clip)], loss = -log sigmoid(beta [log rho_w -
 log rho_l]) -> optimizer step (``inner_epochs`` passes).
 
+Human preferences instead of the reward (``labels``): ``align label`` samples the pairs, a person
+judges them (its index.html), and training reads the filled pairs.jsonl and the stored
+trajectories (align/label.py), ``labelled_pairs_per_iteration`` judged pairs per update; the ratios
+are then against the model that sampled the pairs.
+
 Features and their fields: the step kernel (``rollout.kernel``: flow_grpo / dance_grpo / cps on
 flow models, ddim on UNet models), ``beta`` and ``clip`` (D3PO: 0.1 each), steps trained
 (``train_last_step``, ``timestep_fraction``). Images and videos.
@@ -44,6 +49,9 @@ class D3POConfig(TrainerConfig):
     min_reward_gap: float = 0.0
     #: pairs: two samples per prompt (fixed)
     group_size: int = 2
+    #: human labels: a pairs.jsonl written by ``align label`` and filled (null: the reward decides)
+    labels: str | None = None
+    labelled_pairs_per_iteration: int = 8
 
 
 def check_config(config: D3POConfig, adapter=None) -> None:
@@ -58,6 +66,17 @@ def check_config(config: D3POConfig, adapter=None) -> None:
         raise ConfigError(f"clip must be in (0, 1), got {config.clip}")
     if not 0 < config.timestep_fraction <= 1:
         raise ConfigError(f"timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
+    if config.labels is not None:
+        from align.label import read_labels
+
+        info = read_labels(config.labels).info
+        for key, value in (("model.name", config.model.name), ("rollout.num_steps", config.rollout.num_steps),
+                           ("model.height", config.model.height), ("model.width", config.model.width),
+                           ("model.num_frames", config.model.num_frames)):
+            saved = info["model" if key == "model.name" else key.split(".")[1]]
+            if saved != value:
+                raise ConfigError(f"labels: the pairs of {config.labels} were sampled with {key}={saved!r}, "
+                                  f"this config has {value!r}")
 
 
 def pair_preferences(scores: torch.Tensor, valid: torch.Tensor, min_gap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,47 +90,77 @@ def pair_preferences(scores: torch.Tensor, valid: torch.Tensor, min_gap: float =
     return winner[keep], loser[keep]
 
 
+def preference_update(run, config: D3POConfig, transitions: dict, steps: list[int], winner, loser, cond, schedule,
+                      rollout_config, stats: TrainLog) -> None:
+    """``inner_epochs`` optimizer updates of the per-step D3PO loss of the pairs (winner, loser)."""
+    accelerator, n = run.accelerator, len(winner)
+    rows = torch.cat([winner, loser])
+    for _ in range(config.inner_epochs if n else 0):
+        with run.accumulate():
+            for step in steps:
+                part = transitions[step].subset(rows.to(transitions[step].rows.device))
+                with accelerator.autocast():
+                    new = rescore(run.adapter, part, cond, schedule, rollout_config, cfg_grad=config.cfg_grad)
+                log_ratio = new.log_prob - part.log_prob.to(new.log_prob.device)
+                loss = d3po_loss(log_ratio[:n], log_ratio[n:], config.beta, config.clip).mean()
+                accelerator.backward(loss / len(steps))
+                stats.add(loss, preference_accuracy=(log_ratio[:n] > log_ratio[n:]).float().mean())
+            stats.step(run)
+
+
+def trained_steps(config: D3POConfig, recorded: list[int], rng: random.Random) -> list[int]:
+    steps = sorted(s for s in recorded if config.train_last_step or s != config.rollout.num_steps - 1)
+    if config.timestep_fraction < 1 and steps:
+        steps = sorted(rng.sample(steps, max(1, round(config.timestep_fraction * len(steps)))))
+    return steps
+
+
 def train(config: D3POConfig, adapter=None) -> dict[str, float]:
     run, reward, heldout, prompts = start_run(config, adapter)  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
     rollout_config = replace(config.rollout, same_noise_per_group=True)  # a pair shares its start noise
+    human = None
+    if config.labels is not None:  # judged pairs and their stored trajectories
+        from align.label import labelled_transitions, read_labels
+
+        human = read_labels(config.labels)
+        stored = {t.step: t for t in labelled_transitions(human, accelerator.device)}
+        with torch.no_grad():
+            human_cond = adapter.encode(human.prompts, human.info["negative_prompt"], human.info["guidance_scale"])
+        schedule = adapter.schedule(config.rollout.num_steps,
+                                    latent_shape=adapter.latent_shape(**run.latent_kwargs))
     bar = progress(run, config, "d3po")
     for iteration in bar:
         rng = random.Random(f"{config.run.seed}-{iteration}")
-        batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
-                                              accelerator.process_index, accelerator.num_processes)
-        # 1. pairs from one start noise, scored; the reward decides each pair
-        cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration)
-        winner, loser = pair_preferences(scores.total.float().cpu(), scores.valid_mask().cpu(), config.min_reward_gap)
-        transitions = {t.step: t for t in result.main_transitions()
-                       if config.train_last_step or t.step != rollout_config.num_steps - 1}
-        steps = sorted(transitions)
-        if config.timestep_fraction < 1 and steps:
-            steps = sorted(rng.sample(steps, max(1, round(config.timestep_fraction * len(steps)))))
-
-        # 2. the per-step preference loss against the sampling policy, clamped ratios
-        stats = TrainLog("preference_accuracy")
-        with run.phase("training"):
-            for _ in range(config.inner_epochs if len(winner) else 0):
-                with run.accumulate():
-                    for step in steps:
-                        rows = torch.cat([winner, loser])
-                        part = transitions[step].subset(rows)
-                        with accelerator.autocast():
-                            new = rescore(adapter, part, cond, result.schedule, rollout_config, cfg_grad=config.cfg_grad)
-                        log_ratio = new.log_prob - part.log_prob.to(new.log_prob.device)
-                        n = len(winner)
-                        loss = d3po_loss(log_ratio[:n], log_ratio[n:], config.beta, config.clip).mean()
-                        accelerator.backward(loss / len(steps))
-                        stats.add(loss, preference_accuracy=(log_ratio[:n] > log_ratio[n:]).float().mean())
-                    stats.step(run)
+        stats, metrics, nfe = TrainLog("preference_accuracy"), {}, 0
+        if human is not None:
+            # 1. a draw of the judged pairs
+            pick = torch.tensor(sorted(rng.sample(range(len(human.winner)),
+                                                  min(config.labelled_pairs_per_iteration, len(human.winner)))))
+            winner, loser = human.winner[pick], human.loser[pick]
+            with run.phase("training"):
+                preference_update(run, config, stored, trained_steps(config, list(stored), rng), winner, loser,
+                                  human_cond, schedule, rollout_config, stats)
+        else:
+            batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
+                                                  accelerator.process_index, accelerator.num_processes)
+            # 1. pairs from one start noise, scored; the reward decides each pair
+            cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration)
+            winner, loser = pair_preferences(scores.total.float().cpu(), scores.valid_mask().cpu(),
+                                             config.min_reward_gap)
+            transitions = {t.step: t for t in result.main_transitions()}
+            # 2. the per-step preference loss against the sampling policy, clamped ratios
+            with run.phase("training"):
+                preference_update(run, config, transitions, trained_steps(config, list(transitions), rng), winner,
+                                  loser, cond, result.schedule, rollout_config, stats)
+            metrics = reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()},
+                                     run.gather(scores.valid_mask()))
+            nfe = result.nfe
 
         # 3. bookkeeping
-        metrics = reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()},
-                                 run.gather(scores.valid_mask()))
         metrics.update(stats.metrics())
         metrics["train/pairs"] = float(len(winner))
-        end_iteration(run, config, reward, heldout, metrics, result.nfe)
+        end_iteration(run, config, reward, heldout, metrics, nfe)
     return finish_run(config, run, reward, heldout)
 
 

@@ -1,0 +1,188 @@
+"""Human preference labels for D3PO: ``align label`` samples pairs (two stochastic trajectories of
+one prompt from one start noise), writes what a person judges, and keeps the trajectories so that
+``align train d3po labels=FOLDER/pairs.jsonl`` trains on exactly the judged samples.
+
+A label folder holds:
+
+- ``pair-0000-a.png`` / ``pair-0000-b.png`` ... : the two images of each pair;
+- ``pairs.jsonl``: one line per pair, ``{"pair": 0, "prompt": ..., "a": ..., "b": ..., "preferred": null}``;
+  set ``preferred`` to ``"a"``, ``"b"`` or ``"tie"`` (ties and nulls are skipped in training);
+- ``index.html``: the pairs side by side with a choice per pair and a button that downloads the
+  filled ``pairs.jsonl`` (a plain page: open it in any browser, no server);
+- ``trajectories.safetensors`` + ``trajectories.json``: every stochastic step of both trajectories
+  (latents before / after, mean, std, log-prob) and the sampling settings they need (model,
+  steps, size, kernel, guidance).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from align.errors import ConfigError
+
+PREFERRED = ("a", "b", "tie")
+
+
+def write_label_set(adapter, config, out: Path, pairs: int) -> Path:
+    """Sample ``pairs`` pairs with ``config`` (a D3POConfig) and write the label folder ``out``."""
+    from dataclasses import replace
+
+    from torchvision.transforms.functional import to_pil_image
+
+    from align.runtime import iteration_generator, prompt_list, prompts_for_iteration, TOY_PROMPTS
+    from align.sampling.rollout import rollout
+
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = prompt_list(config.prompts, config.prompt_file, TOY_PROMPTS)
+    chosen = prompts_for_iteration(prompts, pairs, config.run.seed, 0)
+    size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
+    rollout_config = replace(config.rollout, same_noise_per_group=True)
+    with torch.no_grad():
+        cond = adapter.encode(chosen, config.negative_prompt, rollout_config.guidance_scale)
+        result = rollout(adapter, cond, rollout_config, group_size=2, generator=iteration_generator(config.run.seed, 0),
+                         **size)
+        pixels = adapter.decode(result.samples.to(adapter.dtype)).float().cpu()
+    tensors, steps = {}, []
+    for t in result.main_transitions():
+        steps.append({"step": t.step, "kernel": t.kernel, "params": t.params})
+        for name in ("latents", "next_latents", "mean", "std", "log_prob"):
+            tensors[f"step{t.step}.{name}"] = getattr(t, name).detach().cpu().clone()  # steps share latents
+    if not steps:
+        raise ConfigError(f"rollout.kernel: {config.rollout.kernel!r} records no stochastic steps to train")
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out / "trajectories.safetensors"))
+    info = {"prompts": chosen, "steps": steps, "model": config.model.name, "model_path": config.model.path,
+            "num_steps": config.rollout.num_steps, "guidance_scale": rollout_config.guidance_scale,
+            "negative_prompt": config.negative_prompt, **size}
+    (out / "trajectories.json").write_text(json.dumps(info, indent=1))
+    lines = []
+    for p, prompt in enumerate(chosen):
+        names = {}
+        for side, row in (("a", 2 * p), ("b", 2 * p + 1)):
+            frame = pixels[row] if pixels[row].ndim == 3 else pixels[row][0]  # a video shows its first frame
+            names[side] = f"pair-{p:04d}-{side}.png"
+            to_pil_image(frame).save(out / names[side])
+        lines.append({"pair": p, "prompt": prompt, "a": names["a"], "b": names["b"], "preferred": None})
+    (out / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (out / "index.html").write_text(label_page(lines))
+    return out
+
+
+def label_page(lines: list[dict]) -> str:
+    """The judging page: each pair's prompt and images, a choice a / b / tie, and a download of the
+    filled pairs.jsonl (all in the page; nothing is sent anywhere)."""
+    rows = []
+    for line in lines:
+        p = line["pair"]
+        choices = "".join(f'<label><input type="radio" name="pair{p}" value="{v}"> {v}</label> '
+                          for v in PREFERRED)
+        rows.append(f'<section><h2>pair {p}: {html.escape(line["prompt"])}</h2>'
+                    f'<figure><img src="{line["a"]}" alt="a"><figcaption>a</figcaption></figure>'
+                    f'<figure><img src="{line["b"]}" alt="b"><figcaption>b</figcaption></figure>'
+                    f'<p>preferred: {choices}</p></section>')
+    data = json.dumps(lines)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>align label: {len(lines)} pairs</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+section {{ border-bottom: 1px solid #ccc; padding: 1em 0; }}
+figure {{ display: inline-block; margin: 0 1em 0 0; text-align: center; }}
+img {{ width: 256px; image-rendering: pixelated; border: 1px solid #888; }}
+h2 {{ font-size: 1.1em; }}
+</style></head><body>
+<h1>Which image fits its prompt better?</h1>
+<p>Choose a, b or tie for each pair, then download <code>pairs.jsonl</code> into this folder (replacing
+the unfilled one) and train with <code>align train d3po labels=&lt;this folder&gt;/pairs.jsonl</code>.</p>
+{''.join(rows)}
+<p><button id="download">download pairs.jsonl</button> <span id="count"></span></p>
+<script>
+const pairs = {data};
+function filled() {{
+  return pairs.map(p => {{
+    const picked = document.querySelector(`input[name="pair${{p.pair}}"]:checked`);
+    return {{...p, preferred: picked ? picked.value : null}};
+  }});
+}}
+document.addEventListener("change", () => {{
+  const done = filled().filter(p => p.preferred !== null).length;
+  document.getElementById("count").textContent = `${{done}} of ${{pairs.length}} judged`;
+}});
+document.getElementById("download").onclick = () => {{
+  const text = filled().map(p => JSON.stringify(p)).join("\\n") + "\\n";
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([text], {{type: "application/jsonl"}}));
+  link.download = "pairs.jsonl";
+  link.click();
+}};
+</script></body></html>
+"""
+
+
+@dataclass
+class LabelledPairs:
+    """The judged pairs of a label folder, with the stored trajectories."""
+
+    prompts: list[str]  # one per pair, in file order
+    winner: torch.Tensor  # row of the preferred trajectory (2p or 2p + 1) of each judged pair
+    loser: torch.Tensor
+    pair_of: torch.Tensor  # the pair index of each judged pair
+    info: dict
+    tensors: dict
+
+
+def read_labels(path: str | Path) -> LabelledPairs:
+    """A filled pairs.jsonl and the trajectories beside it; a bad line names the file and line."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"labels: file not found: {path}")
+    folder = path.parent
+    for name in ("trajectories.json", "trajectories.safetensors"):
+        if not (folder / name).is_file():
+            raise ConfigError(f"labels: {folder} has no {name} (write the folder with align label)")
+    info = json.loads((folder / "trajectories.json").read_text())
+    winners, losers, pairs = [], [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            p, preferred = int(row["pair"]), row.get("preferred")
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path} line {number}: expected {{\"pair\", \"preferred\", ...}} ({err})") from None
+        if preferred is not None and preferred not in PREFERRED:
+            raise ConfigError(f"{path} line {number}: preferred must be one of a, b, tie or null, got {preferred!r}")
+        if not 0 <= p < len(info["prompts"]):
+            raise ConfigError(f"{path} line {number}: pair {p} is not in {folder / 'trajectories.json'}")
+        if preferred in ("a", "b"):
+            a, b = 2 * p, 2 * p + 1
+            winners.append(a if preferred == "a" else b)
+            losers.append(b if preferred == "a" else a)
+            pairs.append(p)
+    if not pairs:
+        raise ConfigError(f"{path}: no pair is judged yet (set \"preferred\" to \"a\" or \"b\"; see its index.html)")
+    return LabelledPairs(info["prompts"], torch.tensor(winners), torch.tensor(losers), torch.tensor(pairs), info,
+                         load_file(str(folder / "trajectories.safetensors")))
+
+
+def labelled_transitions(labels: LabelledPairs, device) -> list:
+    """The stored steps as :class:`align.sampling.rollout.Transition` objects (row 2p + k: pair p, side k)."""
+    from align.sampling.rollout import Transition
+
+    out = []
+    rows = len(labels.info["prompts"]) * 2
+    prompt_index = torch.arange(rows) // 2
+    for step in labels.info["steps"]:
+        j = step["step"]
+        get = lambda name: labels.tensors[f"step{j}.{name}"].to(device)  # noqa: E731
+        out.append(Transition(j, get("latents"), get("next_latents"), get("mean"), get("std"), get("log_prob"),
+                              prompt_index, torch.arange(rows), torch.arange(rows), kernel=step["kernel"],
+                              params=step["params"]))
+    return out
