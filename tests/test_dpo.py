@@ -186,3 +186,40 @@ def test_offline_dpo_on_pairs_the_toy_model_generated_raises_the_reward(tmp_path
     gain = summary["reward_after"] - summary["reward_before"]
     required = max(statistics.stdev(OFFLINE_GAINS), 0.5 * statistics.mean(OFFLINE_GAINS))
     assert gain > required, (gain, OFFLINE_GAINS)
+
+
+def test_relabelling_reranks_each_pair_by_the_reward_and_drops_its_ties(tmp_path):
+    """A reward for red: the pair the file ranks blue over red is flipped, the tie is dropped."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from align.trainers.dpo import DPOConfig, offline_batch
+    from rewards.base import REWARDS, Reward, register_reward
+    from rewards.registry import build_reward
+    from tests.conftest import GaussianAdapter
+
+    if "test_redness" not in REWARDS:
+        @register_reward("test_redness")
+        class Redness(Reward):
+            def score(self, samples, prompts, **context):
+                return {"score": samples[:, 0].mean(dim=(1, 2))}
+
+    for name, colour in (("red.png", (250, 0, 0)), ("blue.png", (0, 0, 250)), ("blue2.png", (0, 0, 250))):
+        Image.new("RGB", (4, 4), colour).save(tmp_path / name)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "p1", "chosen": "blue.png", "rejected": "red.png"}) + "\n"
+                    + json.dumps({"prompt": "p2", "chosen": "blue.png", "rejected": "blue2.png"}) + "\n")
+
+    class PixelAdapter(GaussianAdapter):
+        def encode_images(self, images):
+            return images * 2 - 1
+
+    run = SimpleNamespace(adapter=PixelAdapter(shape=(3, 4, 4)))
+    config = DPOConfig(pairs=str(path), pairs_per_iteration=2, relabel=True)
+    winners, losers, prompts = offline_batch(run, config, read_pairs(str(path)), build_reward("test_redness"), 0)
+    assert prompts == ["p1"]  # the all-blue pair is a tie under the reward
+    assert float(winners[0, 0].mean()) > 0.9 and float(losers[0, 0].mean()) < -0.9  # red won
+    config.relabel = False
+    winners, _, prompts = offline_batch(run, config, read_pairs(str(path)), None, 0)
+    assert len(prompts) == 2 and {float(w[2].mean()) > 0.9 for w in winners} == {True}  # as the file says: blue
