@@ -122,6 +122,17 @@ def check_ranges(config: Any, prefix: str = "") -> None:
             raise ConfigError(f"{key} must be >= 0, got {value}")
 
 
+def flat_settings(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {"dotted.key": value} (the form of ``key=value`` overrides)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def to_dict(config: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
 

@@ -58,16 +58,6 @@ def resolve_output_dir(config: Any) -> None:
     config.run.output_dir = str(folder)
 
 
-def flat_settings(tree: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat_settings(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def changed_setting(saved: dict, current: dict) -> tuple[str, Any, Any] | None:
     """The first setting (dotted key, saved value, current value) that differs between two
     flattened configs and is not one a resume may change; keys only one side has are ignored."""
@@ -106,7 +96,7 @@ def check_writable_folder(folder: Path, field: str) -> None:
 
 def check_run_folder(config: Any) -> None:
     """The run folder can be written, and may hold this run: see the module docstring."""
-    from align.config import read_yaml, to_dict
+    from align.config import flat_settings, read_yaml, to_dict
 
     resolve_output_dir(config)
     folder = Path(config.run.output_dir)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from align.config import ConfigError, check_choice, save_config, to_dict
+from align.config import ConfigError, check_choice, flat_settings, save_config, to_dict
 from align.sample import ModelConfig, load_model, resolve_device
 from align.sampling.rollout import RolloutConfig
 
@@ -194,7 +194,7 @@ class Run:
         self.state = TrainState()
         if self.is_main:
             if run.log_with != "none":
-                flat = {k: str(v) for k, v in _flatten(to_dict(config)).items()}
+                flat = {k: str(v) for k, v in flat_settings(to_dict(config)).items()}
                 self.accelerator.init_trackers("align", config=flat)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.phase_seconds: dict[str, float] = {}
@@ -467,13 +467,3 @@ def describe_run_folder(directory: Path, config: Any) -> Path:
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     tmp.replace(path)
     return path
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -38,49 +38,41 @@ LARGE = {
     "text": dict(vocab_size=30524, hidden_size=768, encoder_hidden_size=1024, intermediate_size=3072,
                  num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=512, layer_norm_eps=1e-12),
 }
-#: public checkpoint key (regex) -> this module's key; the vision tower is timm-style there
-KEY_MAP = [
-    (r"^blip\.visual_encoder\.cls_token$", "visual_encoder.embeddings.class_embedding"),
-    (r"^blip\.visual_encoder\.pos_embed$", "visual_encoder.embeddings.position_embedding"),
-    (r"^blip\.visual_encoder\.patch_embed\.proj\.", "visual_encoder.embeddings.patch_embedding."),
-    (r"^blip\.visual_encoder\.blocks\.(\d+)\.norm1\.", r"visual_encoder.encoder.layers.\1.layer_norm1."),
-    (r"^blip\.visual_encoder\.blocks\.(\d+)\.norm2\.", r"visual_encoder.encoder.layers.\1.layer_norm2."),
-    (r"^blip\.visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"visual_encoder.encoder.layers.\1.self_attn.qkv."),
-    (r"^blip\.visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"visual_encoder.encoder.layers.\1.self_attn.projection."),
-    (r"^blip\.visual_encoder\.blocks\.(\d+)\.mlp\.", r"visual_encoder.encoder.layers.\1.mlp."),
-    (r"^blip\.visual_encoder\.norm\.", "visual_encoder.post_layernorm."),
-    (r"^blip\.text_encoder\.", "text_encoder."),
+#: public checkpoint key prefix <-> this module's key prefix ({i}: a layer number); the vision tower
+#: is timm-style in the checkpoint
+KEY_PREFIXES = [
+    ("blip.visual_encoder.cls_token", "visual_encoder.embeddings.class_embedding"),
+    ("blip.visual_encoder.pos_embed", "visual_encoder.embeddings.position_embedding"),
+    ("blip.visual_encoder.patch_embed.proj.", "visual_encoder.embeddings.patch_embedding."),
+    ("blip.visual_encoder.blocks.{i}.norm1.", "visual_encoder.encoder.layers.{i}.layer_norm1."),
+    ("blip.visual_encoder.blocks.{i}.norm2.", "visual_encoder.encoder.layers.{i}.layer_norm2."),
+    ("blip.visual_encoder.blocks.{i}.attn.qkv.", "visual_encoder.encoder.layers.{i}.self_attn.qkv."),
+    ("blip.visual_encoder.blocks.{i}.attn.proj.", "visual_encoder.encoder.layers.{i}.self_attn.projection."),
+    ("blip.visual_encoder.blocks.{i}.mlp.", "visual_encoder.encoder.layers.{i}.mlp."),
+    ("blip.visual_encoder.norm.", "visual_encoder.post_layernorm."),
+    ("blip.text_encoder.", "text_encoder."),
 ]
 #: checkpoint keys the reward does not use (the text encoder's pooler, position-id buffers)
 UNUSED = re.compile(r"(^text_encoder\.pooler\.|position_ids$)")
 
 
-def to_module_key(key: str) -> str:
-    for pattern, replacement in KEY_MAP:
-        if re.search(pattern, key):
-            return re.sub(pattern, replacement, key)
+def _renamed(key: str, pairs) -> str:
+    """``key`` with the first matching (source, target) prefix template replaced."""
+    for source, target in pairs:
+        pattern = "^" + re.escape(source).replace(re.escape("{i}"), r"(\d+)")
+        match = re.match(pattern, key)
+        if match:
+            return target.replace("{i}", match.group(1) if match.groups() else "") + key[match.end():]
     return key
+
+
+def to_module_key(key: str) -> str:
+    return _renamed(key, KEY_PREFIXES)
 
 
 def to_checkpoint_key(key: str) -> str:
     """The inverse of :func:`to_module_key` (to write a checkpoint in the public layout)."""
-    inverse = [
-        (r"^visual_encoder\.embeddings\.class_embedding$", "blip.visual_encoder.cls_token"),
-        (r"^visual_encoder\.embeddings\.position_embedding$", "blip.visual_encoder.pos_embed"),
-        (r"^visual_encoder\.embeddings\.patch_embedding\.", "blip.visual_encoder.patch_embed.proj."),
-        (r"^visual_encoder\.encoder\.layers\.(\d+)\.layer_norm1\.", r"blip.visual_encoder.blocks.\1.norm1."),
-        (r"^visual_encoder\.encoder\.layers\.(\d+)\.layer_norm2\.", r"blip.visual_encoder.blocks.\1.norm2."),
-        (r"^visual_encoder\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blip.visual_encoder.blocks.\1.attn.qkv."),
-        (r"^visual_encoder\.encoder\.layers\.(\d+)\.self_attn\.projection\.",
-         r"blip.visual_encoder.blocks.\1.attn.proj."),
-        (r"^visual_encoder\.encoder\.layers\.(\d+)\.mlp\.", r"blip.visual_encoder.blocks.\1.mlp."),
-        (r"^visual_encoder\.post_layernorm\.", "blip.visual_encoder.norm."),
-        (r"^text_encoder\.", "blip.text_encoder."),
-    ]
-    for pattern, replacement in inverse:
-        if re.search(pattern, key):
-            return re.sub(pattern, replacement, key)
-    return key
+    return _renamed(key, [(target, source) for source, target in KEY_PREFIXES])
 
 
 class RewardHead(nn.Module):
