@@ -59,8 +59,9 @@ def cmd_label(args: argparse.Namespace) -> int:
     from pipelines.registry import check_adapter_name
 
     module = trainer_module("d3po")
-    overrides = list(args.overrides) + (["model.lora=" + args.lora] if args.lora else [])
-    config = load_config(module.CONFIG, args.config, [o for o in overrides if not o.startswith("trainer=")])
+    config = load_config(module.CONFIG, args.config, [o for o in args.overrides if not o.startswith("trainer=")])
+    if config.model.lora is not None:  # D3PO trains a fresh LoRA from the base model that sampled the pairs
+        raise ConfigError("model.lora: align label samples with the base model D3PO starts from; drop model.lora")
     if args.pairs < 1:
         raise ConfigError(f"--pairs must be >= 1, got {args.pairs}")
     check_adapter_name(config.model.name)
@@ -218,7 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--config", help="a d3po config (model, rollout, prompts, seed)")
     label.add_argument("--out", required=True, help="the label folder to write")
     label.add_argument("--pairs", type=int, default=16, help="pairs to judge")
-    label.add_argument("--lora", help="a LoRA folder to sample with")
     label.add_argument("overrides", nargs="*", help="key=value config overrides")
     label.set_defaults(func=cmd_label)
 

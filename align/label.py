@@ -58,6 +58,7 @@ def write_label_set(adapter, config, out: Path, pairs: int) -> Path:
 
     save_file(tensors, str(out / "trajectories.safetensors"))
     info = {"prompts": chosen, "steps": steps, "model": config.model.name, "model_path": config.model.path,
+            "dtype": config.model.dtype,
             "num_steps": config.rollout.num_steps, "guidance_scale": rollout_config.guidance_scale,
             "negative_prompt": config.negative_prompt, **size}
     (out / "trajectories.json").write_text(json.dumps(info, indent=1))
@@ -86,7 +87,7 @@ def label_page(lines: list[dict]) -> str:
                     f'<figure><img src="{line["a"]}" alt="a"><figcaption>a</figcaption></figure>'
                     f'<figure><img src="{line["b"]}" alt="b"><figcaption>b</figcaption></figure>'
                     f'<p>preferred: {choices}</p></section>')
-    data = json.dumps(lines)
+    data = json.dumps(lines).replace("</", "<\\/")  # a prompt cannot close the script
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>align label: {len(lines)} pairs</title>
 <style>
@@ -147,7 +148,12 @@ def read_labels(path: str | Path) -> LabelledPairs:
     for name in ("trajectories.json", "trajectories.safetensors"):
         if not (folder / name).is_file():
             raise ConfigError(f"labels: {folder} has no {name} (write the folder with align label)")
-    info = json.loads((folder / "trajectories.json").read_text())
+    try:
+        info = json.loads((folder / "trajectories.json").read_text())
+        info["prompts"], info["steps"]  # noqa: B018 - what training reads
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"labels: {folder / 'trajectories.json'} is unreadable ({err}): write the folder again "
+                          f"with align label") from None
     winners, losers, pairs = [], [], []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():

@@ -140,8 +140,15 @@ def prompts_for_iteration(prompts: Sequence[str], count: int, seed: int, iterati
     return chosen[process_index * count:(process_index + 1) * count]
 
 
-def iteration_generator(seed: int, iteration: int, process_index: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(hash((seed, iteration, process_index)) % (2**63))
+def iteration_generator(seed: int, iteration: int, process_index: int = 0, stream: str = "") -> torch.Generator:
+    """The generator of one (seed, iteration, process): the rollout's by default; another ``stream``
+    (e.g. "train") gives an independent one, so training noise never replays the rollout's."""
+    import zlib
+
+    # ints only: hash() of a str changes from process to process (PYTHONHASHSEED)
+    key = (seed, iteration, process_index) if not stream else (seed, iteration, process_index,
+                                                                zlib.crc32(stream.encode()))
+    return torch.Generator().manual_seed(hash(key) % (2**63))
 
 
 class Run:

@@ -158,6 +158,7 @@ class ImageReward(Reward):
         if first_token not in ("cls", "enc"):
             raise ConfigError(f"image_reward: first_token must be 'cls' or 'enc', got {first_token!r}")
         self.model = freeze(model).to(parse_dtype(dtype))
+        self.model.mlp.float()  # the head reads float32 features whatever the encoders' dtype
         self.tokenizer = blip_tokenizer(tokenizer_path)
         vocab = self.model.config["text"]["vocab_size"]
         if len(self.tokenizer) > vocab:

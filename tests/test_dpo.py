@@ -205,8 +205,10 @@ def test_relabelling_reranks_each_pair_by_the_reward_and_drops_its_ties(tmp_path
             def score(self, samples, prompts, **context):
                 return {"score": samples[:, 0].mean(dim=(1, 2))}
 
-    for name, colour in (("red.png", (250, 0, 0)), ("blue.png", (0, 0, 250)), ("blue2.png", (0, 0, 250))):
-        Image.new("RGB", (4, 4), colour).save(tmp_path / name)
+    # files of other sizes than the run's 4 x 4: fitted (cover, centre crop) before encoding
+    for name, colour, size in (("red.png", (250, 0, 0), (4, 4)), ("blue.png", (0, 0, 250), (8, 6)),
+                               ("blue2.png", (0, 0, 250), (5, 9))):
+        Image.new("RGB", size, colour).save(tmp_path / name)
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "p1", "chosen": "blue.png", "rejected": "red.png"}) + "\n"
                     + json.dumps({"prompt": "p2", "chosen": "blue.png", "rejected": "blue2.png"}) + "\n")
@@ -215,7 +217,7 @@ def test_relabelling_reranks_each_pair_by_the_reward_and_drops_its_ties(tmp_path
         def encode_images(self, images):
             return images * 2 - 1
 
-    run = SimpleNamespace(adapter=PixelAdapter(shape=(3, 4, 4)))
+    run = SimpleNamespace(adapter=PixelAdapter(shape=(3, 4, 4)), latent_kwargs={"height": 4, "width": 4})
     config = DPOConfig(pairs=str(path), pairs_per_iteration=2, relabel=True)
     winners, losers, prompts = offline_batch(run, config, read_pairs(str(path)), build_reward("test_redness"), 0)
     assert prompts == ["p1"]  # the all-blue pair is a tie under the reward
@@ -223,3 +225,13 @@ def test_relabelling_reranks_each_pair_by_the_reward_and_drops_its_ties(tmp_path
     config.relabel = False
     winners, _, prompts = offline_batch(run, config, read_pairs(str(path)), None, 0)
     assert len(prompts) == 2 and {float(w[2].mean()) > 0.9 for w in winners} == {True}  # as the file says: blue
+    assert winners.shape == (2, 3, 4, 4)
+
+
+def test_fit_to_size_covers_then_crops_the_centre():
+    from align.trainers.denoising import fit_to_size
+
+    image = torch.zeros(3, 8, 16)
+    image[:, :, 2:14] = 1.0  # the centre of the width (its edges blur when downscaled)
+    fitted = fit_to_size(image, 4, 4)  # 8 x 16 -> 4 x 8 -> the centre 4 x 4 (columns 4-11 of 16)
+    assert fitted.shape == (3, 4, 4) and float(fitted.min()) > 0.99

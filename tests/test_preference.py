@@ -94,3 +94,18 @@ def test_pickapic_rows_become_the_documented_pairs(tmp_path):
     assert [(p.prompt, p.chosen.name) for p in pairs] == [("a red cube", "shard-000000_0.jpg"),
                                                            ("a blue ball", "shard-000001_1.jpg")]
     assert Image.open(pairs[0].chosen).getpixel((0, 0)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("trainer, overrides", [
+    ("d3po", ["rollout.num_steps=6", "rollout.sde_steps=[5]"]),
+    ("prdp", ["rollout.num_steps=6", "rollout.sde_steps=[5]"]),
+    ("b2_diffurl", ["rollout.num_steps=6", "split_start=5"]),
+])
+def test_a_setting_that_leaves_no_step_to_train_is_one_line(trainer, overrides, tmp_path):
+    from align.config import ConfigError
+    from tests.conftest import gaussian_trainer
+
+    module, config = gaussian_trainer(trainer, tmp_path, *overrides)
+    with pytest.raises(ConfigError) as err:
+        module.check_config(config)
+    assert "\n" not in str(err.value) and ("no step to train" in str(err.value) or "nothing would train" in str(err.value))

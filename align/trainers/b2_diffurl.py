@@ -66,6 +66,9 @@ def check_config(config: B2DiffuRLConfig, adapter=None) -> None:
     if not 0 <= config.split_end <= start < steps:
         raise ConfigError(f"need 0 <= split_end <= split_start < rollout.num_steps, got split_end={config.split_end}, "
                           f"split_start={start}")
+    if start == steps - 1 and not config.train_last_step:
+        raise ConfigError(f"split_start={start} is the last step, which is not trained (train_last_step=false): "
+                          f"nothing would train; use at most {steps - 2}")
     if config.keep_threshold < 0:
         raise ConfigError(f"keep_threshold must be >= 0, got {config.keep_threshold}")
 

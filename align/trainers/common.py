@@ -98,6 +98,18 @@ def require_stochastic_kernel(rollout_config) -> None:
                           f"to train; use a stochastic kernel ({', '.join(valid)})")
 
 
+def require_trained_steps(rollout_config, train_last_step: bool, first: int = 0) -> None:
+    """A ConfigError when no stochastic step from ``first`` on is left to train (the last one only
+    counts with ``train_last_step``): the run would make updates without a loss."""
+    steps = rollout_config.num_steps
+    stochastic = set(range(steps)) if rollout_config.sde_steps is None else set(rollout_config.sde_steps)
+    trained = [s for s in stochastic if s >= first and (train_last_step or s != steps - 1)]
+    if not trained:
+        raise ConfigError(f"no step to train: the stochastic steps {sorted(stochastic)} of rollout.num_steps={steps} "
+                          f"leave none from step {first} on"
+                          + ("" if train_last_step else " but the last (set train_last_step=true, or more steps)"))
+
+
 def build_reward_set(config: TrainerConfig):
     """(trained reward, {name: held-out reward}); unknown names fail here, before any model loads."""
     from rewards import build_reward, build_rewards

@@ -30,7 +30,8 @@ from align.losses import CFG_GRADS, d3po_loss
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig, rescore
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
-                                   require_stochastic_kernel, reward_metrics, sample_and_score, start_run)
+                                   require_stochastic_kernel, require_trained_steps,
+                                   reward_metrics, sample_and_score, start_run)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class D3POConfig(TrainerConfig):
 def check_config(config: D3POConfig, adapter=None) -> None:
     check_common(config, adapter)
     require_stochastic_kernel(config.rollout)
+    require_trained_steps(config.rollout, config.train_last_step)
     check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     if config.group_size != 2:
         raise ConfigError(f"group_size must be 2 for d3po (a pair per prompt), got {config.group_size}")
@@ -70,10 +72,11 @@ def check_config(config: D3POConfig, adapter=None) -> None:
         from align.label import read_labels
 
         info = read_labels(config.labels).info
-        for key, value in (("model.name", config.model.name), ("rollout.num_steps", config.rollout.num_steps),
+        for key, value in (("model.name", config.model.name), ("model.path", config.model.path),
+                           ("rollout.num_steps", config.rollout.num_steps),
                            ("model.height", config.model.height), ("model.width", config.model.width),
                            ("model.num_frames", config.model.num_frames)):
-            saved = info["model" if key == "model.name" else key.split(".")[1]]
+            saved = info.get({"model.name": "model", "model.path": "model_path"}.get(key, key.split(".")[1]))
             if saved != value:
                 raise ConfigError(f"labels: the pairs of {config.labels} were sampled with {key}={saved!r}, "
                                   f"this config has {value!r}")

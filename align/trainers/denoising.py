@@ -9,6 +9,7 @@ image or video -- is trained at timesteps it knows. Predictions are conditional 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -72,3 +73,32 @@ def denoising_errors(adapter, x0: Tensor, cond, schedule: Schedule, index: Tenso
     timesteps = schedule.timesteps[index.cpu()].to(x0.device)
     out = predict_in_chunks(adapter, x_t, timesteps, cond, max_batch)
     return reduce_elements((out.float() - target) ** 2, "mean")
+
+
+def fit_to_size(image: Tensor, height: int, width: int) -> Tensor:
+    """An image (C, H, W) in [0, 1] resized (bilinear, antialiased) to cover height x width and
+    centre-cropped to it: data of any size becomes the size the run trains at."""
+    import torch.nn.functional as F
+
+    _, h, w = image.shape
+    scale = max(height / h, width / w)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    if size != (h, w):
+        image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (image.shape[1] - height) // 2, (image.shape[2] - width) // 2
+    return image[:, top:top + height, left:left + width].clamp(0, 1)
+
+
+def encode_image_files(adapter, paths, latent_kwargs: dict, chunk: int = 8) -> Tensor:
+    """Image files as the run's clean latents: each fitted to the run's size (``latent_kwargs``
+    height / width, else the adapter's default), encoded by the model's VAE ``chunk`` at a time."""
+    from rewards.cli import load_sample
+
+    height = latent_kwargs.get("height") or adapter.default_height
+    width = latent_kwargs.get("width") or adapter.default_width
+    latents = []
+    with torch.no_grad():
+        for start in range(0, len(paths), chunk):
+            images = torch.stack([fit_to_size(load_sample(Path(p)), height, width) for p in paths[start:start + chunk]])
+            latents.append(adapter.encode_images(images.to(adapter.device, adapter.dtype)).float())
+    return torch.cat(latents)

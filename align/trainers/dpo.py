@@ -33,7 +33,8 @@ from align.runtime import iteration_generator, prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
                                    reward_metrics, sample_and_score, start_run)
-from align.trainers.denoising import DenoisingConfig, denoising_errors, draw_levels, training_schedule
+from align.trainers.denoising import (DenoisingConfig, denoising_errors, draw_levels, encode_image_files,
+                                      training_schedule)
 from align.trainers.snapshot import WeightSnapshot
 
 
@@ -140,7 +141,9 @@ def best_and_worst(scores: torch.Tensor, valid: torch.Tensor, groups: torch.Tens
 
 
 def offline_batch(run, config: DPOConfig, pairs: list[Pair], reward, iteration: int):
-    """(winner latents, loser latents, prompts) of this iteration's pairs (a fresh order per pass)."""
+    """(winner latents, loser latents, prompts) of this iteration's pairs (a fresh order per pass),
+    the images fitted to the run's size; ``relabel`` re-ranks each pair by the reward (ties and
+    unscored pairs dropped)."""
     from rewards.cli import load_sample
 
     adapter = run.adapter
@@ -149,21 +152,25 @@ def offline_batch(run, config: DPOConfig, pairs: list[Pair], reward, iteration: 
     random.Random(f"{config.run.seed}-pass-{iteration // per_pass}").shuffle(order)
     start = (iteration % per_pass) * config.pairs_per_iteration
     chosen = [pairs[order[(start + k) % len(pairs)]] for k in range(config.pairs_per_iteration)]
-    with torch.no_grad():
-        w = torch.stack([load_sample(p.chosen) for p in chosen]).to(adapter.device)
-        lo = torch.stack([load_sample(p.rejected) for p in chosen]).to(adapter.device)
-        prompts = [p.prompt for p in chosen]
-        if config.relabel:
-            r_w, r_l = reward(w, prompts).total.float(), reward(lo, prompts).total.float()
-            keep = (r_w != r_l).nonzero().flatten().tolist()
-            swap = r_l > r_w
-            w, lo = torch.where(swap.reshape(-1, *[1] * (w.ndim - 1)), lo, w), torch.where(
-                swap.reshape(-1, *[1] * (w.ndim - 1)), w, lo)
-            w, lo, prompts = w[keep], lo[keep], [prompts[i] for i in keep]
-        if not prompts:
-            return None
-        return (adapter.encode_images(w.to(adapter.dtype)).float(), adapter.encode_images(lo.to(adapter.dtype)).float(),
-                prompts)
+    prompts = [p.prompt for p in chosen]
+    winners, losers = [p.chosen for p in chosen], [p.rejected for p in chosen]
+    if config.relabel:
+        with torch.no_grad():  # one image at a time: the files may differ in size
+            scored = [reward(load_sample(p)[None].to(adapter.device), [q]) for p, q in zip(winners, prompts)]
+            scored_l = [reward(load_sample(p)[None].to(adapter.device), [q]) for p, q in zip(losers, prompts)]
+        kept_w, kept_l, kept_p = [], [], []
+        for a, b, q, ra, rb in zip(winners, losers, prompts, scored, scored_l):
+            if not (bool(ra.valid_mask()[0]) and bool(rb.valid_mask()[0])) or float(ra.total[0]) == float(rb.total[0]):
+                continue
+            first = float(ra.total[0]) > float(rb.total[0])
+            kept_w.append(a if first else b)
+            kept_l.append(b if first else a)
+            kept_p.append(q)
+        winners, losers, prompts = kept_w, kept_l, kept_p
+    if not prompts:
+        return None
+    return (encode_image_files(adapter, winners, run.latent_kwargs), encode_image_files(adapter, losers, run.latent_kwargs),
+            prompts)
 
 
 def train(config: DPOConfig, adapter=None) -> dict[str, float]:
@@ -181,7 +188,8 @@ def train(config: DPOConfig, adapter=None) -> dict[str, float]:
 
     bar = progress(run, config, "dpo")
     for iteration in bar:
-        generator = iteration_generator(config.run.seed, iteration, accelerator.process_index)
+        # training draws (t, noise): independent of the rollout's stream
+        generator = iteration_generator(config.run.seed, iteration, accelerator.process_index, "train")
         metrics, nfe_start, stats = {}, adapter.nfe, TrainLog("implicit_accuracy", "reward_margin")
 
         # 1. pairs: offline from the file, online the best and worst sample of each prompt's group

@@ -28,7 +28,8 @@ from align.losses import CFG_GRADS, prdp_loss
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig, rescore
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
-                                   require_stochastic_kernel, reward_metrics, sample_and_score, start_run)
+                                   require_stochastic_kernel, require_trained_steps,
+                                   reward_metrics, sample_and_score, start_run)
 from align.trainers.snapshot import WeightSnapshot
 
 
@@ -52,6 +53,7 @@ class PRDPConfig(TrainerConfig):
 def check_config(config: PRDPConfig, adapter=None) -> None:
     check_common(config, adapter)
     require_stochastic_kernel(config.rollout)
+    require_trained_steps(config.rollout, config.train_last_step)
     check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     if config.group_size < 2 or config.group_size % 2:
         raise ConfigError(f"group_size must be even and >= 2 (pairs of one prompt), got {config.group_size}")

@@ -83,7 +83,8 @@ def train(config: RAFTConfig, adapter=None) -> dict[str, float]:
     schedule = training_schedule(adapter, config.denoising, run.latent_kwargs)
     bar = progress(run, config, f"raft[{config.weighting}]")
     for iteration in bar:
-        generator = iteration_generator(config.run.seed, iteration, accelerator.process_index)
+        # training draws (t, noise): independent of the rollout's stream
+        generator = iteration_generator(config.run.seed, iteration, accelerator.process_index, "train")
         batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
                                               accelerator.process_index, accelerator.num_processes)
         nfe_start = adapter.nfe

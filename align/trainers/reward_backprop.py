@@ -44,7 +44,8 @@ from align.sampling.kernels import x0_hat
 from align.sampling.rollout import RolloutConfig, predict_in_chunks, rollout
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, check_unscored, end_iteration, finish_run,
                                    progress, reward_metrics, sample_and_score, start_run)
-from align.trainers.denoising import DenoisingConfig, denoising_errors, draw_levels, training_schedule
+from align.trainers.denoising import (DenoisingConfig, denoising_errors, draw_levels, encode_image_files,
+                                      training_schedule)
 
 MODES = ("draft", "alignprop", "full", "draft_lv", "refl")
 CUT_DISTRIBUTIONS = ("uniform", "gaussian", "fixed")
@@ -183,13 +184,9 @@ def regularizer_set(run, config: RewardBackpropConfig, prompts: list[str]):
     """(clean latents, prompts) the regulariser fits: the data file encoded by the model's VAE, or
     samples of the reference model (LoRA off) drawn once with the run's seed."""
     adapter = run.adapter
-    if config.regularizer_data is not None:
-        from rewards.cli import load_sample
-
+    if config.regularizer_data is not None:  # fitted to the run's size, encoded in chunks
         data_prompts, paths = read_regularizer_data(config.regularizer_data)
-        with torch.no_grad():
-            images = torch.stack([load_sample(p) for p in paths]).to(adapter.device)
-            return adapter.encode_images(images.to(adapter.dtype)).float(), data_prompts
+        return encode_image_files(adapter, paths, run.latent_kwargs), data_prompts
     chosen = [prompts[i % len(prompts)] for i in range(config.regularizer_samples)]
     with run.sampling(), adapter.disable_adapter():
         cond = adapter.encode(chosen, config.negative_prompt, config.rollout.guidance_scale)
@@ -222,6 +219,8 @@ def train(config: RewardBackpropConfig, adapter=None) -> dict[str, float]:
                                                         grad_steps=range(first, num_steps),
                                                         checkpoint_grad_steps=config.checkpoint_steps)
                 outputs, grad_calls = [scores], (num_steps - first) * len(result.prompt_index)
+                # the rollout drew from its own generator: the regulariser's draws must not replay it
+                generator = iteration_generator(config.run.seed, iteration, accelerator.process_index, "train")
             else:
                 with run.sampling():
                     cond = adapter.encode(batch_prompts, config.negative_prompt, config.rollout.guidance_scale)
