@@ -217,7 +217,8 @@ def test_relabelling_reranks_each_pair_by_the_reward_and_drops_its_ties(tmp_path
         def encode_images(self, images):
             return images * 2 - 1
 
-    run = SimpleNamespace(adapter=PixelAdapter(shape=(3, 4, 4)), latent_kwargs={"height": 4, "width": 4})
+    run = SimpleNamespace(adapter=PixelAdapter(shape=(3, 4, 4)), latent_kwargs={"height": 4, "width": 4},
+                          accelerator=SimpleNamespace(num_processes=1, process_index=0))
     config = DPOConfig(pairs=str(path), pairs_per_iteration=2, relabel=True)
     winners, losers, prompts = offline_batch(run, config, read_pairs(str(path)), build_reward("test_redness"), 0)
     assert prompts == ["p1"]  # the all-blue pair is a tie under the reward
@@ -235,3 +236,27 @@ def test_fit_to_size_covers_then_crops_the_centre():
     image[:, :, 2:14] = 1.0  # the centre of the width (its edges blur when downscaled)
     fitted = fit_to_size(image, 4, 4)  # 8 x 16 -> 4 x 8 -> the centre 4 x 4 (columns 4-11 of 16)
     assert fitted.shape == (3, 4, 4) and float(fitted.min()) > 0.99
+
+
+def test_each_process_trains_its_own_offline_pairs(tmp_path):
+    from types import SimpleNamespace
+
+    from align.trainers.dpo import DPOConfig, offline_batch
+    from tests.conftest import GaussianAdapter
+
+    class PixelAdapter(GaussianAdapter):
+        def encode_images(self, images):
+            return images * 2 - 1
+
+    path = write_pair_file(tmp_path, [{"prompt": f"p{i}", "chosen": "a.png", "rejected": "b.png"} for i in range(4)])
+    pairs = read_pairs(path)
+    config = DPOConfig(pairs=path, pairs_per_iteration=2)
+
+    def prompts(process, iteration=0):
+        run = SimpleNamespace(adapter=PixelAdapter(shape=(3, 4, 4)), latent_kwargs={"height": 4, "width": 4},
+                              accelerator=SimpleNamespace(num_processes=2, process_index=process))
+        return offline_batch(run, config, pairs, None, iteration)[2]
+
+    first, second = prompts(0), prompts(1)
+    assert len(first) == len(second) == 2 and not set(first) & set(second)
+    assert sorted(first + second) == ["p0", "p1", "p2", "p3"]  # one pass over the file per iteration

@@ -147,10 +147,11 @@ def offline_batch(run, config: DPOConfig, pairs: list[Pair], reward, iteration: 
     from rewards.cli import load_sample
 
     adapter = run.adapter
-    per_pass = max(1, len(pairs) // config.pairs_per_iteration)
+    processes, process = run.accelerator.num_processes, run.accelerator.process_index
+    per_pass = max(1, len(pairs) // (config.pairs_per_iteration * processes))  # each process its own pairs
     order = list(range(len(pairs)))
     random.Random(f"{config.run.seed}-pass-{iteration // per_pass}").shuffle(order)
-    start = (iteration % per_pass) * config.pairs_per_iteration
+    start = ((iteration % per_pass) * processes + process) * config.pairs_per_iteration
     chosen = [pairs[order[(start + k) % len(pairs)]] for k in range(config.pairs_per_iteration)]
     prompts = [p.prompt for p in chosen]
     winners, losers = [p.chosen for p in chosen], [p.rejected for p in chosen]
