@@ -13,9 +13,9 @@ from align.trainers import trainer_module
 from pipelines.registry import load_adapter
 
 try:
-    from tests.tiny_models import build_sd, build_sd3, build_wan
+    from tests.tiny_models import build_sd, build_sd3, build_wan, model_dir_cache
 except ImportError:  # tests/ on sys.path
-    from tiny_models import build_sd, build_sd3, build_wan
+    from tiny_models import build_sd, build_sd3, build_wan, model_dir_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,15 +47,7 @@ TRAINERS = {
 
 @pytest.fixture(scope="module")
 def pipeline_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gradient_pipelines")
-    cache: dict[str, str] = {}
-
-    def get(name: str) -> str:
-        if name not in cache:
-            cache[name] = str(MODELS[name][0](root / name))
-        return cache[name]
-
-    return get
+    return model_dir_cache(tmp_path_factory.mktemp("gradient_pipelines"), {name: spec[0] for name, spec in MODELS.items()})
 
 
 @pytest.mark.parametrize("method", sorted(TRAINERS))

@@ -272,3 +272,16 @@ def build_sdxl(directory, *, prediction_type: str = "epsilon", seed: int = 0) ->
 
 
 BUILDERS = {"sd3": build_sd3, "flux": build_flux, "wan": build_wan, "sd": build_sd, "sdxl": build_sdxl}
+
+
+def model_dir_cache(root, builders: dict):
+    """``get(name) -> directory``: builds model ``name`` with ``builders[name](root / name)`` the
+    first time it is asked for, then returns the same directory (a module fixture's cache)."""
+    cache: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in cache:
+            cache[name] = str(builders[name](Path(root) / name))
+        return cache[name]
+
+    return get
