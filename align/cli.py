@@ -144,6 +144,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         raise ConfigError("launch: give the command to run, e.g. align launch multi_gpu train flow_grpo --config ...")
     if command[0] == "train":  # validate the whole config in this process first
         train_args, extra = build_parser().parse_known_args(command)
+        if "=" in (train_args.method or ""):  # no method named, only overrides
+            train_args.overrides, train_args.method = [train_args.method, *train_args.overrides], None
         module_name = resolve_trainer(train_args.method, train_args.config, list(train_args.overrides) + extra)
         from align.trainers import trainer_module
 
@@ -242,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    if "=" in (getattr(args, "method", None) or ""):  # `align train --config X key=value`: no method named
+        args.overrides, args.method = [args.method, *args.overrides], None
     try:
         return args.func(args)
     except ConfigError as err:

@@ -127,6 +127,10 @@ def test_a_method_preset_names_its_trainer(tmp_path, capsys):
     assert "trainer: dense_grpo" in capsys.readouterr().out
     assert main(["train", "flow_grpo", "--config", str(preset), "--print-config"]) == 2
     assert "the config names 'dense_grpo'" in capsys.readouterr().err
+    # a preset and overrides, no method named: the first override is not taken for a method
+    assert main(["train", "--config", str(preset), "iterations=7", "group_size=3", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "trainer: dense_grpo" in out and "iterations: 7" in out and "group_size: 3" in out
 
 
 def test_launch_checks_the_preset_and_the_config_before_starting_processes(tmp_path, capsys):
