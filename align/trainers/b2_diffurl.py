@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-import torch
-
 from align.advantages import group_advantages
 from align.config import ConfigError, check_choice
 from align.losses import CFG_GRADS, KL_FORMS

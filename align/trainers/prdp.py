@@ -11,7 +11,7 @@ snapshot catches up with the trained weights every ``snapshot_every`` updates.
 
 The loss's gradient 2 (residual) d(rhat_a - rhat_b) is taken step by step: a first pass without
 gradients gives each pair's residual, a second pass back-propagates residual x l_j one step at a
-time, so memory stays that of one step. The optimum is the KL-regularised pi* ~ pi_ref exp(r / beta).
+time, so memory stays that of one step; the reference log-probs are computed once per iteration. The optimum is the KL-regularised pi* ~ pi_ref exp(r / beta).
 
 Features and their fields: the step kernel (``rollout.kernel``), ``beta``, ``clip_range``,
 ``snapshot_every``, ``train_last_step``, ``inner_epochs``. Images and videos.
@@ -61,14 +61,18 @@ def check_config(config: PRDPConfig, adapter=None) -> None:
         raise ConfigError(f"snapshot_every must be >= 1, got {config.snapshot_every}")
 
 
-def step_log_ratios(run, config, part, cond, schedule, rollout_config, grad: bool):
-    """l_j per row of one step: log pi_theta - log pi_ref, pi_theta's log-ratio to the sampling
-    snapshot (the recorded log-prob) clipped to +-clip_range."""
-    adapter, accelerator = run.adapter, run.accelerator
-    with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
-        ref = rescore(adapter, part, cond, schedule, rollout_config).log_prob
-    with torch.set_grad_enabled(grad), accelerator.autocast():
-        new = rescore(adapter, part, cond, schedule, rollout_config, cfg_grad=config.cfg_grad).log_prob
+def reference_log_probs(run, part, cond, schedule, rollout_config):
+    """log pi_ref of one step's rows (the base model, LoRA off): fixed for the whole iteration."""
+    adapter = run.adapter
+    with torch.no_grad(), adapter.disable_adapter(), run.accelerator.autocast():
+        return rescore(adapter, part, cond, schedule, rollout_config).log_prob
+
+
+def step_log_ratios(run, config, part, ref, cond, schedule, rollout_config, grad: bool):
+    """l_j per row of one step: log pi_theta - log pi_ref (``ref``), pi_theta's log-ratio to the
+    sampling snapshot (the recorded log-prob) clipped to +-clip_range."""
+    with torch.set_grad_enabled(grad), run.accelerator.autocast():
+        new = rescore(run.adapter, part, cond, schedule, rollout_config, cfg_grad=config.cfg_grad).log_prob
     old = part.log_prob.to(new.device)
     proximal = old + (new - old).clamp(-config.clip_range, config.clip_range)
     return proximal - ref.to(new.device)
@@ -101,17 +105,18 @@ def train(config: PRDPConfig, adapter=None) -> dict[str, float]:
         rows = torch.cat([a, b])
         n = len(a)
         with run.phase("training"):
+            parts = [t.subset(rows) for t in transitions]
+            refs = [reference_log_probs(run, part, cond, result.schedule, config.rollout) for part in parts] if n else []
             for _ in range(config.inner_epochs if n else 0):
                 with torch.no_grad():
-                    rhat = sum(step_log_ratios(run, config, t.subset(rows), cond, result.schedule, config.rollout,
-                                               grad=False) for t in transitions).cpu()
+                    rhat = sum(step_log_ratios(run, config, part, ref, cond, result.schedule, config.rollout,
+                                               grad=False) for part, ref in zip(parts, refs)).cpu()
                 residual = rhat[:n] - rhat[n:] - target
                 loss = prdp_loss(rhat[:n], rhat[n:], r[a], r[b], config.beta).mean()
                 with run.accumulate():
                     coefficient = (2 * residual / n).to(accelerator.device)
-                    for t in transitions:
-                        l_j = step_log_ratios(run, config, t.subset(rows), cond, result.schedule, config.rollout,
-                                              grad=True)
+                    for part, ref in zip(parts, refs):
+                        l_j = step_log_ratios(run, config, part, ref, cond, result.schedule, config.rollout, grad=True)
                         term = (coefficient * (l_j[:n] - l_j[n:])).sum()
                         if term.requires_grad:
                             accelerator.backward(term)
