@@ -173,3 +173,17 @@ class RunningPromptStats:
 
     def load_state_dict(self, state: dict) -> None:
         self.history = {k: list(v) for k, v in state["history"].items()}
+
+
+def dual_advantages(outcome: Tensor, process: dict[int, Tensor], group_ids: Tensor, *, outcome_weight: float = 1.0,
+                    process_weight: float = 1.0, clip: float | None = 5.0) -> dict[int, Tensor]:
+    """Per-step advantages of guided GRPO (Euphonium): for each step s with a process reward,
+    A_s = outcome_weight * A_outcome + process_weight * (p_s - mean_group(p_s)) / (std_group(p_s) + 1e-4),
+    the process reward ``process[s]`` (N,) normalised within each prompt's group at that step.
+    ``outcome``: the (N,) outcome advantages (already normalised)."""
+    out = {}
+    for step, values in process.items():
+        normalised, _ = group_advantages(values.to(outcome.device), group_ids.to(outcome.device), std="group",
+                                         clip=clip)
+        out[step] = outcome_weight * outcome + process_weight * normalised
+    return out

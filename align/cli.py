@@ -1,6 +1,8 @@
 """The ``align`` command.
 
     align sample --model toy --prompt "a red digit 7" --num 8 --out samples/ [key=value ...]
+    align sample --prompt "a red digit 7" --guide stroke_thickness=300      (reward guidance)
+    align search --prompt "a red digit 7" --reward digit --num 32           (test-time search)
     align train flow_grpo --config configs/quickstart.yaml [key=value ...]
     align train --config configs/methods/flow_grpo.yaml      (a method preset names its trainer)
     align launch multi_gpu train flow_grpo --config ...     (accelerate launch with a shipped preset)
@@ -40,12 +42,62 @@ def cmd_sample(args: argparse.Namespace) -> int:
     config = load_config(SampleConfig, args.config, overrides + list(args.overrides))
     if args.prompt:
         config.prompts = list(args.prompt)
+    if args.guide:
+        config.guidance.rewards = [_guide_spec(text) for text in args.guide]
     check_sample_config(config)
     adapter = load_model(config.model)
     pixels, prompts, result = generate(adapter, config)
     per_prompt = len(prompts) // len(config.prompts)  # a tree yields several leaves per root
     grid = write_samples(pixels, prompts, config.out, columns=per_prompt, fps=config.fps)
-    print(f"wrote {len(prompts)} samples and {grid} (nfe={result.nfe})")
+    cost = result.guidance_cost
+    extra = "" if cost is None else f", guidance reward_calls={cost['reward_calls']}"
+    print(f"wrote {len(prompts)} samples and {grid} (nfe={result.nfe}{extra})")
+    return 0
+
+
+def _guide_spec(text: str) -> dict:
+    """``--guide NAME=WEIGHT`` (or ``NAME.DIMENSION=WEIGHT`` for one dimension of a reward) -> a
+    guidance reward spec."""
+    name, sep, weight = text.partition("=")
+    try:
+        value = float(weight) if sep else 1.0
+    except ValueError:
+        raise ConfigError(f"--guide {text!r}: the weight {weight!r} is not a number (NAME=WEIGHT)") from None
+    name, dot, dimension = name.partition(".")
+    if dot:
+        return {"name": name, "key": f"{name}.{dimension}", "weights": {dimension: value}}
+    return {"name": name, "weight": value}
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """``align search``: best-of-N or pruned (TTSnap) search over start noises (align/search.py)."""
+    from align.sample import check_device, load_model
+    from align.search import SearchConfig, search, write_search
+    from pipelines.registry import check_adapter_name
+
+    overrides = _flag_overrides(args, {
+        "model": "model.name", "model_path": "model.path", "num": "num_candidates", "out": "out",
+        "steps": "rollout.num_steps", "seed": "seed", "device": "model.device", "method": "method",
+        "lora": "model.lora", "top_k": "top_k"})
+    config = load_config(SearchConfig, args.config, overrides + list(args.overrides))
+    if args.prompt:
+        config.prompts = list(args.prompt)
+    if args.reward:
+        config.rewards = list(args.reward)
+    config.validate()
+    check_adapter_name(config.model.name)
+    check_device(config.model.device)
+    from align.run_folder import check_writable_folder
+
+    check_writable_folder(Path(config.out), "--out")
+    adapter = load_model(config.model)
+    result = search(adapter, config)
+    grid = write_search(result, config.prompts, config.out)
+    print(result.account())
+    for p, prompt in enumerate(config.prompts):
+        scores = " ".join(f"{float(s):.4f}" for s in result.best_scores[p])
+        print(f"{prompt}: best {scores}")
+    print(f"wrote {result.best.shape[0] * result.best.shape[1]} samples, {Path(config.out) / 'scores.tsv'} and {grid}")
     return 0
 
 
@@ -195,8 +247,28 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device")
     sample.add_argument("--dtype")
     sample.add_argument("--out", help="output directory")
+    sample.add_argument("--guide", action="append", metavar="NAME=WEIGHT",
+                        help="reward guidance (Flow-NRG): a reward and its weight, e.g. stroke_thickness=300 or "
+                             "video_frames.aesthetic=2 for one dimension (repeat for several)")
     sample.add_argument("overrides", nargs="*", help="key=value config overrides")
     sample.set_defaults(func=cmd_sample)
+
+    find = sub.add_parser("search", help="test-time search: best-of-N or pruned (TTSnap) over start noises")
+    find.add_argument("--config", help="YAML config (SearchConfig)")
+    find.add_argument("--model", help="adapter name: toy, sd3, flux, wan, sd, sdxl")
+    find.add_argument("--model-path", help="local model directory or hub name")
+    find.add_argument("--lora", help="a trained LoRA folder to search with")
+    find.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    find.add_argument("--reward", action="append", help="the reward that picks the best (repeat to sum several)")
+    find.add_argument("--method", help="pruned (default) or best_of_n")
+    find.add_argument("--num", type=int, help="start noises per prompt")
+    find.add_argument("--top-k", type=int, help="best samples written per prompt")
+    find.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    find.add_argument("--seed", type=int)
+    find.add_argument("--device")
+    find.add_argument("--out", help="output directory")
+    find.add_argument("overrides", nargs="*", help="key=value config overrides")
+    find.set_defaults(func=cmd_search)
 
     train = sub.add_parser("train", help="fine-tune a model against rewards with one method")
     from align.trainers import TRAINERS

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from align.config import ConfigError
+from align.guidance import GuidanceConfig
 from align.sampling.rollout import RolloutConfig, rollout
 
 
@@ -43,6 +44,8 @@ class SampleConfig:
     out: str = "samples"
     #: video frames per second of the written MP4 files
     fps: int = 8
+    #: reward guidance of sampling (Flow-NRG; align/guidance.py): guidance.rewards with weights
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,14 +134,18 @@ def generate(adapter, config: SampleConfig):
     rollout_config = config.rollout
     if rollout_config.num_steps <= 0:  # 0 means: the model family's default
         rollout_config = RolloutConfig(**{**vars(rollout_config), "num_steps": adapter.default_steps})
+    from align.guidance import build_guidance
+
     cond = adapter.encode(config.prompts, config.negative_prompt, config.rollout.guidance_scale)
     generator = torch.Generator().manual_seed(config.seed)
+    guidance = build_guidance(config.guidance, adapter, config.prompts, rollout_config)
     with torch.no_grad():
         result = rollout(adapter, cond, rollout_config, group_size=config.num_per_prompt, generator=generator,
                          height=config.model.height, width=config.model.width,
-                         num_frames=config.model.num_frames)
+                         num_frames=config.model.num_frames, drift=guidance)
         pixels = adapter.decode(result.samples.to(adapter.dtype)).float().cpu()
     prompts = [config.prompts[i] for i in result.prompt_index.tolist()]
+    result.guidance_cost = guidance.cost if guidance is not None else None
     return pixels, prompts, result
 
 
@@ -179,6 +186,7 @@ def check_sample_config(config: SampleConfig) -> None:
 
     check_adapter_name(config.model.name)
     config.rollout.validate(config.rollout.num_steps or 1)
+    config.guidance.validate(config.rollout.num_steps or None)
     check_device(config.model.device)
     from dataclasses import replace
 

@@ -392,6 +392,20 @@ class LatentProcessReward(Reward):
             self.model.requires_grad_(False).eval()
         return float(loss.detach())
 
+    def trainable_state(self) -> dict:
+        """What a run checkpoints of the model trained alongside: weights and optimiser state."""
+        state = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_trainable_state(self, state: dict) -> None:
+        """The inverse of :meth:`trainable_state`."""
+        self.model.load_state_dict(state["model"])
+        if "optimizer" in state:
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+            self.optimizer.load_state_dict(state["optimizer"])
+
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
 

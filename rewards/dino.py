@@ -237,7 +237,9 @@ class AdversarialDino(_DinoReward):
         if updates_per_step < 0 or update_every < 1 or num_patches < 1:
             raise ConfigError("adv_dino: updates_per_step >= 0, update_every >= 1 and num_patches >= 1 are required")
         self._init_backbone(backbone, model, checkpoint, image_size, dtype, device, model_kwargs)
-        self.head = DiscriminatorHead(self.backbone.embed_dim, hidden).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # the head's start depends on ``seed`` only
+            torch.manual_seed(seed)
+            self.head = DiscriminatorHead(self.backbone.embed_dim, hidden).to(self.device)
         if head_path is not None:
             load_into(self.head, head_path, f"adv_dino head ({self.backbone.embed_dim}-d, hidden {hidden})")
         self.head.requires_grad_(False).eval()
@@ -308,6 +310,20 @@ class AdversarialDino(_DinoReward):
         if self.updates_per_step == 0 or self.generator_steps % self.update_every:
             return {}
         return self.update_head(generated, steps=self.updates_per_step)
+
+    def trainable_state(self) -> dict:
+        """What a run checkpoints of the head's training: weights, optimiser state, the patch /
+        reference sampling generator and the counters (a resume continues bit for bit)."""
+        return {"head": {k: v.detach().clone() for k, v in self.head.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "generator_steps": self.generator_steps, "head_updates": self.head_updates}
+
+    def load_trainable_state(self, state: dict) -> None:
+        """The inverse of :meth:`trainable_state`."""
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.generator_steps, self.head_updates = int(state["generator_steps"]), int(state["head_updates"])
 
     def save_head(self, path: str | Path) -> Path:
         from safetensors.torch import save_file

@@ -46,6 +46,16 @@ def reward_class(name: str, field: str | None = None):
     return target
 
 
+def check_reward_specs(specs, field: str) -> None:
+    """A one-line ConfigError for a reward spec without a name or with an unknown one (``field``:
+    the config key of the list, e.g. ``rewards``), checked before anything loads."""
+    for i, spec in enumerate(specs):
+        name = spec if isinstance(spec, str) else dict(spec).get("name")
+        if name is None:
+            raise ConfigError(f"{field}[{i}]: a reward needs a 'name'")
+        reward_class(name, field=f"{field}[{i}]")
+
+
 def build_reward(spec: str | dict) -> Reward:
     """A reward from its name or a config dict ``{name, weight?, normalize?, **options}``; an unknown
     name or option is a one-line ConfigError."""

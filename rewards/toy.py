@@ -62,19 +62,29 @@ class DigitReward(Reward):
 
 @register_reward("colour")
 class ColourReward(Reward):
-    """Palette probability of the requested colour; ``temperature`` sharpens (smaller) or softens it."""
+    """Palette probability of the requested colour; ``temperature`` sharpens (smaller) or softens it;
+    ``colour`` scores one palette colour whatever the prompt says (a style measure, e.g. how blue the
+    samples of Adv-GRPO's blue references are)."""
 
     differentiable = True
     dimensions = ("score",)
 
-    def __init__(self, temperature: float = 0.02, weights=None) -> None:
+    def __init__(self, temperature: float = 0.02, colour: str | None = None, weights=None) -> None:
         super().__init__(weights)
         if temperature <= 0:
             raise ConfigError(f"colour reward temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
+        if colour is not None:
+            from pipelines.toy import COLOURS
+
+            if colour not in COLOURS:
+                from align.errors import unknown_name_error
+
+                raise unknown_name_error("colour of reward 'colour'", colour, COLOURS)
+        self.colour = colour
 
     def score(self, samples, prompts, **context):
-        colours = [_dc().parse_prompt(p)[1] for p in prompts]
+        colours = [self.colour or _dc().parse_prompt(p)[1] for p in prompts]
         named = torch.tensor([c is not None for c in colours], device=samples.device)
         probs = _dc().colour_probability(samples.float(), [c or "white" for c in colours], self.temperature)
         return {"score": torch.where(named, probs, torch.ones_like(probs))}

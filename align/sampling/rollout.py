@@ -164,6 +164,8 @@ class Rollout:
     #: the last step's clean-sample estimate x0_hat of every final main row (BranchGRPO's reference
     #: decodes its leaves from it)
     final_x0_hat: Tensor | None = None
+    #: the decoded final samples, when the caller decoded them (trainers: sample_and_score)
+    pixels: Tensor | None = None
     branch_samples: Tensor | None = None  # clean completions of the branches
     branch_origin: Tensor | None = None  # (Nb,) the step each branch left from
     branch_parent: Tensor | None = None  # (Nb,) main row (before that step) it left from

@@ -47,7 +47,7 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     not another trainer's run, not a run of other settings, not a finished run). Each problem is a one-line ConfigError naming its field. ``adapter``: the model when the
     caller has it (its schedule, not ``model.name``, then tells the model family)."""
     from pipelines.registry import FLOW_ADAPTERS, check_adapter_name
-    from rewards.registry import reward_class
+    from rewards.registry import check_reward_specs
 
     from align.config import check_ranges
     from align.run_folder import check_run_folder
@@ -80,11 +80,7 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     check_precision(config.run.mixed_precision, config.model.device)
     check_run_folder(config)
     for field_name in ("rewards", "heldout_rewards"):
-        for i, spec in enumerate(getattr(config, field_name)):
-            name = spec if isinstance(spec, str) else dict(spec).get("name")
-            if name is None:
-                raise ConfigError(f"{field_name}[{i}]: a reward needs a 'name'")
-            reward_class(name, field=f"{field_name}[{i}]")
+        check_reward_specs(getattr(config, field_name), field_name)
 
 
 def require_stochastic_kernel(rollout_config) -> None:
@@ -364,13 +360,13 @@ class progress:
 
 def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_config, iteration: int, *,
                      score: str = "samples", grad_steps=(), checkpoint_grad_steps: bool = False,
-                     group_size: int | None = None):
+                     group_size: int | None = None, drift=None):
     """Encode the prompts, roll out ``group_size`` (default ``config.group_size``) samples of each
     (seeded by iteration and process), decode and score them: ``score`` "samples" (the final main
     rows), "branches" (the rollout's side branches, e.g. TempFlow's children) or "both" (DenseGRPO's
     final samples and ODE completions). ``grad_steps`` keeps gradients through those steps' model
     calls (reward backprop; ``checkpoint_grad_steps`` recomputes them in backward); otherwise
-    sampling runs without a graph. Returns (cond, rollout
+    sampling runs without a graph. ``drift``: the rollout's drift hook (guided sampling). Returns (cond, rollout
     result, scores of the samples or None, scores of the branches or None)."""
     import torch
 
@@ -383,8 +379,9 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
         rows = config.group_size if group_size is None else group_size
         result = rollout(adapter, cond, rollout_config, group_size=rows,
                          generator=iteration_generator(config.run.seed, iteration, process), grad_steps=grad_steps,
-                         checkpoint_grad_steps=checkpoint_grad_steps, **run.latent_kwargs)
+                         checkpoint_grad_steps=checkpoint_grad_steps, drift=drift, **run.latent_kwargs)
         pixels = adapter.decode(result.samples.to(adapter.dtype)).float() if score in ("samples", "both") else None
+        result.pixels = pixels
         branch_pixels = (adapter.decode(result.branch_samples.to(adapter.dtype)).float()
                          if score in ("branches", "both") else None)
     with run.phase("reward"), torch.set_grad_enabled(bool(grad_steps)):
@@ -438,3 +435,34 @@ def group_batch_advantages(run, reward, scores, groups, *, std: str, clip: float
     rows = len(groups)
     local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
     return advantages[local], keep[local], named, valid
+
+
+# --- rewards that learn during a run ------------------------------------------------------------
+def learning_rewards(**rewards) -> dict:
+    """The rewards that learn during a run (they have ``trainable_state``: adv_dino's discriminator
+    head, a latent PRM), found inside combinations, by ``<argument>.<key>`` (e.g. ``rewards.adv_dino``)."""
+    from rewards.base import CombinedReward
+
+    found = {}
+    for prefix, reward in rewards.items():
+        if reward is None:
+            continue
+        parts = reward.rewards.items() if isinstance(reward, CombinedReward) else [(reward.name, reward)]
+        for key, part in parts:
+            if hasattr(part, "trainable_state"):
+                found[f"{prefix}.{key}"] = part
+    return found
+
+
+def restore_reward_states(run, learning: dict) -> None:
+    """On resume, the learning rewards' weights, optimisers and counters from the checkpointed state."""
+    saved = run.state.extra.get("reward_states", {})
+    for key, reward in learning.items():
+        if key in saved:
+            reward.load_trainable_state(saved[key])
+
+
+def store_reward_states(run, learning: dict) -> None:
+    """The learning rewards' current state into the run state, so the next checkpoint holds it."""
+    if learning:
+        run.state.extra["reward_states"] = {key: reward.trainable_state() for key, reward in learning.items()}

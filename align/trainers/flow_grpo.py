@@ -1,10 +1,26 @@
 """Flow-GRPO and its options: Fast / Mix SDE windows, DanceGRPO-style step subsets and shared group
-noise, CPS or DanceGRPO kernels, multi-reward mixing, and GRPO-Guard.
+noise, CPS or DanceGRPO kernels, multi-reward mixing, GRPO-Guard, guided sampling distilled into the
+model (Euphonium), and adversarial reward co-training (Adv-GRPO).
 
 One iteration reads top to bottom:
-prompts -> rollout (SDE, log-probs recorded) -> decode -> reward -> group advantages ->
+prompts -> rollout (SDE, log-probs recorded; ``guidance``: steered by a reward-gradient drift) ->
+decode -> reward -> group advantages (``process_weight``: plus per-step process advantages) ->
 for each minibatch, for each trained step: re-score the stored transition with the current weights,
-PPO-clip loss + beta * KL to the reference (LoRA off) -> optimizer step.
+PPO-clip loss + beta * KL to the reference (LoRA off) -> optimizer step (then the rewards that learn
+alongside update: an adv_dino head against its references) -> the latent PRM fits the rollouts.
+
+Features and the fields that turn them on:
+
+- Fast / Mix SDE windows: ``window_size``, ``window_mode``; DanceGRPO step subsets:
+  ``timestep_fraction``, ``timestep_selection``; GRPO-Guard: ``guard``.
+- Euphonium: ``guidance.rewards`` (a pixel reward through x0_hat, or ``{name: latent_prm,
+  in_channels: C}`` with ``guidance.on: latents``, which then trains alongside on every iteration's
+  rollouts); the rollout follows ``eta^2 / (2 beta) g / ||g||`` while log-probs use the unguided mean,
+  so the model learns the guidance. Dual advantages: ``outcome_weight`` and ``process_weight`` (the
+  guiding reward per step, normalised per group).
+- Adv-GRPO: an ``adv_dino`` reward in ``rewards`` with ``reference_dir``; ``reward_updates`` (on)
+  updates its head after every generator update (``updates_per_step`` / ``update_every`` of the
+  reward), and the head's weights and optimiser state are checkpointed and resumed.
 """
 
 from __future__ import annotations
@@ -15,13 +31,17 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from align.advantages import dual_advantages
 from align.config import ConfigError, check_choice
+from align.guidance import GuidanceConfig, build_guidance
 from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
+from rewards.dense import prm_rows_from_rollout
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
-                                   group_batch_advantages, ppo_transition_loss, progress, require_stochastic_kernel,
-                                   reward_metrics, sample_and_score, start_run, train_rows)
+                                   group_batch_advantages, learning_rewards, ppo_transition_loss, progress,
+                                   require_stochastic_kernel, restore_reward_states, reward_metrics, sample_and_score,
+                                   start_run, store_reward_states, train_rows)
 
 
 @dataclass
@@ -68,6 +88,15 @@ class FlowGRPOConfig(TrainerConfig):
     updates_per_epoch: int | None = None
     #: GRPO-Guard: per-step log-ratio normalisation and step reweighting
     guard: bool = False
+    #: Euphonium: guided rollouts (empty guidance.rewards: none); log-probs stay the unguided step's
+    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(form="normalized"))
+    #: dual advantages of guided rollouts: weight of the outcome advantage, and of the process
+    #: advantage (the guiding reward at each guided step, normalised per group; 0: outcome only)
+    outcome_weight: float = 1.0
+    process_weight: float = 0.0
+    #: rewards that learn during the run update as it trains: an adv_dino head after every generator
+    #: update (its updates_per_step / update_every), a latent_prm guidance reward on every rollout
+    reward_updates: bool = True
 
 
 def check_config(config: FlowGRPOConfig, adapter=None) -> None:
@@ -90,6 +119,11 @@ def check_config(config: FlowGRPOConfig, adapter=None) -> None:
         raise ConfigError("set one of train_batch_size and updates_per_epoch, not both")
     if config.group_size < 2:
         raise ConfigError("group_size must be >= 2: advantages compare samples of one prompt")
+    config.guidance.validate(config.rollout.num_steps)
+    if config.process_weight and not config.guidance.enabled:
+        raise ConfigError("process_weight needs guidance.rewards: the process reward is the guiding reward per step")
+    if config.guidance.enabled and (config.rollout.split_steps or config.rollout.branch_steps):
+        raise ConfigError("guidance steers independent trajectories: drop rollout.split_steps / branch_steps")
 
 
 def rollout_for_iteration(config: FlowGRPOConfig, iteration: int, rng: random.Random) -> RolloutConfig:
@@ -127,6 +161,9 @@ def per_sample_steps(rows: int, num_steps: int, fraction: float, generator: torc
 def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
     run, reward, heldout, prompts = start_run(config, adapter)  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
+    guide = build_guidance_reward(config, run)
+    learning = learning_rewards(rewards=reward, guidance=guide) if config.reward_updates else {}
+    restore_reward_states(run, learning)
     bar = progress(run, config, "flow_grpo")
     for iteration in bar:
         rng = random.Random(f"{config.run.seed}-{iteration}")
@@ -134,14 +171,23 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                                               accelerator.process_index, accelerator.num_processes)
         rollout_config = rollout_for_iteration(config, iteration, rng)
 
-        # 1. sample, decode, score
-        cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration)
+        # 1. sample (guided: the drift hook steers the rows), decode, score
+        drift = None
+        if guide is not None:
+            drift = build_guidance(config.guidance, adapter, batch_prompts, rollout_config, reward=guide)
+        cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration,
+                                                   drift=drift)
 
         # 2. advantages from the global batch (groups = prompts, made unique across processes)
         groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration
         advantages, keep, named, valid = group_batch_advantages(run, reward, scores, groups, std=config.adv_std,
                                                                 clip=config.adv_clip, multi_reward=config.multi_reward)
         advantages = advantages.to(accelerator.device)
+        step_advantages = {}  # guided: outcome + process advantage per step
+        if drift is not None and config.process_weight:
+            step_advantages = dual_advantages(advantages, drift.values, result.prompt_index,
+                                              outcome_weight=config.outcome_weight,
+                                              process_weight=config.process_weight, clip=config.adv_clip)
 
         # 3. PPO over the trained steps of the kept rows
         steps = trained_steps(config, [t.step for t in result.main_transitions()], rng)
@@ -179,8 +225,10 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                             else:
                                 chosen_weights = None if row_weights is None else row_weights[index]
                             part = transitions[step].subset(chosen)
+                            step_adv = step_advantages.get(step, advantages if not step_advantages
+                                                           else config.outcome_weight * advantages)
                             loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
-                                                            advantages[chosen], clip_range=config.clip_range,
+                                                            step_adv[chosen], clip_range=config.clip_range,
                                                             kl_beta=config.kl_beta, kl_form=config.kl_form,
                                                             cfg_grad=config.cfg_grad, guard=config.guard,
                                                             guard_std=run.state.extra.get("guard_std"),
@@ -190,12 +238,25 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                             else:
                                 accelerator.backward(loss * step_weights[j] * scale)
                             stats.add(loss, **ppo)
+                        updates = len(stats["grad_norm"])
                         stats.step(run)
+                        if len(stats["grad_norm"]) > updates:  # a generator update: adversarial heads follow
+                            head_stats = update_heads(run, learning, result.pixels)
+                            stats.add(**head_stats)
         if config.guard and stats.get("log_ratio_std"):
             run.state.extra["guard_std"] = sum(stats["log_ratio_std"]) / len(stats["log_ratio_std"])
 
-        # 4. bookkeeping
+        # 4. a latent PRM guiding the rollouts fits them (x_t, sigma_t -> the final reward)
         metrics = reward_metrics(named, valid)
+        if drift is not None:
+            metrics["guidance/reward_calls"] = float(drift.cost["reward_calls"])
+        for key, prm in learning.items():
+            if hasattr(prm, "fit_step"):
+                rows = prm_rows_from_rollout(result, scores.total.detach(), batch_prompts)
+                metrics[f"{key}/loss"] = prm.fit_step(rows["latents"], rows["sigmas"], rows["prompts"], rows["targets"])
+        store_reward_states(run, learning)
+
+        # 5. bookkeeping
         metrics.update({"advantage/mean": float(advantages.mean()),
                         "advantage/abs_mean": float(advantages.abs().mean()),
                         "advantage/kept_fraction": float(keep.float().mean())})
@@ -203,6 +264,29 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
+
+
+def build_guidance_reward(config: FlowGRPOConfig, run):
+    """The guiding reward, built once for the run (a latent PRM keeps learning across iterations)."""
+    if not config.guidance.enabled:
+        return None
+    from rewards import build_rewards
+
+    return build_rewards(list(config.guidance.rewards)).to(run.accelerator.device)
+
+
+def update_heads(run, learning: dict, pixels) -> dict[str, float]:
+    """After a generator update: each learning reward with a discriminator head (adv_dino) runs its
+    head updates on the iteration's samples of every process (so every process's head is the same)."""
+    if pixels is None:
+        return {}
+    stats = {}
+    everything = None
+    for reward in learning.values():
+        if hasattr(reward, "after_generator_step"):
+            everything = run.gather(pixels.contiguous()) if everything is None else everything
+            stats.update(reward.after_generator_step(everything))
+    return stats
 
 
 CONFIG = FlowGRPOConfig
