@@ -73,8 +73,8 @@ def load_config(schema_cls: type[T], path: str | Path | None = None,
         _check_keys(schema_cls, OmegaConf.to_container(layer, resolve=False))
     try:
         # a ??? in a file must be filled by a later layer (merging onto the schema would hide it)
-        missing = sorted(OmegaConf.missing_keys(OmegaConf.merge(*layers))) if layers else []
-        merged = OmegaConf.merge(OmegaConf.structured(schema_cls), *layers)
+        missing = sorted(OmegaConf.missing_keys(_merge_layers(layers[0], layers[1:]))) if layers else []
+        merged = _merge_layers(OmegaConf.structured(schema_cls), layers)
         missing += sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"config value {missing[0]!r} must be set (it is ??? in the config)")
@@ -83,6 +83,24 @@ def load_config(schema_cls: type[T], path: str | Path | None = None,
         key = getattr(err, "full_key", None)
         first_line = str(err).splitlines()[0]
         raise ConfigError(f"bad config value for {key!r}: {first_line}" if key else first_line) from None
+
+
+def _merge_layers(schema, layers):
+    """OmegaConf.merge, with a one-line ConfigError for the one merge it cannot do: an entry of a list
+    set on its own (``rewards[0].lr=0.1``; a list is replaced whole)."""
+    merged = schema
+    for layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except TypeError:
+            for key in layer:
+                try:
+                    OmegaConf.merge(merged, {key: layer[key]})
+                except TypeError:
+                    raise ConfigError(f"{key}: a list is replaced whole, not entry by entry: give all of it, "
+                                      f"e.g. {key}=[...] on the command line or in a config file") from None
+            raise
+    return merged
 
 
 #: numeric fields by name that must be > 0 wherever they appear (zero or negative is meaningless)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -79,6 +80,10 @@ class SearchConfig:
         check_reward_specs(self.rewards, "rewards")
         check_reward_specs(self.prune_rewards or [], "prune_rewards")
         self.rollout.validate(self.rollout.num_steps or 1)
+        if self.rollout.num_steps > 0:  # else the model's default steps, checked once it is known
+            bad = [s for s in (self.prune_steps or []) if not 0 <= s < self.rollout.num_steps]
+            if bad:
+                raise ConfigError(f"prune_steps has step {bad[0]} outside 0..{self.rollout.num_steps - 1}")
         if self.prune_steps is not None and len(self.prune_steps) != len(self.keep_fractions):
             raise ConfigError(f"prune_steps has {len(self.prune_steps)} steps for {len(self.keep_fractions)} "
                               "keep_fractions: give one fraction per step")
@@ -194,10 +199,8 @@ def equal_cost_candidates(cost: float, num_steps: int, reward_cost: float = 1.0)
     return max(1, int(cost // (num_steps + reward_cost)))
 
 
-def write_search(result: SearchResult, prompts: Sequence[str], out) -> "Path":
+def write_search(result: SearchResult, prompts: Sequence[str], out) -> Path:
     """The best samples as PNGs (``p<prompt>-<rank>.png``), ``scores.tsv`` and ``grid.png``."""
-    from pathlib import Path
-
     from diffusers.utils import make_image_grid
     from torchvision.transforms.functional import to_pil_image
 

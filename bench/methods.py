@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-#: every method preset on the embedded default (configs/methods/<name>.yaml names its trainer)
+#: every method preset on the embedded default that trains the digit reward (configs/methods/<name>.yaml
+#: names its trainer; adv_grpo trains against its adversarial head and needs reference files first)
 PRESETS = ROOT / "configs" / "methods"
-METHODS = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+METHODS = sorted(p.stem for p in PRESETS.glob("*.yaml") if "rewards: [digit]" in p.read_text())
 #: what the benchmark sets on top of each preset: a compute budget instead of an iteration count
 BENCH_OVERRIDES = ["run.log_with=none", "run.resume=null", "run.progress=false", "run.checkpoint_every=0",
                    "iterations=1000"]

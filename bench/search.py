@@ -4,8 +4,7 @@ For each seed: a pruned search (``--candidates`` start noises per prompt, prunin
 keeping ``--keep`` of each prompt's survivors, x0_hat scored with the search reward) runs over every
 prompt; its cost per prompt (model evaluations + reward calls, a reward call = one model evaluation)
 buys best-of-N with N = cost / (S + 1) candidates. The gain of a search is its mean best reward over
-the prompts minus the mean reward of a single sample (measured on 64 samples per prompt of the same
-seed). Printed: a row per seed, the TTSnap default schedule's figure, and last
+the prompts minus the mean reward of a single sample (the mean over all of best-of-N's candidates). Printed: a row per seed, the TTSnap default schedule's figure, and last
 ``pruned_vs_best_of_n_at_equal_cost=<gain of pruned / gain of best-of-N>`` (above 1: pruning wins).
 
     python bench/search.py [--reward stroke_thickness] [--seeds 3] [--candidates 32]
@@ -34,9 +33,7 @@ def gains(adapter, reward: str, prompts, seeds: int, candidates: int, prune: str
         n = equal_cost_candidates(pruned.cost / len(prompts), adapter.default_steps)
         best_of_n = search(adapter, load_config(SearchConfig, overrides=base + [f"num_candidates={n}",
                                                                               "method=best_of_n"]))
-        single = search(adapter, load_config(SearchConfig, overrides=base + ["num_candidates=64",
-                                                                           "method=best_of_n"]))
-        mean = float(single.final_scores.mean())
+        mean = float(best_of_n.final_scores.mean())  # every candidate of best-of-N: one sample's expectation
         gain_p, gain_b = float(pruned.best_scores[:, 0].mean()) - mean, float(best_of_n.best_scores[:, 0].mean()) - mean
         totals[0] += gain_p
         totals[1] += gain_b

@@ -11,7 +11,7 @@ import torch
 from align.checkpoints import read_part
 from align.config import load_config
 from align.trainers import trainer_module
-from rewards.tiny import TINY_DINO, tiny_dino_checkpoint
+from rewards.tiny import TINY_DINO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

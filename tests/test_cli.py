@@ -61,6 +61,14 @@ def test_config_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_one_entry_of_a_list_is_a_one_line_error(capsys):
+    """OmegaConf replaces lists whole: ``rewards[0].lr=0.1`` on a preset that sets ``rewards`` says so."""
+    preset = Path(__file__).resolve().parents[1] / "configs" / "methods" / "adv_grpo.yaml"
+    assert main(["train", "--config", str(preset), "rewards[0].lr=0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rewards: a list is replaced whole" in err and "\n" not in err
+
+
 def test_env_reports_versions(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out

@@ -51,3 +51,13 @@ def test_accelerate_presets_are_valid_yaml():
         data = OmegaConf.to_container(OmegaConf.load(path))
         assert data["distributed_type"] in {"NO", "MULTI_GPU", "FSDP", "DEEPSPEED", "MULTI_CPU"}
         assert data["num_processes"] >= 1
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "methods").glob("*.yaml")), ids=lambda p: p.stem)
+def test_method_preset_validates(path):
+    """Every method preset names its trainer and passes that trainer's validation pass."""
+    raw = OmegaConf.load(path)
+    assert "trainer" in raw, f"{path.name} names no trainer"
+    module = trainer_module(raw.trainer)
+    config = load_config(module.CONFIG, path, ["run.output_dir=null"])
+    module.check_config(config)

@@ -45,6 +45,23 @@ CASES = [
     ("dpo: missing pair file", ["train", "dpo", "pairs=missing.jsonl"], "pairs: file not found: missing.jsonl"),
     ("fp8 without its stack", ["train", "flow_grpo", "run.mixed_precision=fp8", "model.device=cpu"],
      "run.mixed_precision: fp8 runs on CUDA devices only"),
+    ("guidance: mistyped reward", ["sample", "--guide", "stroke_thicknes=300"],
+     "guidance.rewards[0]: unknown reward 'stroke_thicknes'"),
+    ("guidance: not a weight", ["sample", "--guide", "stroke_thickness=heavy"],
+     "--guide 'stroke_thickness=heavy': the weight 'heavy' is not a number"),
+    ("guidance: process weight without guidance", ["train", "flow_grpo", "process_weight=0.5"],
+     "process_weight needs guidance.rewards"),
+    ("guidance: unknown form", ["train", "flow_grpo", "guidance.rewards=[digit]", "guidance.form=normalised"],
+     "guidance.form must be one of"),
+    ("search: zero candidates", ["search", "--num", "0"], "num_candidates and top_k must be >= 1"),
+    ("search: top-k above the candidates", ["search", "--num", "2", "--top-k", "4"],
+     "top_k=4 is more than num_candidates=2"),
+    ("search: a fraction per step", ["search", "prune_steps=[1,2]"], "prune_steps has 2 steps for 3 keep_fractions"),
+    ("search: a step past the sampler", ["search", "--steps", "10", "prune_steps=[1,4,12]"],
+     "prune_steps has step 12 outside 0..9"),
+    ("search: mistyped reward", ["search", "--reward", "digt"], "rewards[0]: unknown reward 'digt'"),
+    ("one entry of a list", ["train", "--config", str(ROOT / "configs" / "methods" / "adv_grpo.yaml"),
+                             "rewards[0].lr=0.1"], "rewards: a list is replaced whole"),
 ]
 
 

@@ -177,3 +177,17 @@ def test_bad_guidance_configs_are_one_line_errors():
         GuidanceConfig(rewards=["digit"], form="normalised").validate()
     with pytest.raises(ConfigError, match="guidance.steps has step 12"):
         GuidanceConfig(rewards=["digit"], steps=[12]).validate(10)
+
+
+def test_align_sample_guide_flag(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "align", "sample", "--prompt", "a red digit 7", "--num", "2", "--out",
+           str(tmp_path / "s")]
+    done = subprocess.run(cmd + ["--guide", "stroke_thickness=300"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "guidance reward_calls=18" in done.stdout  # 2 samples x 9 guided steps (all but the last)
+    bad = subprocess.run(cmd + ["--guide", "stroke_thickness=heavy"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--guide 'stroke_thickness=heavy'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
