@@ -43,7 +43,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.prompt:
         config.prompts = list(args.prompt)
     if args.guide:
-        config.guidance.rewards = [_guide_spec(text) for text in args.guide]
+        config.guidance.rewards = guide_specs(args.guide)
     check_sample_config(config)
     adapter = load_model(config.model)
     pixels, prompts, result = generate(adapter, config)
@@ -55,18 +55,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guide_spec(text: str) -> dict:
-    """``--guide NAME=WEIGHT`` (or ``NAME.DIMENSION=WEIGHT`` for one dimension of a reward) -> a
-    guidance reward spec."""
-    name, sep, weight = text.partition("=")
-    try:
-        value = float(weight) if sep else 1.0
-    except ValueError:
-        raise ConfigError(f"--guide {text!r}: the weight {weight!r} is not a number (NAME=WEIGHT)") from None
-    name, dot, dimension = name.partition(".")
-    if dot:
-        return {"name": name, "key": f"{name}.{dimension}", "weights": {dimension: value}}
-    return {"name": name, "weight": value}
+def guide_specs(texts: list[str]) -> list[dict]:
+    """``--guide`` values -> guidance reward specs: ``NAME=WEIGHT`` weighs a reward's total;
+    ``NAME.DIMENSION=WEIGHT`` guides by that dimension only (several of one reward merge into one
+    spec, its other dimensions at weight 0)."""
+    specs: dict[str, dict] = {}
+    for text in texts:
+        name, sep, weight = text.partition("=")
+        try:
+            value = float(weight) if sep else 1.0
+        except ValueError:
+            raise ConfigError(f"--guide {text!r}: the weight {weight!r} is not a number (NAME=WEIGHT)") from None
+        name, dot, dimension = name.partition(".")
+        if dot:
+            spec = specs.setdefault(f"{name}.dims", {"name": name, "key": name, "weights": {"*": 0.0}})
+            spec["weights"][dimension] = value
+        else:
+            specs[name] = {"name": name, "weight": value}
+    return list(specs.values())
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -248,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--dtype")
     sample.add_argument("--out", help="output directory")
     sample.add_argument("--guide", action="append", metavar="NAME=WEIGHT",
-                        help="reward guidance (Flow-NRG): a reward and its weight, e.g. stroke_thickness=300 or "
-                             "video_frames.aesthetic=2 for one dimension (repeat for several)")
+                        help="reward guidance (Flow-NRG): a reward and its weight, e.g. stroke_thickness=300, or "
+                             "one dimension of a reward, e.g. video_frames.motion_smoothness=2 (repeat for several)")
     sample.add_argument("overrides", nargs="*", help="key=value config overrides")
     sample.set_defaults(func=cmd_sample)
 

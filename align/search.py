@@ -4,7 +4,7 @@
   reward, keep the best. Cost per prompt: N x S model evaluations + N reward calls.
 * ``pruned``: the same N start noises, but at each pruning step the rollout's select hook scores
   the step's one-step prediction x0_hat (decoded) with a reward -- ideally a noise-aware one (the
-  ``noise_aware`` reward, called with the step's sigma) -- and keeps the best ``keep_fractions[k]``
+  ``noise_aware`` reward, or any reward with ``takes_sigma``: called with the step's sigma) -- and keeps the best ``keep_fractions[k]``
   of each prompt's surviving candidates; the survivors finish and the final reward picks the best.
   Default schedule: TTSnap's keep fractions 0.4, 0.4, 0.5 at steps 2, 6, 11 of 20, placed at the
   same fractions of the configured number of steps.
@@ -164,7 +164,7 @@ def search(adapter, config: SearchConfig, reward=None, prune_reward=None) -> Sea
         names = [prompts[i] for i in groups.tolist()]
         level = torch.as_tensor(view.level, dtype=torch.float32)
         sigma = (level if kind == "flow" else torch.sqrt(1 - level)).expand(len(names))  # x0_hat's noise level
-        context = {"sigma": sigma} if getattr(prune_reward, "name", "") == "noise_aware" else {}
+        context = {"sigma": sigma} if getattr(prune_reward, "takes_sigma", False) else {}
         with torch.no_grad():
             scores = prune_reward(adapter.decode(view.x0_hat.to(adapter.dtype)).float(), names, **context).total
         reward_calls += len(names)

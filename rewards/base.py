@@ -62,7 +62,8 @@ def check_samples(samples: Tensor, prompts: Sequence[str], who: str) -> None:
 
 class Reward(abc.ABC):
     """Base class. Subclasses implement :meth:`score` returning a dict of (B,) tensors, one per
-    name in ``dimensions``; ``weights`` (default 1 each) make the total."""
+    name in ``dimensions``; ``weights`` (default 1 each; the key ``"*"`` sets every dimension not
+    named, e.g. ``{"*": 0, "motion_smoothness": 1}`` for one dimension only) make the total."""
 
     name: str = "reward"
     differentiable: bool = False
@@ -71,8 +72,10 @@ class Reward(abc.ABC):
     handles_video: bool = False
 
     def __init__(self, weights: dict[str, float] | None = None) -> None:
-        self.weights = {d: 1.0 for d in self.dimensions}
-        for key, value in (weights or {}).items():
+        weights = dict(weights or {})
+        rest = float(weights.pop("*", 1.0))  # "*": the weight of every dimension not named
+        self.weights = {d: rest for d in self.dimensions}
+        for key, value in weights.items():
             if key not in self.weights:
                 raise unknown_name_error(f"dimension of reward {self.name!r}", key, self.dimensions)
             self.weights[key] = float(value)

@@ -149,6 +149,7 @@ class NoiseAwareReward(Reward):
     dimensions = ("score",)
     handles_video = True
     differentiable = True  # as the teacher: set per instance
+    takes_sigma = True  # scores x0_hat at a noise level (test-time search passes the step's sigma)
 
     def __init__(self, teacher: str | dict = "digit", lr: float = 1e-4, curriculum_start: float = 0.2,
                  curriculum_steps: int = 200, checkpoint: str | Path | None = None, device: str = "cpu",

@@ -191,3 +191,26 @@ def test_align_sample_guide_flag(tmp_path):
     bad = subprocess.run(cmd + ["--guide", "stroke_thickness=heavy"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--guide 'stroke_thickness=heavy'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_guide_flags_weigh_rewards_or_single_dimensions():
+    """``--guide NAME.DIM=W`` guides by that dimension only: the spec weighs every other dimension 0
+    (the ``"*"`` key of a reward's weights); several of one reward merge."""
+    from align.cli import guide_specs
+
+    assert guide_specs(["stroke_thickness=300", "video_frames.motion_smoothness=2",
+                        "video_frames.temporal_consistency=0.5"]) == [
+        {"name": "stroke_thickness", "weight": 300.0},
+        {"name": "video_frames", "key": "video_frames",
+         "weights": {"*": 0.0, "motion_smoothness": 2.0, "temporal_consistency": 0.5}}]
+
+    class ThreeDims(Reward):
+        dimensions = ("a", "b", "c")
+
+        def score(self, samples, prompts, **context):
+            return {d: torch.full((len(prompts),), float(i + 1)) for i, d in enumerate(self.dimensions)}
+
+    only_b = ThreeDims(weights={"*": 0.0, "b": 2.0})
+    assert only_b.weights == {"a": 0.0, "b": 2.0, "c": 0.0}
+    assert float(only_b(torch.zeros(1, 3, 2, 2), ["p"]).total) == 4.0
+    assert ThreeDims(weights={"c": 3.0}).weights == {"a": 1.0, "b": 1.0, "c": 3.0}

@@ -74,3 +74,24 @@ def test_align_search_cli_writes_the_best_and_refuses_bad_names(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "stroke_thicknes" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_noise_aware_prune_reward_gets_each_steps_sigma(toy_adapter):
+    """A pruning reward with ``takes_sigma`` (the noise_aware reward) is called with the noise level
+    of the x0_hat it scores: the schedule's sigma at each pruning step."""
+    from rewards.base import Reward
+
+    seen = []
+
+    class Recorder(Reward):
+        takes_sigma = True
+
+        def score(self, samples, prompts, sigma=None, **context):
+            seen.append(sigma.unique().tolist())
+            return {"score": samples.mean(dim=(1, 2, 3))}
+
+    config = load_config(SearchConfig, overrides=[PROMPTS, "num_candidates=4", "rewards=[stroke_thickness]",
+                                                  "rollout.num_steps=10"])
+    search(toy_adapter, config, prune_reward=Recorder())
+    levels = toy_adapter.schedule(10).levels
+    assert seen == [[pytest.approx(float(levels[s]))] for s in (1, 3, 6)]
