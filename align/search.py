@@ -181,13 +181,13 @@ def search(adapter, config: SearchConfig, reward=None, prune_reward=None) -> Sea
         pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
         final = reward(pixels, [prompts[i] for i in result.prompt_index.tolist()]).total.float().cpu()
     reward_calls += len(final)
-    counts = {g: config.top_k for g in range(len(prompts))}
-    top = top_per_group(final, result.prompt_index.cpu(), counts)
-    best = torch.stack([pixels[top[result.prompt_index[top] == g]].cpu() for g in range(len(prompts))])
-    scores = torch.stack([final[top[result.prompt_index[top] == g]] for g in range(len(prompts))])
-    order = scores.argsort(dim=1, descending=True)
-    best = torch.stack([best[g, order[g]] for g in range(len(prompts))])
-    scores = scores.gather(1, order)
+    best, scores = [], []
+    for g in range(len(prompts)):  # each prompt's top_k finished candidates, best first
+        rows = (result.prompt_index.cpu() == g).nonzero().flatten()
+        order = rows[torch.argsort(final[rows], descending=True, stable=True)[:config.top_k]]
+        best.append(pixels[order.to(pixels.device)].cpu())
+        scores.append(final[order])
+    best, scores = torch.stack(best), torch.stack(scores)
     cost = result.nfe + config.reward_cost * reward_calls
     return SearchResult(best, scores, final, result.prompt_index.cpu(), result.nfe, reward_calls, cost,
                         config.num_candidates, cost_unit=config.reward_cost)
