@@ -149,8 +149,25 @@ def generate(adapter, config: SampleConfig):
     return pixels, prompts, result
 
 
+def write_strip(videos: torch.Tensor, path: str | Path, scale: int = 4, max_rows: int = 16) -> Path:
+    """strip.png: one row per video (up to ``max_rows``), its frames left to right, upscaled ``scale``
+    times (nearest) so small videos can be seen; a 1-pixel gap between frames and rows."""
+    from torchvision.transforms.functional import to_pil_image
+
+    videos = videos[:max_rows].float().clamp(0, 1)  # (N, F, C, H, W)
+    n, f, c, h, w = videos.shape
+    canvas = torch.full((c, n * (h + 1) + 1, f * (w + 1) + 1), 0.25)
+    for i in range(n):
+        for j in range(f):
+            canvas[:, 1 + i * (h + 1):1 + i * (h + 1) + h, 1 + j * (w + 1):1 + j * (w + 1) + w] = videos[i, j]
+    canvas = canvas.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    to_pil_image(canvas).save(path)
+    return Path(path)
+
+
 def write_samples(pixels: torch.Tensor, prompts: list[str], out: str | Path, columns: int, fps: int = 8) -> Path:
-    """One PNG per image (MP4 per video), and grid.png of all images (first frames for videos)."""
+    """One PNG per image (MP4 per video), and grid.png of all images (first frames for videos);
+    videos also get strip.png, every frame of each video in a row."""
     from diffusers.utils import export_to_video, make_image_grid
     from torchvision.transforms.functional import to_pil_image
 
@@ -174,6 +191,8 @@ def write_samples(pixels: torch.Tensor, prompts: list[str], out: str | Path, col
     firsts += [firsts[0].copy().point(lambda _: 0)] * (rows * columns - len(firsts))
     grid = make_image_grid(firsts, rows=rows, cols=columns)
     grid.save(out / "grid.png")
+    if pixels.ndim == 5:
+        write_strip(pixels, out / "strip.png")
     return out / "grid.png"
 
 

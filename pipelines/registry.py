@@ -13,6 +13,7 @@ from pipelines.base import ModelAdapter
 #: adapter name -> "module:Class"; every class offers ``from_pretrained(path, **kwargs)``
 ADAPTERS: dict[str, str] = {
     "toy": "pipelines.toy:ToyAdapter",
+    "toy_video": "pipelines.toy_video:ToyVideoAdapter",
     "sd3": "pipelines.sd3:SD3Adapter",
     "flux": "pipelines.flux:FluxAdapter",
     "wan": "pipelines.wan:WanAdapter",
@@ -21,7 +22,7 @@ ADAPTERS: dict[str, str] = {
 }
 
 #: adapters of flow-matching (velocity) models; the others are DDPM-family UNets
-FLOW_ADAPTERS = ("toy", "sd3", "flux", "wan")
+FLOW_ADAPTERS = ("toy", "toy_video", "sd3", "flux", "wan")
 
 #: the checkpoint each adapter loads when no path is given (hub names)
 DEFAULT_CHECKPOINTS: dict[str, str] = {

@@ -86,13 +86,13 @@ def toy_prompt(digit: int, colour: str, template: int = 0, word: bool = False) -
 
 
 class ToyTokenizer:
-    """Word-level tokenizer over :data:`VOCAB`: lowercase, split on non-alphanumerics, unknown words
+    """Word-level tokenizer over :data:`VOCAB` (or ``vocab``): lowercase, split on non-alphanumerics, unknown words
     map to ``<unk>``, sequences are padded / truncated to ``max_length`` with ``<pad>`` (id 0)."""
 
-    def __init__(self, max_length: int = 12) -> None:
+    def __init__(self, max_length: int = 12, vocab: Sequence[str] | None = None) -> None:
         self.max_length = max_length
-        self.vocab = VOCAB
-        self.word_to_id = {w: i for i, w in enumerate(VOCAB)}
+        self.vocab = tuple(vocab or VOCAB)
+        self.word_to_id = {w: i for i, w in enumerate(self.vocab)}
         self.pad_id = self.word_to_id[PAD]
         self.unk_id = self.word_to_id[UNK]
 

@@ -43,6 +43,40 @@ def make_prompt(digit: int, colour: str, rng: random.Random, p_drop: float = 0.1
     return rng.choice(PROMPT_TEMPLATES).format(d=d, c=colour)
 
 
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup: int = 200) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over min(warmup, steps / 10) steps, then a cosine from 1 to 0.1 of the rate."""
+    warmup = min(warmup, steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def flow_matching_step(model, ema, opt, sched, x0: torch.Tensor, ids: torch.Tensor, step: int, ema_decay: float,
+                       generator: torch.Generator) -> float:
+    """One rectified-flow update, |v(x_sigma, 1000 sigma) - (eps - x0)|^2 with logit-normal sigma and
+    x_sigma = (1 - sigma) x0 + sigma eps (gradient clipped at 1), then the EMA (decay warming up to
+    ``ema_decay``). Returns the loss."""
+    sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
+    eps = torch.randn(x0.shape, generator=generator)
+    s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
+    loss = (model((1 - s) * x0 + s * eps, sigma * 1000, ids) - (eps - x0)).pow(2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p, 1 - decay)
+    return loss.item()
+
+
 @torch.no_grad()
 def euler_sample(adapter: ToyAdapter, prompts: list[str], steps: int, guidance: float, seed: int) -> torch.Tensor:
     """Plain Euler integration of the flow ODE from noise to images in [0, 1]."""
@@ -111,15 +145,7 @@ def main() -> None:
     print(f"toy flow model: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_y)} train digits")
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = min(200, args.steps // 10)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, args.steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_cosine(opt, args.steps)
     start = time.time()
     running = 0.0
     for step in range(1, args.steps + 1):
@@ -128,22 +154,8 @@ def main() -> None:
         colour_ids = torch.randint(0, len(COLOURS), (args.batch_size,), generator=g)
         x0 = colour_digits(train_x[idx], colour_ids, size=size, shift=1, generator=g) * 2 - 1
         prompts = [make_prompt(int(d), COLOURS[int(c)], rng) for d, c in zip(train_y[idx], colour_ids)]
-        ids = tokenizer(prompts)
-        sigma = torch.sigmoid(torch.randn(args.batch_size, generator=g))
-        eps = torch.randn(x0.shape, generator=g)
-        s = sigma[:, None, None, None]
-        x_sigma = (1 - s) * x0 + s * eps
-        loss = (model(x_sigma, sigma * 1000, ids) - (eps - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - decay)
-        running = loss.item() if step == 1 else 0.98 * running + 0.02 * loss.item()
+        loss = flow_matching_step(model, ema, opt, sched, x0, tokenizer(prompts), step, args.ema, g)
+        running = loss if step == 1 else 0.98 * running + 0.02 * loss
         if step % 250 == 0 or step == args.steps:
             print(f"step {step:5d}  loss {running:.4f}  lr {sched.get_last_lr()[0]:.2e}  ({time.time() - start:.0f}s)",
                   flush=True)
