@@ -83,7 +83,7 @@ def build_rewards(specs: Sequence[str | dict]) -> Reward:
         raise ConfigError("no reward configured: give at least one reward")
     only = {"name": specs[0]} if isinstance(specs[0], str) else dict(specs[0])
     if len(specs) == 1 and float(only.get("weight", 1.0)) == 1.0 and only.get("normalize", "none") == "none":
-        return build_reward(only)
+        return build_reward({k: v for k, v in only.items() if k != "key"})
     rewards, weights, normalize = {}, {}, {}
     for spec in specs:
         spec = {"name": spec} if isinstance(spec, str) else dict(spec)

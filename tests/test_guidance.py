@@ -204,6 +204,11 @@ def test_guide_flags_weigh_rewards_or_single_dimensions():
         {"name": "video_frames", "key": "video_frames",
          "weights": {"*": 0.0, "motion_smoothness": 2.0, "temporal_consistency": 0.5}}]
 
+    from rewards import build_rewards
+
+    built = build_rewards(guide_specs(["motion.direction=5"]))  # one reward, one dimension: builds as such
+    assert built.weights == {"direction": 5.0, "smoothness": 0.0}
+
     class ThreeDims(Reward):
         dimensions = ("a", "b", "c")
 
