@@ -219,3 +219,16 @@ def test_guide_flags_weigh_rewards_or_single_dimensions():
     assert only_b.weights == {"a": 0.0, "b": 2.0, "c": 0.0}
     assert float(only_b(torch.zeros(1, 3, 2, 2), ["p"]).total) == 4.0
     assert ThreeDims(weights={"c": 3.0}).weights == {"a": 1.0, "b": 1.0, "c": 3.0}
+
+
+def test_dual_advantages_add_the_group_normalised_process_reward():
+    """A_s = w_o A_outcome + w_p (p_s - mean_group) / (std_group + 1e-4), per guided step s."""
+    from align.advantages import dual_advantages
+
+    outcome = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    groups = torch.tensor([0, 0, 1, 1])
+    process = {2: torch.tensor([1.0, 2.0, 5.0, 3.0])}
+    out = dual_advantages(outcome, process, groups, outcome_weight=2.0, process_weight=0.5)
+    # each group's two values sit one std from their mean: std 0.5 in group 0, 1 in group 1
+    z0, z1 = 0.5 / (0.5 + 1e-4), 1 / (1 + 1e-4)
+    torch.testing.assert_close(out[2], 2.0 * outcome + 0.5 * torch.tensor([-z0, z0, z1, -z1]))
