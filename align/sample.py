@@ -129,11 +129,16 @@ def check_lora_folder(path: str, field: str = "model.lora") -> None:
         raise ConfigError(f"{field}: LoRA folder {path}: {problem}")
 
 
+def resolve_steps(rollout_config: RolloutConfig, adapter) -> RolloutConfig:
+    """``rollout_config`` with ``num_steps`` 0 (the model family's default) replaced by the adapter's."""
+    if rollout_config.num_steps > 0:
+        return rollout_config
+    return RolloutConfig(**{**vars(rollout_config), "num_steps": adapter.default_steps})
+
+
 def generate(adapter, config: SampleConfig):
     """Encode the prompts, roll out, decode. Returns (images or videos in [0, 1], prompt of each)."""
-    rollout_config = config.rollout
-    if rollout_config.num_steps <= 0:  # 0 means: the model family's default
-        rollout_config = RolloutConfig(**{**vars(rollout_config), "num_steps": adapter.default_steps})
+    rollout_config = resolve_steps(config.rollout, adapter)
     from align.guidance import build_guidance
 
     cond = adapter.encode(config.prompts, config.negative_prompt, config.rollout.guidance_scale)

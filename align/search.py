@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from align.config import ConfigError
-from align.sample import ModelConfig
+from align.sample import ModelConfig, resolve_steps
 from align.sampling.rollout import RolloutConfig, rollout
 
 #: TTSnap's schedule: keep fractions at steps 2, 6 and 11 of 20
@@ -143,9 +143,7 @@ def search(adapter, config: SearchConfig, reward=None, prune_reward=None) -> Sea
     reward = reward if reward is not None else build_rewards(list(config.rewards)).to(adapter.device)
     if prune_reward is None:
         prune_reward = build_rewards(list(config.prune_rewards)).to(adapter.device) if config.prune_rewards else reward
-    rollout_config = config.rollout
-    if rollout_config.num_steps <= 0:
-        rollout_config = RolloutConfig(**{**vars(rollout_config), "num_steps": adapter.default_steps})
+    rollout_config = resolve_steps(config.rollout, adapter)
     num_steps = rollout_config.num_steps
     steps = config.prune_steps if config.prune_steps is not None else ttsnap_steps(num_steps, len(config.keep_fractions))
     bad = [s for s in steps if not 0 <= s < num_steps]
