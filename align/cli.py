@@ -6,6 +6,10 @@
     align train flow_grpo --config configs/quickstart.yaml [key=value ...]
     align train --config configs/methods/flow_grpo.yaml      (a method preset names its trainer)
     align launch multi_gpu train flow_grpo --config ...     (accelerate launch with a shipped preset)
+    align sweep configs/sweeps/methods.yaml [--workers 2]    (methods x rewards x settings x seeds)
+    align sweep report runs/sweeps/methods                   (its tables and plots again)
+    align eval runs/quickstart                              (before / after table of a run)
+    align demo [--port 7860]                                (the Gradio demo)
     align env
     align models
 
@@ -220,6 +224,35 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return subprocess.call(launch, env=os.environ.copy())
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from align.sweep import main_sweep
+
+    targets = [t for t in args.target if "=" not in t]  # key=value words are overrides
+    args.overrides = [t for t in args.target if "=" in t] + list(args.overrides)
+    args.target = targets
+    return main_sweep(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from align.run_eval import evaluate_run_folder, metric_label
+
+    report = evaluate_run_folder(args.run_dir, list(args.overrides))
+    for key, value in report["metrics"].items():
+        print(f"{metric_label(key)}: {value['before']:.4f} -> {value['after']:.4f}")
+    print(f"wrote {Path(args.run_dir) / 'eval.md'} and {Path(args.run_dir) / 'eval.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from demos.app import launch
+    except ImportError as err:
+        raise ConfigError(f"align demo needs gradio ({err}): pip install -e '.[demo]'") from None
+    launch(host=args.host, port=args.port, runs=args.runs, model_paths=args.model_path,
+           reward_options=args.reward_option, share=args.share)
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     from align.env import environment_report
 
@@ -301,6 +334,30 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--pairs", type=int, default=16, help="pairs to judge")
     label.add_argument("overrides", nargs="*", help="key=value config overrides")
     label.set_defaults(func=cmd_label)
+
+    sweep = sub.add_parser("sweep", help="sweep methods x rewards x settings x seeds (align sweep FILE), or "
+                                         "write a sweep folder's report (align sweep report DIR)")
+    sweep.add_argument("target", nargs="+", help="a sweep file, or: report DIR")
+    sweep.add_argument("--workers", type=int, default=1, help="processes running trials at once")
+    sweep.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    sweep.add_argument("overrides", nargs="*", help="key=value overrides of the sweep file")
+    sweep.set_defaults(func=cmd_sweep)
+
+    evaluation = sub.add_parser("eval", help="the before / after table of a run folder (eval.md, eval.json, grids)")
+    evaluation.add_argument("run_dir", help="a run folder (holds run.json)")
+    evaluation.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. eval.per_prompt=8)")
+    evaluation.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="the Gradio demo: compare rewards, checkpoints and runs in a browser")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--runs", default="runs", help="the folder whose run folders the demo lists")
+    demo.add_argument("--model-path", action="append", default=[], metavar="NAME=PATH",
+                      help="a real model's local folder, e.g. sd3=/models/sd3.5-medium (repeat for several)")
+    demo.add_argument("--reward-option", action="append", default=[], metavar="REWARD.KEY=VALUE",
+                      help="a reward option, e.g. aesthetic.head_path=/models/sac+logos+ava1-l14-linearMSE.pth")
+    demo.add_argument("--share", action="store_true", help="a public gradio.live link")
+    demo.set_defaults(func=cmd_demo)
 
     env = sub.add_parser("env", help="versions, devices and attention backends")
     env.set_defaults(func=cmd_env)

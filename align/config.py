@@ -117,7 +117,7 @@ POSITIVE_FIELDS = frozenset({
 })
 #: numeric fields by name that must be >= 0
 NON_NEGATIVE_FIELDS = frozenset({
-    "kl_beta", "weight_decay", "checkpoint_every", "sample_every", "guidance_scale", "policy_ema_warmup",
+    "kl_beta", "weight_decay", "checkpoint_every", "sample_every", "eval_every_nfe", "guidance_scale", "policy_ema_warmup",
     "max_grad_norm", "policy_ema_rate", "adv_eps", "t_min", "timestep_fraction", "width_keep_fraction",
     "regularizer_weight", "keep_threshold", "min_reward_gap", "split_end", "cut_step",
 })

@@ -83,6 +83,9 @@ class RunConfig:
     gradient_checkpointing: bool = False
     #: write a sample grid of the evaluation prompts every N iterations (0: only before / after)
     sample_every: int = 0
+    #: evaluate (metrics only, no grid) each time the run's model evaluations pass a multiple of N
+    #: (0: off): reward-vs-compute curves comparable across methods (sweeps set it)
+    eval_every_nfe: int = 0
     progress: bool = True
     #: stop the run when more than this fraction of an iteration's samples is unscored (the
     #: reward's valid flag: a server down, OCR with no text); below it they are dropped and counted
@@ -105,6 +108,8 @@ class TrainState:
 
     iteration: int = 0
     nfe: int = 0
+    #: wall seconds of training so far (evaluations excluded), over every resume
+    seconds: float = 0.0
     reward_before: float | None = None
     heldout_before: dict | None = None
     #: trainer-specific values that must survive a resume (calibrated noise, GRPO-Guard scale, ...)

@@ -170,10 +170,21 @@ def write_strip(videos: torch.Tensor, path: str | Path, scale: int = 4, max_rows
     return Path(path)
 
 
+#: grids show every sample at least this many pixels high (small ones enlarged, nearest neighbour)
+GRID_MIN_PIXELS = 96
+
+
+def display_scale(height: int) -> int:
+    """The integer factor that shows a sample of ``height`` pixels at least GRID_MIN_PIXELS high."""
+    return max(1, -(-GRID_MIN_PIXELS // max(1, height)))
+
+
 def write_samples(pixels: torch.Tensor, prompts: list[str], out: str | Path, columns: int, fps: int = 8) -> Path:
-    """One PNG per image (MP4 per video), and grid.png of all images (first frames for videos);
-    videos also get strip.png, every frame of each video in a row."""
+    """One PNG per image (MP4 per video, at their own size), and grid.png of all images (first frames
+    for videos), small ones enlarged without smoothing (:func:`display_scale`); videos also get
+    strip.png, every frame of each video in a row."""
     from diffusers.utils import export_to_video, make_image_grid
+    from PIL import Image
     from torchvision.transforms.functional import to_pil_image
 
     out = Path(out)
@@ -195,6 +206,9 @@ def write_samples(pixels: torch.Tensor, prompts: list[str], out: str | Path, col
     rows = -(-len(firsts) // columns)
     firsts += [firsts[0].copy().point(lambda _: 0)] * (rows * columns - len(firsts))
     grid = make_image_grid(firsts, rows=rows, cols=columns)
+    scale = display_scale(firsts[0].height)
+    if scale > 1:  # small images (the toy model's 16 px) are enlarged without smoothing, to be seen
+        grid = grid.resize((grid.width * scale, grid.height * scale), resample=Image.NEAREST)
     grid.save(out / "grid.png")
     if pixels.ndim == 5:
         write_strip(pixels, out / "strip.png")

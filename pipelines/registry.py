@@ -23,6 +23,9 @@ ADAPTERS: dict[str, str] = {
 
 #: adapters of flow-matching (velocity) models; the others are DDPM-family UNets
 FLOW_ADAPTERS = ("toy", "toy_video", "sd3", "flux", "wan")
+#: held-out rewards a run watches when its config names none (``heldout_rewards: null``): the toy
+#: model's digits are read by an independent judge, so hacking the digit classifier shows
+DEFAULT_HELDOUT_REWARDS: dict[str, list] = {"toy": ["digit_judge"]}
 
 #: the checkpoint each adapter loads when no path is given (hub names)
 DEFAULT_CHECKPOINTS: dict[str, str] = {

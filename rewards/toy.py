@@ -7,6 +7,9 @@ They are cheap and differentiable, so every trainer has a reward that moves on a
 * ``colour`` -- how well the mean stroke colour matches the colour the prompt asks for: a softmax over
   the palette of ``-|stroke colour - palette colour|^2 / temperature`` read at the requested colour;
   a prompt naming no colour scores 1 (neutral).
+* ``digit_judge`` -- the held-out check of ``digit``: 1 when an independent judge (another model family,
+  trained on another split of the digits: ``rewards/digit_judge.py``) reads the requested digit, else 0;
+  its mean is the judge's accuracy. The embedded default's held-out reward.
 * ``stroke_thickness`` -- mean ink: the mean over pixels of the stroke intensity (the per-pixel maximum
   over the channels), in [0, 1]; ``thinner=True`` negates it, ``target`` scores ``-|ink - target|``.
 """
@@ -58,6 +61,37 @@ class DigitReward(Reward):
         named = torch.tensor([d is not None for d in digits], device=probs.device)
         requested = probs.gather(1, idx[:, None]).squeeze(1)
         return {"score": torch.where(named, requested, probs.amax(dim=-1))}
+
+
+@register_reward("digit_judge")
+class DigitJudgeReward(Reward):
+    """1 when the independent judge's most likely digit is the requested one (a prompt naming no digit:
+    the judge and the reward classifier agree), else 0; ``judge_path`` loads other judge weights."""
+
+    differentiable = False
+    dimensions = ("accuracy",)
+
+    def __init__(self, judge_path: str | Path | None = None, device: str = "cpu", weights=None) -> None:
+        super().__init__(weights)
+        from rewards.digit_judge import load_digit_judge
+
+        self.judge_path = judge_path
+        self.judge = load_digit_judge(judge_path, device=device)
+
+    def to(self, device) -> "DigitJudgeReward":
+        from rewards.digit_judge import load_digit_judge
+
+        self.judge = load_digit_judge(self.judge_path, device=device)
+        return self
+
+    def score(self, samples, prompts, **context):
+        with torch.no_grad():
+            judged = self.judge(samples.to(next(self.judge.parameters()).device)).argmax(dim=-1).cpu()
+        digits = [_dc().parse_prompt(p)[0] for p in prompts]
+        if any(d is None for d in digits):
+            classified = _dc().predict_digits(samples.float().cpu(), _dc().load_digit_classifier())
+            digits = [int(c) if d is None else d for d, c in zip(digits, classified)]
+        return {"accuracy": (judged == torch.tensor(digits)).float().to(samples.device)}
 
 
 @register_reward("colour")

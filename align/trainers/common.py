@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +21,9 @@ class TrainerConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     #: trained reward(s): names or {name, weight, normalize, **options}
     rewards: list[Any] = field(default_factory=lambda: ["digit"])
-    #: rewards only watched on the evaluation samples (reward hacking shows as these falling)
-    heldout_rewards: list[Any] = field(default_factory=list)
+    #: rewards only watched on the evaluation samples (reward hacking shows as these falling); null:
+    #: the model's default (the embedded toy model's is the independent digit judge, ``digit_judge``)
+    heldout_rewards: list[Any] | None = None
     prompts: list[str] = field(default_factory=lambda: list(TOY_PROMPTS))
     prompt_file: str | None = None
     eval_prompts: list[str] = field(default_factory=lambda: list(TOY_EVAL_PROMPTS))
@@ -79,8 +81,17 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     check_device(config.model.device)
     check_precision(config.run.mixed_precision, config.model.device)
     check_run_folder(config)
-    for field_name in ("rewards", "heldout_rewards"):
-        check_reward_specs(getattr(config, field_name), field_name)
+    check_reward_specs(config.rewards, "rewards")
+    check_reward_specs(heldout_specs(config), "heldout_rewards")
+
+
+def heldout_specs(config: TrainerConfig) -> list:
+    """The run's held-out rewards: ``heldout_rewards``, or the model's default when it is null."""
+    from pipelines.registry import DEFAULT_HELDOUT_REWARDS
+
+    if config.heldout_rewards is not None:
+        return list(config.heldout_rewards)
+    return list(DEFAULT_HELDOUT_REWARDS.get(config.model.name, []))
 
 
 def require_stochastic_kernel(rollout_config) -> None:
@@ -112,7 +123,7 @@ def build_reward_set(config: TrainerConfig):
 
     reward = build_rewards(list(config.rewards))
     heldout = {}
-    for spec in config.heldout_rewards:
+    for spec in heldout_specs(config):
         spec = {"name": spec} if isinstance(spec, str) else dict(spec)
         heldout[spec.get("key", spec["name"])] = build_reward({k: v for k, v in spec.items() if k != "key"})
     return reward, heldout
@@ -138,8 +149,15 @@ def start_run(config: TrainerConfig, adapter=None):
         before = evaluate_run(run, config, reward, heldout, "before")
         run.state.reward_before = before["eval/reward"]
         run.state.heldout_before = {k: v for k, v in before.items() if k != "eval/reward"}
-        run.log(before, step=0)
+        log_evaluation(run, before)
+    run.clock = time.perf_counter()  # training wall time (run.state.seconds) counts from here
     return run, reward, heldout, prompts
+
+
+def log_evaluation(run, metrics: dict[str, float]) -> None:
+    """Log an evaluation at the run's current iteration with the compute spent to reach it
+    (``nfe`` and training ``wall_s``): the points of reward-vs-compute curves."""
+    run.log({**metrics, "nfe": run.state.nfe, "wall_s": run.state.seconds}, step=run.state.iteration)
 
 
 def evaluate_run(run, config: TrainerConfig, reward, heldout, grid_name: str) -> dict[str, float]:
@@ -173,7 +191,7 @@ def finish_run(config: TrainerConfig, run, reward, heldout) -> dict[str, float]:
                                                for p in run.checkpoints()):
         run.save_checkpoint()  # the finished state: a rerun says the run is done instead of redoing steps
     after = evaluate_run(run, config, reward, heldout, "after")
-    run.log(after, step=run.state.iteration)
+    log_evaluation(run, after)
     if run.is_main and config.lora.enabled:
         with run.ema_weights():  # the EMA's LoRA when EMA is on (what the evaluation measured)
             run.adapter.export_lora(run.dir / "lora")
@@ -299,14 +317,20 @@ def end_iteration(run, config: TrainerConfig, reward, heldout, metrics: dict[str
     """Count the iteration and its model evaluations (all processes), log, checkpoint and write
     the periodic sample grid."""
     run.state.iteration += 1
+    spent_before = run.state.nfe
     run.state.nfe += nfe * run.accelerator.num_processes
-    run.log({**metrics, "nfe": run.state.nfe}, step=run.state.iteration)
+    now = time.perf_counter()
+    run.state.seconds += now - getattr(run, "clock", now)
+    run.clock = now
+    run.log({**metrics, "nfe": run.state.nfe, "wall_s": run.state.seconds}, step=run.state.iteration)
     every = config.run.checkpoint_every
     if every and run.state.iteration % every == 0:
         run.save_checkpoint()
     if config.run.sample_every and run.state.iteration % config.run.sample_every == 0:
-        run.log(evaluate_run(run, config, reward, heldout, f"iteration-{run.state.iteration:06d}"),
-                step=run.state.iteration)
+        log_evaluation(run, evaluate_run(run, config, reward, heldout, f"iteration-{run.state.iteration:06d}"))
+    elif config.run.eval_every_nfe and run.state.nfe // config.run.eval_every_nfe > spent_before // config.run.eval_every_nfe:
+        log_evaluation(run, evaluate_run(run, config, reward, heldout, None))
+    run.clock = time.perf_counter()  # evaluations do not count as training time
 
 
 class progress:
