@@ -339,11 +339,28 @@ def search_value(config: SweepConfig, out: Path, method: str, reward: str | None
 
 # --- the command ------------------------------------------------------------------------------------------------
 
+def check_trials(config: SweepConfig, out: Path) -> None:
+    """Every trial still to run is a valid trainer config (its trainer's whole check_config), so a typo
+    in a preset, a reward or a setting stops the sweep before its first trial; a search checks its
+    presets with the sweep's overrides (the searched values are drawn later, in their ranges)."""
+    if config.search is not None:
+        trials = [Trial(trial_name(m, r, {}, config.seeds[0], 0), m, r, {}, config.seeds[0], 0)
+                  for m in config.methods for r in (list(config.rewards) if config.rewards else [None])]
+    else:
+        trials = grid_trials(config)
+    for trial in trials:
+        folder = out / "trials" / trial.name
+        if not finished(folder):
+            module, trainer_config = trial_config(config, trial, folder)
+            module.check_config(trainer_config)
+
+
 def run_sweep(path: str | Path, overrides: list[str] = (), workers: int = 1) -> Path:
     """Run (or continue) a sweep and write its report; ``workers`` > 1 runs that many processes of
     the same sweep and waits for them."""
     config = load_sweep(path, overrides)
     out = Path(config.out)
+    check_trials(config, out)
     out.mkdir(parents=True, exist_ok=True)
     if workers > 1:
         threads = config.threads or max(1, (os.cpu_count() or 1) // workers)

@@ -82,24 +82,29 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-_CACHE: dict[tuple[str, str], DigitClassifier] = {}
+_CACHE: dict[tuple[str, str, str], nn.Module] = {}
 
 
-def load_digit_classifier(path: str | Path | None = None, device: str | torch.device = "cpu") -> DigitClassifier:
-    """The shipped classifier (or the safetensors file at ``path``), frozen, in eval mode; cached."""
+def load_frozen(model_cls: type[nn.Module], path: Path, device: str | torch.device, script: str) -> nn.Module:
+    """``model_cls`` with the safetensors weights at ``path``, frozen, in eval mode, cached per file
+    and device (the toy rewards' small models); a missing file names the ``script`` that trains it."""
     from safetensors.torch import load_file
 
-    path = Path(path) if path is not None else CLASSIFIER_WEIGHTS
-    key = (str(path), str(torch.device(device)))
+    key = (model_cls.__name__, str(path), str(torch.device(device)))
     if key not in _CACHE:
         if not path.exists():
-            raise FileNotFoundError(f"no digit classifier at {path} (train one with "
-                                    "scripts/train_digit_classifier.py)")
-        model = DigitClassifier()
+            raise FileNotFoundError(f"no {model_cls.__name__} weights at {path} (train them with {script})")
+        model = model_cls()
         model.load_state_dict(load_file(str(path)))
         model.requires_grad_(False)
         _CACHE[key] = model.to(device).eval()
     return _CACHE[key]
+
+
+def load_digit_classifier(path: str | Path | None = None, device: str | torch.device = "cpu") -> DigitClassifier:
+    """The shipped classifier (or the safetensors file at ``path``), frozen, in eval mode; cached."""
+    return load_frozen(DigitClassifier, Path(path) if path is not None else CLASSIFIER_WEIGHTS, device,
+                       "scripts/train_digit_classifier.py")
 
 
 def _digit_tensor(digits: int | Sequence[int] | Tensor, batch: int, device) -> Tensor:

@@ -45,20 +45,9 @@ class DigitJudge(nn.Module):
         return self.net(judge_input(images) * 2 - 1)
 
 
-_CACHE: dict[tuple[str, str], DigitJudge] = {}
-
-
 def load_digit_judge(path: str | Path | None = None, device: str | torch.device = "cpu") -> DigitJudge:
     """The shipped judge (or the safetensors file at ``path``), frozen, in eval mode; cached."""
-    from safetensors.torch import load_file
+    from rewards.digit_classifier import load_frozen
 
-    path = Path(path) if path is not None else JUDGE_WEIGHTS
-    key = (str(path), str(torch.device(device)))
-    if key not in _CACHE:
-        if not path.exists():
-            raise FileNotFoundError(f"no digit judge at {path} (train one with scripts/train_digit_judge.py)")
-        model = DigitJudge()
-        model.load_state_dict(load_file(str(path)))
-        model.requires_grad_(False)
-        _CACHE[key] = model.to(device).eval()
-    return _CACHE[key]
+    return load_frozen(DigitJudge, Path(path) if path is not None else JUDGE_WEIGHTS, device,
+                       "scripts/train_digit_judge.py")

@@ -62,6 +62,12 @@ CASES = [
     ("search: mistyped reward", ["search", "--reward", "digt"], "rewards[0]: unknown reward 'digt'"),
     ("one entry of a list", ["train", "--config", str(ROOT / "configs" / "methods" / "adv_grpo.yaml"),
                              "rewards[0].lr=0.1"], "rewards: a list is replaced whole"),
+    ("sweep: mistyped method", ["sweep", str(ROOT / "configs" / "sweeps" / "methods.yaml"), "methods=[flow_gpro]"],
+     "methods: unknown method preset 'flow_gpro' (did you mean 'flow_grpo'"),
+    ("sweep: mistyped key", ["sweep", str(ROOT / "configs" / "sweeps" / "methods.yaml"), "seed=[0]"],
+     "unknown config key 'seed' (did you mean 'seeds'"),
+    ("sweep: mistyped trial setting", ["sweep", str(ROOT / "configs" / "sweeps" / "methods.yaml"),
+                                       "overrides={optim.lrr: 0.1}"], "optim.lrr"),
 ]
 
 
@@ -77,7 +83,12 @@ def no_model_load(monkeypatch):
 
 def run_cli(args, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = [*args, f"run.output_dir={out}"] if args[0] == "train" else [*args, "--out", str(out)]
+    if args[0] == "train":
+        argv = [*args, f"run.output_dir={out}"]
+    elif args[0] == "sweep":
+        argv = [*args, f"out={out}"]
+    else:
+        argv = [*args, "--out", str(out)]
     code = main(argv)
     err = capsys.readouterr().err.strip()
     return code, err, out

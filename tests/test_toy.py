@@ -233,4 +233,6 @@ def test_a_run_writes_tensorboard_scalars_grids_config_and_metrics(tmp_path):
         assert (tmp_path / "samples" / grid / "grid.png").exists(), grid
     assert OmegaConf.load(tmp_path / "config.yaml").group_size == 4
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["nfe"] for r in rows if "nfe" in r] == [2 * 4 * 4, 4 * 4 * 4]
+    assert [r["nfe"] for r in rows if "nfe" in r and "eval/reward" not in r] == [2 * 4 * 4, 4 * 4 * 4]
+    # evaluations carry the compute spent to reach them: before, every iteration (sample_every=1), after
+    assert [(r["nfe"], r["iteration"]) for r in rows if "eval/reward" in r] == [(0, 0), (32, 1), (64, 2), (64, 2)]

@@ -1,0 +1,132 @@
+"""Sweeps: the grid of trials, a tiny sweep that is killed mid-way and run again without redoing its
+finished trials, its report (rows, valid plots), and an Optuna search that resumes a trial left
+running by a process that died."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from align.errors import ConfigError
+from align.sweep import SweepConfig, grid_trials, load_sweep, run_sweep
+from align.sweep_report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+#: a trial of two iterations: 2 prompts x 4 samples x 10 steps = 80 model evaluations each
+TINY = """
+out: {out}
+max_nfe: 160
+eval_every_nfe: 80
+methods: [flow_grpo, raft]
+seeds: [0, 1]
+threads: 1
+overrides:
+  group_size: 4
+  prompts_per_iteration: 2
+  eval_prompts: ["a white digit 3", "a cyan digit 5"]
+  eval: {{per_prompt: 2}}
+"""
+
+
+def write_sweep(tmp_path, text=TINY, **fields):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text.format(out=tmp_path / "out", **fields))
+    return path
+
+
+def test_the_grid_is_every_method_reward_setting_and_seed():
+    config = SweepConfig(methods=["flow_grpo", "raft"], rewards={"digit": ["digit"], "bold": ["stroke_thickness"]},
+                         settings={"optim.lr": [0.001, 0.002]}, seeds=[0, 1, 2])
+    trials = grid_trials(config)
+    assert len(trials) == 2 * 2 * 2 * 3 and len({t.name for t in trials}) == len(trials)
+    assert trials[0].name == "flow_grpo-digit-lr=0.001-seed0"
+    assert {t.settings["optim.lr"] for t in trials} == {0.001, 0.002}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("methods: [flow_grpo, flow_gpro]", "flow_grpo"),
+    ("settings: {optim.lr: 0.001}", "settings.optim.lr"),
+    ("search: {params: {optim.lr: {low: 0.1, high: 0.01}}}", "low < high"),
+])
+def test_a_bad_sweep_file_is_one_line_naming_the_problem(tmp_path, line, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"out: {tmp_path}/out\n{line}\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        load_sweep(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_trials(tmp_path, capsys):
+    path = write_sweep(tmp_path)
+    out = tmp_path / "out"
+    first = out / "trials" / "flow_grpo-seed0" / "trial.json"
+    worker = subprocess.Popen([sys.executable, "-m", "align", "sweep", str(path), "--no-report"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while not first.is_file() and time.time() < deadline and worker.poll() is None:
+        time.sleep(0.2)
+    worker.kill()
+    worker.wait()
+    assert first.is_file(), "the first trial did not finish in time"
+    finished_at = first.stat().st_mtime_ns
+    done_before = sorted(p.parent.name for p in out.glob("trials/*/trial.json"))
+    assert len(done_before) < 4, "the sweep ended before it was killed: nothing was left to resume"
+
+    run_sweep(path)
+    printed = capsys.readouterr().out
+    assert first.stat().st_mtime_ns == finished_at
+    for name in done_before:
+        assert f"sweep: {name} finished before, skipped" in printed
+    infos = [json.loads(p.read_text()) for p in sorted(out.glob("trials/*/trial.json"))]
+    assert [i["name"] for i in infos] == ["flow_grpo-seed0", "flow_grpo-seed1", "raft-seed0", "raft-seed1"]
+    assert all(i["status"] == "complete" for i in infos)
+
+    paths = write_report(out)
+    rows = (out / "report.csv").read_text().splitlines()
+    assert rows[0].startswith("trial,method,") and len(rows) == 1 + 4
+    markdown = (out / "report.md").read_text()
+    assert "| flow_grpo | 2 |" in markdown and "| raft | 2 |" in markdown and "digit_judge before -> after" in markdown
+    from PIL import Image
+
+    for name in ("reward_vs_nfe.png", "reward_vs_time.png", "final_reward.png", "heldout.png"):
+        assert out / name in paths
+        with Image.open(out / name) as image:
+            image.verify()
+        with Image.open(out / name) as image:
+            assert image.width > 400 and image.height > 300
+    # the curves: every trial evaluated at the start, at 80 and at 160 model evaluations
+    metrics = [json.loads(line) for line in (out / "trials" / "raft-seed1" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["nfe"] for m in metrics if "eval/reward" in m][:1] == [0]
+
+
+def test_an_optuna_search_resumes_a_trial_whose_process_died(tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    text = TINY.replace("methods: [flow_grpo, raft]", "methods: [raft]").replace("seeds: [0, 1]", "seeds: [0]")
+    text += "search: {{trials: 2, params: {{optim.lr: {{low: 0.0005, high: 0.005, log: true}}}}}}\n"
+    path = write_sweep(tmp_path, text)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    storage = JournalStorage(JournalFileBackend(str(out / "optuna.journal")))
+    study = optuna.create_study(study_name="raft", storage=storage, direction="maximize")
+    left = study.ask({"optim.lr": optuna.distributions.FloatDistribution(0.0005, 0.005, log=True)})
+    left.set_user_attr("host", __import__("socket").gethostname())
+    left.set_user_attr("pid", dead.pid)
+
+    run_sweep(path)
+    trials = optuna.load_study(study_name="raft", storage=storage).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert trials[0].params == left.params
+    info = json.loads((out / "trials" / "raft-trial0-seed0" / "trial.json").read_text())
+    assert info["settings"] == left.params and trials[0].value == pytest.approx(info["summary"]["eval/reward"])
