@@ -3,8 +3,8 @@ seed spread, then per trial) and plots (matplotlib PNGs):
 
 - ``reward_vs_nfe.png`` and ``reward_vs_time.png``: the evaluation reward against model evaluations and
   training wall time, per method, mean over seeds with the min-max band;
-- ``final_reward.png``: the final trained and held-out rewards per method (bars: mean, whiskers: seed
-  min-max);
+- ``final_reward.png``: the final trained and held-out rewards per method (bars: mean over seeds,
+  whiskers: their std, ticks: before training);
 - ``heldout.png``: the trained reward and each held-out reward against model evaluations side by side
   (reward hacking shows as the trained one rising while a held-out one falls).
 

@@ -19,7 +19,12 @@ def test_sample_sd3_tree_writes_pngs_and_grid(tmp_path, capsys):
     assert code == 0
     pngs = sorted(out.glob("0*.png"))
     assert len(pngs) == 4  # one root, two splits of factor 2
-    assert Image.open(out / "grid.png").size == (4 * Image.open(pngs[0]).size[0], Image.open(pngs[0]).size[1])
+    # the grid: the four samples in a row, each 32 px sample enlarged 3x (nearest) to be seen
+    w, h = Image.open(pngs[0]).size
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (4 * w * 3, h * 3)
+    first = Image.open(pngs[0]).convert("RGB")
+    assert grid.convert("RGB").crop((0, 0, 3 * w, 3 * h)).resize((w, h), Image.NEAREST).tobytes() == first.tobytes()
     assert "nfe=" in capsys.readouterr().out
     assert len((out / "prompts.txt").read_text().splitlines()) == 4
 
