@@ -10,7 +10,7 @@
 - **Runs**: pick a run folder: its before / after table (``align eval``'s ``eval.md`` when it was
   written, else the run's own first and last evaluation) and its reward curve.
 
-Every event has an ``api_name`` (``/compare``, ``/score_files``, ``/run_info``, ``/list_runs``), so
+Every event has an ``api_name`` (``/compare``, ``/score_files``, ``/run_info``, ``/list_runs``, ...), so
 ``gradio_client`` can drive it. A reward that cannot be built (missing weights) shows its one-line
 error in the page; the other rewards still score.
 """
@@ -432,12 +432,14 @@ def build_app(settings: DemoSettings | None = None):
                                [file_table, file_errors], api_name="score_files")
         with gr.Tab("Runs"):
             with gr.Row():
-                run_pick = gr.Dropdown(demo.runs(), label="Run folder", allow_custom_value=True)
+                run_pick = gr.Dropdown(demo.runs(), label="Run folder", allow_custom_value=True, elem_id="run_pick")
+                show = gr.Button("Show run", variant="primary", elem_id="show_run")
                 refresh = gr.Button("Refresh list")
             run_md = gr.Markdown()
             curve = gr.Plot(label="Reward curve")
             grids = gr.Image(label="Before / after samples", type="filepath")
-            run_pick.change(guarded(demo.run_info), run_pick, [run_md, curve, grids], api_name="run_info")
+            show.click(guarded(demo.run_info), run_pick, [run_md, curve, grids], api_name="run_info")
+            run_pick.change(guarded(demo.run_info), run_pick, [run_md, curve, grids], api_name="pick_run")
             refresh.click(lambda: gr.update(choices=demo.runs()), None, run_pick, api_name="list_runs")
     app.demo_state = demo
     return app

@@ -101,9 +101,10 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(tmp_path, capsys
             image.verify()
         with Image.open(out / name) as image:
             assert image.width > 400 and image.height > 300
-    # the curves: every trial evaluated at the start, at 80 and at 160 model evaluations
-    metrics = [json.loads(line) for line in (out / "trials" / "raft-seed1" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["nfe"] for m in metrics if "eval/reward" in m][:1] == [0]
+    # the curve points: evaluated at the start, each 80 model evaluations (eval_every_nfe), and at the end
+    metrics = [json.loads(line) for line in (out / "trials" / "flow_grpo-seed1" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["nfe"] for m in metrics if "eval/reward" in m] == [0, 80, 160, 160]
+    assert "| flow_grpo-seed1 | complete | 160 |" in markdown
 
 
 def test_an_optuna_search_resumes_a_trial_whose_process_died(tmp_path):
