@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from align.config import ConfigError, load_config
+from align.trainers import resolve_trainer  # noqa: F401 - the command's trainer, re-exported
 
 
 def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
@@ -137,20 +138,6 @@ def cmd_label(args: argparse.Namespace) -> int:
     print(f"wrote {args.pairs} pairs to {out}: open {out / 'index.html'}, choose, save pairs.jsonl there, then "
           f"align train d3po --config ... labels={out / 'pairs.jsonl'}")
     return 0
-
-
-def resolve_trainer(method: str | None, config_path: str | None, overrides) -> str:
-    """The trainer to run: the command's argument, or the ``trainer`` key of the config file (a
-    method preset names its trainer); when both are given they must agree."""
-    from align.config import read_yaml
-
-    named = read_yaml(config_path).get("trainer") if config_path is not None else None
-    named = next((o.split("=", 1)[1] for o in overrides if o.startswith("trainer=")), named)
-    if method and named and method != named:
-        raise ConfigError(f"trainer: the command runs {method!r} but the config names {named!r}")
-    if not (method or named):
-        raise ConfigError("trainer: give a trainer name (align train flow_grpo ...) or a --config that names one")
-    return method or named
 
 
 def cmd_train(args: argparse.Namespace) -> int:

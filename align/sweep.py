@@ -173,9 +173,8 @@ def trial_overrides(config: SweepConfig, trial: Trial, folder: Path) -> list[str
 
 def trial_config(config: SweepConfig, trial: Trial, folder: Path):
     """(trainer module, validated trainer config) of a trial."""
-    from align.cli import resolve_trainer
     from align.config import load_config
-    from align.trainers import trainer_module
+    from align.trainers import resolve_trainer, trainer_module
 
     preset = preset_path(trial.method)
     overrides = trial_overrides(config, trial, folder)

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("align", "rewards", "pipelines")
+PACKAGES = ("align", "rewards", "pipelines", "demos")
 
 
 def module_name(path: Path) -> str:

@@ -116,7 +116,7 @@ def test_align_sample_writes_mp4s_a_grid_and_a_strip(tmp_path):
     assert (out / "0000.mp4").stat().st_size > 0 and (out / "0001.mp4").is_file()
     from PIL import Image
 
-    assert Image.open(out / "grid.png").size == (32, 16)
+    assert Image.open(out / "grid.png").size == (32 * 6, 16 * 6)  # two first frames, 16 px enlarged to 96
     assert Image.open(out / "strip.png").size == (4 * (8 * 17 + 1), 4 * (2 * 17 + 1))  # 8 frames, 2 rows
 
 
