@@ -27,6 +27,9 @@ def attention_backends() -> dict[str, str]:
         backends["sdpa flash / memory-efficient"] = "needs a CUDA device"
     backends["xformers"] = _version("xformers")
     backends["triton"] = _version("triton")
+    from align.attention import available_backends
+
+    backends.update({f"model.attention_backend={name}": state for name, state in available_backends().items()})
     return backends
 
 

@@ -30,6 +30,9 @@ class ModelConfig:
     #: T5 / UMT5 tokens per prompt for sd3, flux and wan (null: the adapter's default, 256 for SD3;
     #: the Flow-GRPO reference trains SD3.5 at 128)
     max_sequence_length: int | None = None
+    #: attention backend of the denoiser through diffusers' dispatch: native (torch SDPA), flash,
+    #: sage, xformers, flex, ... where installed (``align env`` lists them; align/attention.py)
+    attention_backend: str = "native"
 
 
 @dataclass
@@ -102,6 +105,9 @@ def load_model(config: ModelConfig):
 
     if config.lora is not None:
         check_lora_folder(config.lora)
+    from align.attention import apply_attention_backend, check_attention_backend
+
+    check_attention_backend(config.attention_backend)
     device = resolve_device(config.device)
     options = {} if config.max_sequence_length is None else {"max_sequence_length": config.max_sequence_length}
     if options and config.name not in ("sd3", "flux", "wan"):
@@ -111,6 +117,7 @@ def load_model(config: ModelConfig):
     # the configured size is the adapter's default (e.g. FLUX reads its packed latents' grid from it)
     adapter.default_height = config.height or adapter.default_height
     adapter.default_width = config.width or adapter.default_width
+    apply_attention_backend(adapter, config.attention_backend)
     if config.lora is not None:
         try:
             adapter.load_lora(config.lora)
@@ -226,6 +233,9 @@ def check_sample_config(config: SampleConfig) -> None:
     config.rollout.validate(config.rollout.num_steps or 1)
     config.guidance.validate(config.rollout.num_steps or None)
     check_device(config.model.device)
+    from align.attention import check_attention_backend
+
+    check_attention_backend(config.model.attention_backend)
     from dataclasses import replace
 
     from align.config import check_ranges

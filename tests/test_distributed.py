@@ -32,7 +32,7 @@ def test_flow_grpo_runs_on_two_processes(tmp_path, launcher):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "reward before=" in done.stdout
     nfe = [json.loads(line)["nfe"] for line in (out / "metrics.jsonl").read_text().splitlines()
-           if "nfe" in json.loads(line)]
+           if "nfe" in json.loads(line) and "eval/reward" not in json.loads(line)]  # iterations, not evaluations
     per_process = 4 * 8 * 10  # prompts x group x steps
     assert nfe == [2 * per_process, 4 * per_process]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iteration-000001", "iteration-000002"]

@@ -27,7 +27,9 @@ def command(out: Path, *extra: str) -> list[str]:
 
 def logged_iterations(out: Path) -> int:
     metrics = out / "metrics.jsonl"
-    return metrics.read_text().count('"nfe"') if metrics.exists() else 0
+    if not metrics.exists():
+        return 0  # an iteration's row has nfe and no evaluation (evaluations log their nfe too)
+    return sum('"nfe"' in line and '"eval/reward"' not in line for line in metrics.read_text().splitlines())
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

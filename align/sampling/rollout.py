@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from align.errors import ConfigError
 from align.sampling.kernels import StepOut, kernel_spec, upcast, x0_hat
+from align.sampling.triton_step import fused_or_reference
 from pipelines.base import Conditioning, ModelAdapter, Schedule
 
 
@@ -74,6 +75,9 @@ class RolloutConfig:
     log_prob_reduce: str = "mean"
     #: split model calls into chunks of at most this many rows (null: one call per step)
     max_batch: int | None = None
+    #: the fused Triton step with log-prob (flow_grpo, dance_grpo, cps) for steps without gradients:
+    #: auto (on CUDA), on (also CPU tensors under TRITON_INTERPRET=1), off (the torch kernels)
+    fused_step: str = "auto"
 
     def validate(self, num_steps: int | None = None) -> None:
         kernel_spec(self.kernel).check_params(self.kernel_params)  # unknown names: one line each
@@ -94,6 +98,8 @@ class RolloutConfig:
             raise ConfigError(f"rollout.branch_kernel must be 'ode' or 'sde', got {self.branch_kernel!r}")
         if self.log_prob_reduce not in ("mean", "sum"):
             raise ConfigError(f"rollout.log_prob_reduce must be 'mean' or 'sum', got {self.log_prob_reduce!r}")
+        if self.fused_step not in ("auto", "on", "off"):
+            raise ConfigError(f"rollout.fused_step must be 'auto', 'on' or 'off', got {self.fused_step!r}")
 
 
 @dataclass
@@ -241,7 +247,7 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
     shape = adapter.latent_shape(height, width, num_frames)
     schedule = adapter.schedule(config.num_steps, latent_shape=shape)
     spec = kernel_spec(config.kernel)
-    sde = spec.resolve(schedule.kind)
+    sde = fused_or_reference(config.kernel, spec.resolve(schedule.kind), config.fused_step)
     # a deterministic solver named as the kernel (DPM-Solver++) takes every step; else the ODE kernel
     ode = sde if not spec.stochastic and spec.schedule_kind != "any" else kernel_spec("ode").resolve(schedule.kind)
     prev_x0, level_prev = None, None  # the main rows' previous step, for multistep solvers
@@ -406,6 +412,7 @@ def rescore(adapter: ModelAdapter, transition: Transition, cond: Conditioning, s
                                   config.max_batch if config is not None else None, cfg_grad=cfg_grad)
     if share_parents:
         model_out = model_out[inverse]
-    kernel = kernel_spec(transition.kernel).resolve(schedule.kind)
+    kernel = fused_or_reference(transition.kernel, kernel_spec(transition.kernel).resolve(schedule.kind),
+                                config.fused_step if config is not None else "auto")
     return kernel(transition.latents, model_out, schedule.levels[i], schedule.levels[i + 1],
                   prev_sample=transition.next_latents, **transition.params)

@@ -79,6 +79,9 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     if not config.eval_prompts:
         raise ConfigError("eval_prompts is empty: give at least one evaluation prompt")
     check_device(config.model.device)
+    from align.attention import check_attention_backend
+
+    check_attention_backend(config.model.attention_backend)
     check_precision(config.run.mixed_precision, config.model.device)
     check_run_folder(config)
     check_reward_specs(config.rewards, "rewards")
