@@ -113,7 +113,7 @@ POSITIVE_FIELDS = frozenset({
     "split_noise_scale", "num_per_prompt", "fps", "prune_window_slide_every", "max_sequence_length", "height",
     "width", "num_frames", "eps", "labelled_pairs_per_iteration", "pairs_per_iteration", "t_per_pair", "lv_renoise",
     "truncation_steps", "regularizer_samples", "updates_per_iteration", "keep_per_prompt", "temperature", "cut_std",
-    "schedule_steps", "ref_refresh_every", "snapshot_every", "logit_std", "refl_last_fraction",
+    "schedule_steps", "ref_refresh_every", "snapshot_every", "logit_std", "refl_last_fraction", "rollout_chunks",
 })
 #: numeric fields by name that must be >= 0
 NON_NEGATIVE_FIELDS = frozenset({

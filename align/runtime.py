@@ -87,6 +87,11 @@ class RunConfig:
     #: (0: off): reward-vs-compute curves comparable across methods (sweeps set it)
     eval_every_nfe: int = 0
     progress: bool = True
+    #: roll an iteration's prompts out in this many chunks, each decoded and scored while the next
+    #: samples (align/sampling/overlap.py; topologies without splits or branches); 1: one piece
+    rollout_chunks: int = 1
+    #: score chunk k in a worker thread while chunk k + 1 samples (false: score it first; the same results)
+    overlap_scoring: bool = True
     #: stop the run when more than this fraction of an iteration's samples is unscored (the
     #: reward's valid flag: a server down, OCR with no text); below it they are dropped and counted
     max_unscored_fraction: float = 0.5

@@ -400,7 +400,19 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
     from align.runtime import iteration_generator
     from align.sampling.rollout import rollout
 
+    from align.sampling.overlap import can_chunk, chunked_rollout_and_score
+
     adapter, process = run.adapter, run.accelerator.process_index
+    chunks = config.run.rollout_chunks
+    if score == "samples" and can_chunk(rollout_config, chunks, len(batch_prompts), drift=drift, grad_steps=grad_steps):
+        with run.sampling():
+            cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
+            result, result.pixels, scores = chunked_rollout_and_score(
+                adapter, cond, rollout_config, group_size=config.group_size if group_size is None else group_size,
+                generator=iteration_generator(config.run.seed, iteration, process), chunks=chunks, reward=reward,
+                prompts=list(batch_prompts), overlap=config.run.overlap_scoring, **run.latent_kwargs)
+        check_unscored(run, reward, scores.valid_mask(), iteration)
+        return cond, result, scores, None
     with run.sampling() if not grad_steps else run.accelerator.autocast():
         cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
         rows = config.group_size if group_size is None else group_size

@@ -1,0 +1,98 @@
+"""Reward scoring that overlaps sampling: the batch's prompts are rolled out in chunks, and each
+finished chunk is decoded and handed to a scoring thread while the next chunk samples.
+
+``run.rollout_chunks`` (> 1) splits an iteration's rollout by prompt; ``run.overlap_scoring`` (the
+default) scores chunk k in a worker thread while chunk k + 1 samples, otherwise each chunk is
+scored before the next starts. Both orders give identical samples and scores: the chunks draw from
+one generator in the same order, and a reward sees the same chunk either way. The iteration then
+costs about max(rollout, reward) instead of their sum when the reward waits on something other than
+this process's CPU (a remote reward server, a GPU reward model). Topologies whose rows are created
+during the rollout (trees, side branches) and guided or differentiated rollouts sample in one
+piece; so does a reward that must see the whole batch (``batch`` normalisation across rewards).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from align.sampling.rollout import Rollout, Transition
+
+
+def can_chunk(rollout_config, chunks: int, prompts: int, *, drift=None, grad_steps=()) -> bool:
+    """Whether this rollout may be split into ``chunks`` prompt chunks."""
+    return (chunks > 1 and prompts > 1 and drift is None and not grad_steps and not rollout_config.split_steps
+            and not rollout_config.branch_steps)
+
+
+def prompt_chunks(prompts: int, chunks: int) -> list[torch.Tensor]:
+    """Contiguous prompt index chunks, as even as possible."""
+    return [c for c in torch.arange(prompts).chunk(min(chunks, prompts)) if len(c)]
+
+
+def concat_rollouts(parts: list[Rollout], prompt_ids: list[torch.Tensor]) -> Rollout:
+    """One rollout of the chunks' rows in order (prompt indices mapped back to the whole batch).
+    Chunks have no splits or branches: a transition's rows are its chunk's rows."""
+    offsets, total = [], 0
+    for part in parts:
+        offsets.append(total)
+        total += part.samples.shape[0]
+
+    def remap(part_index, ids):
+        return ids[part_index.cpu()].to(part_index.device)
+
+    transitions = []
+    for step_transitions in zip(*(p.transitions for p in parts)):
+        first = step_transitions[0]
+        shift = [torch.full_like(t.parent, offset) for t, offset in zip(step_transitions, offsets)]
+        transitions.append(Transition(
+            first.step, torch.cat([t.latents for t in step_transitions]),
+            torch.cat([t.next_latents for t in step_transitions]), torch.cat([t.mean for t in step_transitions]),
+            torch.cat([t.std for t in step_transitions]), torch.cat([t.log_prob for t in step_transitions]),
+            torch.cat([remap(t.prompt_index, ids) for t, ids in zip(step_transitions, prompt_ids)]),
+            torch.cat([t.parent + s for t, s in zip(step_transitions, shift)]),
+            torch.cat([t.rows + s for t, s in zip(step_transitions, shift)]), first.kernel, first.params,
+            first.branch, first.noise_scale))
+    lineage = [torch.cat([p.lineage[i] + offset for p, offset in zip(parts, offsets)])
+               for i in range(len(parts[0].lineage))]
+    final = None if parts[0].final_x0_hat is None else torch.cat([p.final_x0_hat for p in parts])
+    return Rollout(torch.cat([p.samples for p in parts]),
+                   torch.cat([remap(p.prompt_index, ids) for p, ids in zip(parts, prompt_ids)]), transitions, lineage,
+                   parts[0].schedule, sum(p.nfe for p in parts), sum(p.transformer_rows for p in parts),
+                   torch.cat([p.initial_noise for p in parts]), final_x0_hat=final)
+
+
+def concat_scores(outputs):
+    """One RewardOutput of the chunks' outputs in order."""
+    from rewards.base import RewardOutput
+
+    valid = None if all(o.valid is None for o in outputs) else torch.cat(
+        [o.valid_mask() if o.valid is not None else torch.ones(len(o), dtype=torch.bool) for o in outputs])
+    return RewardOutput({k: torch.cat([o.scores[k] for o in outputs]) for k in outputs[0].scores},
+                        torch.cat([o.total for o in outputs]), valid, dict(outputs[0].info))
+
+
+def chunked_rollout_and_score(adapter, cond, rollout_config, *, group_size: int, generator, chunks: int,
+                              reward, prompts: list[str], overlap: bool = True, **rollout_kwargs):
+    """(rollout, decoded pixels, scores) of the whole batch, sampled chunk by chunk; each chunk is
+    scored in a worker thread while the next samples (``overlap``) or before it (not)."""
+    from align.sampling.rollout import rollout
+
+    ids = prompt_chunks(len(cond), chunks)
+    parts, pixels, pending = [], [], []
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        for chunk in ids:
+            part = rollout(adapter, cond.select(chunk), rollout_config, group_size=group_size, generator=generator,
+                           **rollout_kwargs)
+            image = adapter.decode(part.samples.to(adapter.dtype)).float()
+            chunk_prompts = [prompts[int(chunk[i])] for i in part.prompt_index.tolist()]
+            job = worker.submit(torch.no_grad()(reward), image, chunk_prompts)
+            if not overlap:
+                job.result()
+            parts.append(part)
+            pixels.append(image)
+            pending.append(job)
+        scores = concat_scores([job.result() for job in pending])
+    result = concat_rollouts(parts, ids)
+    return result, torch.cat(pixels), scores

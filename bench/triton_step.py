@@ -1,0 +1,83 @@
+"""The fused Triton SDE step (``align/sampling/triton_step.py``) against the eager torch step.
+
+For each kernel (flow_grpo, dance_grpo, cps) and latent shape: the reference torch kernel and the
+fused one on the same inputs (sampling with a guided drift, then re-scoring the sample), timed over
+``--repeats`` calls after a warm-up; their largest differences are printed beside the times. On CUDA
+the fused kernel is compiled; without CUDA it runs in Triton's interpreter (TRITON_INTERPRET=1,
+set here), which checks the kernel but is far slower than the eager step: that figure is a report,
+not a speed claim. Last line ``triton_vs_eager_step=<fused time / eager time>`` (geometric mean).
+
+    python bench/triton_step.py [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up (compiles on CUDA)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    from align.sampling.kernels import KERNELS
+    from align.sampling.triton_step import FUSED_KERNELS, fused_step
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # SD3.5-M latents at 1024 px (16 x 128 x 128) on CUDA; small image and video latents on the CPU interpreter
+    shapes = [(8, 16, 128, 128), (4, 16, 5, 60, 104)] if device == "cuda" else [(8, 4, 16, 16), (2, 16, 3, 8, 8)]
+    mode = "compiled (CUDA)" if device == "cuda" else "interpreted (TRITON_INTERPRET=1, CPU)"
+    print(f"fused step: {mode}, {dtype}, {args.repeats} repeats")
+    ratios = []
+    with torch.no_grad():
+        for kernel in FUSED_KERNELS:
+            reference, params = KERNELS[kernel].fn, KERNELS[kernel].defaults
+            for shape in shapes:
+                g = torch.Generator().manual_seed(0)
+                x, v, noise, shift = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(4))
+                sigma, sigma_next = torch.full((shape[0],), 0.6, device=device), torch.full((shape[0],), 0.55,
+                                                                                              device=device)
+
+                def eager():
+                    out = reference(x, v, sigma, sigma_next, noise=noise, mean_shift=shift, **params)
+                    return out, reference(x, v, sigma, sigma_next, prev_sample=out.prev_sample, **params)
+
+                def fused():
+                    out = fused_step(kernel, x, v, sigma, sigma_next, noise=noise, mean_shift=shift, **params)
+                    return out, fused_step(kernel, x, v, sigma, sigma_next, prev_sample=out.prev_sample, **params)
+
+                (e_out, e_again), (f_out, f_again) = eager(), fused()
+                diff = max(float((f_out.prev_sample - e_out.prev_sample).abs().max()),
+                           float((f_again.log_prob - e_again.log_prob).abs().max()))
+                t_eager, t_fused = timed(eager, args.repeats, device), timed(fused, args.repeats, device)
+                ratios.append(t_fused / t_eager)
+                print(f"{kernel:>10s} {str(shape):>22s}: eager {t_eager * 1e3:8.3f} ms  fused {t_fused * 1e3:8.3f} ms  "
+                      f"ratio {t_fused / t_eager:7.3f}  max |diff| {diff:.2e}")
+    print(f"triton_vs_eager_step={math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f}")
+
+
+if __name__ == "__main__":
+    main()
