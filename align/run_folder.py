@@ -30,7 +30,7 @@ RESUMABLE_CHANGES = (
     "iterations", "max_nfe", "heldout_rewards", "eval_prompts", "eval.", "model.device", "model.dtype",
     "run.resume", "run.output_dir", "run.checkpoint_every", "run.checkpoint_limit", "run.log_with",
     "run.progress", "run.sample_every", "run.eval_every_nfe", "run.mixed_precision", "run.max_unscored_fraction",
-    "run.overlap_scoring", "rollout.fused_step", "model.attention_backend",
+    "run.overlap_scoring", "run.compile", "run.compile_options", "rollout.fused_step", "model.attention_backend",
 )
 
 

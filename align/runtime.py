@@ -81,6 +81,10 @@ class RunConfig:
     gradient_accumulation_steps: int = 1
     #: recompute the denoiser's activations in backward (diffusers models): less memory, ~30% slower
     gradient_checkpointing: bool = False
+    #: torch.compile the denoiser (its repeated blocks, or the whole model) for rollouts and training
+    compile: bool = False
+    #: torch.compile options, e.g. {mode: max-autotune} or {backend: aot_eager} (tracing without codegen)
+    compile_options: dict = field(default_factory=dict)
     #: write a sample grid of the evaluation prompts every N iterations (0: only before / after)
     sample_every: int = 0
     #: evaluate (metrics only, no grid) each time the run's model evaluations pass a multiple of N
@@ -196,6 +200,10 @@ class Run:
         self.adapter = adapter
         self.adapter.denoiser.to(self.accelerator.device)
         self._setup_parameters(lora)
+        if run.compile:
+            from align.compile import compile_denoiser
+
+            compile_denoiser(self.adapter, **run.compile_options)
         params = self.adapter.trainable_parameters()
         if not params:
             raise ConfigError("nothing to train: no trainable parameter after the LoRA / fine-tune set-up")

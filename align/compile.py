@@ -1,0 +1,30 @@
+"""``run.compile``: torch.compile of the denoiser, regional where the model has repeated blocks.
+
+Compiling each repeated transformer block (diffusers' ``_repeated_blocks``, or the blocks named in
+:data:`REPEATED_BLOCKS` for models that do not declare them) compiles one block once and reuses it
+for every layer, so compile time stays small and LoRA / adapter switches recompile one block; a model
+without repeated blocks (the embedded toy UNet) is compiled whole. Modules are compiled in place
+(``nn.Module.compile``) after the LoRA is attached, so rollouts and training passes both run the
+compiled code."""
+
+from __future__ import annotations
+
+import torch
+
+#: repeated blocks of models whose diffusers class does not declare ``_repeated_blocks``
+REPEATED_BLOCKS = {"SD3Transformer2DModel": ["JointTransformerBlock"], "WanTransformer3DModel": ["WanTransformerBlock"]}
+
+
+def repeated_block_names(model: torch.nn.Module) -> list[str]:
+    return list(getattr(model, "_repeated_blocks", None) or []) or REPEATED_BLOCKS.get(type(model).__name__, [])
+
+
+def compile_denoiser(adapter, **options) -> int:
+    """Compile the adapter's denoiser in place (``options`` go to torch.compile); returns the number
+    of modules compiled (the repeated blocks, or 1 for the whole model)."""
+    base = adapter.base_denoiser
+    names = repeated_block_names(base)
+    blocks = [m for m in base.modules() if type(m).__name__ in names] if names else []
+    for block in blocks or [base]:
+        block.compile(**options)
+    return len(blocks) or 1
