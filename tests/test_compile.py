@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from align.compile import compile_denoiser
 
 
