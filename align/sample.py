@@ -33,6 +33,11 @@ class ModelConfig:
     #: attention backend of the denoiser through diffusers' dispatch: native (torch SDPA), flash,
     #: sage, xformers, flex, ... where installed (``align env`` lists them; align/attention.py)
     attention_backend: str = "native"
+    #: the VAE's dtype (null: dtype's): float32 keeps decoding exact while the denoiser runs in bf16
+    vae_dtype: str | None = None
+    #: keep the text encoders on the CPU, moved to the device only while they encode (accelerate's
+    #: cpu_offload): their memory is free for the denoiser during rollouts and training
+    offload_text_encoders: bool = False
 
 
 @dataclass
@@ -118,12 +123,37 @@ def load_model(config: ModelConfig):
     adapter.default_height = config.height or adapter.default_height
     adapter.default_width = config.width or adapter.default_width
     apply_attention_backend(adapter, config.attention_backend)
+    apply_precision_policy(adapter, config)
     if config.lora is not None:
         try:
             adapter.load_lora(config.lora)
         except ValueError as err:  # weights of another model (layer names, sizes)
             raise ConfigError(f"model.lora: {err}") from None
     return adapter
+
+
+#: the text encoder components of the diffusers pipelines the adapters wrap
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def apply_precision_policy(adapter, config: ModelConfig) -> None:
+    """The parts of the precision policy set at load time: the VAE's dtype and text-encoder offload
+    (the denoiser's dtype is ``model.dtype``, LoRA weights train in fp32 and every step kernel
+    computes in fp32 whatever the model's dtype)."""
+    pipe = getattr(adapter, "pipe", None)
+    if config.vae_dtype is not None:
+        if getattr(adapter, "vae", None) is None:
+            raise ConfigError(f"model.vae_dtype: the {adapter.name!r} model has no VAE")
+        adapter.vae.to(resolve_dtype(config.vae_dtype, adapter.device))
+    if config.offload_text_encoders:
+        encoders = [getattr(pipe, name, None) for name in TEXT_ENCODERS] if pipe is not None else []
+        encoders = [e for e in encoders if e is not None]
+        if not encoders:
+            raise ConfigError(f"model.offload_text_encoders: the {adapter.name!r} model has no text encoder to offload")
+        from accelerate import cpu_offload
+
+        for encoder in encoders:
+            cpu_offload(encoder, execution_device=adapter.device)
 
 
 def check_lora_folder(path: str, field: str = "model.lora") -> None:
