@@ -22,6 +22,7 @@ SUITE = {
     "tree": ("tree.py", ["--repeats", "1"]),
     "triton_step": ("triton_step.py", ["--repeats", "3"]),
     "overlap": ("overlap.py", ["--repeats", "1"]),
+    "outside_model": ("outside_model.py", ["--iterations", "2"]),
     "backprop_memory": ("backprop_memory.py", []),
     "search": ("search.py", ["--seeds", "1"]),
     "rewards": ("rewards.py", []),
