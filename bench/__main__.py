@@ -23,6 +23,7 @@ SUITE = {
     "triton_step": ("triton_step.py", ["--repeats", "3"]),
     "overlap": ("overlap.py", ["--repeats", "1"]),
     "outside_model": ("outside_model.py", ["--iterations", "2"]),
+    "remote_reward": ("remote_reward.py", ["--batches", "16"]),
     "backprop_memory": ("backprop_memory.py", []),
     "search": ("search.py", ["--seeds", "1"]),
     "rewards": ("rewards.py", []),

@@ -232,6 +232,21 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    from rewards.server import serve
+
+    specs = reward_specs([args.name], args.option, None)
+    options = {k: v for k, v in specs[0].items() if k != "name"}
+    from rewards import build_reward  # the name and options are checked before the server starts
+
+    build_reward({"name": args.name, **options})
+    print(f"serving reward {args.name!r} on http://{args.host}:{args.port} (GET /health, GET /metadata, POST /score)",
+          flush=True)
+    serve(args.name, options, host=args.host, port=args.port, max_batch=args.max_batch,
+          max_wait_ms=args.max_wait_ms, device=args.device)
+    return 0
+
+
 def register_commands(sub) -> None:
     rewards = sub.add_parser("rewards", help="reward registry")
     rewards_sub = rewards.add_subparsers(dest="rewards_command", required=True)
@@ -251,3 +266,13 @@ def register_commands(sub) -> None:
     score.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     score.set_defaults(func=cmd_score)
+
+    server = sub.add_parser("serve-reward", help="serve a reward over HTTP (FastAPI + uvicorn) for the remote reward")
+    server.add_argument("name", help="a registered reward (align rewards list)")
+    server.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="reward option (repeatable)")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--max-batch", type=int, default=8, help="samples scored together from concurrent requests")
+    server.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others")
+    server.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    server.set_defaults(func=cmd_serve_reward)

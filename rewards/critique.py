@@ -26,14 +26,10 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import os
 import re
-import socket
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
@@ -129,28 +125,28 @@ class OpenAIChatBackend:
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
         if api_key_env and not self.api_key:
             raise ConfigError(f"critique: environment variable {api_key_env} (api_key_env) is not set")
+        import httpx
+
+        self.client = httpx.Client(timeout=self.timeout)  # one pooled connection per server
 
     def __call__(self, messages: list[dict]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                           "temperature": self.temperature}).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        import httpx
+
+        body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+                "temperature": self.temperature}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read().decode("utf-8"))
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode("utf-8", "replace")[:200].replace("\n", " ")
-            raise BackendError(f"HTTP {err.code} from {self.url}: {detail}") from None
-        except (socket.timeout, TimeoutError) as err:
-            raise BackendError(f"no answer from {self.url} within {self.timeout:g} s", timeout=True) from err
-        except urllib.error.URLError as err:
-            reason = err.reason
-            if isinstance(reason, (socket.timeout, TimeoutError)):
-                raise BackendError(f"no answer from {self.url} within {self.timeout:g} s", timeout=True) from None
-            raise BackendError(f"cannot reach {self.url}: {reason}") from None
-        except json.JSONDecodeError:
+            response = self.client.post(self.url, json=body, headers=headers)
+        except httpx.TimeoutException:
+            raise BackendError(f"no answer from {self.url} within {self.timeout:g} s", timeout=True) from None
+        except httpx.HTTPError as err:
+            raise BackendError(f"cannot reach {self.url}: {err}") from None
+        if response.status_code >= 400:
+            detail = response.text[:200].replace("\n", " ")
+            raise BackendError(f"HTTP {response.status_code} from {self.url}: {detail}")
+        try:
+            payload = response.json()
+        except ValueError:
             raise BackendError(f"{self.url} answered with something that is not JSON") from None
         try:
             content = payload["choices"][0]["message"]["content"]

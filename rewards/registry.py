@@ -14,7 +14,7 @@ from rewards.base import REWARDS, CombinedReward, Reward
 
 ENTRY_POINT_GROUP = "align.rewards"
 #: the modules that register the built-in rewards
-BUILTIN_REWARD_MODULES = ("aesthetic", "critique", "dense", "dino", "image_reward", "jpeg", "ocr", "preference", "toy",
+BUILTIN_REWARD_MODULES = ("aesthetic", "critique", "dense", "dino", "image_reward", "jpeg", "ocr", "preference", "remote", "toy",
                           "toy_video", "video", "video_reward")
 
 
