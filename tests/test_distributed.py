@@ -63,3 +63,18 @@ def test_processes_whose_groups_are_all_dropped_keep_step_with_the_others(tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in rows if "train/grad_norm" in m] == [1, 2]
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_all_reduces_only_on_the_last_minibatch_of_a_window(tmp_path):
+    """DDP's no_sync on all but the last backward of an accumulation window (run.accumulate): with
+    K = 3, six minibatches all-reduce twice (each time every gradient bucket), not six times."""
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29519",
+               str(ROOT / "tests" / "ddp_allreduce_probe.py"), str(tmp_path / "run"), "3"]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(part for part in done.stdout.splitlines() if part.startswith("allreduces="))
+    counts = dict(item.split("=") for item in line.split())
+    buckets = int(counts["buckets_per_sync"])
+    assert buckets >= 1 and int(counts["allreduces"]) == 2 * buckets and int(counts["minibatches"]) == 6
