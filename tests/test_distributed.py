@@ -78,3 +78,29 @@ def test_gradient_accumulation_all_reduces_only_on_the_last_minibatch_of_a_windo
     counts = dict(item.split("=") for item in line.split())
     buckets = int(counts["buckets_per_sync"])
     assert buckets >= 1 and int(counts["allreduces"]) == 2 * buckets and int(counts["minibatches"]) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, second", [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
+def test_a_checkpoint_of_one_process_layout_resumes_in_the_other(tmp_path, first, second):
+    """The checkpoint holds the trainable weights, optimizer and run state, none of them per process:
+    a run checkpointed by two processes continues in one, and the other way round."""
+    out = tmp_path / "run"
+
+    def train(processes: int, iterations: int):
+        launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes),
+                    "--master_port", "29521", "-m", "align"] if processes > 1 else [sys.executable, "-m", "align"]
+        command = [*launcher, "train", "flow_grpo", "--config", str(ROOT / "configs/quickstart.yaml"),
+                   f"iterations={iterations}", "group_size=4", "rollout.num_steps=4", "eval.per_prompt=1",
+                   f"run.output_dir={out}", "run.resume=auto", "run.progress=false", "run.checkpoint_every=1",
+                   "run.log_with=none"]
+        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    train(first, 1)
+    train(second, 2)
+    assert "at iteration 1 (from iteration-000001)" in (out / "log.txt").read_text()  # resumed, not restarted
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "train/loss" in r] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iteration-000001", "iteration-000002"]
