@@ -85,3 +85,16 @@ def test_a_chunked_rollout_is_one_consistent_batch():
         for transition in result.transitions:
             again = rescore(adapter, transition, cond, result.schedule, config)
             assert torch.allclose(again.log_prob, transition.log_prob, atol=1e-6)
+
+
+def test_a_reward_normalised_over_the_batch_is_not_chunked():
+    from align.sampling.overlap import can_chunk
+    from align.sampling.rollout import RolloutConfig
+    from rewards import build_rewards
+
+    config = RolloutConfig(num_steps=4)
+    plain = build_rewards(["digit", "colour"])
+    batch = build_rewards([{"name": "digit", "normalize": "batch"}, "colour"])
+    assert can_chunk(config, 2, 4, reward=plain)
+    assert not can_chunk(config, 2, 4, reward=batch)
+    assert not can_chunk(RolloutConfig(num_steps=4, split_steps=[1]), 2, 4, reward=plain)

@@ -20,10 +20,12 @@ import torch
 from align.sampling.rollout import Rollout, Transition
 
 
-def can_chunk(rollout_config, chunks: int, prompts: int, *, drift=None, grad_steps=()) -> bool:
-    """Whether this rollout may be split into ``chunks`` prompt chunks."""
+def can_chunk(rollout_config, chunks: int, prompts: int, *, drift=None, grad_steps=(), reward=None) -> bool:
+    """Whether this rollout may be split into ``chunks`` prompt chunks (not for a reward that
+    normalises over the batch: a chunk's statistics would differ from the batch's)."""
+    batch_normalised = "batch" in getattr(reward, "normalize", {}).values()
     return (chunks > 1 and prompts > 1 and drift is None and not grad_steps and not rollout_config.split_steps
-            and not rollout_config.branch_steps)
+            and not rollout_config.branch_steps and not batch_normalised)
 
 
 def prompt_chunks(prompts: int, chunks: int) -> list[torch.Tensor]:

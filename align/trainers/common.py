@@ -404,7 +404,8 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
 
     adapter, process = run.adapter, run.accelerator.process_index
     chunks = config.run.rollout_chunks
-    if score == "samples" and can_chunk(rollout_config, chunks, len(batch_prompts), drift=drift, grad_steps=grad_steps):
+    if score == "samples" and can_chunk(rollout_config, chunks, len(batch_prompts), drift=drift, grad_steps=grad_steps,
+                                         reward=reward):
         with run.sampling():
             cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
             result, result.pixels, scores = chunked_rollout_and_score(
