@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import torch
 
+#: compiled variants kept per block: a Flow-GRPO iteration alone meets grad on / off x LoRA on / off x
+#: CFG half / whole batch x the last block's layout, more than dynamo's default of 8 (past which
+#: it silently runs the block eagerly)
+RECOMPILE_LIMIT = 64
+
 #: repeated blocks of models whose diffusers class does not declare ``_repeated_blocks``
 REPEATED_BLOCKS = {"SD3Transformer2DModel": ["JointTransformerBlock"], "WanTransformer3DModel": ["WanTransformerBlock"]}
 
@@ -22,6 +27,9 @@ def repeated_block_names(model: torch.nn.Module) -> list[str]:
 def compile_denoiser(adapter, **options) -> int:
     """Compile the adapter's denoiser in place (``options`` go to torch.compile); returns the number
     of modules compiled (the repeated blocks, or 1 for the whole model)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     base = adapter.base_denoiser
     names = repeated_block_names(base)
     blocks = [m for m in base.modules() if type(m).__name__ in names] if names else []

@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from align.sampling.overlap import chunked_rollout_and_score
+    from align.sampling.overlap import chunk_generators, chunked_rollout_and_score
     from align.sampling.rollout import RolloutConfig, rollout
     from pipelines.toy import load_toy_adapter
 
@@ -59,8 +59,8 @@ def main() -> None:
             best = float("inf")
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                chunked_rollout_and_score(adapter, cond, config, group_size=args.group, chunks=args.chunks,
-                                          generator=torch.Generator().manual_seed(0), reward=reward, prompts=prompts,
+                chunked_rollout_and_score(adapter, cond, config, group_size=args.group, reward=reward,
+                                          generators=chunk_generators(0, 0, 0, args.chunks), prompts=prompts,
                                           overlap=overlap)
                 best = min(best, time.perf_counter() - start)
             times[overlap] = best

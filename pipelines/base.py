@@ -148,28 +148,44 @@ class ModelAdapter(abc.ABC):
         dtype = getattr(self.base_denoiser, "dtype", None)
         return dtype if isinstance(dtype, torch.dtype) else next(self.denoiser.parameters()).dtype
 
-    def predict(self, x: Tensor, t: Tensor | float, cond: Conditioning, *, cfg_grad: str = "full") -> Tensor:
-        """Model output at (x, t) with classifier-free guidance as one batch:
-        out = u + g (c - u), u the unconditional and c the conditional prediction.
+    def predict(self, x: Tensor, t: Tensor | float, cond: Conditioning, *, cfg_grad: str = "full",
+                cfg_split: bool = False, uncond: Tensor | None = None, return_uncond: bool = False):
+        """Model output at (x, t) with classifier-free guidance: out = u + g (c - u), u the
+        unconditional and c the conditional prediction, by default as one [u; c] batch.
         ``cfg_grad``: "full" differentiates both branches ((1 - g) du + g dc); "cond_only" detaches
         the unconditional one (g dc), as the Flow-GRPO reference re-scores for training. The value
-        is the same either way."""
+        is the same either way.
+
+        ``cfg_split``: the branches as two calls of ``len(x)`` rows, u without a graph under
+        "cond_only" (backward then runs through the conditional rows only). ``uncond``: u already
+        known for these rows (the rollout's, while the weights are unchanged): only c is computed.
+        ``return_uncond``: return (out, u detached), u None without CFG."""
+        if cfg_grad not in ("cond_only", "full"):
+            raise ValueError(f"cfg_grad must be 'cond_only' or 'full', got {cfg_grad!r}")
         batch = x.shape[0]
         t = _as_batch(t, batch, x.device)
         self.nfe += batch
         x_in = x.to(self.dtype)
-        if cond.uses_cfg:
+        as_float = lambda out: out if out.dtype == torch.float64 else out.float()  # noqa: E731
+        if not cond.uses_cfg:
+            self.transformer_rows += batch
+            out = as_float(self.forward(x_in, t, cond.tensors, cond.extra))
+            return (out, None) if return_uncond else out
+        if cfg_split or uncond is not None:
+            c = as_float(self.forward(x_in, t, cond.tensors, cond.extra))
+            self.transformer_rows += batch
+            if uncond is None:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and cfg_grad == "full"):
+                    uncond = as_float(self.forward(x_in, t, cond.negative, cond.extra))
+                self.transformer_rows += batch
+        else:
             self.transformer_rows += 2 * batch
-            out = self.forward(torch.cat([x_in, x_in]), torch.cat([t, t]), cond.cfg_batch(), cond.extra)
-            uncond, c = (out if out.dtype == torch.float64 else out.float()).chunk(2)
-            if cfg_grad == "cond_only":
-                uncond = uncond.detach()
-            elif cfg_grad != "full":
-                raise ValueError(f"cfg_grad must be 'cond_only' or 'full', got {cfg_grad!r}")
-            return uncond + cond.guidance_scale * (c - uncond)
-        self.transformer_rows += batch
-        out = self.forward(x_in, t, cond.tensors, cond.extra)
-        return out if out.dtype == torch.float64 else out.float()
+            uncond, c = as_float(self.forward(torch.cat([x_in, x_in]), torch.cat([t, t]), cond.cfg_batch(),
+                                              cond.extra)).chunk(2)
+        if cfg_grad == "cond_only":
+            uncond = uncond.detach()
+        out = uncond + cond.guidance_scale * (c - uncond)
+        return (out, uncond.detach()) if return_uncond else out
 
     def initial_noise(self, batch: int, generator: torch.Generator | None = None, *,
                       height: int | None = None, width: int | None = None,

@@ -76,8 +76,8 @@ def test_a_chunked_rollout_is_one_consistent_batch():
     config = RolloutConfig(num_steps=4, kernel="flow_grpo", guidance_scale=1.0)
     with torch.no_grad():
         result, pixels, scores = chunked_rollout_and_score(
-            adapter, cond, config, group_size=2, generator=torch.Generator().manual_seed(0), chunks=2,
-            reward=SlowDigit(), prompts=prompts)
+            adapter, cond, config, group_size=2, reward=SlowDigit(), prompts=prompts,
+            generators=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
         assert result.prompt_index.tolist() == [0, 0, 1, 1, 2, 2] and pixels.shape[0] == 6
         assert result.nfe == 6 * 4
         direct = SlowDigit()(pixels, [prompts[i] for i in result.prompt_index.tolist()])
@@ -98,3 +98,30 @@ def test_a_reward_normalised_over_the_batch_is_not_chunked():
     assert can_chunk(config, 2, 4, reward=plain)
     assert not can_chunk(config, 2, 4, reward=batch)
     assert not can_chunk(RolloutConfig(num_steps=4, split_steps=[1]), 2, 4, reward=plain)
+
+
+def test_chunks_sample_what_the_processes_of_the_same_global_batch_sample():
+    """Chunk k of process p draws from the generator of global chunk p * chunks + k: one process with
+    two chunks gives, bit for bit, the rollouts two processes make of their halves of the prompts."""
+    from align.runtime import iteration_generator, prompts_for_iteration
+    from align.sampling.overlap import chunk_generators, chunked_rollout_and_score
+    from align.sampling.rollout import RolloutConfig, rollout
+    from pipelines.toy import load_toy_adapter
+
+    adapter = load_toy_adapter()
+    everything = ["a red digit 3", "a blue digit 5", "a green digit 8", "a white digit 1", "a cyan digit 7"]
+    config = RolloutConfig(num_steps=3, kernel="flow_grpo")
+    one = prompts_for_iteration(everything, 4, 0, 5)
+    with torch.no_grad():
+        result, _, _ = chunked_rollout_and_score(adapter, adapter.encode(one, "", 3.0), config, group_size=2,
+                                                 generators=chunk_generators(0, 5, 0, 2), reward=SlowDigit(),
+                                                 prompts=one)
+        halves = []
+        for process in range(2):
+            mine = prompts_for_iteration(everything, 2, 0, 5, process, 2)
+            assert mine == one[2 * process:2 * process + 2]
+            halves.append(rollout(adapter, adapter.encode(mine, "", 3.0), config, group_size=2,
+                                  generator=iteration_generator(0, 5, process)))
+    assert torch.equal(result.samples, torch.cat([h.samples for h in halves]))
+    for step, transition in enumerate(result.transitions):
+        assert torch.equal(transition.log_prob, torch.cat([h.transitions[step].log_prob for h in halves]))

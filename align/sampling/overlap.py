@@ -3,8 +3,11 @@ finished chunk is decoded and handed to a scoring thread while the next chunk sa
 
 ``run.rollout_chunks`` (> 1) splits an iteration's rollout by prompt; ``run.overlap_scoring`` (the
 default) scores chunk k in a worker thread while chunk k + 1 samples, otherwise each chunk is
-scored before the next starts. Both orders give identical samples and scores: the chunks draw from
-one generator in the same order, and a reward sees the same chunk either way. The iteration then
+scored before the next starts. Both orders give identical samples and scores: each chunk draws from
+its own generator, and a reward sees the same chunk either way. The trainers key a chunk's generator
+by its place in the global batch (process x chunks + chunk, :func:`chunk_generators`), so P processes
+with C chunks each sample exactly what P' x C' = P x C do (one process with two chunks samples what
+two processes do). The iteration then
 costs about max(rollout, reward) instead of their sum when the reward waits on something other than
 this process's CPU (a remote reward server, a GPU reward model). Topologies whose rows are created
 during the rollout (trees, side branches) and guided or differentiated rollouts sample in one
@@ -55,7 +58,8 @@ def concat_rollouts(parts: list[Rollout], prompt_ids: list[torch.Tensor]) -> Rol
             torch.cat([remap(t.prompt_index, ids) for t, ids in zip(step_transitions, prompt_ids)]),
             torch.cat([t.parent + s for t, s in zip(step_transitions, shift)]),
             torch.cat([t.rows + s for t, s in zip(step_transitions, shift)]), first.kernel, first.params,
-            first.branch, first.noise_scale))
+            first.branch, first.noise_scale,
+            None if first.uncond is None else torch.cat([t.uncond for t in step_transitions])))
     lineage = [torch.cat([p.lineage[i] + offset for p, offset in zip(parts, offsets)])
                for i in range(len(parts[0].lineage))]
     final = None if parts[0].final_x0_hat is None else torch.cat([p.final_x0_hat for p in parts])
@@ -75,16 +79,27 @@ def concat_scores(outputs):
                         torch.cat([o.total for o in outputs]), valid, dict(outputs[0].info))
 
 
-def chunked_rollout_and_score(adapter, cond, rollout_config, *, group_size: int, generator, chunks: int,
-                              reward, prompts: list[str], overlap: bool = True, **rollout_kwargs):
-    """(rollout, decoded pixels, scores) of the whole batch, sampled chunk by chunk; each chunk is
-    scored in a worker thread while the next samples (``overlap``) or before it (not)."""
+def chunk_generators(seed: int, iteration: int, process_index: int, chunks: int) -> list[torch.Generator]:
+    """One generator per chunk of this process, keyed by the chunk's global place
+    process_index * chunks + k (one chunk: the process's own iteration generator)."""
+    from align.runtime import iteration_generator
+
+    return [iteration_generator(seed, iteration, process_index * chunks + k) for k in range(chunks)]
+
+
+def chunked_rollout_and_score(adapter, cond, rollout_config, *, group_size: int, generators: list, reward,
+                              prompts: list[str], overlap: bool = True, **rollout_kwargs):
+    """(rollout, decoded pixels, scores) of the whole batch, sampled in ``len(generators)`` chunks of
+    prompts, chunk k from ``generators[k]``; each chunk is scored in a worker thread while the next
+    samples (``overlap``) or before it (not)."""
     from align.sampling.rollout import rollout
 
-    ids = prompt_chunks(len(cond), chunks)
+    ids = prompt_chunks(len(cond), len(generators))
+    if len(ids) != len(generators):
+        raise ValueError(f"{len(generators)} chunk generators for {len(ids)} chunks of {len(cond)} prompts")
     parts, pixels, pending = [], [], []
     with ThreadPoolExecutor(max_workers=1) as worker:
-        for chunk in ids:
+        for chunk, generator in zip(ids, generators):
             part = rollout(adapter, cond.select(chunk), rollout_config, group_size=group_size, generator=generator,
                            **rollout_kwargs)
             image = adapter.decode(part.samples.to(adapter.dtype)).float()

@@ -78,6 +78,11 @@ class RolloutConfig:
     #: the fused Triton step with log-prob (flow_grpo, dance_grpo, cps) for steps without gradients:
     #: auto (on CUDA), on (also CPU tensors under TRITON_INTERPRET=1), off (the torch kernels)
     fused_step: str = "auto"
+    #: CFG's branches as two model calls instead of one [u; c] batch, and each stochastic step's
+    #: unconditional prediction kept with its transition: a "cond_only" re-score then backpropagates
+    #: through the conditional rows only, and re-scores before an iteration's first update reuse the
+    #: kept prediction instead of recomputing it (same weights, inputs and call: the same values)
+    cfg_split: bool = False
 
     def validate(self, num_steps: int | None = None) -> None:
         kernel_spec(self.kernel).check_params(self.kernel_params)  # unknown names: one line each
@@ -125,12 +130,15 @@ class Transition:
     branch: bool = False
     #: factor applied to the kernel's noise level (split steps of a tree, per-step multipliers)
     noise_scale: float = 1.0
+    #: the rollout's unconditional CFG prediction for these rows (``rollout.cfg_split``), else None
+    uncond: Tensor | None = None
 
     def subset(self, index: Tensor) -> "Transition":
         """The transitions of rows ``index``."""
         return Transition(self.step, self.latents[index], self.next_latents[index], self.mean[index],
                           self.std[index], self.log_prob[index], self.prompt_index[index], self.parent[index],
-                          self.rows[index], self.kernel, self.params, self.branch, self.noise_scale)
+                          self.rows[index], self.kernel, self.params, self.branch, self.noise_scale,
+                          None if self.uncond is None else self.uncond[index])
 
 
 @dataclass
@@ -209,22 +217,28 @@ def kernel_params(config: RolloutConfig, adapter: ModelAdapter) -> dict:
 
 
 def predict_in_chunks(adapter: ModelAdapter, x: Tensor, t: Tensor, cond: Conditioning, max_batch: int | None,
-                      use_checkpoint: bool = False, cfg_grad: str = "full") -> Tensor:
+                      use_checkpoint: bool = False, cfg_grad: str = "full", cfg_split: bool = False,
+                      uncond: Tensor | None = None, return_uncond: bool = False):
     """``adapter.predict`` over at most ``max_batch`` rows per call (null: one call). ``t`` is one
     timestep for all rows or one per row; ``use_checkpoint`` recomputes activations in backward;
-    ``cfg_grad`` as in :meth:`ModelAdapter.predict`."""
-    def call(x_, t_, c_):
+    ``cfg_grad``, ``cfg_split``, ``uncond`` and ``return_uncond`` as in :meth:`ModelAdapter.predict`."""
+    def call(x_, t_, c_, u_):
+        kwargs = dict(cfg_grad=cfg_grad, cfg_split=cfg_split, uncond=u_, return_uncond=return_uncond)
         if use_checkpoint:
-            return checkpoint(adapter.predict, x_, t_, c_, cfg_grad=cfg_grad, use_reentrant=False)
-        return adapter.predict(x_, t_, c_, cfg_grad=cfg_grad)
+            return checkpoint(adapter.predict, x_, t_, c_, use_reentrant=False, **kwargs)
+        return adapter.predict(x_, t_, c_, **kwargs)
     if not max_batch or x.shape[0] <= max_batch:
-        return call(x, t, cond)
+        return call(x, t, cond, uncond)
     per_row = t.ndim > 0 and t.shape[0] == x.shape[0]
     outs = []
     for start in range(0, x.shape[0], max_batch):
         rows = torch.arange(start, min(start + max_batch, x.shape[0]))
-        outs.append(call(x[rows], t[rows] if per_row else t, cond.select(rows)))
-    return torch.cat(outs)
+        outs.append(call(x[rows], t[rows] if per_row else t, cond.select(rows),
+                         None if uncond is None else uncond[rows.to(uncond.device)]))
+    if not return_uncond:
+        return torch.cat(outs)
+    parts = [u for _, u in outs]
+    return torch.cat([o for o, _ in outs]), None if parts[0] is None else torch.cat(parts)
 
 
 def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *, group_size: int = 1,
@@ -297,8 +311,11 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
         if row_cond is None or not torch.equal(row_prompt, all_prompt):  # rows changed: re-select
             row_cond, row_prompt = cond.select(all_prompt), all_prompt
         with torch.set_grad_enabled(torch.is_grad_enabled() and i in grad_steps):
-            model_out = predict_in_chunks(adapter, all_x, schedule.timesteps[i], row_cond,
-                                          config.max_batch, checkpoint_grad_steps and i in grad_steps)
+            model_out, uncond_out = predict_in_chunks(adapter, all_x, schedule.timesteps[i], row_cond,
+                                                      config.max_batch, checkpoint_grad_steps and i in grad_steps,
+                                                      cfg_split=config.cfg_split, return_uncond=True)
+            if not config.cfg_split:
+                uncond_out = None  # the joint call's u is not kept: re-scores recompute it
             main_out, branch_out = model_out[:n_main], model_out[n_main:]
             view = None
             if drift is not None or select is not None:
@@ -326,7 +343,8 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
                 transitions.append(Transition(i, x_src.detach(), out.prev_sample.detach(), out.mean.detach(),
                                               out.std.detach(), out.log_prob.detach(), main_prompt[parent],
                                               parent, torch.arange(len(parent)), noise_scale=scale,
-                                              kernel=config.kernel, params=step_params))
+                                              kernel=config.kernel, params=step_params,
+                                              uncond=None if uncond_out is None else uncond_out[:n_main][parent]))
             else:
                 history = {"prev_x0": prev_x0[parent] if prev_x0 is not None and factor > 1 else prev_x0,
                            "level_prev": level_prev} if spec.multistep else {}
@@ -343,7 +361,8 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
                     transitions.append(Transition(i, x[src].detach(), b.prev_sample.detach(), b.mean.detach(),
                                                   b.std.detach(), b.log_prob.detach(), main_prompt[src], src,
                                                   ids, branch=True, noise_scale=step_scales[i],
-                                                  kernel=config.kernel, params=step_params))
+                                                  kernel=config.kernel, params=step_params,
+                                                  uncond=None if uncond_out is None else uncond_out[:n_main][src]))
                 else:
                     b = ode(x[src], main_out[src], level, level_next, **ode_params)
                 new_branches = (b.prev_sample, main_prompt[src], src)
@@ -390,26 +409,33 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
 
 
 def rescore(adapter: ModelAdapter, transition: Transition, cond: Conditioning, schedule: Schedule,
-            config: RolloutConfig | None = None, *, share_parents: bool = False, cfg_grad: str = "full") -> StepOut:
+            config: RolloutConfig | None = None, *, share_parents: bool = False, cfg_grad: str = "full",
+            reuse_uncond: bool = False) -> StepOut:
     """Log-prob of a stored transition under the adapter's current weights (the PPO ratio's
     numerator), with the kernel and parameters the transition was sampled with (``config`` is read
-    for ``max_batch`` only). With unchanged weights and the same batch it equals the recorded
-    log-prob exactly.
+    for ``max_batch``, ``fused_step`` and ``cfg_split``). With unchanged weights and the same batch it
+    equals the recorded log-prob exactly.
 
     ``share_parents``: rows with the same parent (siblings of a tree, which leave the same latents)
     share one model evaluation, as in the rollout; with all rows of a step this repeats the rollout's
     batch and its log-probs exactly. ``cfg_grad``: "cond_only" detaches the unconditional CFG branch
-    (the Flow-GRPO reference's training gradient), "full" differentiates both."""
+    (the Flow-GRPO reference's training gradient), "full" differentiates both. ``reuse_uncond``: the
+    weights are the rollout's (no update since), so the unconditional prediction the rollout kept
+    (``rollout.cfg_split``) is used as it is; only "cond_only" may (it carries no gradient)."""
     i = transition.step
-    latents, prompt_index = transition.latents, transition.prompt_index
+    latents, prompt_index, uncond = transition.latents, transition.prompt_index, transition.uncond
+    if not reuse_uncond or cfg_grad != "cond_only":
+        uncond = None
     if share_parents:  # evaluate the first row of each parent, then give every sibling its output
         unique, inverse = torch.unique(transition.parent, return_inverse=True)
         position = torch.arange(len(inverse), device=inverse.device)
         first = torch.full((len(unique),), len(inverse), dtype=torch.long,
                            device=inverse.device).scatter_reduce(0, inverse, position, "amin")
         latents, prompt_index = latents[first], prompt_index[first]
+        uncond = None if uncond is None else uncond[first.to(uncond.device)]
     model_out = predict_in_chunks(adapter, latents, schedule.timesteps[i], cond.select(prompt_index),
-                                  config.max_batch if config is not None else None, cfg_grad=cfg_grad)
+                                  config.max_batch if config is not None else None, cfg_grad=cfg_grad,
+                                  cfg_split=config is not None and config.cfg_split, uncond=uncond)
     if share_parents:
         model_out = model_out[inverse]
     kernel = fused_or_reference(transition.kernel, kernel_spec(transition.kernel).resolve(schedule.kind),

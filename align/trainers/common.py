@@ -215,7 +215,8 @@ KL_DT_KERNELS = ("flow_grpo", "dance_grpo")
 
 def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *, clip_range: float,
                         kl_beta: float = 0.0, kl_form: str = "exact", cfg_grad: str = "full", guard: bool = False,
-                        guard_std: float | None = None, weights=None, share_parents: bool = False):
+                        guard_std: float | None = None, weights=None, share_parents: bool = False,
+                        reuse_uncond: bool = False):
     """The policy loss of one batch of stored transitions: re-score with the current weights,
     PPO-clip against the recorded log-probs, plus kl_beta * KL(mean, mean_ref) with the reference
     (LoRA disabled), in ``kl_form`` "exact" (:func:`align.losses.mean_kl`) or "flow_grpo" (the
@@ -223,7 +224,8 @@ def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *
     ("cond_only" detaches the unconditional branch). ``guard`` turns on GRPO-Guard's per-step
     log-ratio normalisation, rescaled to ``guard_std`` (null: the step's own spread, i.e. centring
     only). ``share_parents``: siblings of a tree share one model evaluation, as in the rollout.
-    Returns (loss, stats)."""
+    ``reuse_uncond``: no update since the rollout, so the policy's re-score takes the unconditional
+    prediction the rollout kept (:func:`align.sampling.rollout.rescore`). Returns (loss, stats)."""
     import torch
 
     from align.losses import flow_grpo_kl, mean_kl, normalize_log_ratio, ppo_clip_loss, weighted_mean
@@ -231,7 +233,8 @@ def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *
 
     adapter, accelerator = run.adapter, run.accelerator
     with accelerator.autocast():
-        new = rescore(adapter, part, cond, schedule, rollout_config, share_parents=share_parents, cfg_grad=cfg_grad)
+        new = rescore(adapter, part, cond, schedule, rollout_config, share_parents=share_parents, cfg_grad=cfg_grad,
+                      reuse_uncond=reuse_uncond)
     log_prob = new.log_prob
     log_ratio = (log_prob - part.log_prob).detach()
     if guard:
@@ -400,7 +403,7 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
     from align.runtime import iteration_generator
     from align.sampling.rollout import rollout
 
-    from align.sampling.overlap import can_chunk, chunked_rollout_and_score
+    from align.sampling.overlap import can_chunk, chunk_generators, chunked_rollout_and_score, prompt_chunks
 
     adapter, process = run.adapter, run.accelerator.process_index
     chunks = config.run.rollout_chunks
@@ -408,9 +411,10 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
                                          reward=reward):
         with run.sampling():
             cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
+            generators = chunk_generators(config.run.seed, iteration, process, chunks)
             result, result.pixels, scores = chunked_rollout_and_score(
                 adapter, cond, rollout_config, group_size=config.group_size if group_size is None else group_size,
-                generator=iteration_generator(config.run.seed, iteration, process), chunks=chunks, reward=reward,
+                generators=generators[:len(prompt_chunks(len(batch_prompts), chunks))], reward=reward,
                 prompts=list(batch_prompts), overlap=config.run.overlap_scoring, **run.latent_kwargs)
         check_unscored(run, reward, scores.valid_mask(), iteration)
         return cond, result, scores, None

@@ -95,8 +95,14 @@ def pair_preferences(scores: torch.Tensor, valid: torch.Tensor, min_gap: float =
 
 def preference_update(run, config: D3POConfig, transitions: dict, steps: list[int], winner, loser, cond, schedule,
                       rollout_config, stats: TrainLog) -> None:
-    """``inner_epochs`` optimizer updates of the per-step D3PO loss of the pairs (winner, loser)."""
-    accelerator, n = run.accelerator, len(winner)
+    """``inner_epochs`` optimizer updates of the per-step D3PO loss of the pairs (winner, loser).
+    Several processes: DDP all-reduces in every backward, so a process without pairs runs the same
+    calls on a stand-in pair weighted 0 (none runs any when no process has a pair)."""
+    accelerator, n, weight = run.accelerator, len(winner), 1.0
+    if accelerator.num_processes > 1:
+        counts = run.gather(torch.tensor([float(n)], device=accelerator.device))
+        if n == 0 and float(counts.sum()) > 0:
+            winner, loser, n, weight = torch.tensor([0]), torch.tensor([1]), 1, 0.0
     rows = torch.cat([winner, loser])
     for _ in range(config.inner_epochs if n else 0):
         with run.accumulate():
@@ -105,9 +111,10 @@ def preference_update(run, config: D3POConfig, transitions: dict, steps: list[in
                 with accelerator.autocast():
                     new = rescore(run.adapter, part, cond, schedule, rollout_config, cfg_grad=config.cfg_grad)
                 log_ratio = new.log_prob - part.log_prob.to(new.log_prob.device)
-                loss = d3po_loss(log_ratio[:n], log_ratio[n:], config.beta, config.clip).mean()
+                loss = d3po_loss(log_ratio[:n], log_ratio[n:], config.beta, config.clip).mean() * weight
                 accelerator.backward(loss / len(steps))
-                stats.add(loss, preference_accuracy=(log_ratio[:n] > log_ratio[n:]).float().mean())
+                if weight:  # a stand-in pair is not a measurement
+                    stats.add(loss, preference_accuracy=(log_ratio[:n] > log_ratio[n:]).float().mean())
             stats.step(run)
 
 

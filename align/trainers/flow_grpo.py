@@ -47,7 +47,10 @@ from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_it
 @dataclass
 class FlowGRPOConfig(TrainerConfig):
     trainer: str = "flow_grpo"
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
+    #: cfg_split: the re-score backpropagates through the conditional rows only and, before the
+    #: iteration's first update, reuses the rollout's unconditional prediction (needs cfg_grad cond_only)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo",
+                                                                         cfg_split=True))
     #: PPO clip range on the per-step ratio (log-probs are element means, so it is tiny)
     clip_range: float = 1e-4
     #: weight of the KL to the reference policy (LoRA disabled); 0 turns it off
@@ -104,6 +107,9 @@ def check_config(config: FlowGRPOConfig, adapter=None) -> None:
     require_stochastic_kernel(config.rollout)
     check_choice("kl_form", config.kl_form, KL_FORMS)
     check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
+    if config.rollout.cfg_split and config.cfg_grad != "cond_only":
+        raise ConfigError("rollout.cfg_split needs cfg_grad: cond_only (a 'full' gradient differentiates the "
+                          "unconditional branch: set rollout.cfg_split: false)")
     choices = {"adv_std": ("group", "global"), "multi_reward": ("sum_rewards", "sum_advantages"),
                "window_mode": ("random", "sliding"), "timestep_selection": ("shared", "per_sample", "prefix")}
     for key, valid in choices.items():
@@ -232,7 +238,8 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                                                             kl_beta=config.kl_beta, kl_form=config.kl_form,
                                                             cfg_grad=config.cfg_grad, guard=config.guard,
                                                             guard_std=run.state.extra.get("guard_std"),
-                                                            weights=chosen_weights)
+                                                            weights=chosen_weights,
+                                                            reuse_uncond=not stats["grad_norm"])
                             if scale is None:
                                 accelerator.backward(loss * step_weights[j] / len(steps))
                             else:

@@ -1,0 +1,112 @@
+"""``rollout.cfg_split``: CFG's branches as two calls, the rollout's unconditional prediction kept
+and reused by the re-scores before an update. On the embedded toy model (CFG 3) with a LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from align.config import ConfigError, load_config
+from align.sample import ModelConfig, load_model
+from align.sampling.rollout import RolloutConfig, rescore, rollout
+from align.trainers import trainer_module
+
+
+@pytest.fixture(scope="module")
+def toy():
+    adapter = load_model(ModelConfig(name="toy", device="cpu"))
+    adapter.add_lora(rank=4, alpha=8)
+    torch.manual_seed(0)
+    for name, p in adapter.denoiser.named_parameters():
+        if "lora_B" in name:  # a LoRA away from zero, so the adapter matters
+            p.data.normal_(0, 0.05)
+    return adapter
+
+
+def sample(adapter, cfg_split: bool):
+    cond = adapter.encode(["3", "7"], "", 3.0)
+    config = RolloutConfig(num_steps=4, kernel="flow_grpo", cfg_split=cfg_split)
+    with torch.no_grad():
+        return cond, config, rollout(adapter, cond, config, group_size=3, generator=torch.Generator().manual_seed(1))
+
+
+def lora_grad(adapter, loss):
+    params = [p for p in adapter.denoiser.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+def test_split_rollout_samples_what_the_joint_batch_samples(toy):
+    _, _, joint = sample(toy, False)
+    _, _, split = sample(toy, True)
+    torch.testing.assert_close(split.samples, joint.samples, rtol=0, atol=1e-5)
+    assert all(t.uncond is None for t in joint.transitions)
+    assert all(t.uncond.shape == t.latents.shape for t in split.transitions)
+
+
+def test_reused_uncond_rescores_exactly_and_needs_only_the_conditional_rows(toy):
+    """The first on-policy ratio is exactly 1 with the kept unconditional prediction, and the re-score
+    sends the 6 conditional rows through the network (12 without reuse, 12 for the joint batch)."""
+    cond, config, result = sample(toy, True)
+    for t in result.transitions:
+        for reuse, rows in ((True, 6), (False, 12)):
+            before = toy.transformer_rows
+            new = rescore(toy, t, cond, result.schedule, config, cfg_grad="cond_only", reuse_uncond=reuse)
+            assert toy.transformer_rows - before == rows
+            assert torch.equal(new.log_prob, t.log_prob)
+    # "full" never takes the kept prediction: it needs u's gradient
+    before = toy.transformer_rows
+    rescore(toy, result.transitions[0], cond, result.schedule, config, cfg_grad="full", reuse_uncond=True)
+    assert toy.transformer_rows - before == 12
+
+
+def test_split_cond_only_gradient_is_the_joint_batchs(toy):
+    """The LoRA gradient of a cond_only re-score (g dc) is the same from the split calls with the
+    kept u, from the split calls recomputing u, and from the joint [u; c] batch."""
+    cond, config, result = sample(toy, True)
+    t = result.transitions[1]
+    joint = RolloutConfig(num_steps=4, kernel="flow_grpo", cfg_split=False)
+    grads = [lora_grad(toy, rescore(toy, t, cond, result.schedule, c, cfg_grad="cond_only",
+                                    reuse_uncond=reuse).log_prob.sum())
+             for c, reuse in ((config, True), (config, False), (joint, False))]
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[2], rtol=1e-4, atol=1e-7)
+    # "full" differs: it adds (1 - g) du
+    full = lora_grad(toy, rescore(toy, t, cond, result.schedule, config, cfg_grad="full").log_prob.sum())
+    assert (full - grads[0]).abs().max() > 1e-3 * grads[0].abs().max()
+
+
+def run_flow_grpo(tmp_path, cfg_split: bool):
+    module = trainer_module("flow_grpo")
+    config = load_config(module.CONFIG, None, [
+        "model.name=toy", "model.device=cpu", "rewards=[digit]", "heldout_rewards=[]", "prompts=['3', '7']",
+        "eval_prompts=['3']", "eval.per_prompt=1", "eval.num_steps=2", "iterations=2", "prompts_per_iteration=2",
+        "group_size=3", "rollout.num_steps=4", "kl_beta=0.04", "inner_epochs=2", "lora.rank=4",
+        "run.log_with=none", "run.progress=false", "run.checkpoint_every=0", f"run.output_dir={tmp_path}",
+        f"rollout.cfg_split={cfg_split}"])
+    module.train(config)
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_flow_grpo_with_cfg_split_is_on_policy_exactly_and_trains_as_the_joint_batch(tmp_path):
+    """Two inner epochs: the first pass reuses u, the second (after an update) recomputes it. The
+    on-policy KL is exactly 0 and the losses and KLs are the joint batch's."""
+    split = [m for m in run_flow_grpo(tmp_path / "split", True) if "train/loss" in m]
+    joint = [m for m in run_flow_grpo(tmp_path / "joint", False) if "train/loss" in m]
+    assert len(split) == len(joint) == 2
+    for a, b in zip(split, joint):
+        assert a["train/on_policy_approx_kl"] == 0.0
+        for key in ("train/loss", "train/kl", "train/grad_norm", "reward/score/mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+
+
+def test_cfg_split_with_a_full_cfg_gradient_is_refused():
+    module = trainer_module("flow_grpo")
+    config = load_config(module.CONFIG, None, ["model.name=toy", "cfg_grad=full"])
+    with pytest.raises(ConfigError, match="rollout.cfg_split needs cfg_grad: cond_only"):
+        module.check_config(config)
