@@ -85,6 +85,10 @@ class RunConfig:
     compile: bool = False
     #: torch.compile options, e.g. {mode: max-autotune} or {backend: aot_eager} (tracing without codegen)
     compile_options: dict = field(default_factory=dict)
+    #: shard the denoiser with torch's FSDP2 fully_shard instead of DDP where accelerate runs the
+    #: processes as DDP (CPU processes over gloo; align/sharding.py); on GPUs use accelerate's FSDP2
+    #: plugin (configs/accelerate/fsdp.yaml). One process: nothing to shard, ignored
+    fully_shard: bool = False
     #: write a sample grid of the evaluation prompts every N iterations (0: only before / after)
     sample_every: int = 0
     #: evaluate (metrics only, no grid) each time the run's model evaluations pass a multiple of N
@@ -204,13 +208,29 @@ class Run:
             from align.compile import compile_denoiser
 
             compile_denoiser(self.adapter, **run.compile_options)
-        params = self.adapter.trainable_parameters()
+        shard_here = run.fully_shard and self.accelerator.num_processes > 1
+        if shard_here:
+            from align.sharding import shard_denoiser
+
+            if optim.ema_decay is not None:
+                raise ConfigError("optim.ema_decay: the EMA keeps whole copies of the weights; it is not "
+                                  "supported with run.fully_shard")
+            self.log_text(f"fully_shard: {shard_denoiser(self.adapter)} modules sharded over "
+                          f"{self.accelerator.num_processes} processes (FSDP2)")
+        params = self.adapter.trainable_parameters()  # after sharding: the sharded parameters
         if not params:
             raise ConfigError("nothing to train: no trainable parameter after the LoRA / fine-tune set-up")
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                            weight_decay=optim.weight_decay)
         self.optim_config = optim
-        self.adapter.denoiser, self.optimizer = self.accelerator.prepare(self.adapter.denoiser, self.optimizer)
+        if shard_here:  # fully_shard synchronises gradients itself: no DDP wrapper
+            self.optimizer = self.accelerator.prepare(self.optimizer)
+        else:
+            self.adapter.denoiser, self.optimizer = self.accelerator.prepare(self.adapter.denoiser, self.optimizer)
+        from align.sharding import has_sharded_parameters
+
+        #: the weights are DTensors (run.fully_shard, or accelerate's FSDP2): saving gathers on every process
+        self.sharded = has_sharded_parameters(self.adapter.base_denoiser)
         self.ema = None
         if optim.ema_decay is not None:
             from diffusers.training_utils import EMAModel
@@ -259,9 +279,29 @@ class Run:
         return sorted(folder.glob("iteration-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
 
     def trainable_state(self) -> dict[str, Tensor]:
-        """The trainable weights only (LoRA: a few MB instead of the whole model)."""
+        """The trainable weights only (LoRA: a few MB instead of the whole model), whole tensors
+        (sharded: gathered, so every process must call it)."""
+        from align.sharding import full_tensors
+
         model = self.accelerator.unwrap_model(self.adapter.denoiser)
-        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: full_tensors(p.detach()).cpu().contiguous() for n, p in model.named_parameters()
+                if p.requires_grad}
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state dict with whole tensors (sharded: gathered on every process)."""
+        from align.sharding import full_tensors
+
+        return full_tensors(self.optimizer.state_dict())
+
+    def export_lora(self, directory: Path) -> None:
+        """The trained LoRA written by the main process (sharded: gathered on every process first)."""
+        from peft import get_peft_model_state_dict
+
+        from align.sharding import full_tensors
+
+        state = full_tensors(get_peft_model_state_dict(self.adapter.base_denoiser)) if self.sharded else None
+        if self.is_main:
+            self.adapter.export_lora(directory, state=state)
 
     def save_checkpoint(self) -> Path:
         """Trainable weights, optimizer, run state and EMA as safetensors + JSON (no pickle; see
@@ -273,11 +313,13 @@ class Run:
         final = folder / f"iteration-{self.state.iteration:06d}"
         tmp = folder / f".tmp-{final.name}"
         self.accelerator.wait_for_everyone()
+        if self.is_main or self.sharded:  # sharded: every process takes part in the gathers
+            trainable, optimizer = self.trainable_state(), self.optimizer_state()
         if self.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            parts = {"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
+            parts = {"trainable": trainable, "optimizer": optimizer,
                      "state": {**self.state.state_dict(), "accelerator_step": int(self.accelerator.step)}}
             if self.ema is not None:
                 parts["ema"] = self.ema.state_dict()
@@ -359,9 +401,23 @@ class Run:
             raise ConfigError(f"checkpoint {path} does not match the model's trainable weights (first difference: "
                               f"{differ[0]}); was it made with other LoRA settings (lora.rank, lora.target_modules)?")
         model = self.accelerator.unwrap_model(self.adapter.denoiser)
-        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in trainable.items()}, strict=False)
+        if self.sharded:  # each process keeps its shard of the whole tensors
+            from align.sharding import shard_like
+
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name in trainable:
+                        param.copy_(shard_like(trainable[name].to(expected[name].dtype), param))
+        else:
+            model.load_state_dict({k: v.to(expected[k].dtype) for k, v in trainable.items()}, strict=False)
         optimizer = read_part(path, "optimizer")
         optimizer["state"] = {int(k): v for k, v in optimizer["state"].items()}
+        if self.sharded:
+            from align.sharding import shard_like
+
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            optimizer["state"] = {i: {k: shard_like(v, params[i]) for k, v in values.items()}
+                                  for i, values in optimizer["state"].items()}
         self.optimizer.load_state_dict(optimizer)
         state = read_part(path, "state")
         self.accelerator.step = int(state.pop("accelerator_step", 0))

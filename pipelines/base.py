@@ -239,9 +239,10 @@ class ModelAdapter(abc.ABC):
 
         self._reference_copy = copy.deepcopy(self.base_denoiser).requires_grad_(False).eval()
 
-    def export_lora(self, directory: str | Path) -> Path:
+    def export_lora(self, directory: str | Path, state: dict | None = None) -> Path:
         """Write the trained LoRA. Diffusers adapters write the format ``pipe.load_lora_weights(dir)``
-        loads; the base version writes peft's state dict (safetensors) and its config."""
+        loads; the base version writes peft's state dict (safetensors) and its config. ``state``:
+        that state dict already gathered (a sharded model), else it is read from the denoiser."""
         import json
 
         from peft import get_peft_model_state_dict
@@ -250,7 +251,8 @@ class ModelAdapter(abc.ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         base = self.base_denoiser
-        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(base).items()}
+        state = get_peft_model_state_dict(base) if state is None else state
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         pipe = getattr(self, "pipe", None)
         if pipe is not None and hasattr(type(pipe), "save_lora_weights"):
             component = "unet" if getattr(pipe, "unet", None) is base else "transformer"

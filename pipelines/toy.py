@@ -278,6 +278,8 @@ class ToyFlowModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """
 
     _supports_gradient_checkpointing = False
+    #: the units FSDP shards (run.fully_shard) and device maps keep whole
+    _no_split_modules = ["ResBlock", "AttnBlock"]
 
     @register_to_config
     def __init__(self, sample_size: int = 16, in_channels: int = 3, channels: tuple[int, ...] = (32, 64, 128),

@@ -195,9 +195,9 @@ def finish_run(config: TrainerConfig, run, reward, heldout) -> dict[str, float]:
         run.save_checkpoint()  # the finished state: a rerun says the run is done instead of redoing steps
     after = evaluate_run(run, config, reward, heldout, "after")
     log_evaluation(run, after)
-    if run.is_main and config.lora.enabled:
+    if config.lora.enabled:
         with run.ema_weights():  # the EMA's LoRA when EMA is on (what the evaluation measured)
-            run.adapter.export_lora(run.dir / "lora")
+            run.export_lora(run.dir / "lora")
     summary = {"reward_before": run.state.reward_before, "reward_after": after["eval/reward"], **after}
     lines = summary_lines(run.state.reward_before, after["eval/reward"], run.state.heldout_before or {}, after)
     for line in lines:
