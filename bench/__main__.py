@@ -16,9 +16,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-#: benchmark -> (script, arguments of a quick run)
+#: benchmark -> (script and its arguments, extra arguments of a quick run)
 SUITE = {
     "rollout": ("rollout.py", ["--repeats", "2"]),
+    "rollout_compiled": ("rollout.py --compile", ["--repeats", "2"]),
+    "flow_grpo_iteration": ("flow_grpo_iteration.py", ["--iterations", "3"]),
+    "flow_grpo_iteration_compiled": ("flow_grpo_iteration.py --compile", ["--iterations", "3"]),
     "tree": ("tree.py", ["--repeats", "1"]),
     "triton_step": ("triton_step.py", ["--repeats", "3"]),
     "overlap": ("overlap.py", ["--repeats", "1"]),
@@ -27,6 +30,7 @@ SUITE = {
     "backprop_memory": ("backprop_memory.py", []),
     "search": ("search.py", ["--seeds", "1"]),
     "rewards": ("rewards.py", []),
+    "memory": ("memory.py --models sd3", []),
 }
 
 
@@ -41,9 +45,9 @@ def main() -> int:
         parser.error(f"unknown benchmark {unknown[0]!r} (valid: {', '.join(SUITE)})")
     results = []
     for name in chosen:
-        script, quick = SUITE[name]
+        (script, *options), quick = SUITE[name][0].split(), SUITE[name][1]
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, str(HERE / script), *(quick if args.quick else [])],
+        done = subprocess.run([sys.executable, str(HERE / script), *options, *(quick if args.quick else [])],
                               capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.strip()]
         last = lines[-1] if done.returncode == 0 and lines else f"failed ({done.stderr.strip().splitlines()[-1:]})"

@@ -17,10 +17,14 @@ trainer with its defaults, whose levers are:
   exactly 1; ``train/on_policy_approx_kl`` is printed);
 - ``--compile``: ``run.compile`` (inductor; the compile time is left out with the warm-up).
 
-Iteration 1 of each is a warm-up; the medians of the rest are compared. Last line
+Iteration 1 of each is a warm-up; the medians of the rest are compared. Printed: seconds per
+iteration, images per second and peak memory (CUDA: the allocator's peak) of each, and last
 ``flow_grpo_iteration_vs_reference=<ours / baseline>`` (goal: at most 0.7).
 
     python bench/flow_grpo_iteration.py [--iterations 4] [--compile]
+    # on a GPU, a real model (bf16, 512 px):
+    python bench/flow_grpo_iteration.py --model sd3 --model-path /models/sd3.5-medium --device cuda --dtype bfloat16 --size 512
+    python bench/flow_grpo_iteration.py --model flux --model-path /models/flux.1-dev --device cuda --dtype bfloat16 --size 512
 """
 
 from __future__ import annotations
@@ -89,8 +93,21 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="ours with run.compile (inductor)")
     parser.add_argument("--no-split", action="store_true", help="ours without rollout.cfg_split (the lever off)")
+    parser.add_argument("--model", default="sd3", help="adapter name (with --model-path: a real model)")
+    parser.add_argument("--model-path", help="a local diffusers folder or hub name (default: the small random SD3)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    cuda = args.device.startswith("cuda")
+
+    def peak_gib() -> float:
+        if cuda:
+            return torch.cuda.max_memory_allocated() / 2**30
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     from bench.rollout import build_small_sd3
 
     import align.trainers.common as common
@@ -100,9 +117,10 @@ def main() -> None:
     from rewards import build_rewards
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_small_sd3(Path(tmp) / "sd3", args.size)
+        path = args.model_path or build_small_sd3(Path(tmp) / "sd3", args.size)
+        model = ModelConfig(name=args.model, path=str(path), device=args.device, dtype=args.dtype)
         # the baseline: its own copy of the model with the same LoRA
-        reference = load_model(ModelConfig(name="sd3", path=str(path), device="cpu", dtype="float32"))
+        reference = load_model(model)
         reference.add_lora(rank=32, alpha=64)
         lora = [p for p in reference.denoiser.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(lora, lr=3e-4, weight_decay=1e-4)
@@ -117,9 +135,16 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
             return times
 
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         baseline_times = baseline(args.iterations)[1:]
+        baseline_peak = peak_gib()
+        if cuda:  # ours is measured alone on the device
+            reference = optimizer = lora = None
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
 
-        adapter = load_model(ModelConfig(name="sd3", path=str(path), device="cpu", dtype="float32"))
+        adapter = load_model(model)
         marks, metrics_seen = [], []
         original = common.end_iteration
 
@@ -133,7 +158,7 @@ def main() -> None:
             if getattr(module, name) is original:
                 setattr(module, name, end_iteration)
         overrides = [
-            "model.name=sd3", f"model.path={path}", "model.device=cpu", "model.dtype=float32",
+            f"model.name={args.model}", f"model.path={path}", f"model.device={args.device}", f"model.dtype={args.dtype}",
             "rewards=[jpeg_compressibility]", "heldout_rewards=[]", f"prompts={PROMPTS}",
             "eval_prompts=['a cat']", "eval.per_prompt=1", "eval.num_steps=2", f"iterations={args.iterations + 1}",
             "prompts_per_iteration=2", f"group_size={GROUP}", f"rollout.num_steps={STEPS}",
@@ -144,16 +169,21 @@ def main() -> None:
         start = time.perf_counter()
         module.train(load_config(module.CONFIG, None, overrides), adapter=adapter)
         ours_times = [b - a for a, b in zip([start] + marks[:-1], marks)][2:]  # start-up + warm-up left out
-        baseline_times += baseline(max(2, args.iterations // 2))  # the baseline again, after ours
+        ours_peak = peak_gib()
+        if not cuda:
+            baseline_times += baseline(max(2, args.iterations // 2))  # the baseline again, after ours
 
     base, ours = statistics.median(baseline_times), statistics.median(ours_times)
     on_policy = max(m.get("train/on_policy_approx_kl", float("nan")) for m in metrics_seen)
     print(f"model: SD3-class, 4 blocks x width 128, {args.size}px, {len(PROMPTS)} prompts x {GROUP}, {STEPS} steps, "
           f"CFG {GUIDANCE}, LoRA r32, PPO + KL (beta {BETA}) over {STEPS - 1} steps, one update per iteration")
-    print(f"reference-style loop: median {base:.2f} s per iteration ({len(baseline_times)} iterations)")
+    images = len(PROMPTS) * GROUP
+    memory = "peak allocated" if cuda else "peak resident set of the process so far"
+    print(f"reference-style loop: median {base:.2f} s per iteration ({len(baseline_times)} iterations), "
+          f"{images / base:.2f} images/s, {memory} {baseline_peak:.2f} GiB")
     print(f"align flow_grpo{' (compiled)' if args.compile else ''}{' without cfg_split' if args.no_split else ''}: "
-          f"median {ours:.2f} s per iteration ({len(ours_times)} iterations); "
-          f"train/on_policy_approx_kl = {on_policy:g}")
+          f"median {ours:.2f} s per iteration ({len(ours_times)} iterations), {images / ours:.2f} images/s, "
+          f"{memory} {ours_peak:.2f} GiB; train/on_policy_approx_kl = {on_policy:g}")
     print(f"flow_grpo_iteration_vs_reference={ours / base:.3f}")
 
 

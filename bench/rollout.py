@@ -4,9 +4,11 @@ One small SD3-class model (random weights, built in code), one process, the same
 CFG scale, batch and resolution; both include prompt encoding and VAE decoding. Ours runs the
 Flow-GRPO SDE and records latents, means, stds and log-probs of every step. Timings alternate
 between the two and the median of the repeats is compared; the last line is the ratio
-``rollout_vs_diffusers=<ours / diffusers>`` (below 1: faster than diffusers).
+``rollout_vs_diffusers=<ours / diffusers>`` (below 1: faster than diffusers). ``--compile``: ours
+runs its own copy of the model with ``run.compile``'s regional compile (inductor; the compile time
+is in the warm-up, left out), diffusers stays eager.
 
-    python bench/rollout.py [--repeats 5] [--steps 10] [--size 64] [--batch 4]
+    python bench/rollout.py [--repeats 5] [--steps 10] [--size 64] [--batch 4] [--compile]
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="image size in pixels")
     parser.add_argument("--batch", type=int, default=4, help="images per prompt")
     parser.add_argument("--guidance", type=float, default=4.5)
+    parser.add_argument("--compile", action="store_true", help="ours compiled (run.compile's regional compile)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -63,9 +66,14 @@ def main() -> None:
 
     prompts = ["a photo of a cat", "a red car on a street"]
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = SD3Adapter.from_pretrained(str(build_small_sd3(Path(tmp), args.size)), torch_dtype=torch.float32,
-                                             max_sequence_length=16)
-    pipe = adapter.pipe
+        path = str(build_small_sd3(Path(tmp), args.size))
+        stock = SD3Adapter.from_pretrained(path, torch_dtype=torch.float32, max_sequence_length=16)
+        adapter = SD3Adapter.from_pretrained(path, torch_dtype=torch.float32, max_sequence_length=16)
+    if args.compile:
+        from align.compile import compile_denoiser
+
+        compile_denoiser(adapter)
+    pipe = stock.pipe
     pipe.set_progress_bar_config(disable=True)
     config = RolloutConfig(num_steps=args.steps, kernel="flow_grpo", guidance_scale=args.guidance)
 
@@ -93,7 +101,8 @@ def main() -> None:
     print(f"model: SD3-class, 4 blocks x width 128, {args.size}px, {len(prompts)} prompts x {args.batch}, "
           f"{args.steps} steps, CFG {args.guidance} (one batch)")
     print(f"diffusers StableDiffusion3Pipeline.__call__: median {medians['diffusers'] * 1000:.1f} ms")
-    print(f"align rollout with log-probs (flow_grpo SDE): median {medians['ours'] * 1000:.1f} ms")
+    print(f"align rollout with log-probs (flow_grpo SDE{', compiled' if args.compile else ''}): "
+          f"median {medians['ours'] * 1000:.1f} ms")
     print(f"rollout_vs_diffusers={medians['ours'] / medians['diffusers']:.3f}")
 
 

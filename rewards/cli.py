@@ -240,8 +240,16 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     from rewards import build_reward  # the name and options are checked before the server starts
 
     build_reward({"name": args.name, **options})
-    print(f"serving reward {args.name!r} on http://{args.host}:{args.port} (GET /health, GET /metadata, POST /score)",
-          flush=True)
+    where = f"Ray Serve, {args.replicas} replica(s)" if args.ray else "uvicorn"
+    print(f"serving reward {args.name!r} on http://{args.host}:{args.port} (GET /health, GET /metadata, POST /score; "
+          f"{where})", flush=True)
+    if args.ray:
+        from rewards.server import serve_on_ray
+
+        serve_on_ray(args.name, options, host=args.host, port=args.port, num_replicas=args.replicas,
+                     gpus_per_replica=args.gpus_per_replica, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                     device=args.device)
+        return 0
     serve(args.name, options, host=args.host, port=args.port, max_batch=args.max_batch,
           max_wait_ms=args.max_wait_ms, device=args.device)
     return 0
@@ -275,4 +283,8 @@ def register_commands(sub) -> None:
     server.add_argument("--max-batch", type=int, default=8, help="samples scored together from concurrent requests")
     server.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others")
     server.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    server.add_argument("--ray", action="store_true",
+                        help="deploy on Ray Serve (a local Ray instance, or the cluster of RAY_ADDRESS)")
+    server.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas")
+    server.add_argument("--gpus-per-replica", type=float, default=0, help="Ray Serve: GPUs of each replica")
     server.set_defaults(func=cmd_serve_reward)

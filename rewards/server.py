@@ -16,7 +16,8 @@ Endpoints:
 Concurrent requests are batched: they wait up to ``max_wait_ms`` for one another and are scored in
 one reward call of at most ``max_batch`` samples. The app is a plain ASGI application, so it runs
 under uvicorn on one machine (``align serve-reward``) or in a Ray Serve deployment
-(``serve.run(serve.deployment(serve.ingress(app)(...)).bind())``; the README has both launches).
+(:func:`ray_deployment`, ``align serve-reward NAME --ray``): replicas on several GPUs or nodes, each
+building the reward itself and batching its own requests; the README has both launches.
 """
 
 from __future__ import annotations
@@ -170,3 +171,47 @@ def serve(name: str, options: dict, *, host: str = "127.0.0.1", port: int = 8000
         reward.to(device)
     uvicorn.run(build_app(reward, name, max_batch=max_batch, max_wait_ms=max_wait_ms), host=host, port=port,
                 log_level="warning")
+
+
+def ray_deployment(name: str, options: dict, *, num_replicas: int = 1, gpus_per_replica: float = 0,
+                   max_batch: int = 8, max_wait_ms: float = 10.0, device: str | None = None):
+    """The app as a Ray Serve application: ``num_replicas`` replicas of ``gpus_per_replica`` GPUs
+    each, every one building the reward when it starts (serve.ingress of a builder function, so no
+    model is pickled from the driver). ``serve.run(ray_deployment(...), route_prefix="/")`` starts it."""
+    from ray import serve
+
+    def build():
+        from rewards import build_reward
+
+        reward = build_reward({"name": name, **options})
+        if device:
+            reward.to(device)
+        return build_app(reward, name, max_batch=max_batch, max_wait_ms=max_wait_ms)
+
+    actor = {"num_gpus": gpus_per_replica} if gpus_per_replica else {}
+    deployment = serve.deployment(name=f"reward-{name}", num_replicas=num_replicas,
+                                  ray_actor_options=actor)(serve.ingress(build)())
+    return deployment.bind()
+
+
+def serve_on_ray(name: str, options: dict, *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
+    """Start Ray (or join the cluster of ``RAY_ADDRESS``) and serve the reward with Ray Serve (blocks)."""
+    import os
+    import time
+    from pathlib import Path
+
+    import ray
+    from ray import serve
+
+    root = str(Path(__file__).resolve().parents[1])  # replicas import the rewards package from here
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(ray_deployment(name, options, **kwargs), route_prefix="/")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        ray.shutdown()

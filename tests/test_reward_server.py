@@ -4,6 +4,7 @@ the samples the invalid-sample policy drops, timeouts are counted, no server is 
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -134,3 +135,25 @@ def test_no_server_at_the_address_is_one_line():
     with pytest.raises(ConfigError, match="no reward server answers at http://127.0.0.1:") as err:
         build_reward({"name": "remote", "urls": [f"http://127.0.0.1:{free_port()}"], "timeout": 1})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_the_ray_serve_deployment_scores_what_the_local_reward_scores():
+    """``align serve-reward digit --ray``: the same app on a local Ray instance, one Ray Serve replica
+    that builds the reward itself; the remote reward's scores equal the local ones."""
+    pytest.importorskip("ray.serve")
+    port = free_port()
+    process = start_server(port, "--ray", "--replicas", "1")
+    try:
+        remote = build_reward({"name": "remote", "urls": [f"http://127.0.0.1:{port}"]})
+        assert remote.server["name"] == "digit"
+        samples = images()
+        out = remote(samples, PROMPTS)
+        assert torch.allclose(out.total, build_reward("digit")(samples, PROMPTS).total, atol=1e-6)
+        assert bool(out.valid_mask().all())
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
