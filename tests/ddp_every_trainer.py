@@ -43,11 +43,11 @@ def main(out: Path, names: list[str]) -> None:
     from align.trainers import TRAINERS, trainer_module
     from accelerate.state import PartialState
 
-    # a finished run ends the process group (accelerate's end_training); the next trainer needs it
     from tests.tiny_models import build_sd
 
     # before any process group exists: with one, only rank 0's save_pretrained writes the weights
     sd_path = build_sd(out / f"sd-{os.environ.get('RANK', '0')}")
+    # a finished run ends the process group (accelerate's end_training); the next trainer needs it
     destroy = PartialState.destroy_process_group
     PartialState.destroy_process_group = lambda self, group=None: None
     for name in names or list(TRAINERS):
@@ -61,18 +61,15 @@ def main(out: Path, names: list[str]) -> None:
             adapter = load_model(ModelConfig(name="toy", device="cpu"))
         before = {}
 
-        class Watch:  # the first optimizer step sees the freshly added LoRA: digest it there
-            def __init__(self, inner):
-                self.inner = inner
-
-            def __call__(self, *args, **kwargs):
-                before.setdefault("digest", digest(adapter.base_denoiser))
-                return self.inner(*args, **kwargs)
-
         import align.runtime as runtime
 
         original = runtime.Run.step_optimizer
-        runtime.Run.step_optimizer = lambda self, *a, **k: Watch(original)(self, *a, **k)
+
+        def step_optimizer(run, *args, **kwargs):  # the first update sees the freshly added LoRA
+            before.setdefault("digest", digest(adapter.base_denoiser))
+            return original(run, *args, **kwargs)
+
+        runtime.Run.step_optimizer = step_optimizer
         try:
             module.train(config, adapter=adapter)
         finally:
