@@ -212,9 +212,6 @@ class Run:
         if shard_here:
             from align.sharding import shard_denoiser
 
-            if optim.ema_decay is not None:
-                raise ConfigError("optim.ema_decay: the EMA keeps whole copies of the weights; it is not "
-                                  "supported with run.fully_shard")
             self.log_text(f"fully_shard: {shard_denoiser(self.adapter)} modules sharded over "
                           f"{self.accelerator.num_processes} processes (FSDP2)")
         params = self.adapter.trainable_parameters()  # after sharding: the sharded parameters

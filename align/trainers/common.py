@@ -63,6 +63,9 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     check_ranges(config)
     config.rollout.validate()
     config.eval.validate()
+    if config.run.fully_shard and config.optim.ema_decay is not None:
+        raise ConfigError("optim.ema_decay: the EMA keeps whole copies of the weights; it is not supported with "
+                          "run.fully_shard")
     if adapter is not None:
         size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
         family, model = adapter.schedule(1, latent_shape=adapter.latent_shape(**size)).kind, adapter.name
