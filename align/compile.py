@@ -29,7 +29,10 @@ def compile_denoiser(adapter, **options) -> int:
     of modules compiled (the repeated blocks, or 1 for the whole model)."""
     import torch._dynamo
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT))
+            break
     base = adapter.base_denoiser
     names = repeated_block_names(base)
     blocks = [m for m in base.modules() if type(m).__name__ in names] if names else []

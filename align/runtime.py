@@ -208,7 +208,11 @@ class Run:
             from align.compile import compile_denoiser
 
             compile_denoiser(self.adapter, **run.compile_options)
-        shard_here = run.fully_shard and self.accelerator.num_processes > 1
+        from accelerate.utils import DistributedType
+
+        # accelerate's FSDP plugin (GPUs) shards in prepare itself
+        shard_here = (run.fully_shard and self.accelerator.num_processes > 1
+                      and self.accelerator.distributed_type != DistributedType.FSDP)
         if shard_here:
             from align.sharding import shard_denoiser
 
@@ -311,13 +315,17 @@ class Run:
         tmp = folder / f".tmp-{final.name}"
         self.accelerator.wait_for_everyone()
         if self.is_main or self.sharded:  # sharded: every process takes part in the gathers
+            from align.sharding import full_tensors
+
+            # the run state too: weight snapshots (old / reference policies) are shards of the weights
             trainable, optimizer = self.trainable_state(), self.optimizer_state()
+            run_state = full_tensors(self.state.state_dict())
         if self.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             parts = {"trainable": trainable, "optimizer": optimizer,
-                     "state": {**self.state.state_dict(), "accelerator_step": int(self.accelerator.step)}}
+                     "state": {**run_state, "accelerator_step": int(self.accelerator.step)}}
             if self.ema is not None:
                 parts["ema"] = self.ema.state_dict()
             write_checkpoint(tmp, parts)

@@ -41,13 +41,19 @@ def shard_denoiser(adapter) -> int:
 
 def has_sharded_parameters(model: torch.nn.Module) -> bool:
     """Whether the model's parameters are DTensors (FSDP2, whoever applied it)."""
-    from torch.distributed.tensor import DTensor
-
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without the public DTensor: nothing here is sharded
+        return False
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def full_tensors(value):
     """``value`` (a tensor, or dicts / lists / tuples of them) with every DTensor gathered whole."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
     from torch.distributed.tensor import DTensor
 
     if isinstance(value, DTensor):

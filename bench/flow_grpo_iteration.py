@@ -53,12 +53,14 @@ def reference_iteration(adapter, reward, optimizer, size: int, generator: torch.
 
     prompts = [p for p in PROMPTS for _ in range(GROUP)]
     cond = adapter.encode(prompts, "", GUIDANCE)
-    embeds = cond.cfg_batch()
+    embeds = cond.cfg_batch() if cond.uses_cfg else None
     schedule = adapter.schedule(STEPS, latent_shape=adapter.latent_shape(size, size))
 
     def guided(x, i):
+        if not cond.uses_cfg:  # a guidance-distilled model (FLUX.1-dev): one call, guidance in cond.extra
+            return adapter.forward(x, schedule.timesteps[i].expand(len(x)), cond.tensors, cond.extra).float()
         t = schedule.timesteps[i].expand(2 * len(x))
-        uncond, text = adapter.forward(torch.cat([x, x]), t, embeds, {}).float().chunk(2)
+        uncond, text = adapter.forward(torch.cat([x, x]), t, embeds, cond.extra).float().chunk(2)
         return uncond.detach() + GUIDANCE * (text - uncond.detach())
 
     with torch.no_grad():

@@ -159,7 +159,7 @@ class ModelAdapter(abc.ABC):
         ``cfg_split``: the branches as two calls of ``len(x)`` rows, u without a graph under
         "cond_only" (backward then runs through the conditional rows only). ``uncond``: u already
         known for these rows (the rollout's, while the weights are unchanged): only c is computed.
-        ``return_uncond``: return (out, u detached), u None without CFG."""
+        ``return_uncond``: return (out, u detached in the model's output dtype), u None without CFG."""
         if cfg_grad not in ("cond_only", "full"):
             raise ValueError(f"cfg_grad must be 'cond_only' or 'full', got {cfg_grad!r}")
         batch = x.shape[0]
@@ -176,16 +176,19 @@ class ModelAdapter(abc.ABC):
             self.transformer_rows += batch
             if uncond is None:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and cfg_grad == "full"):
-                    uncond = as_float(self.forward(x_in, t, cond.negative, cond.extra))
+                    uncond = self.forward(x_in, t, cond.negative, cond.extra)
                 self.transformer_rows += batch
+            kept = uncond.detach()  # in the model's dtype: upcasting it again is exact
+            uncond = as_float(uncond)
         else:
             self.transformer_rows += 2 * batch
             uncond, c = as_float(self.forward(torch.cat([x_in, x_in]), torch.cat([t, t]), cond.cfg_batch(),
                                               cond.extra)).chunk(2)
+            kept = uncond.detach()
         if cfg_grad == "cond_only":
             uncond = uncond.detach()
         out = uncond + cond.guidance_scale * (c - uncond)
-        return (out, uncond.detach()) if return_uncond else out
+        return (out, kept) if return_uncond else out
 
     def initial_noise(self, batch: int, generator: torch.Generator | None = None, *,
                       height: int | None = None, width: int | None = None,

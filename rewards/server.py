@@ -180,6 +180,13 @@ def ray_deployment(name: str, options: dict, *, num_replicas: int = 1, gpus_per_
     model is pickled from the driver). ``serve.run(ray_deployment(...), route_prefix="/")`` starts it."""
     from ray import serve
 
+    from align.errors import ConfigError
+
+    if device and device.startswith("cuda"):
+        if ":" in device:
+            raise ConfigError(f"--device {device}: a Ray Serve replica sees only the GPUs it is given; use cuda")
+        gpus_per_replica = gpus_per_replica or 1  # Ray hides the GPUs from a replica that asks for none
+
     def build():
         from rewards import build_reward
 

@@ -81,7 +81,26 @@ def test_split_cond_only_gradient_is_the_joint_batchs(toy):
     assert (full - grads[0]).abs().max() > 1e-3 * grads[0].abs().max()
 
 
-def run_flow_grpo(tmp_path, cfg_split: bool):
+def run_flow_grpo(tmp_path, cfg_split: bool, calls: list | None = None):
+    """Two iterations of 2 inner epochs (one update each) over 3 trained steps; ``calls`` collects
+    (cfg_grad, reuse_uncond) of every re-score."""
+    import align.sampling.rollout as rollout_module
+
+    original = rollout_module.rescore
+
+    def spy(*args, **kwargs):
+        if calls is not None:
+            calls.append((kwargs.get("cfg_grad", "full"), kwargs.get("reuse_uncond", False)))
+        return original(*args, **kwargs)
+
+    rollout_module.rescore = spy
+    try:
+        return train_flow_grpo(tmp_path, cfg_split)
+    finally:
+        rollout_module.rescore = original
+
+
+def train_flow_grpo(tmp_path, cfg_split: bool):
     module = trainer_module("flow_grpo")
     config = load_config(module.CONFIG, None, [
         "model.name=toy", "model.device=cpu", "rewards=[digit]", "heldout_rewards=[]", "prompts=['3', '7']",
@@ -96,7 +115,11 @@ def run_flow_grpo(tmp_path, cfg_split: bool):
 def test_flow_grpo_with_cfg_split_is_on_policy_exactly_and_trains_as_the_joint_batch(tmp_path):
     """Two inner epochs: the first pass reuses u, the second (after an update) recomputes it. The
     on-policy KL is exactly 0 and the losses and KLs are the joint batch's."""
-    split = [m for m in run_flow_grpo(tmp_path / "split", True) if "train/loss" in m]
+    calls = []
+    split = [m for m in run_flow_grpo(tmp_path / "split", True, calls) if "train/loss" in m]
+    policy = [reuse for grad, reuse in calls if grad == "cond_only"]  # the KL reference's are "full"
+    assert policy == ([True] * 3 + [False] * 3) * 2  # reused before each iteration's first update only
+    assert not any(reuse for grad, reuse in calls if grad == "full")
     joint = [m for m in run_flow_grpo(tmp_path / "joint", False) if "train/loss" in m]
     assert len(split) == len(joint) == 2
     for a, b in zip(split, joint):

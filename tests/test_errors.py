@@ -53,6 +53,8 @@ CASES = [
      "process_weight needs guidance.rewards"),
     ("cfg_split with a full CFG gradient", ["train", "flow_grpo", "cfg_grad=full"],
      "rollout.cfg_split needs cfg_grad: cond_only"),
+    ("max_batch with fully_shard", ["train", "flow_grpo", "run.fully_shard=true", "rollout.max_batch=4"],
+     "rollout.max_batch: with run.fully_shard every model call is collective"),
     ("EMA with fully_shard", ["train", "flow_grpo", "run.fully_shard=true", "optim.ema_decay=0.9"],
      "optim.ema_decay: the EMA keeps whole copies of the weights; it is not supported with run.fully_shard"),
     ("guidance: unknown form", ["train", "flow_grpo", "guidance.rewards=[digit]", "guidance.form=normalised"],

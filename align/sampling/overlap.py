@@ -7,7 +7,7 @@ scored before the next starts. Both orders give identical samples and scores: ea
 its own generator, and a reward sees the same chunk either way. The trainers key a chunk's generator
 by its place in the global batch (process x chunks + chunk, :func:`chunk_generators`), so P processes
 with C chunks each sample exactly what P' x C' = P x C do (one process with two chunks samples what
-two processes do). The iteration then
+two processes do) when the prompts split evenly into the chunks. The iteration then
 costs about max(rollout, reward) instead of their sum when the reward waits on something other than
 this process's CPU (a remote reward server, a GPU reward model). Topologies whose rows are created
 during the rollout (trees, side branches) and guided or differentiated rollouts sample in one

@@ -63,6 +63,9 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     check_ranges(config)
     config.rollout.validate()
     config.eval.validate()
+    if config.run.fully_shard and config.rollout.max_batch:  # every sharded call gathers on every process
+        raise ConfigError("rollout.max_batch: with run.fully_shard every model call is collective, and chunks "
+                          "would make the processes' call counts differ; leave it null")
     if config.run.fully_shard and config.optim.ema_decay is not None:
         raise ConfigError("optim.ema_decay: the EMA keeps whole copies of the weights; it is not supported with "
                           "run.fully_shard")

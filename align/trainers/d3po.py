@@ -111,7 +111,9 @@ def preference_update(run, config: D3POConfig, transitions: dict, steps: list[in
                 with accelerator.autocast():
                     new = rescore(run.adapter, part, cond, schedule, rollout_config, cfg_grad=config.cfg_grad)
                 log_ratio = new.log_prob - part.log_prob.to(new.log_prob.device)
-                loss = d3po_loss(log_ratio[:n], log_ratio[n:], config.beta, config.clip).mean() * weight
+                loss = d3po_loss(log_ratio[:n], log_ratio[n:], config.beta, config.clip).mean()
+                if not weight:  # a stand-in: no value may reach the all-reduce (0 x NaN is NaN)
+                    loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * weight
                 accelerator.backward(loss / len(steps))
                 if weight:  # a stand-in pair is not a measurement
                     stats.add(loss, preference_accuracy=(log_ratio[:n] > log_ratio[n:]).float().mean())
