@@ -6,9 +6,10 @@ Flow-GRPO SDE and records latents, means, stds and log-probs of every step. Timi
 between the two and the median of the repeats is compared; the last line is the ratio
 ``rollout_vs_diffusers=<ours / diffusers>`` (below 1: faster than diffusers). ``--compile``: ours
 runs its own copy of the model with ``run.compile``'s regional compile (inductor; the compile time
-is in the warm-up, left out), diffusers stays eager.
+is in the warm-up, left out), diffusers stays eager. ``--cfg-split``: ours with ``rollout.cfg_split``
+(Flow-GRPO's default), the CFG branches as two calls of half the rows.
 
-    python bench/rollout.py [--repeats 5] [--steps 10] [--size 64] [--batch 4] [--compile]
+    python bench/rollout.py [--repeats 5] [--steps 10] [--size 64] [--batch 4] [--compile] [--cfg-split]
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="images per prompt")
     parser.add_argument("--guidance", type=float, default=4.5)
     parser.add_argument("--compile", action="store_true", help="ours compiled (run.compile's regional compile)")
+    parser.add_argument("--cfg-split", action="store_true",
+                        help="ours with rollout.cfg_split (Flow-GRPO's default: the CFG branches as two calls)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -75,7 +78,8 @@ def main() -> None:
         compile_denoiser(adapter)
     pipe = stock.pipe
     pipe.set_progress_bar_config(disable=True)
-    config = RolloutConfig(num_steps=args.steps, kernel="flow_grpo", guidance_scale=args.guidance)
+    config = RolloutConfig(num_steps=args.steps, kernel="flow_grpo", guidance_scale=args.guidance,
+                           cfg_split=args.cfg_split)
 
     def ours() -> None:
         with torch.no_grad():
@@ -101,7 +105,8 @@ def main() -> None:
     print(f"model: SD3-class, 4 blocks x width 128, {args.size}px, {len(prompts)} prompts x {args.batch}, "
           f"{args.steps} steps, CFG {args.guidance} (one batch)")
     print(f"diffusers StableDiffusion3Pipeline.__call__: median {medians['diffusers'] * 1000:.1f} ms")
-    print(f"align rollout with log-probs (flow_grpo SDE{', compiled' if args.compile else ''}): "
+    print(f"align rollout with log-probs (flow_grpo SDE{', compiled' if args.compile else ''}"
+          f"{', cfg_split' if args.cfg_split else ''}): "
           f"median {medians['ours'] * 1000:.1f} ms")
     print(f"rollout_vs_diffusers={medians['ours'] / medians['diffusers']:.3f}")
 
