@@ -228,10 +228,10 @@ class Run:
             self.optimizer = self.accelerator.prepare(self.optimizer)
         else:
             self.adapter.denoiser, self.optimizer = self.accelerator.prepare(self.adapter.denoiser, self.optimizer)
-        from align.sharding import has_sharded_parameters
+        from align.sharding import has_sharded
 
         #: the weights are DTensors (run.fully_shard, or accelerate's FSDP2): saving gathers on every process
-        self.sharded = has_sharded_parameters(self.adapter.base_denoiser)
+        self.sharded = has_sharded(self.adapter.base_denoiser.parameters())
         self.ema = None
         if optim.ema_decay is not None:
             from diffusers.training_utils import EMAModel
@@ -315,17 +315,13 @@ class Run:
         tmp = folder / f".tmp-{final.name}"
         self.accelerator.wait_for_everyone()
         if self.is_main or self.sharded:  # sharded: every process takes part in the gathers
-            from align.sharding import full_tensors
-
-            # the run state too: weight snapshots (old / reference policies) are shards of the weights
             trainable, optimizer = self.trainable_state(), self.optimizer_state()
-            run_state = full_tensors(self.state.state_dict())
         if self.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             parts = {"trainable": trainable, "optimizer": optimizer,
-                     "state": {**run_state, "accelerator_step": int(self.accelerator.step)}}
+                     "state": {**self.state.state_dict(), "accelerator_step": int(self.accelerator.step)}}
             if self.ema is not None:
                 parts["ema"] = self.ema.state_dict()
             write_checkpoint(tmp, parts)
@@ -405,10 +401,10 @@ class Run:
                                                                     if trainable[k].shape != expected[k].shape][:1]
             raise ConfigError(f"checkpoint {path} does not match the model's trainable weights (first difference: "
                               f"{differ[0]}); was it made with other LoRA settings (lora.rank, lora.target_modules)?")
+        from align.sharding import shard_like
+
         model = self.accelerator.unwrap_model(self.adapter.denoiser)
         if self.sharded:  # each process keeps its shard of the whole tensors
-            from align.sharding import shard_like
-
             with torch.no_grad():
                 for name, param in model.named_parameters():
                     if name in trainable:
@@ -418,8 +414,6 @@ class Run:
         optimizer = read_part(path, "optimizer")
         optimizer["state"] = {int(k): v for k, v in optimizer["state"].items()}
         if self.sharded:
-            from align.sharding import shard_like
-
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             optimizer["state"] = {i: {k: shard_like(v, params[i]) for k, v in values.items()}
                                   for i, values in optimizer["state"].items()}

@@ -39,15 +39,15 @@ def shard_denoiser(adapter) -> int:
     return len(blocks) + 1
 
 
-def has_sharded_parameters(model: torch.nn.Module) -> bool:
-    """Whether the model's parameters are DTensors (FSDP2, whoever applied it)."""
+def has_sharded(params) -> bool:
+    """Whether any of ``params`` is a DTensor (FSDP2, whoever applied it)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch without the public DTensor: nothing here is sharded
         return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(p, DTensor) for p in params)
 
 
 def full_tensors(value):

@@ -19,7 +19,9 @@ class WeightSnapshot:
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
         self.params = list(params)
-        if any(hasattr(p, "device_mesh") for p in self.params):  # DTensors: FSDP2 shards
+        from align.sharding import has_sharded
+
+        if has_sharded(self.params):
             raise ConfigError("run.fully_shard: this trainer keeps a snapshot of the weights (an old or reference "
                               "policy), which is not supported on sharded weights; run it with DDP")
         self.shadow = [p.detach().clone() for p in self.params]
