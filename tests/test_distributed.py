@@ -225,3 +225,19 @@ def test_fsdp2_fully_shard_trains_as_ddp_saves_whole_weights_and_resumes(tmp_pat
     assert "at iteration 2 (from iteration-000002)" in (sharded / "log.txt").read_text()
     rows = [json.loads(line) for line in (sharded / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
     assert [r["iteration"] for r in rows] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_trainer_with_a_weight_snapshot_is_refused_on_sharded_weights(tmp_path):
+    """DiffusionNFT keeps an old policy (a snapshot of the weights): on FSDP2 shards it stops in one
+    line naming run.fully_shard, on both processes, before any iteration."""
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29529",
+               "-m", "align", "train", "diffusion_nft", "--config", str(ROOT / "configs/methods/diffusion_nft.yaml"),
+               "iterations=1", "rollout.num_steps=4", "prompts_per_iteration=2", f"run.output_dir={tmp_path}",
+               "run.log_with=none", "run.progress=false", "run.fully_shard=true"]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    refusals = [line for line in done.stderr.splitlines() if line.startswith("align: config error: run.fully_shard:")]
+    assert len(refusals) == 2 and "snapshot of the weights" in refusals[0]
+    assert not (tmp_path / "metrics.jsonl").exists() or "train/loss" not in (tmp_path / "metrics.jsonl").read_text()
