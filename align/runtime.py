@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from align.config import ConfigError, check_choice, flat_settings, save_config, to_dict
+from align.errors import unknown_name_error
 from align.sample import ModelConfig, load_model, resolve_device
 from align.sampling.rollout import RolloutConfig
 
@@ -39,6 +40,10 @@ class LoraSettings:
 
 @dataclass
 class OptimConfig:
+    #: the optimizer, by name (OPTIMIZERS): "adamw" (torch), or "adamw8bit" (bitsandbytes: both moments
+    #: in 8 bits, block-wise quantised, 2 bytes per trained parameter instead of 8; tensors under 4096
+    #: elements keep 32-bit moments)
+    name: str = "adamw"
     lr: float = 3e-4
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -49,6 +54,45 @@ class OptimConfig:
     ema_decay: float | None = None
     #: update the EMA every this many optimizer updates
     ema_every: int = 1
+
+
+def adamw(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    """torch's AdamW with fp32 moments."""
+    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             weight_decay=optim.weight_decay)
+
+
+def adamw8bit(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit: the same update with both moments stored block-wise in 8 bits."""
+    bitsandbytes = import_bitsandbytes()
+    return bitsandbytes.optim.AdamW8bit(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                        weight_decay=optim.weight_decay)
+
+
+#: optim.name -> builder(trainable parameters, OptimConfig)
+OPTIMIZERS = {"adamw": adamw, "adamw8bit": adamw8bit}
+
+
+def import_bitsandbytes():
+    """bitsandbytes, or a one-line ConfigError saying how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError("optim.name adamw8bit needs bitsandbytes: pip install 'align-diffusion[bnb]'") from None
+    return bitsandbytes
+
+
+def check_optimizer(optim: OptimConfig) -> None:
+    """Unknown optimizer names and a missing bitsandbytes fail here, before any model loads."""
+    if optim.name not in OPTIMIZERS:
+        raise unknown_name_error("optimizer", optim.name, OPTIMIZERS, field="optim.name")
+    if optim.name == "adamw8bit":
+        import_bitsandbytes()
+
+
+def build_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    check_optimizer(optim)
+    return OPTIMIZERS[optim.name](params, optim)
 
 
 MIXED_PRECISION = ("no", "bf16", "fp16", "fp8")
@@ -221,8 +265,7 @@ class Run:
         params = self.adapter.trainable_parameters()  # after sharding: the sharded parameters
         if not params:
             raise ConfigError("nothing to train: no trainable parameter after the LoRA / fine-tune set-up")
-        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                           weight_decay=optim.weight_decay)
+        self.optimizer = build_optimizer(params, optim)
         self.optim_config = optim
         if shard_here:  # fully_shard synchronises gradients itself: no DDP wrapper
             self.optimizer = self.accelerator.prepare(self.optimizer)

@@ -12,15 +12,17 @@ CUDA: ``torch.cuda.max_memory_allocated`` over the same window). Recipes:
   by default, ``checkpoint_steps``, so ``lora`` turns it off there and ``lora+ckpt`` keeps both);
 - ``lora+offload``: ``model.offload_text_encoders`` (accelerate's cpu_offload: on a GPU the text
   encoders leave its memory; on a CPU machine there is nothing to move them to, so the column
-  shows no change).
+  shows no change);
+- ``full+adamw8bit``: full fine-tuning with ``optim.name: adamw8bit`` (bitsandbytes' 8-bit moments,
+  which run on the CPU too).
 
 The expected column is the static memory of the real model on one GPU in bf16: the weights on the
 device (2 bytes per parameter; offloaded text encoders excluded), plus for LoRA 16 bytes per LoRA
 parameter (fp32 weight, gradient, two Adam moments) and for full fine-tuning 16 bytes per denoiser
 parameter (fp32 master weight, gradient, two moments) plus a bf16 reference copy. Activations come
-on top: the measured ``lora+ckpt`` / ``lora`` ratio says how much of them checkpointing removes. An
-8-bit optimiser (bitsandbytes) would cut the moments from 8 to 2 bytes per trained parameter; it
-needs CUDA and is not an option of this toolkit yet.
+on top: the measured ``lora+ckpt`` / ``lora`` ratio says how much of them checkpointing removes. The
+8-bit optimiser cuts the moments from 8 to 2 bytes per trained parameter (10 bytes per parameter
+for full fine-tuning instead of 16).
 
     python bench/memory.py [--models sd3,flux,wan] [--device cpu]
 """
@@ -40,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RECIPES = {
     "flow_grpo": {"lora": [], "full": ["lora.enabled=false", "optim.lr=0.0001"],
-                  "lora+ckpt": ["run.gradient_checkpointing=true"], "lora+offload": ["model.offload_text_encoders=true"]},
+                  "lora+ckpt": ["run.gradient_checkpointing=true"], "lora+offload": ["model.offload_text_encoders=true"],
+                  "full+adamw8bit": ["lora.enabled=false", "optim.lr=0.0001", "optim.name=adamw8bit"]},
     "reward_backprop": {"lora": ["checkpoint_steps=false"], "lora+ckpt": ["run.gradient_checkpointing=true"]},
 }
 METHOD_OVERRIDES = {"flow_grpo": ["kl_beta=0.04"], "reward_backprop": ["mode=alignprop", "rewards=[digit]"]}
@@ -61,8 +64,8 @@ REAL = {
 def expected_gib(model: str, recipe: str) -> float:
     _, denoiser, text, vae, lora = REAL[model]
     on_device = denoiser * 2 + vae * 2 + (0 if recipe == "lora+offload" else text * 2)
-    if recipe == "full":
-        on_device += denoiser * 16 + denoiser * 2  # master weights, grads, moments + the bf16 reference
+    if recipe.startswith("full"):  # fp32 master weights and grads, moments (8-bit: 2 bytes), the bf16 reference
+        on_device += denoiser * (10 if recipe == "full+adamw8bit" else 16) + denoiser * 2
     else:
         on_device += lora * 16
     return on_device / 2**30
@@ -175,6 +178,10 @@ def main() -> None:
         expected = f"{expected_gib(model, recipe):.1f} ({name})" if method == "flow_grpo" else "as flow_grpo's"
         print(f"| {model} ({result['denoiser_params'] / 1e6:.1f}M params) | {method} | {recipe} | "
               f"{result['peak_mib']:.0f} | {expected} |")
+    eight = [r["peak_mib"] / base["peak_mib"] for m, me, rc, r in rows if rc == "full+adamw8bit"
+             for m2, me2, rc2, base in rows if (m2, me2, rc2) == (m, me, "full")]
+    if eight:
+        print(f"adamw8bit_vs_adamw_full_peak={sum(eight) / len(eight):.3f}")
     ratios = [r["peak_mib"] / base["peak_mib"] for m, me, rc, r in rows if rc == "lora+ckpt"
               for m2, me2, rc2, base in rows if (m2, me2, rc2) == (m, me, "lora")]
     if ratios:

@@ -184,3 +184,18 @@ def test_non_finite_gradients_skip_the_update_then_stop_the_run(tmp_path):
     with pytest.warns(UserWarning), pytest.raises(TrainingError, match=f"{MAX_BAD_UPDATES} updates in a row") as err:
         module.train(config, adapter=adapter)
     assert "\n" not in str(err.value)
+
+
+def test_shuffled_minibatches_partition_the_rows_in_rollout_order():
+    """Every row once; each minibatch ascending (a whole-batch minibatch is the rollout's batch, so
+    its re-score is bit-exact); the partition into minibatches changes with the seed."""
+    from align.trainers.common import shuffled_minibatches
+
+    rows = torch.tensor([0, 2, 3, 5, 7, 8, 9])
+    parts = shuffled_minibatches(rows, 3, seed=0)
+    assert [len(p) for p in parts] == [3, 3, 1]
+    assert sorted(torch.cat(parts).tolist()) == rows.tolist()
+    assert all(p.tolist() == sorted(p.tolist()) for p in parts)
+    assert [p.tolist() for p in shuffled_minibatches(7, 7, seed=1)] == [list(range(7))]
+    partitions = {tuple(tuple(p.tolist()) for p in shuffled_minibatches(rows, 3, seed=s)) for s in range(5)}
+    assert len(partitions) > 1

@@ -66,6 +66,12 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     if config.run.fully_shard and config.rollout.max_batch:  # every sharded call gathers on every process
         raise ConfigError("rollout.max_batch: with run.fully_shard every model call is collective, and chunks "
                           "would make the processes' call counts differ; leave it null")
+    from align.runtime import check_optimizer
+
+    check_optimizer(config.optim)
+    if config.run.fully_shard and config.optim.name == "adamw8bit":
+        raise ConfigError("optim.name adamw8bit: bitsandbytes' 8-bit states are not sharded; it is not supported "
+                          "with run.fully_shard (use adamw)")
     if config.run.fully_shard and config.optim.ema_decay is not None:
         raise ConfigError("optim.ema_decay: the EMA keeps whole copies of the weights; it is not supported with "
                           "run.fully_shard")
@@ -259,6 +265,18 @@ def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *
         loss = loss + kl_beta * kl
         stats["kl"] = kl.detach()
     return loss, stats
+
+
+def shuffled_minibatches(rows, batch: int, seed: int) -> list:
+    """``rows`` (row indices, or a row count) in a seeded random order, cut into minibatches of
+    ``batch``, each sorted back into the rollout's order. A minibatch of every row is then the
+    rollout's batch row for row, and its re-score repeats the rollout's model call bit for bit: a
+    CPU GEMM's result for a row can depend on the row's place in the batch."""
+    import torch
+
+    rows = torch.arange(rows) if isinstance(rows, int) else rows
+    order = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
+    return [order[start:start + batch].sort().values for start in range(0, len(order), batch)]
 
 
 def train_rows(run, keep):

@@ -30,7 +30,7 @@ from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
                                    ppo_transition_loss, progress, require_stochastic_kernel, reward_metrics,
-                                   sample_and_score, start_run)
+                                   sample_and_score, shuffled_minibatches, start_run)
 
 
 @dataclass
@@ -168,10 +168,8 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
         with run.phase("training"):
             batch = config.train_batch_size or rows
             for _ in range(config.inner_epochs):
-                order = torch.randperm(rows, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
-                for start in range(0, rows, batch):
+                for index in shuffled_minibatches(rows, batch, rng.randrange(2**31)):
                     with run.accumulate():
-                        index = order[start:start + batch]
                         for step in steps:
                             part = transitions[step].subset(index)
                             loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,

@@ -36,7 +36,8 @@ from align.sampling.kernels import reduce_elements
 from align.sampling.rollout import RolloutConfig, predict_in_chunks
 from align.trainers.snapshot import WeightSnapshot
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
-                                   group_batch_advantages, progress, reward_metrics, sample_and_score, start_run)
+                                   group_batch_advantages, progress, reward_metrics, sample_and_score,
+                                   shuffled_minibatches, start_run)
 
 
 @dataclass
@@ -266,9 +267,7 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
         with run.phase("training"):
             batch = config.train_batch_size or rows
             for _ in range(config.inner_epochs):
-                order = torch.randperm(rows, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
-                for start in range(0, rows, batch):
-                    samples = order[start:start + batch]
+                for samples in shuffled_minibatches(rows, batch, rng.randrange(2**31)):
                     with run.accumulate():
                         for k in range(K):
                             items = samples * K + k

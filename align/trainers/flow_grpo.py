@@ -41,7 +41,7 @@ from rewards.dense import prm_rows_from_rollout
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
                                    group_batch_advantages, learning_rewards, ppo_transition_loss, progress,
                                    require_stochastic_kernel, restore_reward_states, reward_metrics, sample_and_score,
-                                   start_run, store_reward_states, train_rows)
+                                   shuffled_minibatches, start_run, store_reward_states, train_rows)
 
 
 @dataclass
@@ -212,10 +212,8 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
             if config.updates_per_epoch:
                 batch = max(1, math.ceil(len(rows) / config.updates_per_epoch))
             for _ in range(config.inner_epochs):
-                order = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(rng.randrange(2**31)))]
-                for start in range(0, len(order), batch):
+                for index in shuffled_minibatches(rows, batch, rng.randrange(2**31)):
                     with run.accumulate():
-                        index = order[start:start + batch]
                         for j, step in enumerate(steps):
                             chosen, scale = index, None
                             if per_sample and row_weights is None:  # each row's own steps, averaged per row

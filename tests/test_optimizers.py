@@ -1,0 +1,105 @@
+"""``optim.name``: torch's AdamW and bitsandbytes' AdamW8bit (8-bit block-wise moments)."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from align.config import ConfigError
+from align.runtime import OptimConfig, build_optimizer
+from tests.conftest import GaussianAdapter, GaussianDenoiser
+from tests.test_runtime import Brightness, Crash, config_for  # noqa: F401  (registers test_brightness)
+
+pytest.importorskip("bitsandbytes")
+
+
+def quadratic_run(name: str, steps: int = 30) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+    """``steps`` updates of 0.5 ||W - T||^2 from a fixed start; W has 16384 elements (8-bit states
+    start at 4096)."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(128, 128, generator=generator)
+    weight = torch.nn.Parameter(torch.randn(128, 128, generator=generator))
+    optimizer = build_optimizer([weight], OptimConfig(name=name, lr=0.05, weight_decay=0.0))
+    for _ in range(steps):
+        weight.grad = weight.detach() - target
+        optimizer.step()
+    return (weight.detach() - target).norm() / target.norm(), optimizer
+
+
+def test_adamw8bit_stores_8bit_moments_and_makes_adamws_updates():
+    """The moments are uint8 (1 byte each against AdamW's 4), and 30 steps on a quadratic move the
+    weights as far towards the optimum as fp32 AdamW (measured: relative distance 0.573 against
+    0.565 from 1.41; within 3%), though not identically (the moments are quantised)."""
+    full_error, full = quadratic_run("adamw")
+    eight_error, eight = quadratic_run("adamw8bit")
+    (state,) = eight.state.values()
+    assert state["state1"].dtype == state["state2"].dtype == torch.uint8
+    (full_state,) = full.state.values()
+    moments = lambda s: sum(v.numel() * v.element_size() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq",  # noqa: E731
+                                                                                         "state1", "state2"))
+    assert moments(state) * 4 == moments(full_state)
+    assert full_error < 0.7  # the run does move towards the optimum
+    assert abs(eight_error - full_error) < 0.03 * full_error
+    assert eight_error != full_error
+
+
+def test_an_unknown_optimizer_is_a_one_line_error_naming_the_closest():
+    with pytest.raises(ConfigError, match=r"^optim.name: unknown optimizer 'adamw8bt' \(did you mean 'adamw8bit'") as err:
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], OptimConfig(name="adamw8bt"))
+    assert "\n" not in str(err.value)
+
+
+def test_adamw8bit_is_refused_with_fully_shard_before_loading(tmp_path):
+    module, config = config_for("flow_grpo", tmp_path, "optim.name=adamw8bit", "run.fully_shard=true")
+    with pytest.raises(ConfigError, match="^optim.name adamw8bit: .* not supported with run.fully_shard"):
+        module.train(config, adapter=None)  # adapter None would load a model: the error comes first
+
+
+class BiasedDenoiser(GaussianDenoiser):
+    """The Gaussian velocity plus a trainable per-pixel bias (64 x 64 = 4096 elements: 8-bit optimizer states)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x, sigma, mu):
+        return super().forward(x, sigma, mu) + self.bias
+
+
+class BiasedAdapter(GaussianAdapter):
+    def __init__(self):
+        super().__init__(shape=(1, 64, 64))
+        self.denoiser = BiasedDenoiser(self.shape)
+
+
+def test_adamw8bit_trains_and_resumes_its_8bit_state_bit_identically(tmp_path, monkeypatch):
+    """A Flow-GRPO run with adamw8bit raises the reward; its checkpoint holds the uint8 moments, and a
+    run killed after 3 iterations resumes to the weights of the uninterrupted run."""
+    extra = ("optim.name=adamw8bit", "run.checkpoint_every=1", "group_size=4", "iterations=5",
+             "optim.lr=0.1", "optim.weight_decay=0")
+    module, config = config_for("flow_grpo", tmp_path / "a", *extra)
+    full = BiasedAdapter()
+    summary = module.train(config, adapter=full)
+    assert summary["reward_after"] > summary["reward_before"] + 0.05
+    checkpoint = next((tmp_path / "a" / "flow_grpo" / "checkpoints").iterdir())
+    with safe_open(checkpoint / "optimizer.safetensors", "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert "U8" in dtypes
+
+    module, config = config_for("flow_grpo", tmp_path / "b", *extra)
+    calls = {"n": 0}
+    original = Brightness.score
+
+    def crashing(self, samples, prompts, **context):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 1 evaluation + 3 iterations done, the fourth dies in its reward phase
+            raise Crash("killed")
+        return original(self, samples, prompts, **context)
+
+    monkeypatch.setattr(Brightness, "score", crashing)
+    with pytest.raises(Crash):
+        module.train(config, adapter=BiasedAdapter())
+    monkeypatch.setattr(Brightness, "score", original)
+    resumed = BiasedAdapter()
+    module.train(config, adapter=resumed)
+    torch.testing.assert_close(resumed.denoiser.bias, full.denoiser.bias, rtol=0, atol=0)
+    assert full.denoiser.bias.abs().max() > 0
