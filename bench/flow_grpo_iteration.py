@@ -15,13 +15,16 @@ trainer with its defaults, whose levers are:
   anyway), and the rollout keeps each step's unconditional prediction, which every re-score before
   the iteration's first update reuses (same weights, same inputs, same call: the first ratio stays
   exactly 1; ``train/on_policy_approx_kl`` is printed);
+- ``--reuse-graph``: ``reuse_rollout_graph``: the rollout's conditional calls keep their graphs and
+  the PPO pass backpropagates them, so training runs no policy forward (the ratios are the
+  rollout's own values); it holds every step's activations until training;
 - ``--compile``: ``run.compile`` (inductor; the compile time is left out with the warm-up).
 
 Iteration 1 of each is a warm-up; the medians of the rest are compared. Printed: seconds per
 iteration, images per second and peak memory (CUDA: the allocator's peak) of each, and last
 ``flow_grpo_iteration_vs_reference=<ours / baseline>`` (goal: at most 0.7).
 
-    python bench/flow_grpo_iteration.py [--iterations 4] [--compile]
+    python bench/flow_grpo_iteration.py [--iterations 4] [--compile] [--reuse-graph] [--no-split]
     # on a GPU, a real model (bf16, 512 px):
     python bench/flow_grpo_iteration.py --model sd3 --model-path /models/sd3.5-medium --device cuda --dtype bfloat16 --size 512
     python bench/flow_grpo_iteration.py --model flux --model-path /models/flux.1-dev --device cuda --dtype bfloat16 --size 512
@@ -95,6 +98,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="ours with run.compile (inductor)")
     parser.add_argument("--no-split", action="store_true", help="ours without rollout.cfg_split (the lever off)")
+    parser.add_argument("--reuse-graph", action="store_true",
+                        help="ours with reuse_rollout_graph (the rollout's graphs train the first pass)")
     parser.add_argument("--model", default="sd3", help="adapter name (with --model-path: a real model)")
     parser.add_argument("--model-path", help="a local diffusers folder or hub name (default: the small random SD3)")
     parser.add_argument("--device", default="cpu")
@@ -167,7 +172,7 @@ def main() -> None:
             f"rollout.guidance_scale={GUIDANCE}", f"model.height={args.size}", f"model.width={args.size}",
             f"kl_beta={BETA}", f"clip_range={CLIP}", "adv_std=global", "run.log_with=none", "run.progress=false",
             "run.checkpoint_every=0", f"run.output_dir={tmp}/run", f"run.compile={args.compile}",
-            f"rollout.cfg_split={not args.no_split}"]
+            f"rollout.cfg_split={not args.no_split}", f"reuse_rollout_graph={args.reuse_graph}"]
         start = time.perf_counter()
         module.train(load_config(module.CONFIG, None, overrides), adapter=adapter)
         ours_times = [b - a for a, b in zip([start] + marks[:-1], marks)][2:]  # start-up + warm-up left out
@@ -183,7 +188,9 @@ def main() -> None:
     memory = "peak allocated" if cuda else "peak resident set of the process so far"
     print(f"reference-style loop: median {base:.2f} s per iteration ({len(baseline_times)} iterations), "
           f"{images / base:.2f} images/s, {memory} {baseline_peak:.2f} GiB")
-    print(f"align flow_grpo{' (compiled)' if args.compile else ''}{' without cfg_split' if args.no_split else ''}: "
+    levers = (" (compiled)" if args.compile else "") + (" without cfg_split" if args.no_split else "") + (
+        " with reuse_rollout_graph" if args.reuse_graph else "")
+    print(f"align flow_grpo{levers}: "
           f"median {ours:.2f} s per iteration ({len(ours_times)} iterations), {images / ours:.2f} images/s, "
           f"{memory} {ours_peak:.2f} GiB; train/on_policy_approx_kl = {on_policy:g}")
     print(f"flow_grpo_iteration_vs_reference={ours / base:.3f}")

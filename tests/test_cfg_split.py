@@ -1,5 +1,6 @@
 """``rollout.cfg_split``: CFG's branches as two calls, the rollout's unconditional prediction kept
-and reused by the re-scores before an update. On the embedded toy model (CFG 3) with a LoRA."""
+and reused by the re-scores before an update; ``reuse_rollout_graph``: the rollout's graphs train the
+pass before the first update. On the embedded toy model (CFG 3) with a LoRA."""
 
 from __future__ import annotations
 
@@ -100,14 +101,14 @@ def run_flow_grpo(tmp_path, cfg_split: bool, calls: list | None = None):
         rollout_module.rescore = original
 
 
-def train_flow_grpo(tmp_path, cfg_split: bool):
+def train_flow_grpo(tmp_path, cfg_split: bool, *extra: str):
     module = trainer_module("flow_grpo")
     config = load_config(module.CONFIG, None, [
         "model.name=toy", "model.device=cpu", "rewards=[digit]", "heldout_rewards=[]", "prompts=['3', '7']",
         "eval_prompts=['3']", "eval.per_prompt=1", "eval.num_steps=2", "iterations=2", "prompts_per_iteration=2",
         "group_size=3", "rollout.num_steps=4", "kl_beta=0.04", "inner_epochs=2", "lora.rank=4",
         "run.log_with=none", "run.progress=false", "run.checkpoint_every=0", f"run.output_dir={tmp_path}",
-        f"rollout.cfg_split={cfg_split}"])
+        f"rollout.cfg_split={cfg_split}", *extra])
     module.train(config)
     return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
 
@@ -133,3 +134,52 @@ def test_cfg_split_with_a_full_cfg_gradient_is_refused():
     config = load_config(module.CONFIG, None, ["model.name=toy", "cfg_grad=full"])
     with pytest.raises(ConfigError, match="rollout.cfg_split needs cfg_grad: cond_only"):
         module.check_config(config)
+
+
+def test_reuse_rollout_graph_trains_as_the_re_score_without_its_policy_forwards(tmp_path, monkeypatch):
+    """With the rollout's graphs, the 3 trained steps of each iteration's first pass call the model
+    for the KL reference only: 6 model calls fewer over 2 iterations, and every logged loss, KL,
+    gradient norm and reward equals the re-scoring run's (the second inner epoch, after an update,
+    re-scores as usual)."""
+    import align.sampling.rollout as rollout_module
+
+    counts = {}
+    original = rollout_module.predict_in_chunks
+
+    def counting(*args, **kwargs):
+        counts[label] = counts.get(label, 0) + 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rollout_module, "predict_in_chunks", counting)
+    label = "reuse"
+    reused = [m for m in train_flow_grpo(tmp_path / "reuse", True, "reuse_rollout_graph=true") if "train/loss" in m]
+    label = "rescore"
+    plain = [m for m in train_flow_grpo(tmp_path / "rescore", True) if "train/loss" in m]
+    assert counts["rescore"] - counts["reuse"] == 2 * 3
+    assert len(reused) == len(plain) == 2
+    for a, b in zip(reused, plain):
+        assert a["train/on_policy_approx_kl"] == 0.0
+        for key in ("train/loss", "train/kl", "train/grad_norm", "reward/score/mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+
+
+def test_a_rollout_keeping_its_graph_samples_the_same_and_its_gradient_is_the_re_scores(toy):
+    """keep_policy_graph changes no sampled value, and the log-prob gradient through the kept graph is
+    the re-score's (cond_only)."""
+    cond = toy.encode(["3", "7"], "", 3.0)
+    config = RolloutConfig(num_steps=3, kernel="flow_grpo", guidance_scale=3.0, cfg_split=True)
+    with torch.no_grad():
+        plain = rollout(toy, cond, config, group_size=2, generator=torch.Generator().manual_seed(0))
+        kept = rollout(toy, cond, config, group_size=2, generator=torch.Generator().manual_seed(0),
+                       keep_policy_graph=True, cfg_grad="cond_only")
+    assert torch.equal(plain.samples, kept.samples)
+    t_plain, t_kept = plain.transitions[1], kept.transitions[1]
+    assert t_plain.policy_out is None and t_kept.policy_out.requires_grad
+    assert torch.equal(t_plain.log_prob, t_kept.log_prob)
+    from_graph = lora_grad(toy, rescore(toy, t_kept, cond, kept.schedule, config, cfg_grad="cond_only",
+                                        reuse_uncond=True).log_prob.sum())
+    fresh = lora_grad(toy, rescore(toy, t_plain, cond, plain.schedule, config, cfg_grad="cond_only",
+                                   reuse_uncond=True).log_prob.sum())
+    assert from_graph.abs().max() > 0
+    torch.testing.assert_close(from_graph, fresh, rtol=1e-4, atol=1e-8)
+

@@ -53,6 +53,8 @@ CASES = [
      "process_weight needs guidance.rewards"),
     ("cfg_split with a full CFG gradient", ["train", "flow_grpo", "cfg_grad=full"],
      "rollout.cfg_split needs cfg_grad: cond_only"),
+    ("rollout graphs with several minibatches", ["train", "flow_grpo", "reuse_rollout_graph=true", "train_batch_size=4"],
+     "reuse_rollout_graph: it needs one minibatch per update"),
     ("max_batch with fully_shard", ["train", "flow_grpo", "run.fully_shard=true", "rollout.max_batch=4"],
      "rollout.max_batch: with run.fully_shard every model call is collective"),
     ("8-bit optimizer with fully_shard", ["train", "flow_grpo", "run.fully_shard=true", "optim.name=adamw8bit"],

@@ -132,13 +132,18 @@ class Transition:
     noise_scale: float = 1.0
     #: the rollout's unconditional CFG prediction for these rows (``rollout.cfg_split``), else None
     uncond: Tensor | None = None
+    #: the rollout's guided model output for these rows with its autograd graph (``keep_policy_graph``):
+    #: a backward through it gives the weights' gradient without calling the model again; usable
+    #: once, before the weights change
+    policy_out: Tensor | None = None
 
     def subset(self, index: Tensor) -> "Transition":
         """The transitions of rows ``index``."""
         return Transition(self.step, self.latents[index], self.next_latents[index], self.mean[index],
                           self.std[index], self.log_prob[index], self.prompt_index[index], self.parent[index],
                           self.rows[index], self.kernel, self.params, self.branch, self.noise_scale,
-                          None if self.uncond is None else self.uncond[index])
+                          None if self.uncond is None else self.uncond[index],
+                          None if self.policy_out is None else self.policy_out[index.to(self.policy_out.device)])
 
 
 @dataclass
@@ -241,11 +246,20 @@ def predict_in_chunks(adapter: ModelAdapter, x: Tensor, t: Tensor, cond: Conditi
     return torch.cat([o for o, _ in outs]), None if parts[0] is None else torch.cat(parts)
 
 
+def rows_with_graph(out: Tensor | None, n_main: int, parent: Tensor) -> Tensor | None:
+    """``out[:n_main][parent]`` keeping its graph (the rollout's step body runs without one)."""
+    if out is None:
+        return None
+    with torch.enable_grad():
+        return out[:n_main][parent.to(out.device)]
+
+
 def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *, group_size: int = 1,
             generator: torch.Generator | None = None, initial_noise: Tensor | None = None,
             grad_steps=(), checkpoint_grad_steps: bool = False, height: int | None = None,
             width: int | None = None, num_frames: int | None = None, drift: DriftHook | None = None,
-            select: SelectHook | None = None, stop_at: int | None = None) -> Rollout:
+            select: SelectHook | None = None, stop_at: int | None = None, keep_policy_graph: bool = False,
+            cfg_grad: str = "full") -> Rollout:
     """Sample ``group_size`` trajectories for each prompt row of ``cond`` over the configured topology.
 
     ``grad_steps``: steps whose model call keeps gradients (reward backprop); every other step runs
@@ -254,8 +268,15 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
     ``drift`` / ``select``: the hooks of the module docstring (main rows only; branches are not
     steered). ``stop_at``: run steps 0 .. stop_at - 1 only; ``samples`` are then the latents before
     step ``stop_at`` (still noisy: ReFL's one-step prediction starts there).
+    ``keep_policy_graph``: every stochastic step's model call keeps its graph to the weights (on
+    detached latents, with the CFG gradient ``cfg_grad``), stored as ``Transition.policy_out``: the
+    PPO pass before the first update backpropagates it instead of re-scoring (Flow-GRPO's
+    ``reuse_rollout_graph``). The sampled values are the same; the graphs of all those steps are held
+    until the training pass.
     """
     config.validate()
+    if keep_policy_graph and (drift is not None or select is not None or grad_steps or config.branch_steps):
+        raise ValueError("keep_policy_graph is for plain rollouts: no drift / select hook, grad_steps or branches")
     num_prompts = len(cond)
     rows = num_prompts * group_size
     shape = adapter.latent_shape(height, width, num_frames)
@@ -310,10 +331,17 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
         all_prompt = torch.cat([main_prompt, branch_prompt])
         if row_cond is None or not torch.equal(row_prompt, all_prompt):  # rows changed: re-select
             row_cond, row_prompt = cond.select(all_prompt), all_prompt
-        with torch.set_grad_enabled(torch.is_grad_enabled() and i in grad_steps):
-            model_out, uncond_out = predict_in_chunks(adapter, all_x, schedule.timesteps[i], row_cond,
-                                                      config.max_batch, checkpoint_grad_steps and i in grad_steps,
+        keep_graph = keep_policy_graph and i in sde_steps
+        with torch.set_grad_enabled(keep_graph or (torch.is_grad_enabled() and i in grad_steps)):
+            model_out, uncond_out = predict_in_chunks(adapter, all_x.detach() if keep_graph else all_x,
+                                                      schedule.timesteps[i], row_cond, config.max_batch,
+                                                      checkpoint_grad_steps and i in grad_steps,
+                                                      cfg_grad=cfg_grad if keep_graph else "full",
                                                       cfg_split=config.cfg_split, return_uncond=True)
+            policy_out = None
+            if keep_graph:  # the rest of the step runs without the graph
+                policy_out, model_out = model_out, model_out.detach()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i in grad_steps):
             if not config.cfg_split:
                 uncond_out = None  # the joint call's u is not kept: re-scores recompute it
             main_out, branch_out = model_out[:n_main], model_out[n_main:]
@@ -344,7 +372,8 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
                                               out.std.detach(), out.log_prob.detach(), main_prompt[parent],
                                               parent, torch.arange(len(parent)), noise_scale=scale,
                                               kernel=config.kernel, params=step_params,
-                                              uncond=None if uncond_out is None else uncond_out[:n_main][parent]))
+                                              uncond=None if uncond_out is None else uncond_out[:n_main][parent],
+                                              policy_out=rows_with_graph(policy_out, n_main, parent)))
             else:
                 history = {"prev_x0": prev_x0[parent] if prev_x0 is not None and factor > 1 else prev_x0,
                            "level_prev": level_prev} if spec.multistep else {}
@@ -421,8 +450,15 @@ def rescore(adapter: ModelAdapter, transition: Transition, cond: Conditioning, s
     batch and its log-probs exactly. ``cfg_grad``: "cond_only" detaches the unconditional CFG branch
     (the Flow-GRPO reference's training gradient), "full" differentiates both. ``reuse_uncond``: the
     weights are the rollout's (no update since), so the unconditional prediction the rollout kept
-    (``rollout.cfg_split``) is used as it is; only "cond_only" may (it carries no gradient)."""
+    (``rollout.cfg_split``) is used as it is; only "cond_only" may (it carries no gradient). With
+    ``reuse_uncond`` a transition that kept its graph (``policy_out``) is not re-scored at all: the
+    kernel runs on the rollout's own model output, graph included."""
     i = transition.step
+    kernel = fused_or_reference(transition.kernel, kernel_spec(transition.kernel).resolve(schedule.kind),
+                                config.fused_step if config is not None else "auto")
+    if reuse_uncond and transition.policy_out is not None:
+        return kernel(transition.latents, transition.policy_out, schedule.levels[i], schedule.levels[i + 1],
+                      prev_sample=transition.next_latents, **transition.params)
     latents, prompt_index, uncond = transition.latents, transition.prompt_index, transition.uncond
     if not reuse_uncond or cfg_grad != "cond_only":
         uncond = None
@@ -438,7 +474,5 @@ def rescore(adapter: ModelAdapter, transition: Transition, cond: Conditioning, s
                                   cfg_split=config is not None and config.cfg_split, uncond=uncond)
     if share_parents:
         model_out = model_out[inverse]
-    kernel = fused_or_reference(transition.kernel, kernel_spec(transition.kernel).resolve(schedule.kind),
-                                config.fused_step if config is not None else "auto")
     return kernel(transition.latents, model_out, schedule.levels[i], schedule.levels[i + 1],
                   prev_sample=transition.next_latents, **transition.params)

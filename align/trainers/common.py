@@ -414,14 +414,16 @@ class progress:
 
 def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_config, iteration: int, *,
                      score: str = "samples", grad_steps=(), checkpoint_grad_steps: bool = False,
-                     group_size: int | None = None, drift=None):
+                     group_size: int | None = None, drift=None, keep_policy_graph: str | None = None):
     """Encode the prompts, roll out ``group_size`` (default ``config.group_size``) samples of each
     (seeded by iteration and process), decode and score them: ``score`` "samples" (the final main
     rows), "branches" (the rollout's side branches, e.g. TempFlow's children) or "both" (DenseGRPO's
     final samples and ODE completions). ``grad_steps`` keeps gradients through those steps' model
     calls (reward backprop; ``checkpoint_grad_steps`` recomputes them in backward); otherwise
-    sampling runs without a graph. ``drift``: the rollout's drift hook (guided sampling). Returns (cond, rollout
-    result, scores of the samples or None, scores of the branches or None)."""
+    sampling runs without a graph. ``drift``: the rollout's drift hook (guided sampling).
+    ``keep_policy_graph``: a CFG gradient ("cond_only" / "full") with which the stochastic steps'
+    model calls keep their graphs (:func:`align.sampling.rollout.rollout`), or None. Returns (cond,
+    rollout result, scores of the samples or None, scores of the branches or None)."""
     import torch
 
     from align.runtime import iteration_generator
@@ -431,6 +433,7 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
 
     adapter, process = run.adapter, run.accelerator.process_index
     chunks = config.run.rollout_chunks
+    graph = {"keep_policy_graph": True, "cfg_grad": keep_policy_graph} if keep_policy_graph else {}
     if score == "samples" and can_chunk(rollout_config, chunks, len(batch_prompts), drift=drift, grad_steps=grad_steps,
                                          reward=reward):
         with run.sampling():
@@ -439,7 +442,7 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
             result, result.pixels, scores = chunked_rollout_and_score(
                 adapter, cond, rollout_config, group_size=config.group_size if group_size is None else group_size,
                 generators=generators[:len(prompt_chunks(len(batch_prompts), chunks))], reward=reward,
-                prompts=list(batch_prompts), overlap=config.run.overlap_scoring, **run.latent_kwargs)
+                prompts=list(batch_prompts), overlap=config.run.overlap_scoring, **graph, **run.latent_kwargs)
         check_unscored(run, reward, scores.valid_mask(), iteration)
         return cond, result, scores, None
     with run.sampling() if not grad_steps else run.accelerator.autocast():
@@ -447,7 +450,7 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
         rows = config.group_size if group_size is None else group_size
         result = rollout(adapter, cond, rollout_config, group_size=rows,
                          generator=iteration_generator(config.run.seed, iteration, process), grad_steps=grad_steps,
-                         checkpoint_grad_steps=checkpoint_grad_steps, drift=drift, **run.latent_kwargs)
+                         checkpoint_grad_steps=checkpoint_grad_steps, drift=drift, **graph, **run.latent_kwargs)
         pixels = adapter.decode(result.samples.to(adapter.dtype)).float() if score in ("samples", "both") else None
         result.pixels = pixels
         branch_pixels = (adapter.decode(result.branch_samples.to(adapter.dtype)).float()

@@ -13,6 +13,9 @@ Features and the fields that turn them on:
 
 - Fast / Mix SDE windows: ``window_size``, ``window_mode``; DanceGRPO step subsets:
   ``timestep_fraction``, ``timestep_selection``; GRPO-Guard: ``guard``.
+- Speed: ``rollout.cfg_split`` (on) re-scores the conditional CFG rows only and reuses the rollout's
+  unconditional prediction before the first update; ``reuse_rollout_graph`` (off) keeps the rollout's
+  graphs so that pass runs no policy forward at all (memory: every stochastic step's activations).
 - Euphonium: ``guidance.rewards`` (a pixel reward through x0_hat, or ``{name: latent_prm,
   in_channels: C}`` with ``guidance.on: latents``, which then trains alongside on every iteration's
   rollouts); the rollout follows ``eta^2 / (2 beta) g / ||g||`` while log-probs use the unguided mean,
@@ -89,6 +92,12 @@ class FlowGRPOConfig(TrainerConfig):
     #: set it); null: one (train_batch_size rows at a time), which keeps every ratio of the single
     #: pass at exactly 1 so the clip only acts across inner epochs
     updates_per_epoch: int | None = None
+    #: the rollout's model calls keep their graphs, and the PPO pass before the first update
+    #: backpropagates them instead of re-running the policy (one model forward less per trained step;
+    #: the ratios are the rollout's own values, exactly 1). It holds the activations of every
+    #: stochastic step until the training pass, so it suits models and batches whose activations fit
+    #: several times over; one process, one minibatch per update
+    reuse_rollout_graph: bool = False
     #: GRPO-Guard: per-step log-ratio normalisation and step reweighting
     guard: bool = False
     #: Euphonium: guided rollouts (empty guidance.rewards: none); log-probs stay the unguided step's
@@ -125,6 +134,17 @@ def check_config(config: FlowGRPOConfig, adapter=None) -> None:
         raise ConfigError("set one of train_batch_size and updates_per_epoch, not both")
     if config.group_size < 2:
         raise ConfigError("group_size must be >= 2: advantages compare samples of one prompt")
+    if config.reuse_rollout_graph:
+        import os
+
+        problem = ("it needs one process" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else
+                   "guided rollouts keep no graph" if config.guidance.enabled else
+                   "it needs one minibatch per update (train_batch_size and updates_per_epoch null, "
+                   "run.gradient_accumulation_steps 1)"
+                   if config.train_batch_size or (config.updates_per_epoch or 1) > 1
+                   or config.run.gradient_accumulation_steps > 1 else None)
+        if problem:
+            raise ConfigError(f"reuse_rollout_graph: {problem}")
     config.guidance.validate(config.rollout.num_steps)
     if config.process_weight and not config.guidance.enabled:
         raise ConfigError("process_weight needs guidance.rewards: the process reward is the guiding reward per step")
@@ -182,7 +202,9 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         if guide is not None:
             drift = build_guidance(config.guidance, adapter, batch_prompts, rollout_config, reward=guide)
         cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration,
-                                                   drift=drift)
+                                                   drift=drift,
+                                                   keep_policy_graph=config.cfg_grad if config.reuse_rollout_graph
+                                                   else None)
 
         # 2. advantages from the global batch (groups = prompts, made unique across processes)
         groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration
@@ -198,6 +220,9 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         # 3. PPO over the trained steps of the kept rows
         steps = trained_steps(config, [t.step for t in result.main_transitions()], rng)
         transitions = {t.step: t for t in result.main_transitions(steps)}
+        for t in result.transitions:  # reuse_rollout_graph: the untrained steps' graphs go now
+            if t.step not in transitions:
+                t.policy_out = None
         stds = torch.stack([transitions[s].std.mean() for s in steps]) if steps else torch.ones(1)
         step_weights = stds**2 / (stds**2).mean() if config.guard else torch.ones_like(stds)
         rows, row_weights = train_rows(run, keep)
