@@ -110,6 +110,27 @@ class GaussianDDPMAdapter(GaussianAdapter):
         return Schedule((1 - alphas[:-1]) * 1000, alphas, "ddpm")
 
 
+class Crash(RuntimeError):
+    """The kill of :func:`crash_on_call`."""
+
+
+def crash_on_call(monkeypatch, owner, name: str, call: int, train) -> None:
+    """Run ``train()`` with ``owner.name`` (a function of a module, or a method of a class) raising
+    Crash on its ``call``-th call (from 1), as a run killed there; then put the original back."""
+    original, calls = getattr(owner, name), {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise Crash("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, crashing)
+    with pytest.raises(Crash):
+        train()
+    monkeypatch.setattr(owner, name, original)
+
+
 def gaussian_trainer(name: str, out, *extra: str):
     """(trainer module, config) of a short full-fine-tuning run of trainer ``name`` on the analytic
     model (prompt "0.5", reward: mean brightness, 6 steps); ``extra`` overrides win."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from align.checkpoints import checkpoint_problem, join_tensors, split_tensors
-from tests.conftest import GaussianAdapter, gaussian_trainer
+from tests.conftest import GaussianAdapter, crash_on_call, gaussian_trainer
 
 
 def test_split_and_join_tensors_round_trip():
@@ -100,10 +100,6 @@ def test_a_checkpoint_of_other_lora_settings_is_one_line(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == saved  # a failed start leaves the saved config
 
 
-class Crash(RuntimeError):
-    pass
-
-
 def test_a_resumed_run_never_logs_an_iteration_twice(tmp_path, monkeypatch):
     """Checkpoints every 2 iterations, a crash in iteration 4: the resume starts after 2 and redoes
     3; metrics.jsonl keeps one row per iteration, and the run ends where an uninterrupted one does."""
@@ -114,18 +110,8 @@ def test_a_resumed_run_never_logs_an_iteration_twice(tmp_path, monkeypatch):
     whole = run(tmp_path / "whole", 5)
     module, config = gaussian_trainer("flow_grpo", tmp_path / "parts", "iterations=5", "group_size=4", "kl_beta=0",
                                       "run.checkpoint_every=2", "clip_range=0.2")
-    original, calls = flow_grpo.sample_and_score, {"n": 0}
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise Crash("killed")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(flow_grpo, "sample_and_score", crashing)
-    with pytest.raises(Crash):
-        module.train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
-    monkeypatch.setattr(flow_grpo, "sample_and_score", original)
+    crash_on_call(monkeypatch, flow_grpo, "sample_and_score", 4,
+                  lambda: module.train(config, adapter=GaussianAdapter(shape=(3, 4, 4))))
     rows = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in rows if "train/loss" in m] == [1, 2, 3]
     resumed = GaussianAdapter(shape=(3, 4, 4))

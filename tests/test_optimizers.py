@@ -8,7 +8,7 @@ from align.config import ConfigError, load_config
 from align.runtime import OptimConfig, build_optimizer
 from align.trainers import trainer_module
 from rewards.base import Reward, register_reward
-from tests.conftest import GaussianAdapter, GaussianDenoiser
+from tests.conftest import GaussianAdapter, GaussianDenoiser, crash_on_call
 
 pytest.importorskip("bitsandbytes")
 
@@ -32,10 +32,6 @@ class Brightness(Reward):
 
     def score(self, samples, prompts, **context):
         return {"score": samples.mean(dim=(1, 2, 3))}
-
-
-class Crash(RuntimeError):
-    pass
 
 
 def config_for(name, tmp_path, *extra):
@@ -108,19 +104,8 @@ def test_adamw8bit_trains_and_resumes_its_8bit_state_bit_identically(tmp_path, m
     assert "U8" in dtypes
 
     module, config = config_for("flow_grpo", tmp_path / "b", *extra)
-    calls = {"n": 0}
-    original = Brightness.score
-
-    def crashing(self, samples, prompts, **context):
-        calls["n"] += 1
-        if calls["n"] == 5:  # 1 evaluation + 3 iterations done, the fourth dies in its reward phase
-            raise Crash("killed")
-        return original(self, samples, prompts, **context)
-
-    monkeypatch.setattr(Brightness, "score", crashing)
-    with pytest.raises(Crash):
-        module.train(config, adapter=BiasedAdapter())
-    monkeypatch.setattr(Brightness, "score", original)
+    # 1 evaluation + 3 iterations done, the fourth dies in its reward phase
+    crash_on_call(monkeypatch, Brightness, "score", 5, lambda: module.train(config, adapter=BiasedAdapter()))
     resumed = BiasedAdapter()
     module.train(config, adapter=resumed)
     torch.testing.assert_close(resumed.denoiser.bias, full.denoiser.bias, rtol=0, atol=0)

@@ -9,7 +9,7 @@ import torch
 from align.config import ConfigError, load_config
 from align.trainers import TRAINERS, trainer_module
 from rewards.base import Reward, register_reward
-from tests.conftest import GaussianAdapter, GaussianDDPMAdapter
+from tests.conftest import GaussianAdapter, GaussianDDPMAdapter, crash_on_call
 
 
 @register_reward("test_brightness")
@@ -18,10 +18,6 @@ class Brightness(Reward):
 
     def score(self, samples, prompts, **context):
         return {"score": samples.mean(dim=(1, 2, 3))}
-
-
-class Crash(RuntimeError):
-    pass
 
 
 class ImageAdapter(GaussianAdapter):
@@ -91,19 +87,8 @@ def test_killed_run_resumes_to_the_same_state(tmp_path, monkeypatch):
     module.train(config, adapter=full)
 
     module, config = config_for("flow_grpo", tmp_path / "b", "run.checkpoint_every=1", "group_size=4")
-    calls = {"n": 0}
-    original = Brightness.score
-
-    def crashing(self, samples, prompts, **context):
-        calls["n"] += 1
-        if calls["n"] == 6:  # 1 evaluation + 4 iterations done, the fifth dies in its reward phase
-            raise Crash("killed")
-        return original(self, samples, prompts, **context)
-
-    monkeypatch.setattr(Brightness, "score", crashing)
-    with pytest.raises(Crash):
-        module.train(config, adapter=ImageAdapter())
-    monkeypatch.setattr(Brightness, "score", original)
+    # 1 evaluation + 4 iterations done, the fifth dies in its reward phase
+    crash_on_call(monkeypatch, Brightness, "score", 6, lambda: module.train(config, adapter=ImageAdapter()))
     checkpoints = sorted(p.name for p in (tmp_path / "b" / "flow_grpo" / "checkpoints").iterdir())
     assert checkpoints == ["iteration-000003", "iteration-000004"]  # limit 2, no partial folder left
     resumed = ImageAdapter()
