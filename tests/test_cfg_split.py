@@ -183,3 +183,14 @@ def test_a_rollout_keeping_its_graph_samples_the_same_and_its_gradient_is_the_re
     assert from_graph.abs().max() > 0
     torch.testing.assert_close(from_graph, fresh, rtol=1e-4, atol=1e-8)
 
+
+
+def test_reuse_rollout_graph_with_chunked_rollouts_keeps_the_chunks_graphs(tmp_path):
+    """run.rollout_chunks=2: the chunks' kept graphs are joined with their graphs, the first ratio
+    is exactly 1 and the gradient is the re-scoring run's."""
+    reused = [m for m in train_flow_grpo(tmp_path / "reuse", True, "reuse_rollout_graph=true", "run.rollout_chunks=2",
+                                         "iterations=1", "inner_epochs=1") if "train/loss" in m]
+    plain = [m for m in train_flow_grpo(tmp_path / "rescore", True, "run.rollout_chunks=2", "iterations=1",
+                                        "inner_epochs=1") if "train/loss" in m]
+    assert reused[0]["train/on_policy_approx_kl"] == 0.0
+    assert reused[0]["train/grad_norm"] == pytest.approx(plain[0]["train/grad_norm"], rel=1e-5)

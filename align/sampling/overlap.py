@@ -60,7 +60,7 @@ def concat_rollouts(parts: list[Rollout], prompt_ids: list[torch.Tensor]) -> Rol
             torch.cat([t.rows + s for t, s in zip(step_transitions, shift)]), first.kernel, first.params,
             first.branch, first.noise_scale,
             None if first.uncond is None else torch.cat([t.uncond for t in step_transitions]),
-            None if first.policy_out is None else torch.cat([t.policy_out for t in step_transitions])))
+            None if first.policy_out is None else cat_with_graph([t.policy_out for t in step_transitions])))
     lineage = [torch.cat([p.lineage[i] + offset for p, offset in zip(parts, offsets)])
                for i in range(len(parts[0].lineage))]
     final = None if parts[0].final_x0_hat is None else torch.cat([p.final_x0_hat for p in parts])
@@ -68,6 +68,12 @@ def concat_rollouts(parts: list[Rollout], prompt_ids: list[torch.Tensor]) -> Rol
                    torch.cat([remap(p.prompt_index, ids) for p, ids in zip(parts, prompt_ids)]), transitions, lineage,
                    parts[0].schedule, sum(p.nfe for p in parts), sum(p.transformer_rows for p in parts),
                    torch.cat([p.initial_noise for p in parts]), final_x0_hat=final)
+
+
+def cat_with_graph(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` keeping the parts' graphs (kept rollout graphs; sampling runs without one)."""
+    with torch.enable_grad():
+        return torch.cat(parts)
 
 
 def concat_scores(outputs):
