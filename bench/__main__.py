@@ -20,8 +20,10 @@ HERE = Path(__file__).resolve().parent
 SUITE = {
     "rollout": ("rollout.py", ["--repeats", "2"]),
     "rollout_compiled": ("rollout.py --compile", ["--repeats", "2"]),
+    "rollout_cfg_split": ("rollout.py --cfg-split", ["--repeats", "2"]),
     "flow_grpo_iteration": ("flow_grpo_iteration.py", ["--iterations", "3"]),
     "flow_grpo_iteration_compiled": ("flow_grpo_iteration.py --compile", ["--iterations", "3"]),
+    "flow_grpo_iteration_reuse_graph": ("flow_grpo_iteration.py --reuse-graph", ["--iterations", "3"]),
     "tree": ("tree.py", ["--repeats", "1"]),
     "triton_step": ("triton_step.py", ["--repeats", "3"]),
     "overlap": ("overlap.py", ["--repeats", "1"]),
