@@ -3,7 +3,8 @@
 Each trainer runs 2 iterations of its method preset (``configs/methods/<name>.yaml``) on the
 embedded toy model (ddpo, for DDPM models: its defaults on a tiny random SD 1.x pipeline), shrunk
 to a few steps, checkpointing every iteration. Every
-process then prints ``trainer=<name> rank=<r> before=<digest> after=<digest> iterations=<n>``: the
+process then prints ``trainer=<name> rank=<r> before=<digest> after=<digest> iterations=<n>``, and
+appends it to ``OUT/report-rank<r>.txt`` (the processes' stdout lines can interleave): the
 digests of its trainable weights before and after training (DDP keeps the replicas identical only
 if every gradient was all-reduced, since each process trains on its own samples).
 
@@ -77,8 +78,11 @@ def main(out: Path, names: list[str]) -> None:
         rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         iterations = max(r["iteration"] for r in rows)
         rank = int(os.environ.get("RANK", "0"))
-        print(f"trainer={name} rank={rank} before={before.get('digest')} after={digest(adapter.base_denoiser)} "
-              f"iterations={iterations}", flush=True)
+        line = (f"trainer={name} rank={rank} before={before.get('digest')} after={digest(adapter.base_denoiser)} "
+                f"iterations={iterations}")
+        with open(out / f"report-rank{rank}.txt", "a") as report:  # the processes' stdout lines interleave
+            report.write(line + "\n")
+        print(line, flush=True)
     destroy(PartialState())
 
 

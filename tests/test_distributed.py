@@ -120,7 +120,8 @@ def test_every_trainer_runs_on_two_processes_and_keeps_the_replicas_identical(tm
                           text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = {}
-    for line in done.stdout.splitlines():
+    lines = [line for rank in (0, 1) for line in (tmp_path / f"report-rank{rank}.txt").read_text().splitlines()]
+    for line in lines:
         if line.startswith("trainer="):
             fields = dict(item.split("=", 1) for item in line.split())
             reports.setdefault(fields["trainer"], {})[fields["rank"]] = fields
