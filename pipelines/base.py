@@ -78,6 +78,64 @@ class Conditioning:
         return self.select(torch.arange(len(self)).repeat_interleave(n))
 
 
+class Prompt(str):
+    """A prompt that names a conditioning image (image-to-video, editing): a plain ``str`` everywhere
+    prompts go (rewards, logs, lists), with the image's path (or a PIL image / (3, H, W) tensor in
+    [0, 1]) as ``.image``. Adapters that take images read it in ``encode`` when no ``images`` are
+    passed; the JSONL prompt file (``{"prompt": ..., "image": ...}``) yields these."""
+
+    image: object = None
+
+    def __new__(cls, text: str, image: object = None) -> "Prompt":
+        prompt = super().__new__(cls, text)
+        prompt.image = image
+        return prompt
+
+    def __reduce__(self):  # keeps the image through pickling (Ray workers, multiprocessing)
+        return (Prompt, (str(self), self.image))
+
+
+def prompt_images(prompts: Sequence[str], images: Sequence | None = None) -> list | None:
+    """The conditioning image of each prompt: ``images`` when given (one per prompt), else each
+    :class:`Prompt`'s ``.image``; None when no prompt has one. A prompt without an image among
+    prompts with images is an error naming it."""
+    if images is not None:
+        images = list(images)
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
+        return images
+    found = [getattr(p, "image", None) for p in prompts]
+    if all(image is None for image in found):
+        return None
+    missing = next(p for p, image in zip(prompts, found) if image is None)
+    raise ValueError(f"prompt {str(missing)!r} has no image, but others of the batch do")
+
+
+def load_image(image, height: int, width: int) -> Tensor:
+    """A path, PIL image or (3, H, W) / (H, W, 3) tensor in [0, 1] -> (3, height, width) float in
+    [0, 1], resized (bilinear) when its size differs."""
+    import numpy as np
+
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"conditioning image not found: {path}")
+        image = Image.open(path)
+    if not isinstance(image, Tensor):
+        image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    image = image.float()
+    if image.ndim == 3 and image.shape[0] != 3 and image.shape[-1] == 3:
+        image = image.permute(2, 0, 1)
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"a conditioning image must be RGB (3, H, W), got shape {tuple(image.shape)}")
+    if tuple(image.shape[1:]) != (height, width):
+        image = torch.nn.functional.interpolate(image[None], size=(height, width), mode="bilinear",
+                                                align_corners=False)[0]
+    return image.clamp(0, 1)
+
+
 def _as_batch(t: Tensor | float, batch: int, device, dtype=torch.float32) -> Tensor:
     t = torch.as_tensor(t, device=device, dtype=dtype)
     return t.expand(batch) if t.ndim == 0 else t
@@ -94,6 +152,13 @@ class ModelAdapter(abc.ABC):
     name: str = "base"
     #: "flow" (velocity, sigma schedule), "epsilon" or "v_prediction" (DDPM alphas)
     prediction_type: str = "flow"
+    #: what the model makes: t2i (text to image), t2v (text to video), i2v (image to video)
+    tasks: tuple[str, ...] = ("t2i",)
+    #: how the pipeline guides: "cfg" (u + g (c - u) against a negative prompt), "cfg_rescaled"
+    #: (the same, rescaled to the conditional prediction's norm: Qwen-Image's true CFG),
+    #: "embedded" (a guidance value the transformer takes as input: FLUX.1-dev, FLUX.2-dev) or
+    #: "none" (a distilled few-step model)
+    guidance_kind: str = "cfg"
     #: default sampling settings of this model family
     default_steps: int = 10
     default_guidance: float = 4.5
@@ -111,7 +176,10 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def encode(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = "",
                guidance_scale: float | None = None) -> Conditioning:
-        """Prompts (and CFG negatives when the guidance scale is not 1) -> Conditioning."""
+        """Prompts (and CFG negatives when the guidance scale is not 1) -> Conditioning. Adapters
+        with an image task (i2v) also take ``images=`` (one per prompt), or read each
+        :class:`Prompt`'s ``.image``; the image's encoding travels in the Conditioning's rows, so
+        it follows every row selection of the rollout and re-scoring."""
 
     @abc.abstractmethod
     def forward(self, x: Tensor, t: Tensor, tensors: dict[str, Tensor], extra: dict) -> Tensor:
@@ -187,8 +255,24 @@ class ModelAdapter(abc.ABC):
             kept = uncond.detach()
         if cfg_grad == "cond_only":
             uncond = uncond.detach()
-        out = uncond + cond.guidance_scale * (c - uncond)
+        out = self.combine_guidance(uncond, c, cond.guidance_scale)
         return (out, kept) if return_uncond else out
+
+    def combine_guidance(self, uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+        """Classifier-free guidance of the two predictions: u + g (c - u). Adapters whose pipeline
+        guides otherwise (a norm rescale) override it."""
+        return uncond + scale * (cond - uncond)
+
+    # --- several experts (Wan 2.2 A14B) ---------------------------------------------------------
+    def expert_at(self, t: Tensor | float) -> int | None:
+        """Index of the expert network that predicts at timestep ``t`` (None: a single network).
+        The rollout records it with every transition; re-scoring pins it (:meth:`pinned_expert`)."""
+        return None
+
+    @contextlib.contextmanager
+    def pinned_expert(self, index: int | None) -> Iterator[None]:
+        """Calls inside use expert ``index`` whatever the timestep (None: chosen by timestep)."""
+        yield
 
     def initial_noise(self, batch: int, generator: torch.Generator | None = None, *,
                       height: int | None = None, width: int | None = None,

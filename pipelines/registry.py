@@ -19,10 +19,18 @@ ADAPTERS: dict[str, str] = {
     "wan": "pipelines.wan:WanAdapter",
     "sd": "pipelines.sd_unet:SDAdapter",
     "sdxl": "pipelines.sd_unet:SDXLAdapter",
+    "qwen_image": "pipelines.qwen_image:QwenImageAdapter",
+    "flux2": "pipelines.flux2:Flux2Adapter",
+    "flux2_klein": "pipelines.flux2:Flux2KleinAdapter",
+    "z_image": "pipelines.z_image:ZImageAdapter",
+    "wan22": "pipelines.wan:Wan22Adapter",
+    "hunyuan_video15": "pipelines.hunyuan_video15:HunyuanVideo15Adapter",
+    "hunyuan_video15_i2v": "pipelines.hunyuan_video15:HunyuanVideo15I2VAdapter",
 }
 
 #: adapters of flow-matching (velocity) models; the others are DDPM-family UNets
-FLOW_ADAPTERS = ("toy", "toy_video", "sd3", "flux", "wan")
+FLOW_ADAPTERS = ("toy", "toy_video", "sd3", "flux", "wan", "qwen_image", "flux2", "flux2_klein", "z_image", "wan22",
+                 "hunyuan_video15", "hunyuan_video15_i2v")
 #: held-out rewards a run watches when its config names none (``heldout_rewards: null``): the toy
 #: model's digits are read by an independent judge, so hacking the digit classifier shows
 DEFAULT_HELDOUT_REWARDS: dict[str, list] = {"toy": ["digit_judge"]}
@@ -34,6 +42,13 @@ DEFAULT_CHECKPOINTS: dict[str, str] = {
     "wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     "sd": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "qwen_image": "Qwen/Qwen-Image",
+    "flux2": "black-forest-labs/FLUX.2-dev",
+    "flux2_klein": "black-forest-labs/FLUX.2-klein-4B",
+    "z_image": "Tongyi-MAI/Z-Image-Turbo",
+    "wan22": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    "hunyuan_video15": "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v",
+    "hunyuan_video15_i2v": "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v",
 }
 
 

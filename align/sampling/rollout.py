@@ -136,6 +136,9 @@ class Transition:
     #: a backward through it gives the weights' gradient without calling the model again; usable
     #: once, before the weights change
     policy_out: Tensor | None = None
+    #: the expert network that predicted this step (``adapter.expert_at``; None: a single network);
+    #: re-scoring pins it
+    expert: int | None = None
 
     def subset(self, index: Tensor) -> "Transition":
         """The transitions of rows ``index``."""
@@ -143,7 +146,8 @@ class Transition:
                           self.std[index], self.log_prob[index], self.prompt_index[index], self.parent[index],
                           self.rows[index], self.kernel, self.params, self.branch, self.noise_scale,
                           None if self.uncond is None else self.uncond[index],
-                          None if self.policy_out is None else self.policy_out[index.to(self.policy_out.device)])
+                          None if self.policy_out is None else self.policy_out[index.to(self.policy_out.device)],
+                          self.expert)
 
 
 @dataclass
@@ -373,7 +377,8 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
                                               parent, torch.arange(len(parent)), noise_scale=scale,
                                               kernel=config.kernel, params=step_params,
                                               uncond=None if uncond_out is None else uncond_out[:n_main][parent],
-                                              policy_out=rows_with_graph(policy_out, n_main, parent)))
+                                              policy_out=rows_with_graph(policy_out, n_main, parent),
+                                              expert=adapter.expert_at(schedule.timesteps[i])))
             else:
                 history = {"prev_x0": prev_x0[parent] if prev_x0 is not None and factor > 1 else prev_x0,
                            "level_prev": level_prev} if spec.multistep else {}
@@ -391,7 +396,8 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
                                                   b.std.detach(), b.log_prob.detach(), main_prompt[src], src,
                                                   ids, branch=True, noise_scale=step_scales[i],
                                                   kernel=config.kernel, params=step_params,
-                                                  uncond=None if uncond_out is None else uncond_out[:n_main][src]))
+                                                  uncond=None if uncond_out is None else uncond_out[:n_main][src],
+                                                  expert=adapter.expert_at(schedule.timesteps[i])))
                 else:
                     b = ode(x[src], main_out[src], level, level_next, **ode_params)
                 new_branches = (b.prev_sample, main_prompt[src], src)
@@ -469,9 +475,10 @@ def rescore(adapter: ModelAdapter, transition: Transition, cond: Conditioning, s
                            device=inverse.device).scatter_reduce(0, inverse, position, "amin")
         latents, prompt_index = latents[first], prompt_index[first]
         uncond = None if uncond is None else uncond[first.to(uncond.device)]
-    model_out = predict_in_chunks(adapter, latents, schedule.timesteps[i], cond.select(prompt_index),
-                                  config.max_batch if config is not None else None, cfg_grad=cfg_grad,
-                                  cfg_split=config is not None and config.cfg_split, uncond=uncond)
+    with adapter.pinned_expert(transition.expert):
+        model_out = predict_in_chunks(adapter, latents, schedule.timesteps[i], cond.select(prompt_index),
+                                      config.max_batch if config is not None else None, cfg_grad=cfg_grad,
+                                      cfg_split=config is not None and config.cfg_split, uncond=uncond)
     if share_parents:
         model_out = model_out[inverse]
     return kernel(transition.latents, model_out, schedule.levels[i], schedule.levels[i + 1],
