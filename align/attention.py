@@ -43,6 +43,8 @@ def apply_attention_backend(adapter, name: str) -> None:
     if name == "native":
         return
     denoiser = adapter.base_denoiser
+    if hasattr(adapter, "route_attention_through_dispatch"):  # stock processors that call SDPA directly
+        adapter.route_attention_through_dispatch()
     if not hasattr(denoiser, "set_attention_backend"):
         raise ConfigError(f"model.attention_backend: the {adapter.name!r} denoiser ({type(denoiser).__name__}) does "
                           f"not use diffusers' attention dispatch; leave it 'native'")

@@ -82,7 +82,7 @@ def guide_specs(texts: list[str]) -> list[dict]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """``align search``: best-of-N or pruned (TTSnap) search over start noises (align/search.py)."""
-    from align.sample import check_device, load_model
+    from align.sample import check_device, check_model_source, load_model
     from align.search import SearchConfig, search, write_search
     from pipelines.registry import check_adapter_name
 
@@ -98,6 +98,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     config.validate()
     check_adapter_name(config.model.name)
     check_device(config.model.device)
+    check_model_source(config.model)
     from align.run_folder import check_writable_folder
 
     check_writable_folder(Path(config.out), "--out")
@@ -116,7 +117,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     """``align label``: pairs for a person to judge (align/label.py), before D3PO trains on them."""
     from align.label import write_label_set
     from align.run_folder import check_writable_folder
-    from align.sample import check_device, load_model
+    from align.sample import check_device, check_model_source, load_model
     from align.trainers import trainer_module
     from align.trainers.common import require_stochastic_kernel
     from pipelines.registry import check_adapter_name
@@ -131,6 +132,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     config.rollout.validate()
     require_stochastic_kernel(config.rollout)
     check_device(config.model.device)
+    check_model_source(config.model)
     out = Path(args.out)
     check_writable_folder(out, "--out")
     adapter = load_model(config.model)
@@ -249,10 +251,18 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from pipelines.registry import ADAPTERS
+    """``align models``: each adapter with its tasks, guidance kind, default steps and guidance,
+    and the diffusers pipeline classes it loads."""
+    from pipelines.registry import PIPELINE_CLASSES, adapter_class, list_adapters
 
-    for name, target in ADAPTERS.items():
-        print(f"{name:8s} {target}")
+    rows = [("name", "tasks", "guidance", "steps", "scale", "loads")]
+    for name in list_adapters():
+        cls = adapter_class(name)
+        rows.append((name, ",".join(cls.tasks), cls.guidance_kind, str(cls.default_steps), f"{cls.default_guidance:g}",
+                     " / ".join(PIPELINE_CLASSES.get(name, ("embedded",)))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
     return 0
 
 

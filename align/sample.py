@@ -113,12 +113,18 @@ def load_model(config: ModelConfig):
     from align.attention import apply_attention_backend, check_attention_backend
 
     check_attention_backend(config.attention_backend)
+    check_model_source(config)
     device = resolve_device(config.device)
     options = {} if config.max_sequence_length is None else {"max_sequence_length": config.max_sequence_length}
-    if options and config.name not in ("sd3", "flux", "wan"):
-        raise ConfigError(f"model.max_sequence_length: the {config.name!r} adapter has no T5 encoder (sd3, flux, wan)")
-    adapter = load_adapter(config.name, config.path, device=device, torch_dtype=resolve_dtype(config.dtype, device),
-                           **options)
+    if options and config.name in ("toy", "toy_video", "sd", "sdxl"):
+        raise ConfigError(f"model.max_sequence_length: the {config.name!r} adapter has no long-prompt text encoder")
+    try:
+        adapter = load_adapter(config.name, config.path, device=device,
+                               torch_dtype=resolve_dtype(config.dtype, device), **options)
+    except (OSError, ValueError) as err:  # a hub name that cannot download, a folder diffusers refuses
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        raise ConfigError(f"model.path: {config.path or config.name} does not load as a {config.name} model: "
+                          f"{lines[0] if lines else type(err).__name__}") from None
     # the configured size is the adapter's default (e.g. FLUX reads its packed latents' grid from it)
     adapter.default_height = config.height or adapter.default_height
     adapter.default_width = config.width or adapter.default_width
@@ -132,7 +138,8 @@ def load_model(config: ModelConfig):
     return adapter
 
 
-#: the text encoder components of the diffusers pipelines the adapters wrap
+#: the text encoder components of the diffusers pipelines the adapters wrap (an adapter may name its
+#: own in ``text_encoder_names``: an image encoder of image-to-video, say)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -146,7 +153,8 @@ def apply_precision_policy(adapter, config: ModelConfig) -> None:
             raise ConfigError(f"model.vae_dtype: the {adapter.name!r} model has no VAE")
         adapter.vae.to(resolve_dtype(config.vae_dtype, adapter.device))
     if config.offload_text_encoders:
-        encoders = [getattr(pipe, name, None) for name in TEXT_ENCODERS] if pipe is not None else []
+        names = getattr(adapter, "text_encoder_names", TEXT_ENCODERS)
+        encoders = [getattr(pipe, name, None) for name in names] if pipe is not None else []
         encoders = [e for e in encoders if e is not None]
         if not encoders:
             raise ConfigError(f"model.offload_text_encoders: the {adapter.name!r} model has no text encoder to offload")
@@ -154,6 +162,17 @@ def apply_precision_policy(adapter, config: ModelConfig) -> None:
 
         for encoder in encoders:
             cpu_offload(encoder, execution_device=adapter.device)
+
+
+def check_model_source(config: ModelConfig, field: str = "model.path") -> None:
+    """A one-line ConfigError for a model folder that cannot load as ``config.name`` (missing, not
+    a diffusers pipeline, another family's pipeline, a missing component), found from its
+    ``model_index.json`` before anything loads."""
+    from pipelines.registry import model_folder_problem
+
+    problem = model_folder_problem(config.name, config.path)
+    if problem is not None:
+        raise ConfigError(f"{field}: {problem}")
 
 
 def check_lora_folder(path: str, field: str = "model.lora") -> None:
@@ -266,6 +285,7 @@ def check_sample_config(config: SampleConfig) -> None:
     from align.attention import check_attention_backend
 
     check_attention_backend(config.model.attention_backend)
+    check_model_source(config.model)
     from dataclasses import replace
 
     from align.config import check_ranges

@@ -40,6 +40,7 @@ class FluxAdapter(ModelAdapter):
 
     name = "flux"
     prediction_type = "flow"
+    guidance_kind = "embedded"
     # FLUX.1-dev settings (schnell: see __init__)
     default_steps = 28
     default_guidance = 3.5

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 from typing import Any
 
 from align.errors import unknown_name_error
@@ -50,6 +51,79 @@ DEFAULT_CHECKPOINTS: dict[str, str] = {
     "hunyuan_video15": "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v",
     "hunyuan_video15_i2v": "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v",
 }
+
+
+#: the diffusers pipeline classes each adapter loads (a folder's model_index.json names its class)
+PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {
+    "sd3": ("StableDiffusion3Pipeline",),
+    "flux": ("FluxPipeline",),
+    "wan": ("WanPipeline",),
+    "sd": ("StableDiffusionPipeline",),
+    "sdxl": ("StableDiffusionXLPipeline",),
+    "qwen_image": ("QwenImagePipeline", "QwenImage21Pipeline"),
+    "flux2": ("Flux2Pipeline",),
+    "flux2_klein": ("Flux2KleinPipeline",),
+    "z_image": ("ZImagePipeline",),
+    "wan22": ("WanPipeline", "WanImageToVideoPipeline"),
+    "hunyuan_video15": ("HunyuanVideo15Pipeline",),
+    "hunyuan_video15_i2v": ("HunyuanVideo15ImageToVideoPipeline",),
+}
+
+
+#: components an adapter needs even where its pipeline class lists them as optional (Wan's pipeline
+#: may be saved without a transformer; no adapter can train one)
+ADAPTER_COMPONENTS: dict[str, tuple[str, ...]] = {"sd": ("unet", "vae"), "sdxl": ("unet", "vae")}
+
+
+def _looks_local(path: str) -> bool:
+    """A path that names a folder on this machine (not a hub name ``owner/model``)."""
+    return Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.count("/") != 1 \
+        or "\\" in path
+
+
+def model_folder_problem(name: str, path: str | None) -> str | None:
+    """Why ``path`` cannot load as adapter ``name`` (one line), found from the folder's
+    ``model_index.json`` alone, before anything heavy: a missing folder, a folder that is not a
+    diffusers pipeline, a pipeline of another family (naming the adapter that loads it), or a
+    component the pipeline needs that the folder lacks. None for loadable-looking folders and for
+    hub names (checked by the download)."""
+    import json
+
+    key = name.strip().lower()
+    if path is None or key not in PIPELINE_CLASSES or not _looks_local(str(path)):
+        return None
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return f"{path} not found"
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        return f"{path} has no model_index.json: not a diffusers pipeline folder"
+    try:
+        index = json.loads(index_file.read_text())
+    except ValueError as err:
+        return f"{index_file} is not valid JSON ({str(err).splitlines()[0]})"
+    found = index.get("_class_name")
+    if found not in PIPELINE_CLASSES[key]:
+        owner = next((n for n, classes in PIPELINE_CLASSES.items() if found in classes), None)
+        hint = f"; use model.name={owner}" if owner else ""
+        return f"{path} holds a {found}, not a {key} model ({' or '.join(PIPELINE_CLASSES[key])}){hint}"
+    import diffusers
+
+    pipeline_cls = getattr(diffusers, found, None)
+    if pipeline_cls is None:
+        return None
+    expected, _ = pipeline_cls._get_signature_keys(pipeline_cls)
+    optional = set(getattr(pipeline_cls, "_optional_components", []) or [])
+    needed = (set(expected) - optional) | set(ADAPTER_COMPONENTS.get(key, ("transformer", "vae")))
+    for component in sorted(needed):
+        entry = index.get(component)
+        if not isinstance(entry, (list, tuple)):
+            return f"{path} has no {component} (model_index.json), which {found} needs"
+        if entry[0] is None:  # saved without it on purpose (SD3 without T5): loaded as None
+            continue
+        if not (folder / component).is_dir():
+            return f"{path} lacks the folder {component}/ that its model_index.json names"
+    return None
 
 
 def list_adapters() -> list[str]:

@@ -18,6 +18,50 @@ from pipelines.diffusers_common import (flow_schedule, freeze_except, load_pipel
                                         vae_encode)
 
 
+# --- attention through diffusers' dispatch ---------------------------------------------------------
+class JointAttnDispatchProcessor:
+    """SD3's joint attention (image tokens, then the prompt's) with the attention itself through
+    diffusers' ``dispatch_attention_fn``, so ``set_attention_backend`` (flash, sage, xformers, ...)
+    reaches it; the stock ``JointAttnProcessor2_0`` calls torch SDPA directly. The projections,
+    norms and output split are the stock processor's."""
+
+    #: set by ``ModelMixin.set_attention_backend`` (None: the active default)
+    _attention_backend = None
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, *args, **kwargs):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        batch, image_tokens = hidden_states.shape[:2]
+
+        def heads(t: Tensor) -> Tensor:  # (B, S, H * D) -> (B, S, H, D), the layout dispatch takes
+            return t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads)
+
+        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            text_q = heads(attn.add_q_proj(encoder_hidden_states))
+            text_k = heads(attn.add_k_proj(encoder_hidden_states))
+            text_v = heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                text_q = attn.norm_added_q(text_q)
+            if attn.norm_added_k is not None:
+                text_k = attn.norm_added_k(text_k)
+            query, key, value = (torch.cat([query, text_q], dim=1), torch.cat([key, text_k], dim=1),
+                                 torch.cat([value, text_v], dim=1))
+        out = dispatch_attention_fn(query, key, value, backend=self._attention_backend)
+        out = out.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            out, encoder_hidden_states = out[:, :image_tokens], out[:, image_tokens:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out if encoder_hidden_states is None else (out, encoder_hidden_states)
+
+
 # --- the adapter ----------------------------------------------------------------------------------
 class SD3Adapter(ModelAdapter):
     """Adapter over a ``StableDiffusion3Pipeline``.
@@ -70,6 +114,14 @@ class SD3Adapter(ModelAdapter):
         pipe = load_pipeline(StableDiffusion3Pipeline, path, torch_dtype=torch_dtype, device=device,
                              **pipeline_kwargs)
         return cls(pipe, max_sequence_length=max_sequence_length, clip_skip=clip_skip)
+
+    def route_attention_through_dispatch(self) -> None:
+        """Joint attention processors that go through diffusers' dispatch (``model.attention_backend``)."""
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        for module in self.base_denoiser.modules():
+            if isinstance(getattr(module, "processor", None), JointAttnProcessor2_0):
+                module.set_processor(JointAttnDispatchProcessor())
 
     # --- interface --------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = "",

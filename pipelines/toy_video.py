@@ -167,6 +167,7 @@ class ToyVideoAdapter(ToyAdapter):
     motion words), schedule and CFG; latents (B, 3, F, 16, 16), videos (B, F, 3, 16, 16)."""
 
     name = "toy_video"
+    tasks = ("t2v",)
     default_num_frames = NUM_FRAMES
 
     def __init__(self, model: ToyVideoFlowModel, shift: float = 1.0) -> None:

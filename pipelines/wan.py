@@ -34,6 +34,7 @@ class WanAdapter(ModelAdapter):
     name = "wan"
     prediction_type = "flow"
     is_video = True
+    tasks = ("t2v",)
     # Wan 2.1 T2V settings (480p)
     default_steps = 50
     default_guidance = 5.0

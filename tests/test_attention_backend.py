@@ -9,14 +9,18 @@ import torch
 from align.errors import ConfigError
 
 
-def test_a_dispatched_backend_predicts_what_native_sdpa_predicts(tmp_path):
+@pytest.mark.parametrize("model", ["flux", "sd3"])
+def test_a_dispatched_backend_predicts_what_native_sdpa_predicts(tmp_path, model):
+    """SD3's stock joint attention calls SDPA directly: the adapter routes it through the dispatch
+    (its second self-attention of SD3.5-Medium's dual blocks included)."""
     from align.sample import ModelConfig, load_model
-    from tiny_models import build_flux
+    from tiny_models import build_flux, build_sd3
 
-    path = str(build_flux(tmp_path / "flux"))
+    path = str(build_flux(tmp_path / "flux") if model == "flux" else
+               build_sd3(tmp_path / "sd3", dual_attention_layers=(0,)))
     outputs = {}
     for backend in ("native", "_native_math"):
-        adapter = load_model(ModelConfig(name="flux", path=path, device="cpu", dtype="float32",
+        adapter = load_model(ModelConfig(name=model, path=path, device="cpu", dtype="float32",
                                          attention_backend=backend))
         processors = [m.processor for m in adapter.base_denoiser.modules() if hasattr(m, "processor")]
         assert processors and all(getattr(p, "_attention_backend", None) in (None if backend == "native" else backend,)
@@ -49,8 +53,8 @@ def test_align_env_lists_the_backends(capsys):
 
 def test_a_denoiser_outside_the_dispatch_is_one_line(tmp_path):
     from align.sample import ModelConfig, load_model
-    from tiny_models import build_sd3
+    from tiny_models import build_sd
 
     with pytest.raises(ConfigError, match="do not go through diffusers' dispatch"):
-        load_model(ModelConfig(name="sd3", path=str(build_sd3(tmp_path / "sd3")), device="cpu", dtype="float32",
+        load_model(ModelConfig(name="sd", path=str(build_sd(tmp_path / "sd")), device="cpu", dtype="float32",
                                attention_backend="_native_math"))

@@ -295,3 +295,72 @@ def test_errors_doc_lists_every_file_case():
     doc = (ROOT / "docs" / "errors.md").read_text()
     for case in FILE_CASES:
         assert f"| {case} |" in doc, case
+
+
+#: the model-folder cases, by the name docs/errors.md gives them
+MODEL_FOLDER_CASES = ["model: path not found", "model: not a pipeline folder", "model: another family's folder",
+                      "model: missing component"]
+#: adapter name -> the pipeline class its folders hold
+FOLDER_CLASSES = {"qwen_image": "QwenImagePipeline", "flux2": "Flux2Pipeline", "flux2_klein": "Flux2KleinPipeline",
+                  "z_image": "ZImagePipeline", "wan22": "WanPipeline", "hunyuan_video15": "HunyuanVideo15Pipeline",
+                  "hunyuan_video15_i2v": "HunyuanVideo15ImageToVideoPipeline", "sd3": "StableDiffusion3Pipeline",
+                  "flux": "FluxPipeline", "wan": "WanPipeline"}
+
+
+def model_folder(tmp_path, pipeline_class: str, *, drop: str | None = None) -> Path:
+    """A folder with the model_index.json of ``pipeline_class`` and an empty folder per component
+    (without ``drop``'s): what the pre-load check reads, nothing loadable."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class)
+    expected, _ = cls._get_signature_keys(cls)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps(
+        {"_class_name": pipeline_class, **{name: ["diffusers", "Anything"] for name in expected}}))
+    for name in expected:
+        if name != drop:
+            (folder / name).mkdir()
+    return folder
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+@pytest.mark.parametrize("damage", ["missing", "no index", "other family", "missing component"])
+@pytest.mark.parametrize("model", sorted(FOLDER_CLASSES))
+def test_a_bad_model_folder_is_one_line_before_loading(model, damage, command, tmp_path, capsys, no_model_load):
+    """A wrong model.path, a folder that is no pipeline, a pipeline of another family (naming the
+    adapter that loads it) or a folder without a component its pipeline needs: one line, exit 2,
+    nothing loaded and no run folder left behind."""
+    if damage == "missing":
+        folder, expected = tmp_path / "nowhere", f"model.path: {tmp_path / 'nowhere'} not found"
+    elif damage == "no index":
+        folder = tmp_path / "model"
+        folder.mkdir()
+        expected = "has no model_index.json: not a diffusers pipeline folder"
+    elif damage == "other family":
+        other = "ZImagePipeline" if model != "z_image" else "FluxPipeline"
+        folder = model_folder(tmp_path, other)
+        owner = "z_image" if other == "ZImagePipeline" else "flux"
+        expected = f"holds a {other}, not a {model} model"
+        assert f"use model.name={owner}" in _cli_error([command, f"model.name={model}", f"model.path={folder}"],
+                                                       tmp_path, capsys, command)
+        return
+    else:
+        folder = model_folder(tmp_path, FOLDER_CLASSES[model], drop="transformer")
+        expected = "lacks the folder transformer/ that its model_index.json names"
+    err = _cli_error([command, f"model.name={model}", f"model.path={folder}"], tmp_path, capsys, command)
+    assert expected in err, err
+
+
+def _cli_error(args, tmp_path, capsys, command) -> str:
+    argv = ["train", "flow_grpo", *args[1:]] if command == "train" else ["sample", *args[1:]]
+    code, err, out = run_cli(argv, tmp_path, capsys)
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert not out.exists()
+    return err
+
+
+def test_errors_doc_lists_every_model_folder_case():
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    for case in MODEL_FOLDER_CASES:
+        assert f"| {case} |" in doc, case

@@ -53,7 +53,7 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
 
     from align.config import check_ranges
     from align.run_folder import check_run_folder
-    from align.sample import check_device, check_precision
+    from align.sample import check_device, check_model_source, check_precision
     from align.sampling.kernels import kernel_spec
     from align.trainers import TRAINERS
 
@@ -94,6 +94,8 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     from align.attention import check_attention_backend
 
     check_attention_backend(config.model.attention_backend)
+    if adapter is None:
+        check_model_source(config.model)
     check_precision(config.run.mixed_precision, config.model.device)
     check_run_folder(config)
     check_reward_specs(config.rewards, "rewards")
