@@ -107,8 +107,10 @@ def prompt_images(prompts: Sequence[str], images: Sequence | None = None) -> lis
     found = [getattr(p, "image", None) for p in prompts]
     if all(image is None for image in found):
         return None
-    missing = next(p for p, image in zip(prompts, found) if image is None)
-    raise ValueError(f"prompt {str(missing)!r} has no image, but others of the batch do")
+    missing = [p for p, image in zip(prompts, found) if image is None]
+    if missing:
+        raise ValueError(f"prompt {str(missing[0])!r} has no image, but others of the batch do")
+    return found
 
 
 def load_image(image, height: int, width: int) -> Tensor:

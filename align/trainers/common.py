@@ -11,6 +11,7 @@ from align.evaluation import EvalConfig
 from align.runtime import TOY_EVAL_PROMPTS, TOY_PROMPTS, LoraSettings, OptimConfig, Run, RunConfig, prompt_list
 from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
+from pipelines.registry import adapter_class
 
 
 @dataclass
@@ -27,6 +28,9 @@ class TrainerConfig:
     prompts: list[str] = field(default_factory=lambda: list(TOY_PROMPTS))
     prompt_file: str | None = None
     eval_prompts: list[str] = field(default_factory=lambda: list(TOY_EVAL_PROMPTS))
+    #: evaluation prompts from a file, in prompt_file's forms (the JSONL one names the images of
+    #: image-to-video); null: eval_prompts
+    eval_prompt_file: str | None = None
     negative_prompt: str = ""
     #: evaluation on eval_prompts (kernel, steps, guidance, negative prompt, seed, samples per prompt)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -146,6 +150,27 @@ def build_reward_set(config: TrainerConfig):
     return reward, heldout
 
 
+def eval_prompt_list(config: TrainerConfig) -> list[str]:
+    """The evaluation prompts: ``eval_prompt_file`` when set, else ``eval_prompts``."""
+    return prompt_list(config.eval_prompts, config.eval_prompt_file, TOY_EVAL_PROMPTS)
+
+
+def check_prompt_images(prompts, adapter_cls, field: str = "prompt_file") -> None:
+    """Prompts with images (a JSONL prompt_file) need a model with an image task, and a model that
+    only animates images (i2v alone) needs an image with every prompt: one line each."""
+    with_image = sum(getattr(p, "image", None) is not None for p in prompts)
+    tasks = tuple(adapter_cls.tasks)
+    if with_image and "i2v" not in tasks:
+        raise ConfigError(f"{field}: {with_image} prompts name an image, but the {adapter_cls.name!r} model "
+                          f"takes none (tasks: {', '.join(tasks)})")
+    if with_image not in (0, len(prompts)):
+        raise ConfigError(f"{field}: {len(prompts) - with_image} of {len(prompts)} prompts have no image; give "
+                          f"every prompt one (image-to-video) or none")
+    if not with_image and tasks == ("i2v",):
+        raise ConfigError(f"{field}: the {adapter_cls.name!r} model animates an image: give a JSONL {field} "
+                          f"of {{\"prompt\": ..., \"image\": ...}} entries")
+
+
 def start_run(config: TrainerConfig, adapter=None):
     """Validate (the trainer's own ``check_config``, which starts with :func:`check_common`: no
     trainer opens a run without the validation pass), build rewards and prompts, open the run,
@@ -155,6 +180,9 @@ def start_run(config: TrainerConfig, adapter=None):
     trainer_module(config.trainer).check_config(config, adapter)
     reward, heldout = build_reward_set(config)
     prompts = prompt_list(config.prompts, config.prompt_file, TOY_PROMPTS)
+    model_cls = type(adapter) if adapter is not None else adapter_class(config.model.name)
+    check_prompt_images(prompts, model_cls)
+    check_prompt_images(eval_prompt_list(config), model_cls, field="eval_prompt_file")
     run = Run(config, model=config.model, lora=config.lora, optim=config.optim, run=config.run, adapter=adapter)
     device = run.accelerator.device
     reward.to(device)
@@ -179,7 +207,7 @@ def log_evaluation(run, metrics: dict[str, float]) -> None:
 
 def evaluate_run(run, config: TrainerConfig, reward, heldout, grid_name: str) -> dict[str, float]:
     """The run's evaluation (``config.eval``) on the evaluation prompts, with its sample grid."""
-    return run.evaluate(reward, config.eval_prompts, config.rollout, config.eval,
+    return run.evaluate(reward, eval_prompt_list(config), config.rollout, config.eval,
                         negative_prompt=config.negative_prompt, heldout=heldout, grid_name=grid_name)
 
 

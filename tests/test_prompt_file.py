@@ -1,0 +1,81 @@
+"""The prompt file's two forms: one prompt a line, or JSONL entries that may name a conditioning
+image (image-to-video); images travel as ``Prompt`` strings, and every bad entry is one line."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from align.errors import ConfigError
+from align.runtime import prompt_list
+from align.trainers.common import check_prompt_images
+from pipelines.base import Prompt, load_image, prompt_images
+
+
+def _png(path, colour=(255, 0, 0), size=(8, 6)):
+    from PIL import Image
+
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_jsonl_entries_carry_their_images(tmp_path):
+    (tmp_path / "frames").mkdir()
+    red = _png(tmp_path / "frames" / "red.png")
+    file = tmp_path / "prompts.jsonl"
+    file.write_text('{"prompt": "a red ball rolls", "image": "frames/red.png"}\n\n'
+                    f'{{"prompt": "it bounces", "image": "{red}"}}\n')
+    prompts = prompt_list(None, str(file), ["unused"])
+    assert prompts == ["a red ball rolls", "it bounces"]  # plain strings to everything else
+    assert all(isinstance(p, Prompt) and p.image == str(red) for p in prompts)  # relative to the file's folder
+    again = pickle.loads(pickle.dumps(prompts[0]))
+    assert again == prompts[0] and again.image == prompts[0].image
+    assert prompt_images(prompts) == [str(red), str(red)]
+    image = load_image(prompt_images(prompts)[0], 4, 4)
+    assert image.shape == (3, 4, 4) and torch.allclose(image[0], torch.ones(4, 4)) and image[1:].abs().max() == 0
+
+
+def test_plain_lines_have_no_images(tmp_path):
+    file = tmp_path / "prompts.txt"
+    file.write_text("a cat\n\n a dog \n")
+    prompts = prompt_list(None, str(file), ["unused"])
+    assert prompts == ["a cat", "a dog"] and prompt_images(prompts) is None
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"prompt": "a cat"', "line 2: not JSON"),
+    ('{"text": "a cat"}', 'line 2: expected an object with a non-empty "prompt" string'),
+    ('{"prompt": "a cat", "img": "x.png"}', "line 2: unknown key 'img' (keys: prompt, image)"),
+    ('{"prompt": "a cat", "image": "missing.png"}', "line 2: image not found: "),
+])
+def test_a_bad_entry_is_one_line_naming_its_line(tmp_path, line, expected):
+    file = tmp_path / "prompts.jsonl"
+    file.write_text('{"prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(ConfigError) as err:
+        prompt_list(None, str(file), [])
+    assert expected in str(err.value) and str(file) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_images_must_fit_the_models_tasks():
+    class TextToVideo:
+        name, tasks = "t2v_model", ("t2v",)
+
+    class ImageToVideo:
+        name, tasks = "i2v_model", ("i2v",)
+
+    class Both:
+        name, tasks = "ti2v_model", ("t2v", "i2v")
+
+    with_images = [Prompt("a", "x.png"), Prompt("b", "y.png")]
+    check_prompt_images(with_images, Both)
+    check_prompt_images(["a", "b"], Both)
+    with pytest.raises(ConfigError, match="2 prompts name an image, but the 't2v_model' model takes none"):
+        check_prompt_images(with_images, TextToVideo)
+    with pytest.raises(ConfigError, match="1 of 2 prompts have no image"):
+        check_prompt_images([Prompt("a", "x.png"), "b"], Both)
+    with pytest.raises(ConfigError, match="eval_prompt_file: the 'i2v_model' model animates an image"):
+        check_prompt_images(["a"], ImageToVideo, field="eval_prompt_file")
+    with pytest.raises(ValueError, match="prompt 'b' has no image"):
+        prompt_images([Prompt("a", "x.png"), "b"])
