@@ -69,9 +69,9 @@ class _Flux2Base(ModelAdapter):
         self.denoiser = pipe.transformer
         self.vae = pipe.vae
         self.vae_scale_factor = int(pipe.vae_scale_factor)
-        self.max_sequence_length = int(max_sequence_length or pipe.tokenizer_max_length)
-        if self.max_sequence_length < 1:
+        if max_sequence_length is not None and int(max_sequence_length) < 1:
             raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
+        self.max_sequence_length = int(max_sequence_length or pipe.tokenizer_max_length)
         layers = tuple(int(i) for i in (text_encoder_out_layers or self.default_text_encoder_out_layers))
         depth = self._text_encoder_depth()
         if depth is not None and (not layers or max(layers) > depth or min(layers) < 0):

@@ -239,6 +239,10 @@ def test_lora_disable_adapter_gives_the_base_model(adapter):
         again = adapter.predict(x, t, cond)
     assert not torch.allclose(tuned, base, atol=1e-4)
     assert torch.equal(reference, base) and torch.equal(again, tuned)
+    # the rescaled guidance is differentiable: the trainable LoRA weights get gradients through it
+    adapter.predict(x, t, cond).square().mean().backward()
+    grads = [p.grad for p in adapter.trainable_parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 def test_exported_lora_loads_in_the_stock_pipeline(adapter, model_dir, tmp_path):
@@ -284,6 +288,20 @@ def test_attention_backend_native_math(adapter):
         apply_attention_backend(adapter, "_native_math")
         math_out = adapter.predict(x, t, cond)
     torch.testing.assert_close(math_out, native, atol=1e-5, rtol=0)
+
+
+def test_bfloat16(model_dir):
+    """Lower-precision loading: outputs are float32 whatever the model's dtype."""
+    model = load_adapter("qwen_image", model_dir, dtype=torch.bfloat16)
+    model.default_height = model.default_width = 32
+    assert model.dtype == torch.bfloat16
+    cond = model.encode(PROMPTS, negative_prompt="blurry", guidance_scale=4.0)
+    x = _noise(model, batch=2)
+    with torch.no_grad():
+        out = model.predict(x, torch.tensor(500.0), cond)
+        images = model.decode(x)
+    assert out.dtype == images.dtype == torch.float32
+    assert torch.isfinite(out).all() and torch.isfinite(images).all()
 
 
 # --- refusals ----------------------------------------------------------------------------------
