@@ -16,6 +16,10 @@ the channel axis, as the pipeline does:
 Schedule: linear sigmas 1 -> 1/T shifted by mu from the image sequence length (the released scheduler:
 exponential time shift, dynamic shifting, terminal sigma 0.02); timesteps are ``sigma * 1000``, and
 :meth:`QwenImageAdapter.forward` passes ``t / 1000`` to the transformer as the pipeline does.
+
+Not covered: guidance-distilled transformers (``guidance_embeds=True``; diffusers gives them no guidance
+embedding) and Qwen-Image 2.1 (``QwenImage21Pipeline``: another text encoder, transformer, VAE and
+latent layout, and a text-length-dependent image position that padded CFG batches would change).
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class QwenImageAdapter(ModelAdapter):
         self.vae = pipe.vae
         self.vae_scale_factor = int(pipe.vae_scale_factor)
         self.max_sequence_length = 512 if max_sequence_length is None else int(max_sequence_length)
+        if self.max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
         self.default_height = self.default_width = int(pipe.default_sample_size) * self.vae_scale_factor
         freeze_except(pipe, self.denoiser)
 
@@ -113,8 +119,8 @@ class QwenImageAdapter(ModelAdapter):
                guidance_scale: float | None = None, *, height: int | None = None,
                width: int | None = None) -> Conditioning:
         """``guidance_scale`` is the pipeline's ``true_cfg_scale`` (default 4.0): true CFG against
-        ``negative_prompt`` with the norm rescale; 1 means none (a single branch). Qwen's own examples
-        use the negative prompt " "."""
+        ``negative_prompt`` with the norm rescale; 1 means none (a single branch; the pipeline also
+        skips CFG below 1, here any other scale guides). Qwen's own examples use the negative prompt " "."""
         prompts = prompt_list(prompts)
         scale = self.default_guidance if guidance_scale is None else float(guidance_scale)
         use_cfg = scale != 1.0

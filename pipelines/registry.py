@@ -60,7 +60,7 @@ PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {
     "wan": ("WanPipeline",),
     "sd": ("StableDiffusionPipeline",),
     "sdxl": ("StableDiffusionXLPipeline",),
-    "qwen_image": ("QwenImagePipeline", "QwenImage21Pipeline"),
+    "qwen_image": ("QwenImagePipeline",),
     "flux2": ("Flux2Pipeline",),
     "flux2_klein": ("Flux2KleinPipeline",),
     "z_image": ("ZImagePipeline",),

@@ -1,18 +1,29 @@
-"""Wan 2.1 text-to-video (``WanPipeline`` with a ``WanTransformer3DModel`` and ``AutoencoderKLWan``).
+"""Wan 2.1 and Wan 2.2 video models (``WanPipeline`` with ``WanTransformer3DModel`` s and ``AutoencoderKLWan``).
 
-Latents are (B, C, F', H/8, W/8) with F' = (F - 1) // 4 + 1 latent frames for F video frames; the
-model predicts the flow velocity with timesteps ``sigma * 1000``; CFG runs against a negative prompt;
+Latents are (B, C, F', H/s, W/s) with F' = (F - 1) // 4 + 1 latent frames for F video frames and s the
+VAE's spatial factor (8 for Wan 2.1 and Wan 2.2 A14B, 16 for the Wan 2.2 VAE of TI2V-5B); the models
+predict the flow velocity with timesteps ``sigma * 1000``; CFG runs against a negative prompt;
 ``decode`` returns videos (B, F, 3, H, W) in [0, 1].
+
+- ``wan`` (:class:`WanAdapter`): Wan 2.1 text-to-video, one transformer.
+- ``wan22`` (:class:`Wan22Adapter`): Wan 2.2 A14B (two experts: ``transformer`` denoises the
+  high-noise steps t >= ``boundary_ratio * 1000``, ``transformer_2`` the rest, each with its own CFG
+  scale) and TI2V-5B (one transformer with per-token timesteps, ``expand_timesteps``: text-to-video,
+  and image-to-video where the first latent frame is the encoded image).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from pipelines.base import Conditioning, ModelAdapter, Schedule
+from pipelines.base import Conditioning, ModelAdapter, Schedule, _as_batch, load_image, prompt_images
 from pipelines.diffusers_common import (flow_schedule, freeze_except, is_flow_scheduler, load_pipeline, negative_list,
                                         prompt_list, vae_encode)
 
@@ -42,25 +53,34 @@ class WanAdapter(ModelAdapter):
     default_width = 832
     default_num_frames = 81
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    text_encoder_names = ("text_encoder",)
 
     def __init__(self, pipe, *, max_sequence_length: int = 512, flow_shift: float = 3.0) -> None:
         super().__init__()
         if getattr(pipe, "transformer", None) is None or getattr(pipe, "vae", None) is None:
-            raise TypeError("WanAdapter needs a WanPipeline with a transformer and a VAE")
-        config = getattr(pipe, "config", {})
-        if config.get("boundary_ratio") is not None or getattr(pipe, "transformer_2", None) is not None:
-            raise ValueError("two-expert Wan 2.2 pipelines (transformer_2 / boundary_ratio) are not supported")
-        if config.get("expand_timesteps", False):
-            raise ValueError("Wan 2.2 TI2V pipelines (expand_timesteps) are not supported")
+            raise TypeError(f"{type(self).__name__} needs a WanPipeline with a transformer and a VAE")
+        self._check_pipeline(pipe)
         self.pipe = pipe
-        self.denoiser = pipe.transformer
+        self.denoiser = self._build_denoiser(pipe)
         self.vae = pipe.vae
         self.max_sequence_length = max_sequence_length
         self.flow_shift = flow_shift
         self.temporal_factor = int(pipe.vae_scale_factor_temporal)
         self.spatial_factor = int(pipe.vae_scale_factor_spatial)
-        self.patch_size = tuple(self.denoiser.config.patch_size)
+        self.patch_size = tuple(pipe.transformer.config.patch_size)
+        self.latent_channels = int(pipe.transformer.config.in_channels)
         freeze_except(pipe, self.denoiser)
+
+    def _check_pipeline(self, pipe) -> None:
+        """Refuse the Wan 2.2 layouts (the ``wan22`` adapter's) with a one-line error."""
+        config = getattr(pipe, "config", {})
+        if config.get("boundary_ratio") is not None or getattr(pipe, "transformer_2", None) is not None:
+            raise ValueError("a two-expert Wan 2.2 pipeline (transformer_2 / boundary_ratio): load it as 'wan22'")
+        if config.get("expand_timesteps", False):
+            raise ValueError("a Wan 2.2 TI2V pipeline (expand_timesteps): load it as 'wan22'")
+
+    def _build_denoiser(self, pipe) -> torch.nn.Module:
+        return pipe.transformer
 
     @classmethod
     def from_pretrained(cls, path: str, *, torch_dtype: torch.dtype | None = None,
@@ -100,11 +120,8 @@ class WanAdapter(ModelAdapter):
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, C, F', h, w) -> videos (B, F, 3, H, W) in [0, 1]."""
-        config = self.vae.config
         latents = latents.to(self.vae.device, self.vae.dtype)
-        shape = (1, config.z_dim, 1, 1, 1)
-        mean = torch.tensor(config.latents_mean, device=latents.device, dtype=latents.dtype).view(shape)
-        std = torch.tensor(config.latents_std, device=latents.device, dtype=latents.dtype).view(shape)
+        mean, std = self._latent_stats(latents)
         video = self.vae.decode(latents * std + mean, return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
         return self.pipe.video_processor.postprocess_video(video, output_type="pt").float()
 
@@ -113,11 +130,16 @@ class WanAdapter(ModelAdapter):
         through the video VAE, normalised as :meth:`decode` expects."""
         videos = images[:, None] if images.ndim == 4 else images
         latents = vae_encode(self.vae, videos.permute(0, 2, 1, 3, 4))  # the VAE takes (B, 3, F, H, W)
+        mean, std = self._latent_stats(latents)
+        return ((latents - mean) / std).to(self.device)
+
+    def _latent_stats(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        """The VAE's per-channel latent mean and std, shaped (1, C, 1, 1, 1) like ``latents``."""
         config = self.vae.config
         shape = (1, config.z_dim, 1, 1, 1)
         mean = torch.tensor(config.latents_mean, device=latents.device, dtype=latents.dtype).view(shape)
         std = torch.tensor(config.latents_std, device=latents.device, dtype=latents.dtype).view(shape)
-        return ((latents - mean) / std).to(self.device)
+        return mean, std
 
     def schedule(self, num_steps: int, *, latent_shape: tuple | None = None) -> Schedule:
         scheduler = self.pipe.scheduler
@@ -140,5 +162,4 @@ class WanAdapter(ModelAdapter):
         if (num_frames - 1) % self.temporal_factor:
             raise ValueError(f"num_frames - 1 must be a multiple of {self.temporal_factor}, got {num_frames}")
         latent_frames = (num_frames - 1) // self.temporal_factor + 1
-        return (int(self.base_denoiser.config.in_channels), latent_frames, height // self.spatial_factor,
-                width // self.spatial_factor)
+        return (self.latent_channels, latent_frames, height // self.spatial_factor, width // self.spatial_factor)

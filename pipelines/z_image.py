@@ -115,8 +115,7 @@ class ZImageAdapter(ModelAdapter):
 
         pipe = load_pipeline(ZImagePipeline, path, torch_dtype=torch_dtype, device=device, **pipeline_kwargs)
         return cls(pipe, max_sequence_length=512 if max_sequence_length is None else max_sequence_length,
-                   distilled=distilled,
-                   cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation)
+                   distilled=distilled, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation)
 
     # --- interface --------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = "",

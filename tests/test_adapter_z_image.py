@@ -67,7 +67,7 @@ def _pipeline(adapter, x, steps, pipeline_scale, output_type="latent", **kwargs)
 
 
 # --- variants -------------------------------------------------------------------------------------
-def test_variant_defaults_follow_the_checkpoint(load, saved_dirs):
+def test_variant_defaults_follow_the_checkpoint(load):
     base, turbo = load("base"), load("turbo")
     assert (base.distilled, base.guidance_kind, base.default_steps, base.default_guidance) == (False, "cfg", 50, 5.0)
     assert (turbo.distilled, turbo.guidance_kind, turbo.default_steps, turbo.default_guidance) == (True, "none", 9, 1.0)

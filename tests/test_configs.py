@@ -12,7 +12,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAINER_OF = {"quickstart": "flow_grpo", "quickstart_video": "flow_grpo", "sd35_pickscore": "flow_grpo", "sd35_ocr_fast": "flow_grpo",
               "wan_video_frames": "flow_grpo", "sd15_aesthetic_alignprop": "reward_backprop",
               "sd35_pickscore_draft_lv": "reward_backprop", "sd15_dpo_pickapic": "dpo", "sd35_flow_dpo_online": "dpo",
-              "wan_video_backprop": "reward_backprop"}
+              "wan_video_backprop": "reward_backprop", "qwen_image_pickscore": "flow_grpo",
+              "flux2_pickscore": "flow_grpo", "flux2_klein_pickscore": "flow_grpo",
+              "z_image_turbo_pickscore": "flow_grpo", "wan22_t2v_pickscore": "flow_grpo", "wan22_ti2v_i2v": "flow_grpo",
+              "hunyuan_video15_t2v": "flow_grpo", "hunyuan_video15_i2v": "flow_grpo"}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
@@ -21,6 +24,8 @@ def test_recipe_config_loads(path, tmp_path):
     module = trainer_module(TRAINER_OF[path.stem])
     raw = OmegaConf.load(path)
     overrides = [f"prompt_file={tmp_path / 'p.txt'}"] if OmegaConf.is_missing(raw, "prompt_file") else []
+    if "eval_prompt_file" in raw.keys() and OmegaConf.is_missing(raw, "eval_prompt_file"):
+        overrides.append(f"eval_prompt_file={tmp_path / 'p.jsonl'}")
     if "pairs" in raw.keys() and OmegaConf.is_missing(raw, "pairs"):
         overrides.append(f"pairs={write_pairs(tmp_path)}")
     config = load_config(module.CONFIG, path, overrides)

@@ -72,7 +72,7 @@ def qwen25_vl_text_encoder(tokenizer, *, hidden: int = HIDDEN, seed: int = 0):
 
     config = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+            "vocab_size": len(tokenizer) + 3, "hidden_size": hidden, "intermediate_size": 2 * hidden,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
             "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
@@ -84,8 +84,8 @@ def qwen25_vl_text_encoder(tokenizer, *, hidden: int = HIDDEN, seed: int = 0):
             "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
             "fullatt_block_indexes": [0],
         },
-        image_token_id=len(tokenizer) - 1, video_token_id=len(tokenizer) - 1,
-        vision_start_token_id=len(tokenizer) - 1,
+        # vision token ids past the tokenizer's vocabulary: text prompts never contain them
+        image_token_id=len(tokenizer), video_token_id=len(tokenizer) + 1, vision_start_token_id=len(tokenizer) + 2,
     )
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
