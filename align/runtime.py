@@ -333,6 +333,15 @@ class Run:
     # --- set-up ---------------------------------------------------------------------------------
     def _setup_parameters(self, lora: LoraSettings) -> None:
         base = self.adapter.base_denoiser
+        experts = getattr(getattr(self.config, "model", None), "train_experts", "both")
+        if experts != "both":  # an adapter passed in takes the config's choice of experts
+            if not hasattr(self.adapter, "train_experts"):
+                raise ConfigError(f"model.train_experts: the {self.adapter.name!r} model has one denoiser; "
+                                  f"train_experts applies to Wan 2.2 A14B (wan22)")
+            try:
+                self.adapter.train_experts = experts
+            except ValueError as err:
+                raise ConfigError(f"model.train_experts: {err}") from None
         if lora.enabled:
             base.requires_grad_(False)
             try:
@@ -348,7 +357,16 @@ class Run:
                     param.data = param.data.float()
         else:
             self.adapter.keep_reference_copy()
-            base.requires_grad_(True)
+            base.requires_grad_(False)
+            for module in self.adapter.fine_tune_modules():  # the whole denoiser, or the chosen experts
+                module.requires_grad_(True)
+        if self.adapter.forward_may_skip_trainables() and self.accelerator.num_processes > 1:
+            # one call runs one expert: DDP must not wait for the gradients of the others
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            handler = self.accelerator.ddp_handler or DistributedDataParallelKwargs()
+            handler.find_unused_parameters = True
+            self.accelerator.ddp_handler = handler
         if self.run_config.gradient_checkpointing:
             if not getattr(base, "_supports_gradient_checkpointing", False):
                 raise ConfigError(f"run.gradient_checkpointing: {type(base).__name__} does not support it")
@@ -380,11 +398,9 @@ class Run:
 
     def export_lora(self, directory: Path) -> None:
         """The trained LoRA written by the main process (sharded: gathered on every process first)."""
-        from peft import get_peft_model_state_dict
-
         from align.sharding import full_tensors
 
-        state = full_tensors(get_peft_model_state_dict(self.adapter.base_denoiser)) if self.sharded else None
+        state = full_tensors(self.adapter.lora_state()) if self.sharded else None
         if self.is_main:
             self.adapter.export_lora(directory, state=state)
 

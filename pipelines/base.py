@@ -418,6 +418,30 @@ class ModelAdapter(abc.ABC):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
 
+    # --- hooks of models with several experts or image conditions (Wan 2.2) ----------------------
+    def fine_tune_modules(self) -> list[torch.nn.Module]:
+        """The modules full fine-tuning trains (the others stay frozen): the whole denoiser, or
+        the chosen experts of a model with several."""
+        return [self.base_denoiser]
+
+    def forward_may_skip_trainables(self) -> bool:
+        """True when one forward call may leave trainable weights unused (experts chosen by
+        timestep): data-parallel training must then look for unused parameters."""
+        return False
+
+    def lora_state(self) -> dict[str, Tensor]:
+        """The LoRA weights as :meth:`export_lora` takes them (``state``): peft's state dict of the
+        denoiser."""
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.base_denoiser)
+
+    def apply_condition(self, latents: Tensor, cond: Conditioning) -> Tensor:
+        """``latents`` (rows matching ``cond``'s) with the parts the conditioning fixes put in place,
+        e.g. image-to-video's first frame: applied to initial noise and to final samples (and clean
+        estimates) before decoding. Unchanged by default."""
+        return latents
+
 
 #: the weight file of a LoRA folder: export_lora's (with lora_config.json), or diffusers' save_lora_weights'
 LORA_WEIGHT_FILES = ("lora.safetensors", "pytorch_lora_weights.safetensors")

@@ -285,3 +285,35 @@ def model_dir_cache(root, builders: dict):
         return cache[name]
 
     return get
+
+
+# --- the 2026 families (builders in tests/tiny_models_<family>.py) --------------------------------
+#: case -> (adapter name, "module:builder", builder kwargs, size overrides, guidance of the rollout,
+#: tasks). The folder a case is built in is named after the case (Z-Image-Turbo is told by its name).
+FAMILY_CASES: dict[str, tuple] = {
+    "qwen_image": ("qwen_image", "tiny_models_qwen_image:build_qwen_image", {}, (32, 32, None), 4.0, "t2i"),
+    "flux2": ("flux2", "tiny_models_flux2:build_flux2", {}, (32, 32, None), 4.0, "t2i"),
+    "flux2_klein": ("flux2_klein", "tiny_models_flux2:build_flux2_klein", {}, (32, 32, None), 3.0, "t2i"),
+    "z_image": ("z_image", "tiny_models_z_image:build_z_image", {}, (32, 32, None), 4.0, "t2i"),
+    "z_image_turbo": ("z_image", "tiny_models_z_image:build_z_image", {"distilled": True}, (32, 32, None), 1.0,
+                      "t2i"),
+}
+
+
+def build_family(case: str, root) -> Path:
+    """Build the tiny stand-in of ``FAMILY_CASES[case]`` in ``root / case`` and return the folder."""
+    import importlib
+
+    _, target, kwargs, *_ = FAMILY_CASES[case]
+    module_name, function = target.split(":")
+    try:
+        module = importlib.import_module(f"tests.{module_name}")
+    except ImportError:  # tests/ on sys.path
+        module = importlib.import_module(module_name)
+    return getattr(module, function)(Path(root) / case, **kwargs)
+
+
+def family_overrides(case: str) -> list[str]:
+    """The config overrides a tiny stand-in needs: its size (and frames)."""
+    height, width, frames = FAMILY_CASES[case][3]
+    return [f"model.height={height}", f"model.width={width}"] + ([f"model.num_frames={frames}"] if frames else [])

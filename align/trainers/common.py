@@ -80,8 +80,7 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
         raise ConfigError("optim.ema_decay: the EMA keeps whole copies of the weights; it is not supported with "
                           "run.fully_shard")
     if adapter is not None:
-        size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
-        family, model = adapter.schedule(1, latent_shape=adapter.latent_shape(**size)).kind, adapter.name
+        family, model = ("flow" if adapter.prediction_type == "flow" else "ddpm"), adapter.name
     else:
         family, model = ("flow" if config.model.name in FLOW_ADAPTERS else "ddpm"), config.model.name
     for field_name, kernel in (("rollout.kernel", config.rollout.kernel), ("eval.kernel", config.eval.kernel)):

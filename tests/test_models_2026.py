@@ -1,0 +1,77 @@
+"""What every 2026 family shares beyond its own exactness tests (tests/test_adapter_<family>.py):
+loading through ``load_model`` from a saved folder with the model options of a config (text
+encoders offloaded, an attention backend through diffusers' dispatch), the adapter's declared
+tasks, and ``align models``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+try:
+    from tests.tiny_models import FAMILY_CASES, build_family, model_dir_cache
+except ImportError:  # tests/ on sys.path
+    from tiny_models import FAMILY_CASES, build_family, model_dir_cache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return model_dir_cache(root, {case: (lambda _dir, case=case: build_family(case, root)) for case in FAMILY_CASES})
+
+
+def _load(case, path, **options):
+    from align.sample import ModelConfig, load_model
+
+    height, width, frames = FAMILY_CASES[case][3]
+    return load_model(ModelConfig(name=FAMILY_CASES[case][0], path=path, device="cpu", dtype="float32",
+                                  height=height, width=width, num_frames=frames, **options))
+
+
+def _prediction(adapter, case, prompts=("a red digit 3",)):
+    from pipelines.base import Prompt
+
+    height, width, frames = FAMILY_CASES[case][3]
+    if FAMILY_CASES[case][5] == "i2v":
+        prompts = [Prompt(p, torch.rand(3, height, width, generator=torch.Generator().manual_seed(1)))
+                   for p in prompts]
+    cond = adapter.encode(list(prompts), "", FAMILY_CASES[case][4])
+    x = adapter.initial_noise(len(prompts), torch.Generator().manual_seed(0), height=height, width=width,
+                              num_frames=frames)
+    schedule = adapter.schedule(4, latent_shape=tuple(x.shape[1:]))
+    with torch.no_grad():
+        return adapter.predict(x, schedule.timesteps[1], cond)
+
+
+@pytest.mark.parametrize("case", sorted(FAMILY_CASES))
+def test_offloaded_text_encoders_and_a_dispatched_attention_backend_predict_the_same(case, family_dirs):
+    """model.offload_text_encoders keeps each encoder on the CPU behind accelerate's offload hook
+    (moved to the device only while it encodes) and model.attention_backend routes every attention
+    call through diffusers' dispatch: neither changes a prediction."""
+    path = family_dirs(case)
+    plain = _load(case, path)
+    tuned = _load(case, path, offload_text_encoders=True, attention_backend="_native_math")
+    names = plain.text_encoder_names
+    assert names and all(getattr(tuned.pipe, n, None) is not None for n in names)
+    assert all(hasattr(getattr(tuned.pipe, n), "_hf_hook") for n in names), "every encoder is offloaded"
+    processors = [m.processor for m in tuned.base_denoiser.modules() if getattr(m, "processor", None) is not None]
+    assert processors and all(getattr(p, "_attention_backend", None) == "_native_math" for p in processors)
+    torch.testing.assert_close(_prediction(tuned, case), _prediction(plain, case), atol=1e-5, rtol=1e-5)
+
+
+def test_align_models_lists_each_adapter_with_its_tasks_guidance_and_steps(capsys):
+    from align.cli import main
+    from pipelines.registry import adapter_class, list_adapters
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["name", "tasks", "guidance", "steps", "scale"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == set(list_adapters())
+    for name, row in rows.items():
+        cls = adapter_class(name)
+        assert row[1] == ",".join(cls.tasks) and row[2] == cls.guidance_kind and row[3] == str(cls.default_steps)
+    assert rows["qwen_image"][2] == "cfg_rescaled" and rows["flux2"][2] == "embedded"
+    assert rows["wan22"][1] == "t2v,i2v" and rows["hunyuan_video15_i2v"][1] == "i2v"
