@@ -38,6 +38,28 @@ class ModelConfig:
     #: keep the text encoders on the CPU, moved to the device only while they encode (accelerate's
     #: cpu_offload): their memory is free for the denoiser during rollouts and training
     offload_text_encoders: bool = False
+    #: which experts of Wan 2.2 A14B (wan22) train, LoRA or full fine-tuning: both, high_noise (the
+    #: high-noise expert, ``transformer``) or low_noise (``transformer_2``); the others stay unchanged
+    train_experts: str = "both"
+
+    def __post_init__(self) -> None:
+        check_train_experts(self)
+
+
+#: model.train_experts values
+TRAIN_EXPERTS = ("both", "high_noise", "low_noise")
+
+
+def check_train_experts(config: ModelConfig) -> None:
+    """A one-line ConfigError for an unknown ``model.train_experts``, or one other than "both" for a
+    model with a single denoiser."""
+    from align.errors import check_choice
+
+    check_choice("model.train_experts", config.train_experts, TRAIN_EXPERTS, "expert choice")
+    name = config.name.strip().lower() if isinstance(config.name, str) else config.name
+    if config.train_experts != "both" and name != "wan22":
+        raise ConfigError(f"model.train_experts: {config.train_experts!r} needs a model with several experts "
+                          f"(wan22: Wan 2.2 A14B); the {config.name!r} model has one denoiser")
 
 
 @dataclass
@@ -118,6 +140,9 @@ def load_model(config: ModelConfig):
     options = {} if config.max_sequence_length is None else {"max_sequence_length": config.max_sequence_length}
     if options and config.name in ("toy", "toy_video", "sd", "sdxl"):
         raise ConfigError(f"model.max_sequence_length: the {config.name!r} adapter has no long-prompt text encoder")
+    check_train_experts(config)
+    if config.name.strip().lower() == "wan22":
+        options["train_experts"] = config.train_experts
     try:
         adapter = load_adapter(config.name, config.path, device=device,
                                torch_dtype=resolve_dtype(config.dtype, device), **options)

@@ -9,7 +9,13 @@ runs its own copy of the model with ``run.compile``'s regional compile (inductor
 is in the warm-up, left out), diffusers stays eager. ``--cfg-split``: ours with ``rollout.cfg_split``
 (Flow-GRPO's default), the CFG branches as two calls of half the rows.
 
+``--model NAME`` (a 2026 family: qwen_image, flux2, flux2_klein, z_image, z_image_turbo, wan22,
+wan22_ti2v, wan22_i2v, hunyuan_video15, hunyuan_video15_i2v) times that family's tiny stand-in of the
+tests (its real pipeline classes, text encoders included) against its own pipeline's ``__call__``
+at the family's guidance: the last line is ``rollout_vs_diffusers_<NAME>=``.
+
     python bench/rollout.py [--repeats 5] [--steps 10] [--size 64] [--batch 4] [--compile] [--cfg-split]
+    python bench/rollout.py --model qwen_image [--repeats 5] [--steps 10] [--batch 4]
 """
 
 from __future__ import annotations
@@ -51,6 +57,83 @@ def build_small_sd3(directory: Path, size: int) -> Path:
     return directory
 
 
+def stock_call_kwargs(case: str, prompts: list, batch: int, guidance: float) -> dict:
+    """The stock pipeline's ``__call__`` arguments that sample what the adapter samples at ``guidance``
+    (the adapter's scale: Z-Image's pipeline takes g - 1, Qwen-Image's true CFG needs a negative)."""
+    if case.startswith("qwen_image"):
+        return {"negative_prompt": [""] * len(prompts), "true_cfg_scale": guidance}
+    if case.startswith("z_image"):
+        return {"negative_prompt": [""] * len(prompts), "guidance_scale": guidance - 1}
+    if case.startswith(("wan22", "hunyuan")):
+        return {"negative_prompt": [""] * len(prompts), "guidance_scale": guidance}
+    return {"guidance_scale": guidance}
+
+
+def family_main(args) -> None:
+    """``--model NAME``: the family's stand-in against its own pipeline."""
+    from align.sampling.rollout import RolloutConfig, rollout
+    from pipelines.base import Prompt
+    from pipelines.registry import load_adapter
+    from tests.tiny_models import FAMILY_CASES, build_family
+
+    adapter_name, _, _, (height, width, frames), guidance, task = FAMILY_CASES[args.model]
+    prompts = ["a photo of a cat", "a red car on a street"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(build_family(args.model, tmp))
+        stock = load_adapter(adapter_name, path)
+        adapter = load_adapter(adapter_name, path)
+    for model in (stock, adapter):
+        model.default_height, model.default_width = height, width
+    size = {"height": height, "width": width, **({"num_frames": frames} if frames else {})}
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(1))
+    if task == "i2v":
+        from torchvision.transforms.functional import to_pil_image
+
+        prompts = [Prompt(p, image) for p in prompts]
+    pipe = stock.pipe
+    pipe.set_progress_bar_config(disable=True)
+    config = RolloutConfig(num_steps=args.steps, kernel="flow_grpo", guidance_scale=guidance,
+                           cfg_split=args.cfg_split)
+    extra = stock_call_kwargs(args.model, prompts, args.batch, guidance)
+    if task == "i2v":
+        extra["image"] = to_pil_image(image)
+
+    def ours() -> None:
+        with torch.no_grad():
+            cond = adapter.encode(prompts, "", guidance)
+            result = rollout(adapter, cond, config, group_size=args.batch, generator=torch.Generator().manual_seed(0),
+                             **size)
+            adapter.decode(result.samples)
+        assert len(result.transitions) == args.steps and result.nfe == args.steps * len(prompts) * args.batch
+
+    def diffusers_call() -> None:
+        if task == "i2v":  # the i2v pipelines take one image: one call per prompt
+            for prompt in prompts:
+                pipe(prompt=[str(prompt)], num_inference_steps=args.steps, output_type="pt",
+                     num_videos_per_prompt=args.batch, generator=torch.Generator().manual_seed(0), **size,
+                     **{**extra, "negative_prompt": [""]})
+            return
+        count = {"num_videos_per_prompt" if frames else "num_images_per_prompt": args.batch}
+        pipe(prompt=list(prompts), num_inference_steps=args.steps, output_type="pt",
+             generator=torch.Generator().manual_seed(0), **size, **count, **extra)
+
+    ours(), diffusers_call()  # warm-up
+    times = {"ours": [], "diffusers": []}
+    for _ in range(args.repeats):
+        for name, fn in (("diffusers", diffusers_call), ("ours", ours)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    print(f"model: {args.model} tiny stand-in ({type(pipe).__name__}), {width}x{height}"
+          f"{f' x {frames} frames' if frames else ''}, {len(prompts)} prompts x {args.batch}, {args.steps} steps, "
+          f"guidance {guidance} ({adapter.guidance_kind})")
+    print(f"diffusers {type(pipe).__name__}.__call__: median {medians['diffusers'] * 1000:.1f} ms")
+    print(f"align rollout with log-probs (flow_grpo SDE{', cfg_split' if args.cfg_split else ''}): "
+          f"median {medians['ours'] * 1000:.1f} ms")
+    print(f"rollout_vs_diffusers_{args.model}={medians['ours'] / medians['diffusers']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -61,8 +144,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="ours compiled (run.compile's regional compile)")
     parser.add_argument("--cfg-split", action="store_true",
                         help="ours with rollout.cfg_split (Flow-GRPO's default: the CFG branches as two calls)")
+    parser.add_argument("--model", help="a 2026 family's tiny stand-in against its own pipeline (see above)")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.model:
+        return family_main(args)
 
     from align.sampling.rollout import RolloutConfig, rollout
     from pipelines.sd3 import SD3Adapter

@@ -75,7 +75,8 @@ class HunyuanVideo15Adapter(ModelAdapter):
     tasks = ("t2v",)
     guidance_kind = "cfg"
     is_video = True
-    # the 480p checkpoints' settings: 50 steps, the guider's scale 6, 121 frames, the 16:9 size bucket
+    # the pipeline's defaults (50 steps, 121 frames; 480p: the 16:9 bucket of target size 640); the
+    # guidance scale and the size are replaced at load by the checkpoint's guider and target size
     default_steps = 50
     default_guidance = 6.0
     default_height = 480
@@ -94,10 +95,12 @@ class HunyuanVideo15Adapter(ModelAdapter):
         if getattr(pipe, "transformer", None) is None or getattr(pipe, "vae", None) is None:
             raise TypeError(f"{cls_name} needs a {self.pipeline_class_name} with a transformer and a VAE")
         if not isinstance(pipe.transformer, HunyuanVideo15Transformer3DModel):
-            raise TypeError(f"{cls_name} needs a HunyuanVideo15Transformer3DModel, got {type(pipe.transformer).__name__}")
+            raise TypeError(f"{cls_name} needs a HunyuanVideo15Transformer3DModel, got "
+                            f"{type(pipe.transformer).__name__}")
         guider = getattr(pipe, "guider", None)
         if not isinstance(guider, ClassifierFreeGuidance):
-            raise TypeError(f"{cls_name} needs the pipeline's ClassifierFreeGuidance guider, got {type(guider).__name__}")
+            raise TypeError(f"{cls_name} needs the pipeline's ClassifierFreeGuidance guider, got "
+                            f"{type(guider).__name__}")
         config = guider.config
         if config.start != 0.0 or config.stop != 1.0 or config.use_original_formulation:
             # step-dependent guidance or c + g (c - u): not what predict's u + g (c - u) computes
@@ -207,8 +210,10 @@ class HunyuanVideo15Adapter(ModelAdapter):
     def schedule(self, num_steps: int, *, latent_shape: tuple | None = None) -> Schedule:
         import numpy as np
 
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         # as the pipeline: linear sigmas 1 -> 1/T, shifted by the scheduler
-        sigmas = np.linspace(1.0, 0.0, num_steps + 1)[:-1] if num_steps >= 1 else None
+        sigmas = np.linspace(1.0, 0.0, num_steps + 1)[:-1]
         return flow_schedule(self.pipe.scheduler, num_steps, sigmas=sigmas)
 
     def latent_shape(self, height: int | None = None, width: int | None = None,
@@ -224,7 +229,8 @@ class HunyuanVideo15Adapter(ModelAdapter):
         (what :meth:`load_lora` reads), and diffusers' ``pytorch_lora_weights.safetensors``
         ("transformer."-prefixed keys with the adapter config as metadata). diffusers has no LoRA
         loader for the HunyuanVideo 1.5 pipelines (no ``load_lora_weights``); its transformer loads
-        the folder: ``pipe.transformer.load_lora_adapter(folder, adapter_name=...)``."""
+        the folder: ``pipe.transformer.load_lora_adapter(folder, weight_name="pytorch_lora_weights.safetensors",
+        adapter_name=...)``, and ``pipe.transformer.unload_lora()`` removes it."""
         from diffusers.loaders.lora_base import LoraBaseMixin
         from peft import get_peft_model_state_dict
 

@@ -230,8 +230,9 @@ class WanExperts(torch.nn.Module):
         if torch.is_grad_enabled() and not out.requires_grad:
             anchor = next((p for other in self.experts if other is not model
                            for p in other.parameters() if p.requires_grad), None)
-            if anchor is not None:  # the trained expert's weight, with a zero gradient
-                out = out + 0 * anchor.reshape(-1)[0]
+            if anchor is not None:  # the trained expert's weight (its local shard), with a zero gradient
+                local = anchor.to_local() if hasattr(anchor, "to_local") else anchor
+                out = out + 0 * local.reshape(-1)[:1].sum()
         return out
 
 
@@ -346,6 +347,8 @@ class Wan22Adapter(WanAdapter):
         if value != "both" and self.boundary_timestep is None:
             raise ValueError(f"train_experts={value!r} needs the two experts of Wan 2.2 A14B; this pipeline has "
                              f"one transformer (use 'both')")
+        if self._with_lora() and value != getattr(self, "_train_experts", value):
+            raise ValueError("choose train_experts before adding a LoRA (the LoRA sits on the experts chosen then)")
         self._train_experts = value
         for index, expert in enumerate(self.base_denoiser.experts):
             expert.requires_grad_(index in self.trained_expert_indices)

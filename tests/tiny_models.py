@@ -297,6 +297,9 @@ FAMILY_CASES: dict[str, tuple] = {
     "z_image": ("z_image", "tiny_models_z_image:build_z_image", {}, (32, 32, None), 4.0, "t2i"),
     "z_image_turbo": ("z_image", "tiny_models_z_image:build_z_image", {"distilled": True}, (32, 32, None), 1.0,
                       "t2i"),
+    "wan22_a14b": ("wan22", "tiny_models_wan22:build_wan22_a14b", {}, (32, 32, 5), 3.0, "t2v"),
+    "wan22_ti2v": ("wan22", "tiny_models_wan22:build_wan22_ti2v", {}, (64, 64, 5), 3.0, "t2v"),
+    "wan22_i2v": ("wan22", "tiny_models_wan22:build_wan22_ti2v", {}, (64, 64, 5), 3.0, "i2v"),
 }
 
 

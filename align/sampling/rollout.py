@@ -315,6 +315,8 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
     if initial_noise.shape != (rows, *shape):
         raise ValueError(f"initial_noise has shape {tuple(initial_noise.shape)}, expected {(rows, *shape)}")
     x = upcast(initial_noise).to(adapter.device)
+    # parts the conditioning fixes (image-to-video's first frame) stay in place at every end of the loop
+    x = adapter.apply_condition(x, cond.select(main_prompt))
     nfe0, rows0 = adapter.nfe, adapter.transformer_rows
 
     branch_x = x.new_zeros((0, *shape))
@@ -351,8 +353,9 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
             main_out, branch_out = model_out[:n_main], model_out[n_main:]
             view = None
             if drift is not None or select is not None:
+                estimate = x0_hat(x, main_out, level, schedule.kind, adapter.prediction_type)
                 view = StepView(i, x, schedule.timesteps[i], level, level_next, main_out,
-                                x0_hat(x, main_out, level, schedule.kind, adapter.prediction_type), main_prompt)
+                                adapter.apply_condition(estimate, cond.select(main_prompt)), main_prompt)
             shift = drift(view) if drift is not None else None
 
             # main rows: a split step repeats each row branch_factor times before the kernel
@@ -433,6 +436,11 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
                         transitions[j] = kept
         lineage.append(parent)
 
+    x = adapter.apply_condition(x, cond.select(main_prompt))
+    if last_x0_hat is not None:
+        last_x0_hat = adapter.apply_condition(last_x0_hat, cond.select(main_prompt))
+    if len(branch_x):
+        branch_x = adapter.apply_condition(branch_x, cond.select(branch_prompt))
     result = Rollout(x, main_prompt, transitions, lineage, schedule, adapter.nfe - nfe0,
                      adapter.transformer_rows - rows0, initial_noise, final_x0_hat=last_x0_hat)
     if branch_count:

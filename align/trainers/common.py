@@ -154,19 +154,19 @@ def eval_prompt_list(config: TrainerConfig) -> list[str]:
     return prompt_list(config.eval_prompts, config.eval_prompt_file, TOY_EVAL_PROMPTS)
 
 
-def check_prompt_images(prompts, adapter_cls, field: str = "prompt_file") -> None:
+def check_prompt_images(prompts, adapter, field: str = "prompt_file") -> None:
     """Prompts with images (a JSONL prompt_file) need a model with an image task, and a model that
     only animates images (i2v alone) needs an image with every prompt: one line each."""
     with_image = sum(getattr(p, "image", None) is not None for p in prompts)
-    tasks = tuple(adapter_cls.tasks)
+    tasks = tuple(adapter.tasks)
     if with_image and "i2v" not in tasks:
-        raise ConfigError(f"{field}: {with_image} prompts name an image, but the {adapter_cls.name!r} model "
+        raise ConfigError(f"{field}: {with_image} prompts name an image, but the {adapter.name!r} model "
                           f"takes none (tasks: {', '.join(tasks)})")
     if with_image not in (0, len(prompts)):
         raise ConfigError(f"{field}: {len(prompts) - with_image} of {len(prompts)} prompts have no image; give "
                           f"every prompt one (image-to-video) or none")
     if not with_image and tasks == ("i2v",):
-        raise ConfigError(f"{field}: the {adapter_cls.name!r} model animates an image: give a JSONL {field} "
+        raise ConfigError(f"{field}: the {adapter.name!r} model animates an image: give a JSONL {field} "
                           f"of {{\"prompt\": ..., \"image\": ...}} entries")
 
 
@@ -179,9 +179,9 @@ def start_run(config: TrainerConfig, adapter=None):
     trainer_module(config.trainer).check_config(config, adapter)
     reward, heldout = build_reward_set(config)
     prompts = prompt_list(config.prompts, config.prompt_file, TOY_PROMPTS)
-    model_cls = type(adapter) if adapter is not None else adapter_class(config.model.name)
-    check_prompt_images(prompts, model_cls)
-    check_prompt_images(eval_prompt_list(config), model_cls, field="eval_prompt_file")
+    model = adapter if adapter is not None else adapter_class(config.model.name)  # a loaded folder's own tasks
+    check_prompt_images(prompts, model)
+    check_prompt_images(eval_prompt_list(config), model, field="eval_prompt_file")
     run = Run(config, model=config.model, lora=config.lora, optim=config.optim, run=config.run, adapter=adapter)
     device = run.accelerator.device
     reward.to(device)

@@ -156,7 +156,8 @@ def one_step_samples(run, config, cond, x, step: int, schedule):
     adapter = run.adapter
     out = predict_in_chunks(adapter, x, schedule.timesteps[step], cond, config.rollout.max_batch,
                             use_checkpoint=config.checkpoint_steps)
-    return x0_hat(x, out, schedule.levels[step], schedule.kind, adapter.prediction_type)
+    estimate = x0_hat(x, out, schedule.levels[step], schedule.kind, adapter.prediction_type)
+    return adapter.apply_condition(estimate, cond)  # image-to-video: the given first frame in place
 
 
 def read_regularizer_data(path: str) -> tuple[list[str], list[Path]]:
