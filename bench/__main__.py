@@ -33,6 +33,10 @@ SUITE = {
     "search": ("search.py", ["--seeds", "1"]),
     "rewards": ("rewards.py", []),
     "memory": ("memory.py --models sd3", []),
+    "real_models": ("real_models.py", []),
+    **{f"rollout_{family}": (f"rollout.py --model {family}", ["--repeats", "2"])
+       for family in ("qwen_image", "flux2", "flux2_klein", "z_image", "z_image_turbo", "wan22_a14b", "wan22_ti2v",
+                      "wan22_i2v", "hunyuan_video15", "hunyuan_video15_i2v")},
 }
 
 

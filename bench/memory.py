@@ -27,6 +27,7 @@ on top: the measured ``lora+ckpt`` / ``lora`` ratio says how much of them checkp
 for full fine-tuning instead of 16).
 
     python bench/memory.py [--models sd3,flux,wan] [--device cpu]
+    python bench/memory.py --real      # the 2026 families' expected static memory (bench/real_models.py)
 """
 
 from __future__ import annotations
@@ -157,7 +158,15 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(RECIPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--real", action="store_true",
+                        help="only the expected static memory of the 2026 families, counted from their configs")
     args = parser.parse_args()
+    if args.real:
+        sys.argv = [sys.argv[0]]
+        sys.path.insert(0, str(ROOT))
+        from bench.real_models import main as real_models
+
+        return real_models()
     if args.worker:
         model, method, recipe = args.worker
         with tempfile.TemporaryDirectory() as tmp:

@@ -64,8 +64,10 @@ def stock_call_kwargs(case: str, prompts: list, batch: int, guidance: float) -> 
         return {"negative_prompt": [""] * len(prompts), "true_cfg_scale": guidance}
     if case.startswith("z_image"):
         return {"negative_prompt": [""] * len(prompts), "guidance_scale": guidance - 1}
-    if case.startswith(("wan22", "hunyuan")):
+    if case.startswith("wan22"):
         return {"negative_prompt": [""] * len(prompts), "guidance_scale": guidance}
+    if case.startswith("hunyuan"):  # its guider component holds the scale
+        return {"negative_prompt": [""] * len(prompts)}
     return {"guidance_scale": guidance}
 
 
@@ -91,6 +93,12 @@ def family_main(args) -> None:
 
         prompts = [Prompt(p, image) for p in prompts]
     pipe = stock.pipe
+    if args.model == "wan22_i2v":  # the same components in diffusers' image-to-video pipeline
+        from diffusers import WanImageToVideoPipeline
+
+        pipe = WanImageToVideoPipeline(**pipe.components, expand_timesteps=True)
+    if args.model.startswith("hunyuan"):
+        pipe.guider = pipe.guider.new(guidance_scale=guidance)
     pipe.set_progress_bar_config(disable=True)
     config = RolloutConfig(num_steps=args.steps, kernel="flow_grpo", guidance_scale=guidance,
                            cfg_split=args.cfg_split)

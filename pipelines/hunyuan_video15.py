@@ -303,7 +303,9 @@ class HunyuanVideo15I2VAdapter(HunyuanVideo15Adapter):
 
     name = "hunyuan_video15_i2v"
     tasks = ("i2v",)
-    text_encoder_names = ("text_encoder", "text_encoder_2", "image_encoder")
+    # the SigLIP image encoder is left out of text-encoder offloading: accelerate's cpu_offload cannot
+    # run its attention-pooling head (nn.MultiheadAttention reads out_proj's weight without calling it)
+    text_encoder_names = ("text_encoder", "text_encoder_2")
     pipeline_class_name = "HunyuanVideo15ImageToVideoPipeline"
 
     def __init__(self, pipe, *, max_sequence_length: int | None = None) -> None:

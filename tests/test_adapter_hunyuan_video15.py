@@ -92,7 +92,7 @@ def test_attributes_sizes_and_one_line_errors(load, saved_dirs):
     t2v, i2v = load("t2v"), load("i2v")
     assert t2v.tasks == ("t2v",) and i2v.tasks == ("i2v",) and t2v.is_video and t2v.guidance_kind == "cfg"
     assert t2v.text_encoder_names == ("text_encoder", "text_encoder_2")
-    assert i2v.text_encoder_names == ("text_encoder", "text_encoder_2", "image_encoder")
+    assert i2v.text_encoder_names == ("text_encoder", "text_encoder_2")
     assert t2v.default_guidance == 6.0  # the guider's scale
     assert (t2v.default_height, t2v.default_width) == (24, 40)  # the pipeline's 16:9 bucket of target_size 32
     assert t2v.max_sequence_length == 1000
@@ -358,3 +358,19 @@ def test_bfloat16(saved_dirs):
         video = adapter.decode(x)
     assert out.dtype == video.dtype == torch.float32
     assert torch.isfinite(out).all() and torch.isfinite(video).all()
+
+
+@pytest.mark.parametrize("key", ["t2v", "i2v"])
+def test_offloaded_text_encoders_predict_the_same(load, saved_dirs, key):
+    """``model.offload_text_encoders`` (accelerate's cpu_offload of the named encoders) and a Qwen
+    token budget (``model.max_sequence_length``) load through the runtime's load_model."""
+    from align.sample import ModelConfig, load_model
+
+    offloaded = load_model(ModelConfig(name=NAMES[key], path=saved_dirs(key), device="cpu", dtype="float32",
+                                       offload_text_encoders=True, max_sequence_length=64))
+    assert offloaded.max_sequence_length == 64
+    plain = load(key)
+    x, t = _noise(plain), _t(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded.predict(x, t, _encode(offloaded)), plain.predict(x, t, _encode(plain)),
+                                   atol=1e-5, rtol=0)

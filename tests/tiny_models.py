@@ -300,6 +300,10 @@ FAMILY_CASES: dict[str, tuple] = {
     "wan22_a14b": ("wan22", "tiny_models_wan22:build_wan22_a14b", {}, (32, 32, 5), 3.0, "t2v"),
     "wan22_ti2v": ("wan22", "tiny_models_wan22:build_wan22_ti2v", {}, (64, 64, 5), 3.0, "t2v"),
     "wan22_i2v": ("wan22", "tiny_models_wan22:build_wan22_ti2v", {}, (64, 64, 5), 3.0, "i2v"),
+    "hunyuan_video15": ("hunyuan_video15", "tiny_models_hunyuan_video15:build_hunyuan_video15", {}, (32, 32, 5), 3.0,
+                        "t2v"),
+    "hunyuan_video15_i2v": ("hunyuan_video15_i2v", "tiny_models_hunyuan_video15:build_hunyuan_video15_i2v", {},
+                            (32, 32, 5), 3.0, "i2v"),
 }
 
 
