@@ -57,7 +57,10 @@ def test_offloaded_text_encoders_and_a_dispatched_attention_backend_predict_the_
     assert names and all(getattr(tuned.pipe, n, None) is not None for n in names)
     assert all(hasattr(getattr(tuned.pipe, n), "_hf_hook") for n in names), "every encoder is offloaded"
     processors = [m.processor for m in tuned.base_denoiser.modules() if getattr(m, "processor", None) is not None]
-    assert processors and all(getattr(p, "_attention_backend", None) == "_native_math" for p in processors)
+    # every processor that goes through the dispatch takes the backend (HunyuanVideo 1.5's small text
+    # token refiner keeps diffusers' plain SDPA processor: the blocks' attention is dispatched)
+    dispatched = [p for p in processors if hasattr(p, "_attention_backend")]
+    assert len(dispatched) >= len(processors) / 2 and all(p._attention_backend == "_native_math" for p in dispatched)
     torch.testing.assert_close(_prediction(tuned, case), _prediction(plain, case), atol=1e-5, rtol=1e-5)
 
 
@@ -75,3 +78,31 @@ def test_align_models_lists_each_adapter_with_its_tasks_guidance_and_steps(capsy
         assert row[1] == ",".join(cls.tasks) and row[2] == cls.guidance_kind and row[3] == str(cls.default_steps)
     assert rows["qwen_image"][2] == "cfg_rescaled" and rows["flux2"][2] == "embedded"
     assert rows["wan22"][1] == "t2v,i2v" and rows["hunyuan_video15_i2v"][1] == "i2v"
+
+
+def test_sde_windows_reach_the_trained_expert(family_dirs):
+    """Wan 2.2 A14B with model.train_experts=high_noise: only the steps above the boundary train, so
+    a Flow-GRPO window (one SDE step) is drawn among those; none reaching it is one line."""
+    import random
+
+    from align.config import load_config
+    from align.errors import ConfigError
+    from align.trainers.common import steps_of_trained_networks
+    from align.trainers.flow_grpo import FlowGRPOConfig, rollout_for_iteration
+    from pipelines.registry import load_adapter
+
+    size = {"height": 32, "width": 32, "num_frames": 5}
+    high = load_adapter("wan22", family_dirs("wan22_a14b"), train_experts="high_noise")
+    both = load_adapter("wan22", family_dirs("wan22_a14b"))
+    experts = [high.expert_at(t) for t in high.schedule(6, latent_shape=high.latent_shape(**size)).timesteps]
+    assert experts[0] == 0 and experts[-1] == 1  # both experts take steps
+    trained = steps_of_trained_networks(high, 6, size)
+    assert trained == {i for i, e in enumerate(experts) if e == 0}
+    assert steps_of_trained_networks(both, 6, size) is None
+    config = load_config(FlowGRPOConfig, None, ["rollout.num_steps=6", "window_size=1"])
+    windows = {tuple(rollout_for_iteration(config, i, random.Random(i), trained).sde_steps) for i in range(30)}
+    assert windows == {(s,) for s in trained if s < 5}
+    everywhere = {tuple(rollout_for_iteration(config, i, random.Random(i)).sde_steps) for i in range(60)}
+    assert len(everywhere) == 5  # without a trained subset, any start before the last step
+    with pytest.raises(ConfigError, match="reaches a step of the trained expert"):
+        rollout_for_iteration(config, 0, random.Random(0), {5})

@@ -19,9 +19,9 @@ from rewards import build_reward
 from rewards.tiny import save_random_aesthetic_head, tiny_hf_clip, tiny_open_clip_checkpoint, tiny_open_clip_config
 
 try:
-    from tests.tiny_models import build_flux, build_sd, build_sd3, build_wan
+    from tests.tiny_models import FAMILY_CASES, build_family, build_flux, build_sd, build_sd3, build_wan, family_overrides
 except ImportError:  # tests/ on sys.path
-    from tiny_models import build_flux, build_sd, build_sd3, build_wan
+    from tiny_models import FAMILY_CASES, build_family, build_flux, build_sd, build_sd3, build_wan, family_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -31,6 +31,12 @@ RECIPES = sorted(str(p.relative_to(CONFIGS).with_suffix("")) for p in [*CONFIGS.
                                                                         *CONFIGS.glob("reference/*.yaml")]
                  if OmegaConf.load(p).get("model", {}).get("name") not in ("toy", "toy_video"))
 BUILDERS = {"sd3": build_sd3, "wan": build_wan, "flux": build_flux, "sd": build_sd}
+#: the 2026 families' recipes run on the tiny stand-in of FAMILY_CASES named here (by recipe, else by
+#: model name)
+FAMILY_OF_RECIPE = {"z_image_turbo_pickscore": "z_image_turbo", "wan22_t2v_pickscore": "wan22_a14b",
+                    "wan22_ti2v_i2v": "wan22_i2v"}
+FAMILY_OF_MODEL = {"qwen_image": "qwen_image", "flux2": "flux2", "flux2_klein": "flux2_klein",
+                   "hunyuan_video15": "hunyuan_video15", "hunyuan_video15_i2v": "hunyuan_video15_i2v"}
 #: rewards that embed images with a CLIP backbone taken from the hub (clip_model / clip_pretrained)
 OPEN_CLIP_REWARDS = {"aesthetic", "video_frames", "clip_score"}
 #: option -> what it names: a file or model the user provides (the recipe must name these keys)
@@ -95,9 +101,18 @@ def test_a_recipe_without_its_weights_key_fails_to_build(tmp_path):
 def test_recipe_runs_an_iteration(recipe, tmp_path, tmp_path_factory):
     raw = OmegaConf.load(CONFIGS / f"{recipe}.yaml")
     root = tmp_path_factory.mktemp("models")
-    model_dir = BUILDERS[raw.model.name](tmp_path / "model")
+    family = FAMILY_OF_RECIPE.get(recipe, FAMILY_OF_MODEL.get(raw.model.name))
+    model_dir = build_family(family, tmp_path) if family else BUILDERS[raw.model.name](tmp_path / "model")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('a sign that says "hello"\na red car\n')
+    size = family_overrides(family) if family else ["model.height=32", "model.width=32"]
+    if family and FAMILY_CASES[family][5] == "i2v":  # image-to-video recipes read JSONL prompt files
+        from PIL import Image
+
+        Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "first.png")
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text('{"prompt": "a red car", "image": "first.png"}\n')
+        size.append(f"eval_prompt_file={prompts}")
     module = trainer_module(raw.get("trainer", "flow_grpo"))
     trained = [with_stand_ins(s, root) for f, s in recipe_rewards(recipe) if f == "rewards"]
     heldout = [with_stand_ins(s, root) for f, s in recipe_rewards(recipe) if f == "heldout_rewards"]
@@ -107,7 +122,7 @@ def test_recipe_runs_an_iteration(recipe, tmp_path, tmp_path_factory):
 
         frames.append(f"pairs={write_pairs(tmp_path)}")
     config = load_config(module.CONFIG, CONFIGS / f"{recipe}.yaml", [
-        f"model.path={model_dir}", "model.height=32", "model.width=32", "model.dtype=float32", "model.device=cpu",
+        f"model.path={model_dir}", *size, "model.dtype=float32", "model.device=cpu",
         f"prompt_file={prompts}", "iterations=1", "eval.per_prompt=1",
         "eval.num_steps=2", "eval_prompts=['a sign that says \"hello\"']", "run.log_with=none",
         f"run.output_dir={tmp_path / 'run'}",

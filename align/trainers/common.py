@@ -154,6 +154,17 @@ def eval_prompt_list(config: TrainerConfig) -> list[str]:
     return prompt_list(config.eval_prompts, config.eval_prompt_file, TOY_EVAL_PROMPTS)
 
 
+def steps_of_trained_networks(adapter, num_steps: int, latent_kwargs: dict) -> set[int] | None:
+    """The sampling steps whose network trains, when only some do (one expert of Wan 2.2 A14B;
+    ``model.train_experts``); None when every step's does."""
+    schedule = adapter.schedule(num_steps, latent_shape=adapter.latent_shape(**latent_kwargs))
+    experts = [adapter.expert_at(t) for t in schedule.timesteps]
+    trained = getattr(adapter, "trained_expert_indices", None)
+    if trained is None or all(e is None or e in trained for e in experts):
+        return None
+    return {i for i, e in enumerate(experts) if e in trained}
+
+
 def check_prompt_images(prompts, adapter, field: str = "prompt_file") -> None:
     """Prompts with images (a JSONL prompt_file) need a model with an image task, and a model that
     only animates images (i2v alone) needs an image with every prompt: one line each."""

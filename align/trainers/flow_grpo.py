@@ -44,7 +44,8 @@ from rewards.dense import prm_rows_from_rollout
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
                                    group_batch_advantages, learning_rewards, ppo_transition_loss, progress,
                                    require_stochastic_kernel, restore_reward_states, reward_metrics, sample_and_score,
-                                   shuffled_minibatches, start_run, store_reward_states, train_rows)
+                                   shuffled_minibatches, start_run, steps_of_trained_networks, store_reward_states,
+                                   train_rows)
 
 
 @dataclass
@@ -152,15 +153,22 @@ def check_config(config: FlowGRPOConfig, adapter=None) -> None:
         raise ConfigError("guidance steers independent trajectories: drop rollout.split_steps / branch_steps")
 
 
-def rollout_for_iteration(config: FlowGRPOConfig, iteration: int, rng: random.Random) -> RolloutConfig:
-    """The SDE window of this iteration (Fast: random start; Mix: sliding), never on the last step."""
+def rollout_for_iteration(config: FlowGRPOConfig, iteration: int, rng: random.Random,
+                          trained: set[int] | None = None) -> RolloutConfig:
+    """The SDE window of this iteration (Fast: random start; Mix: sliding), never on the last step.
+    ``trained``: the steps whose network trains (an expert of Wan 2.2 A14B; None: every step): a
+    window starts only where it reaches one of them."""
     if config.window_size is None:
         return config.rollout
-    starts = config.rollout.num_steps - config.window_size  # windows end before the last step
+    starts = [s for s in range(config.rollout.num_steps - config.window_size)  # windows end before the last step
+              if trained is None or trained & set(range(s, s + config.window_size))]
+    if not starts:
+        raise ConfigError(f"window_size={config.window_size}: no SDE window of the {config.rollout.num_steps} steps "
+                          f"reaches a step of the trained expert (model.train_experts)")
     if config.window_mode == "random":
-        start = rng.randrange(starts)
+        start = starts[rng.randrange(len(starts))]
     else:
-        start = (iteration // config.window_slide_every) % starts
+        start = starts[(iteration // config.window_slide_every) % len(starts)]
     return replace(config.rollout, sde_steps=list(range(start, start + config.window_size)))
 
 
@@ -191,11 +199,12 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
     learning = learning_rewards(rewards=reward, guidance=guide) if config.reward_updates else {}
     restore_reward_states(run, learning)
     bar = progress(run, config, "flow_grpo")
+    trained = steps_of_trained_networks(adapter, config.rollout.num_steps, run.latent_kwargs)
     for iteration in bar:
         rng = random.Random(f"{config.run.seed}-{iteration}")
         batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
                                               accelerator.process_index, accelerator.num_processes)
-        rollout_config = rollout_for_iteration(config, iteration, rng)
+        rollout_config = rollout_for_iteration(config, iteration, rng, trained)
 
         # 1. sample (guided: the drift hook steers the rows), decode, score
         drift = None
