@@ -47,12 +47,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     config = load_config(SampleConfig, args.config, overrides + list(args.overrides))
     if args.prompt:
         config.prompts = list(args.prompt)
+    if args.image:
+        config.images = list(args.image)
     if args.guide:
         config.guidance.rewards = guide_specs(args.guide)
     check_sample_config(config)
     adapter = load_model(config.model)
     pixels, prompts, result = generate(adapter, config)
-    per_prompt = len(prompts) // len(config.prompts)  # a tree yields several leaves per root
+    per_prompt = len(prompts) // len(set(result.prompt_index.tolist()))  # a tree yields several leaves per root
     grid = write_samples(pixels, prompts, config.out, columns=per_prompt, fps=config.fps)
     cost = result.guidance_cost
     extra = "" if cost is None else f", guidance reward_calls={cost['reward_calls']}"
@@ -259,7 +261,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in list_adapters():
         cls = adapter_class(name)
         rows.append((name, ",".join(cls.tasks), cls.guidance_kind, str(cls.default_steps), f"{cls.default_guidance:g}",
-                     " / ".join(PIPELINE_CLASSES.get(name, ("embedded",)))))
+                     " / ".join(PIPELINE_CLASSES.get(name, ("weights in the package",)))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
@@ -276,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--model-path", help="local model directory or hub name")
     sample.add_argument("--lora", help="a trained LoRA folder (a run's lora/ export) to sample from")
     sample.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    sample.add_argument("--image", action="append",
+                        help="image-to-video: the first frame (one for every prompt, or repeat: one per prompt)")
     sample.add_argument("--num", type=int, help="samples per prompt")
     sample.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")

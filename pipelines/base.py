@@ -207,6 +207,12 @@ class ModelAdapter(abc.ABC):
         regularisers. Adapters with a VAE implement it."""
         raise NotImplementedError(f"the {self.name!r} adapter cannot encode images into latents")
 
+    @classmethod
+    def folder_tasks(cls, index: dict) -> tuple[str, ...]:
+        """The tasks of the checkpoint whose ``model_index.json`` is ``index`` (the pipeline's
+        config), known before it loads; the family's by default."""
+        return tuple(cls.tasks)
+
     # --- shared ---------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

@@ -126,6 +126,23 @@ def model_folder_problem(name: str, path: str | None) -> str | None:
     return None
 
 
+def model_tasks(name: str, path: str | None) -> tuple[str, ...]:
+    """The tasks of adapter ``name`` on the checkpoint at ``path``, read from its
+    ``model_index.json`` before anything loads (a family may hold text-to-video-only checkpoints
+    beside text-and-image-to-video ones); the family's tasks when the folder is not local."""
+    import json
+
+    cls = adapter_class(name)
+    index_file = Path(path).expanduser() / "model_index.json" if path else None
+    if index_file is None or not index_file.is_file():
+        return tuple(cls.tasks)
+    try:
+        index = json.loads(index_file.read_text())
+    except ValueError:
+        return tuple(cls.tasks)
+    return tuple(cls.folder_tasks(index))
+
+
 def list_adapters() -> list[str]:
     return sorted(ADAPTERS)
 

@@ -298,6 +298,11 @@ class Wan22Adapter(WanAdapter):
             self.tasks = ("t2v",)
         self.train_experts = train_experts
 
+    @classmethod
+    def folder_tasks(cls, index: dict) -> tuple[str, ...]:
+        """TI2V-5B (``expand_timesteps``) animates images too; A14B T2V is text-to-video only."""
+        return ("t2v", "i2v") if index.get("expand_timesteps", False) else ("t2v",)
+
     def _check_pipeline(self, pipe) -> None:
         config = getattr(pipe, "config", {})
         two_experts = config.get("boundary_ratio") is not None

@@ -106,3 +106,36 @@ def test_sde_windows_reach_the_trained_expert(family_dirs):
     assert len(everywhere) == 5  # without a trained subset, any start before the last step
     with pytest.raises(ConfigError, match="reaches a step of the trained expert"):
         rollout_for_iteration(config, 0, random.Random(0), {5})
+
+
+def test_align_sample_animates_the_given_image(family_dirs, tmp_path, capsys):
+    """``align sample --image``: image-to-video from the command line; the image conditions every
+    sample (another image, another video), and an image for a text-to-video checkpoint, or a count
+    that fits neither one nor every prompt, is one line."""
+    from PIL import Image
+
+    from align.cli import main
+
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    Image.new("RGB", (64, 64), (220, 30, 30)).save(red)
+    Image.new("RGB", (64, 64), (30, 30, 220)).save(blue)
+    ti2v = family_dirs("wan22_i2v")
+    common = ["sample", "--model", "wan22", "--model-path", ti2v, "--prompt", "a ball rolls", "--num", "1",
+              "--steps", "2", "--device", "cpu", "model.height=64", "model.width=64", "model.num_frames=5"]
+    videos = []
+    for image in (red, blue):
+        out = tmp_path / image.stem
+        assert main([*common, "--image", str(image), "--out", str(out)]) == 0
+        videos.append(sorted(out.glob("*.mp4")) or sorted(out.glob("*.png")))
+        assert videos[-1], list(out.iterdir())
+    capsys.readouterr()
+    assert videos[0][0].read_bytes() != videos[1][0].read_bytes()
+
+    assert main([*common, "--image", str(red), "--image", str(blue), "--out", str(tmp_path / "x")]) == 2
+    assert "images: 2 images for 1 prompts" in capsys.readouterr().err
+    a14b = family_dirs("wan22_a14b")
+    capsys.readouterr()  # the folder's build output
+    assert main(["sample", "--model", "wan22", "--model-path", a14b, "--prompt", "a ball", "--image", str(red),
+                 "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "prompts: 1 prompts name an image, but the 'wan22' model takes none" in err, err

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from align.errors import ConfigError
-from align.runtime import prompt_list
-from align.trainers.common import check_prompt_images
+from align.prompts import check_prompt_images, prompt_list
 from pipelines.base import Prompt, load_image, prompt_images
 
 
@@ -59,23 +58,14 @@ def test_a_bad_entry_is_one_line_naming_its_line(tmp_path, line, expected):
 
 
 def test_images_must_fit_the_models_tasks():
-    class TextToVideo:
-        name, tasks = "t2v_model", ("t2v",)
-
-    class ImageToVideo:
-        name, tasks = "i2v_model", ("i2v",)
-
-    class Both:
-        name, tasks = "ti2v_model", ("t2v", "i2v")
-
     with_images = [Prompt("a", "x.png"), Prompt("b", "y.png")]
-    check_prompt_images(with_images, Both)
-    check_prompt_images(["a", "b"], Both)
+    check_prompt_images(with_images, "ti2v_model", ("t2v", "i2v"))
+    check_prompt_images(["a", "b"], "ti2v_model", ("t2v", "i2v"))
     with pytest.raises(ConfigError, match="2 prompts name an image, but the 't2v_model' model takes none"):
-        check_prompt_images(with_images, TextToVideo)
+        check_prompt_images(with_images, "t2v_model", ("t2v",))
     with pytest.raises(ConfigError, match="1 of 2 prompts have no image"):
-        check_prompt_images([Prompt("a", "x.png"), "b"], Both)
+        check_prompt_images([Prompt("a", "x.png"), "b"], "ti2v_model", ("t2v", "i2v"))
     with pytest.raises(ConfigError, match="eval_prompt_file: the 'i2v_model' model animates an image"):
-        check_prompt_images(["a"], ImageToVideo, field="eval_prompt_file")
+        check_prompt_images(["a"], "i2v_model", ("i2v",), field="eval_prompt_file")
     with pytest.raises(ValueError, match="prompt 'b' has no image"):
         prompt_images([Prompt("a", "x.png"), "b"])

@@ -8,10 +8,11 @@ from typing import Any
 
 from align.errors import ConfigError, unknown_name_error
 from align.evaluation import EvalConfig
-from align.runtime import TOY_EVAL_PROMPTS, TOY_PROMPTS, LoraSettings, OptimConfig, Run, RunConfig, prompt_list
+from align.prompts import check_prompt_images, prompt_list
+from align.runtime import TOY_EVAL_PROMPTS, TOY_PROMPTS, LoraSettings, OptimConfig, Run, RunConfig
 from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
-from pipelines.registry import adapter_class
+from pipelines.registry import model_tasks
 
 
 @dataclass
@@ -165,22 +166,6 @@ def steps_of_trained_networks(adapter, num_steps: int, latent_kwargs: dict) -> s
     return {i for i, e in enumerate(experts) if e in trained}
 
 
-def check_prompt_images(prompts, adapter, field: str = "prompt_file") -> None:
-    """Prompts with images (a JSONL prompt_file) need a model with an image task, and a model that
-    only animates images (i2v alone) needs an image with every prompt: one line each."""
-    with_image = sum(getattr(p, "image", None) is not None for p in prompts)
-    tasks = tuple(adapter.tasks)
-    if with_image and "i2v" not in tasks:
-        raise ConfigError(f"{field}: {with_image} prompts name an image, but the {adapter.name!r} model "
-                          f"takes none (tasks: {', '.join(tasks)})")
-    if with_image not in (0, len(prompts)):
-        raise ConfigError(f"{field}: {len(prompts) - with_image} of {len(prompts)} prompts have no image; give "
-                          f"every prompt one (image-to-video) or none")
-    if not with_image and tasks == ("i2v",):
-        raise ConfigError(f"{field}: the {adapter.name!r} model animates an image: give a JSONL {field} "
-                          f"of {{\"prompt\": ..., \"image\": ...}} entries")
-
-
 def start_run(config: TrainerConfig, adapter=None):
     """Validate (the trainer's own ``check_config``, which starts with :func:`check_common`: no
     trainer opens a run without the validation pass), build rewards and prompts, open the run,
@@ -190,9 +175,11 @@ def start_run(config: TrainerConfig, adapter=None):
     trainer_module(config.trainer).check_config(config, adapter)
     reward, heldout = build_reward_set(config)
     prompts = prompt_list(config.prompts, config.prompt_file, TOY_PROMPTS)
-    model = adapter if adapter is not None else adapter_class(config.model.name)  # a loaded folder's own tasks
-    check_prompt_images(prompts, model)
-    check_prompt_images(eval_prompt_list(config), model, field="eval_prompt_file")
+    # the checkpoint's own tasks (a Wan 2.2 A14B folder is text-to-video only), read before it loads
+    name, tasks = ((adapter.name, adapter.tasks) if adapter is not None else
+                   (config.model.name, model_tasks(config.model.name, config.model.path)))
+    check_prompt_images(prompts, name, tasks)
+    check_prompt_images(eval_prompt_list(config), name, tasks, field="eval_prompt_file")
     run = Run(config, model=config.model, lora=config.lora, optim=config.optim, run=config.run, adapter=adapter)
     device = run.accelerator.device
     reward.to(device)

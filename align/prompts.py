@@ -1,0 +1,80 @@
+"""The prompts of a run or a sampling command: a prompt file in its two forms (one prompt a line,
+or JSONL entries that may name the conditioning image of image-to-video, docs/prompt_files.md),
+and the check that prompts with images meet a model that takes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from align.errors import ConfigError
+
+
+def prompt_list(prompts: Sequence[str] | None, prompt_file: str | None, default: Sequence[str]) -> list[str]:
+    """The run's prompts: ``prompt_file`` (one prompt a line, or a ``.jsonl`` file of
+    ``{"prompt": ..., "image": ...}`` entries, see :func:`read_prompt_jsonl`), else ``prompts``,
+    else ``default``."""
+    if prompt_file:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise ConfigError(f"prompt_file not found: {path}")
+        if path.suffix == ".jsonl":
+            return read_prompt_jsonl(path)
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ConfigError(f"prompt_file {path} has no prompts")
+        return lines
+    return list(prompts) if prompts else list(default)
+
+
+def read_prompt_jsonl(path: Path) -> list[str]:
+    """Prompts of a JSONL file, one ``{"prompt": TEXT, "image": PATH}`` object a line (``image``
+    optional: the conditioning image of image-to-video, relative to the file's folder). Entries
+    with an image become :class:`pipelines.base.Prompt` strings carrying it. Every problem (bad
+    JSON, no prompt, a missing image file) is one line naming the file and line."""
+    import json
+
+    from pipelines.base import Prompt
+
+    out: list[str] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"prompt_file {path} line {number}"
+        try:
+            entry = json.loads(line)
+        except ValueError as err:
+            raise ConfigError(f"{where}: not JSON ({str(err).splitlines()[0]})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
+            raise ConfigError(f"{where}: expected an object with a non-empty \"prompt\" string")
+        unknown = sorted(set(entry) - {"prompt", "image"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (keys: prompt, image)")
+        image = entry.get("image")
+        if image is None:
+            out.append(entry["prompt"])
+            continue
+        image_path = Path(image) if Path(image).is_absolute() else path.parent / image
+        if not image_path.is_file():
+            raise ConfigError(f"{where}: image not found: {image_path}")
+        out.append(Prompt(entry["prompt"], str(image_path)))
+    if not out:
+        raise ConfigError(f"prompt_file {path} has no prompts")
+    return out
+
+
+def check_prompt_images(prompts, model: str, tasks: Sequence[str], field: str = "prompt_file") -> None:
+    """Prompts with images need a model with an image task (``tasks``: the checkpoint's, e.g.
+    ``pipelines.registry.model_tasks``), and a model that only animates images (i2v alone) needs an
+    image with every prompt: one line each."""
+    with_image = sum(getattr(p, "image", None) is not None for p in prompts)
+    tasks = tuple(tasks)
+    if with_image and "i2v" not in tasks:
+        raise ConfigError(f"{field}: {with_image} prompts name an image, but the {model!r} model takes none "
+                          f"(tasks: {', '.join(tasks)})")
+    if with_image not in (0, len(prompts)):
+        raise ConfigError(f"{field}: {len(prompts) - with_image} of {len(prompts)} prompts have no image; give "
+                          f"every prompt one (image-to-video) or none")
+    if not with_image and tasks == ("i2v",):
+        raise ConfigError(f"{field}: the {model!r} model animates an image: give a JSONL {field} "
+                          f"of {{\"prompt\": ..., \"image\": ...}} entries")
