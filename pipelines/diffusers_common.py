@@ -3,12 +3,50 @@ flow-matching schedule, prompt lists, freezing, and the VAE encoder."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from pipelines.base import Schedule
+
+
+class PackedLatentGrid:
+    """The image grid of packed latents (FLUX.1, FLUX.2, Qwen-Image: 2x2 patches of the VAE latent
+    as a token sequence, (B, (H/16) * (W/16), 4C) at an 8x VAE). A packed latent does not say its
+    image's shape, so it comes from, in order: the size given, the Conditioning's ``latent_grid``,
+    the adapter's default size (the configured ``model.height`` / ``model.width``) when the token
+    count matches, else a square. Needs ``vae_scale_factor``, ``default_height`` and ``default_width``."""
+
+    vae_scale_factor: int
+    default_height: int
+    default_width: int
+
+    def _grid_of(self, height: int, width: int) -> tuple[int, int]:
+        """(H/16, W/16) of an image of ``height`` x ``width`` pixels (multiples of 16, else a ValueError)."""
+        multiple = self.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+        return height // multiple, width // multiple
+
+    def _grid_for(self, seq_len: int, extra: dict, height: int | None = None,
+                  width: int | None = None) -> tuple[int, int]:
+        """The grid of ``seq_len`` tokens; it depends on nothing an earlier call left behind."""
+        if height is not None or width is not None:
+            return self._grid_of(height or self.default_height, width or self.default_width)
+        grid = extra.get("latent_grid")
+        if grid is not None and grid[0] * grid[1] == seq_len:
+            return tuple(grid)
+        default = self._grid_of(self.default_height, self.default_width)
+        if default[0] * default[1] == seq_len:
+            return default
+        side = math.isqrt(seq_len)
+        if side * side != seq_len:
+            raise ValueError(f"cannot tell the image size of a packed latent with {seq_len} tokens: pass "
+                             "height / width (decode), encode(..., height=, width=), or set the model size "
+                             "(model.height / model.width)")
+        return side, side
 
 
 def _dtype_keyword() -> str:

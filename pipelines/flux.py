@@ -14,18 +14,17 @@ Timesteps: like every flow adapter here, the schedule's timesteps are ``sigma * 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from pipelines.base import Conditioning, ModelAdapter, Schedule
-from pipelines.diffusers_common import (flow_schedule, freeze_except, load_pipeline, negative_list, prompt_list,
-                                        vae_encode)
+from pipelines.diffusers_common import (PackedLatentGrid, flow_schedule, freeze_except, load_pipeline, negative_list,
+                                        prompt_list, vae_encode)
 
 
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(PackedLatentGrid, ModelAdapter):
     """Adapter over a ``FluxPipeline``.
 
     Args:
@@ -133,10 +132,7 @@ class FluxAdapter(ModelAdapter):
         """Packed latents (B, seq, 4C) -> images (B, 3, H, W) in [0, 1]. The image size is the one
         given here, else the adapter's default size when its sequence length matches, else square;
         it depends on nothing an earlier call left behind."""
-        if height is not None or width is not None:
-            rows, cols = self._grid_of(height or self.default_height, width or self.default_width)
-        else:
-            rows, cols = self._grid_for(latents.shape[1], {})
+        rows, cols = self._grid_for(latents.shape[1], {}, height, width)
         scale = self.vae_scale_factor * 2
         config = self.vae.config
         latents = self.unpack(latents.to(self.vae.device, self.vae.dtype), rows * scale, cols * scale)
@@ -168,25 +164,7 @@ class FluxAdapter(ModelAdapter):
         return (rows * cols, int(self.base_denoiser.config.in_channels))
 
     # --- packing helpers --------------------------------------------------------------------------
-    def _grid_of(self, height: int, width: int) -> tuple[int, int]:
-        multiple = self.vae_scale_factor * 2
-        if height % multiple or width % multiple:
-            raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
-        return height // multiple, width // multiple
 
-    def _grid_for(self, seq_len: int, extra: dict) -> tuple[int, int]:
-        grid = extra.get("latent_grid")
-        if grid is not None and grid[0] * grid[1] == seq_len:
-            return tuple(grid)
-        default = self._grid_of(self.default_height, self.default_width)
-        if default[0] * default[1] == seq_len:
-            return default
-        side = math.isqrt(seq_len)
-        if side * side != seq_len:
-            raise ValueError(f"cannot tell the image size of a packed latent with {seq_len} tokens: pass "
-                             "height / width (decode), encode(..., height=, width=), or set the model size "
-                             "(model.height / model.width)")
-        return side, side
 
     def encode_images(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] -> packed latents (B, seq, 4C) through the VAE (the inverse of

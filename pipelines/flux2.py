@@ -27,11 +27,11 @@ import torch
 from torch import Tensor
 
 from pipelines.base import Conditioning, ModelAdapter, Schedule
-from pipelines.diffusers_common import flow_schedule, freeze_except, load_pipeline, negative_list, prompt_list
-from pipelines.flux import FluxAdapter
+from pipelines.diffusers_common import (PackedLatentGrid, flow_schedule, freeze_except, load_pipeline,
+                                        negative_list, prompt_list)
 
 
-class _Flux2Base(ModelAdapter):
+class _Flux2Base(PackedLatentGrid, ModelAdapter):
     """What FLUX.2 [dev] and [klein] share: packing, ids, schedule, VAE normalisation, forward.
 
     Args:
@@ -176,17 +176,12 @@ class _Flux2Base(ModelAdapter):
         return (rows * cols, int(self.base_denoiser.config.in_channels))
 
     # --- packing, ids, VAE latents ----------------------------------------------------------------
-    _grid_of = FluxAdapter._grid_of  # height, width -> (H/16, W/16), multiples of 16 or a ValueError
-    _grid_for = FluxAdapter._grid_for  # token count (+ extra's latent_grid, default size) -> grid
 
     def to_vae_latents(self, latents: Tensor, *, height: int | None = None, width: int | None = None) -> Tensor:
         """Packed latents (B, seq, 4C) -> the VAE's latents (B, C, H/8, W/8): unpacked, batch-norm
         de-normalised (x * sqrt(var + eps) + mean, in float32) and unpatchified, as the pipelines do
         before decoding (FLUX.2 [klein]'s ``output_type="latent"``)."""
-        if height is not None or width is not None:
-            rows, cols = self._grid_of(height or self.default_height, width or self.default_width)
-        else:
-            rows, cols = self._grid_for(latents.shape[1], {})
+        rows, cols = self._grid_for(latents.shape[1], {}, height, width)
         batch, seq, channels = latents.shape
         # the inverse of the pipeline's row-major _pack_latents
         x = latents.to(self.vae.device, torch.float32).transpose(1, 2).reshape(batch, channels, rows, cols)

@@ -24,15 +24,14 @@ latent layout, and a text-length-dependent image position that padded CFG batche
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from pipelines.base import Conditioning, ModelAdapter, Schedule
-from pipelines.diffusers_common import (flow_schedule, freeze_except, load_pipeline, negative_list, prompt_list,
-                                        vae_encode)
+from pipelines.diffusers_common import (PackedLatentGrid, flow_schedule, freeze_except, load_pipeline, negative_list,
+                                        prompt_list, vae_encode)
 
 
 def _pad_text(embeds: Tensor, mask: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
@@ -47,7 +46,7 @@ def _pad_text(embeds: Tensor, mask: Tensor | None, length: int) -> tuple[Tensor,
     return embeds, mask.long()
 
 
-class QwenImageAdapter(ModelAdapter):
+class QwenImageAdapter(PackedLatentGrid, ModelAdapter):
     """Adapter over a ``QwenImagePipeline`` (Qwen-Image text-to-image).
 
     Args:
@@ -169,10 +168,7 @@ class QwenImageAdapter(ModelAdapter):
     def decode(self, latents: Tensor, *, height: int | None = None, width: int | None = None) -> Tensor:
         """Packed latents (B, seq, 4C) -> images (B, 3, H, W) in [0, 1]. The image size is the one given
         here, else the adapter's default size when its sequence length matches, else square."""
-        if height is not None or width is not None:
-            rows, cols = self._grid_of(height or self.default_height, width or self.default_width)
-        else:
-            rows, cols = self._grid_for(latents.shape[1], {})
+        rows, cols = self._grid_for(latents.shape[1], {}, height, width)
         scale = self.vae_scale_factor * 2
         latents = self.unpack(latents.to(self.vae.device, self.vae.dtype), rows * scale, cols * scale)
         mean, std = self._latent_stats(latents)
@@ -214,25 +210,7 @@ class QwenImageAdapter(ModelAdapter):
         std = torch.tensor(config.latents_std).view(shape).to(latents.device, latents.dtype)
         return mean, std
 
-    def _grid_of(self, height: int, width: int) -> tuple[int, int]:
-        multiple = self.vae_scale_factor * 2
-        if height % multiple or width % multiple:
-            raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
-        return height // multiple, width // multiple
 
-    def _grid_for(self, seq_len: int, extra: dict) -> tuple[int, int]:
-        grid = extra.get("latent_grid")
-        if grid is not None and grid[0] * grid[1] == seq_len:
-            return tuple(grid)
-        default = self._grid_of(self.default_height, self.default_width)
-        if default[0] * default[1] == seq_len:
-            return default
-        side = math.isqrt(seq_len)
-        if side * side != seq_len:
-            raise ValueError(f"cannot tell the image size of a packed latent with {seq_len} tokens: pass "
-                             "height / width (decode), encode(..., height=, width=), or set the model size "
-                             "(model.height / model.width)")
-        return side, side
 
     def pack(self, latents: Tensor) -> Tensor:
         """(B, C, 1, h, w) (or (B, C, h, w)) VAE latents -> (B, h/2 * w/2, 4C)."""

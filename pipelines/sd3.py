@@ -37,7 +37,8 @@ class JointAttnDispatchProcessor:
         def heads(t: Tensor) -> Tensor:  # (B, S, H * D) -> (B, S, H, D), the layout dispatch takes
             return t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads)
 
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        query = heads(attn.to_q(hidden_states))
+        key, value = heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:

@@ -19,7 +19,8 @@ from rewards import build_reward
 from rewards.tiny import save_random_aesthetic_head, tiny_hf_clip, tiny_open_clip_checkpoint, tiny_open_clip_config
 
 try:
-    from tests.tiny_models import FAMILY_CASES, build_family, build_flux, build_sd, build_sd3, build_wan, family_overrides
+    from tests.tiny_models import (FAMILY_CASES, build_family, build_flux, build_sd, build_sd3, build_wan,
+                                   family_overrides)
 except ImportError:  # tests/ on sys.path
     from tiny_models import FAMILY_CASES, build_family, build_flux, build_sd, build_sd3, build_wan, family_overrides
 
