@@ -57,6 +57,18 @@ def build_small_sd3(directory: Path, size: int) -> Path:
     return directory
 
 
+def median_times(ours, diffusers_call, repeats: int) -> dict[str, float]:
+    """Median seconds of each, after a warm-up of both, the two alternating every repeat."""
+    ours(), diffusers_call()
+    times = {"ours": [], "diffusers": []}
+    for _ in range(repeats):
+        for name, fn in (("diffusers", diffusers_call), ("ours", ours)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def stock_call_kwargs(case: str, prompts: list, batch: int, guidance: float) -> dict:
     """The stock pipeline's ``__call__`` arguments that sample what the adapter samples at ``guidance``
     (the adapter's scale: Z-Image's pipeline takes g - 1, Qwen-Image's true CFG needs a negative)."""
@@ -131,14 +143,7 @@ def family_main(args) -> None:
         pipe(prompt=list(prompts), num_inference_steps=args.steps, output_type="pt",
              generator=torch.Generator().manual_seed(0), **size, **count, **extra)
 
-    ours(), diffusers_call()  # warm-up
-    times = {"ours": [], "diffusers": []}
-    for _ in range(args.repeats):
-        for name, fn in (("diffusers", diffusers_call), ("ours", ours)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    medians = {k: statistics.median(v) for k, v in times.items()}
+    medians = median_times(ours, diffusers_call, args.repeats)
     print(f"model: {args.model} tiny stand-in ({type(pipe).__name__}), {width}x{height}"
           f"{f' x {frames} frames' if frames else ''}, {len(prompts)} prompts x {args.batch}, {args.steps} steps, "
           f"guidance {guidance} ({adapter.guidance_kind})")
@@ -195,14 +200,7 @@ def main() -> None:
              guidance_scale=args.guidance, height=args.size, width=args.size, output_type="pt",
              generator=torch.Generator().manual_seed(0), max_sequence_length=16)
 
-    ours(), diffusers_call()  # warm-up
-    times = {"ours": [], "diffusers": []}
-    for _ in range(args.repeats):
-        for name, fn in (("diffusers", diffusers_call), ("ours", ours)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    medians = {k: statistics.median(v) for k, v in times.items()}
+    medians = median_times(ours, diffusers_call, args.repeats)
     print(f"model: SD3-class, 4 blocks x width 128, {args.size}px, {len(prompts)} prompts x {args.batch}, "
           f"{args.steps} steps, CFG {args.guidance} (one batch)")
     print(f"diffusers StableDiffusion3Pipeline.__call__: median {medians['diffusers'] * 1000:.1f} ms")
