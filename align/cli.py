@@ -119,8 +119,11 @@ def cmd_label(args: argparse.Namespace) -> int:
     """``align label``: pairs for a person to judge (align/label.py), before D3PO trains on them."""
     from align.label import write_label_set
     from align.run_folder import check_writable_folder
+    from align.prompts import check_prompt_images, prompt_list
+    from align.runtime import TOY_PROMPTS
     from align.sample import check_device, check_model_source, load_model
     from align.trainers import trainer_module
+    from pipelines.registry import model_tasks
     from align.trainers.common import require_stochastic_kernel
     from pipelines.registry import check_adapter_name
 
@@ -135,6 +138,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     require_stochastic_kernel(config.rollout)
     check_device(config.model.device)
     check_model_source(config.model)
+    check_prompt_images(prompt_list(config.prompts, config.prompt_file, TOY_PROMPTS), config.model.name,
+                        model_tasks(config.model.name, config.model.path))
     out = Path(args.out)
     check_writable_folder(out, "--out")
     adapter = load_model(config.model)

@@ -50,7 +50,7 @@ def write_label_set(adapter, config, out: Path, pairs: int) -> Path:
         pixels = adapter.decode(result.samples.to(adapter.dtype)).float().cpu()
     tensors, steps = {}, []
     for t in result.main_transitions():
-        steps.append({"step": t.step, "kernel": t.kernel, "params": t.params})
+        steps.append({"step": t.step, "kernel": t.kernel, "params": t.params, "expert": t.expert})
         for name in ("latents", "next_latents", "mean", "std", "log_prob"):
             tensors[f"step{t.step}.{name}"] = getattr(t, name).detach().cpu().clone()  # steps share latents
     if not steps:
@@ -58,7 +58,12 @@ def write_label_set(adapter, config, out: Path, pairs: int) -> Path:
     from safetensors.torch import save_file
 
     save_file(tensors, str(out / "trajectories.safetensors"))
-    info = {"prompts": chosen, "steps": steps, "model": config.model.name, "model_path": config.model.path,
+    # image-to-video: each prompt's image (a path) goes with it, so D3PO re-scores as it was sampled
+    images = [str(image) if isinstance(image := getattr(p, "image", None), (str, Path)) else None for p in chosen]
+    if any(getattr(p, "image", None) is not None for p in chosen) and None in images:
+        raise ConfigError("align label keeps image-to-video prompts' images as paths: give them in a JSONL prompt_file")
+    info = {"prompts": [str(p) for p in chosen], "images": images, "steps": steps, "model": config.model.name,
+            "model_path": config.model.path,
             "dtype": config.model.dtype,
             "num_steps": config.rollout.num_steps, "guidance_scale": rollout_config.guidance_scale,
             "negative_prompt": config.negative_prompt, **size}
@@ -67,7 +72,8 @@ def write_label_set(adapter, config, out: Path, pairs: int) -> Path:
     for p, prompt in enumerate(chosen):
         names = {}
         for side, row in (("a", 2 * p), ("b", 2 * p + 1)):
-            frame = pixels[row] if pixels[row].ndim == 3 else pixels[row][0]  # a video shows its first frame
+            # a video shows its middle frame (image-to-video's first frame is the given image itself)
+            frame = pixels[row] if pixels[row].ndim == 3 else pixels[row][pixels[row].shape[0] // 2]
             names[side] = f"pair-{p:04d}-{side}.png"
             to_pil_image(frame).save(out / names[side])
         lines.append({"pair": p, "prompt": prompt, "a": names["a"], "b": names["b"], "preferred": None})
@@ -175,7 +181,11 @@ def read_labels(path: str | Path) -> LabelledPairs:
             pairs.append(p)
     if not pairs:
         raise ConfigError(f"{path}: no pair is judged yet (set \"preferred\" to \"a\" or \"b\"; see its index.html)")
-    return LabelledPairs(info["prompts"], torch.tensor(winners), torch.tensor(losers), torch.tensor(pairs), info,
+    from pipelines.base import Prompt
+
+    images = info.get("images") or [None] * len(info["prompts"])
+    prompts = [text if image is None else Prompt(text, image) for text, image in zip(info["prompts"], images)]
+    return LabelledPairs(prompts, torch.tensor(winners), torch.tensor(losers), torch.tensor(pairs), info,
                          load_file(str(folder / "trajectories.safetensors")))
 
 
@@ -191,5 +201,5 @@ def labelled_transitions(labels: LabelledPairs, device) -> list:
         get = lambda name: labels.tensors[f"step{j}.{name}"].to(device)  # noqa: E731
         out.append(Transition(j, get("latents"), get("next_latents"), get("mean"), get("std"), get("log_prob"),
                               prompt_index, torch.arange(rows), torch.arange(rows), kernel=step["kernel"],
-                              params=step["params"]))
+                              params=step["params"], expert=step.get("expert")))
     return out

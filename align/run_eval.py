@@ -70,13 +70,17 @@ def evaluate_run_folder(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     """Evaluate the run folder before and after training; write eval.json, eval.md and the grids.
     Returns the eval.json content."""
     from align.evaluation import evaluate
+    from align.prompts import check_prompt_images
     from align.sample import load_model, write_samples
-    from align.trainers.common import build_reward_set, heldout_specs
+    from align.trainers.common import build_reward_set, eval_prompt_list, heldout_specs
+    from pipelines.registry import model_tasks
 
     run_dir = Path(run_dir)
     module, config = load_run_config(run_dir, overrides)
     reward, heldout = build_reward_set(config)
     model = config.model
+    eval_prompts = eval_prompt_list(config)  # the JSONL form names the images of image-to-video
+    check_prompt_images(eval_prompts, model.name, model_tasks(model.name, model.path), field="eval_prompt_file")
     adapter = load_model(model)
     latent = {"height": model.height, "width": model.width, "num_frames": model.num_frames}
     out = run_dir / "eval"
@@ -84,7 +88,7 @@ def evaluate_run_folder(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     for stage in ("before", "after"):
         if stage == "after":
             weights = load_trained_weights(adapter, config, run_dir)
-        metrics, pixels, prompts = evaluate(adapter, reward, config.eval_prompts, config.eval, config.rollout,
+        metrics, pixels, prompts = evaluate(adapter, reward, eval_prompts, config.eval, config.rollout,
                                             negative_prompt=config.negative_prompt, heldout=heldout,
                                             latent_kwargs=latent)
         results[stage] = metrics
@@ -92,7 +96,7 @@ def evaluate_run_folder(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     side_by_side(grids["before"], grids["after"], out / "side_by_side.png")
     report = {"run": str(run_dir), "trainer": config.trainer, "weights": weights,
               "rewards": [str(r) for r in config.rewards], "heldout_rewards": [str(r) for r in heldout_specs(config)],
-              "eval_prompts": list(config.eval_prompts), "per_prompt": config.eval.per_prompt, "seed": config.eval.seed,
+              "eval_prompts": [str(p) for p in eval_prompts], "per_prompt": config.eval.per_prompt, "seed": config.eval.seed,
               "metrics": {key: {"before": results["before"][key], "after": results["after"][key]}
                           for key in results["after"]},
               "grids": {"before": "eval/before/grid.png", "after": "eval/after/grid.png",

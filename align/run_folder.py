@@ -27,7 +27,7 @@ RUNS_ROOT = Path("runs")
 #: settings a resumed run may change: how long it runs, where it logs, how it is evaluated and on
 #: which hardware; every other setting shapes the trained state, and changing it is refused
 RESUMABLE_CHANGES = (
-    "iterations", "max_nfe", "heldout_rewards", "eval_prompts", "eval.", "model.device", "model.dtype",
+    "iterations", "max_nfe", "heldout_rewards", "eval_prompts", "eval_prompt_file", "eval.", "model.device", "model.dtype",
     "run.resume", "run.output_dir", "run.checkpoint_every", "run.checkpoint_limit", "run.log_with",
     "run.progress", "run.sample_every", "run.eval_every_nfe", "run.mixed_precision", "run.max_unscored_fraction",
     "run.overlap_scoring", "run.compile", "run.compile_options", "rollout.fused_step", "model.attention_backend",

@@ -27,7 +27,7 @@ on top: the measured ``lora+ckpt`` / ``lora`` ratio says how much of them checkp
 for full fine-tuning instead of 16).
 
     python bench/memory.py [--models sd3,flux,wan] [--device cpu]
-    python bench/memory.py --real      # the 2026 families' expected static memory (bench/real_models.py)
+    python bench/memory.py --real      # Qwen-Image, FLUX.2, Z-Image, Wan 2.2, HunyuanVideo 1.5: static memory (bench/real_models.py)
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--real", action="store_true",
-                        help="only the expected static memory of the 2026 families, counted from their configs")
+                        help="only the expected static memory of the models of bench/real_models.py, counted from their configs")
     args = parser.parse_args()
     if args.real:
         sys.argv = [sys.argv[0]]

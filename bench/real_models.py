@@ -47,7 +47,7 @@ class RealModel:
     encoder_note: str = ""
 
 
-#: the 2026 families; configs as released (diffusers' config.json of each checkpoint)
+#: Qwen-Image, FLUX.2, Z-Image, Wan 2.2, HunyuanVideo 1.5; configs as released (diffusers' config.json of each checkpoint)
 MODELS = {
     "qwen_image": RealModel("Qwen-Image", "qwen_image", "QwenImageTransformer2DModel",
                             dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,

@@ -9,7 +9,7 @@ runs its own copy of the model with ``run.compile``'s regional compile (inductor
 is in the warm-up, left out), diffusers stays eager. ``--cfg-split``: ours with ``rollout.cfg_split``
 (Flow-GRPO's default), the CFG branches as two calls of half the rows.
 
-``--model NAME`` (a 2026 family: qwen_image, flux2, flux2_klein, z_image, z_image_turbo, wan22,
+``--model NAME`` (a family's stand-in: qwen_image, flux2, flux2_klein, z_image, z_image_turbo, wan22_a14b,
 wan22_ti2v, wan22_i2v, hunyuan_video15, hunyuan_video15_i2v) times that family's tiny stand-in of the
 tests (its real pipeline classes, text encoders included) against its own pipeline's ``__call__``
 at the family's guidance: the last line is ``rollout_vs_diffusers_<NAME>=``.
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="ours compiled (run.compile's regional compile)")
     parser.add_argument("--cfg-split", action="store_true",
                         help="ours with rollout.cfg_split (Flow-GRPO's default: the CFG branches as two calls)")
-    parser.add_argument("--model", help="a 2026 family's tiny stand-in against its own pipeline (see above)")
+    parser.add_argument("--model", help="a model family's tiny stand-in against its own pipeline (see above)")
     args = parser.parse_args()
     args.size_given = any(arg.startswith("--size") for arg in sys.argv[1:])
     torch.set_num_threads(2)

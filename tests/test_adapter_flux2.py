@@ -8,10 +8,12 @@ import pytest
 import torch
 
 try:
-    from tests.tiny_models import model_dir_cache
+    from tests.tiny_models import (assert_dispatched_backend_predicts_the_same, assert_lora_attaches_and_disables,
+                                   assert_stock_pipeline_loads_the_lora, euler, load_quietly, model_dir_cache)
     from tests.tiny_models_flux2 import BUILDERS, MAX_SEQUENCE_LENGTH
 except ImportError:  # tests/ on sys.path (pytest's default rootdir-less import mode)
-    from tiny_models import model_dir_cache
+    from tiny_models import (assert_dispatched_backend_predicts_the_same, assert_lora_attaches_and_disables,
+                             assert_stock_pipeline_loads_the_lora, euler, load_quietly, model_dir_cache)
     from tiny_models_flux2 import BUILDERS, MAX_SEQUENCE_LENGTH
 
 from pipelines.registry import load_adapter
@@ -33,21 +35,12 @@ def saved_dirs(tmp_path_factory):
 @pytest.fixture
 def load(saved_dirs):
     def _load(key: str):
-        adapter = load_adapter(NAMES[key], saved_dirs(key), max_sequence_length=SEQ)
-        adapter.pipe.set_progress_bar_config(disable=True)
-        return adapter
+        return load_quietly(NAMES[key], saved_dirs(key), max_sequence_length=SEQ)
     return _load
 
 
 def _noise(adapter, batch=1, seed=0):
     return adapter.initial_noise(batch, torch.Generator().manual_seed(seed), **SIZE)
-
-
-def _euler(adapter, cond, x, schedule):
-    with torch.no_grad():
-        for i in range(len(schedule)):
-            x = x + (schedule.levels[i + 1] - schedule.levels[i]) * adapter.predict(x, schedule.timesteps[i], cond)
-    return x
 
 
 def _call(adapter, x, steps, output_type="latent", **kwargs):
@@ -127,7 +120,7 @@ def test_flux2_dev_matches_pipeline(load, guidance):
     ref = _call(adapter, x, steps, prompt=PROMPTS, guidance_scale=scale)
     schedule = adapter.schedule(steps, latent_shape=tuple(x.shape[1:]))
     torch.testing.assert_close(adapter.pipe.scheduler.sigmas, schedule.levels, atol=0, rtol=0)
-    ours = _euler(adapter, adapter.encode(PROMPTS, guidance_scale=guidance), x, schedule)
+    ours = euler(adapter, adapter.encode(PROMPTS, guidance_scale=guidance), x, schedule)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     if guidance is None:  # decoding equals the pipeline's image output
         images = _call(adapter, x, steps, output_type="pt", prompt=PROMPTS, guidance_scale=scale)
@@ -149,7 +142,7 @@ def test_flux2_klein_cfg_matches_pipeline(load, negative):
     ref = _call(adapter, x, steps, prompt=PROMPTS, guidance_scale=scale, **kwargs)
     schedule = adapter.schedule(steps, latent_shape=tuple(x.shape[1:]))
     torch.testing.assert_close(adapter.pipe.scheduler.sigmas, schedule.levels, atol=0, rtol=0)
-    ours = _euler(adapter, cond, x, schedule)
+    ours = euler(adapter, cond, x, schedule)
     with torch.no_grad():
         torch.testing.assert_close(adapter.to_vae_latents(ours), ref, atol=1e-5, rtol=0)
     if not negative:
@@ -164,7 +157,7 @@ def test_flux2_klein_distilled_matches_pipeline(load):
     steps = adapter.default_steps
     x = _noise(adapter, 1, seed=6)
     ref = _call(adapter, x, steps, prompt=PROMPTS[:1], guidance_scale=4.0)
-    ours = _euler(adapter, adapter.encode(PROMPTS[:1], guidance_scale=4.0), x,
+    ours = euler(adapter, adapter.encode(PROMPTS[:1], guidance_scale=4.0), x,
                   adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
     with torch.no_grad():
         torch.testing.assert_close(adapter.to_vae_latents(ours), ref, atol=1e-5, rtol=0)
@@ -194,14 +187,6 @@ def test_decode_is_differentiable(load):
 
 
 # --- LoRA, reference policy, attention backend --------------------------------------------------
-def _perturb_lora(module, seed=3):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-
-
 @pytest.mark.parametrize("key", ["flux2", "flux2_klein"])
 def test_lora_export_loads_in_the_stock_pipeline(load, saved_dirs, tmp_path, key):
     import diffusers
@@ -209,45 +194,21 @@ def test_lora_export_loads_in_the_stock_pipeline(load, saved_dirs, tmp_path, key
     adapter = load(key)
     cond = adapter.encode(PROMPTS, negative_prompt="blurry", guidance_scale=3.0)
     x, t = _noise(adapter, 2, seed=7), torch.tensor(700.0)
-    with torch.no_grad():
-        base = adapter.predict(x, t, cond)
-    adapter.add_lora(rank=4, alpha=8)
+    _, base, tuned = assert_lora_attaches_and_disables(adapter, x, t, cond)
     wrapped = {n.split(".attn.")[-1] for n, m in adapter.denoiser.named_modules() if hasattr(m, "lora_A")}
     assert wrapped == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                        "to_qkv_mlp_proj"}
-    _perturb_lora(adapter.denoiser)
-    with torch.no_grad():
-        tuned = adapter.predict(x, t, cond)
-        with adapter.disable_adapter():
-            reference = adapter.predict(x, t, cond)
-    assert not torch.allclose(tuned, base, atol=1e-4), "the LoRA matters"
-    assert torch.equal(reference, base), "disable_adapter gives the base model exactly"
     export = adapter.export_lora(tmp_path / "lora")
 
-    # a fresh stock pipeline loads the export with its own load_lora_weights
+    # a fresh stock pipeline loads the export with its own load_lora_weights; and the adapter's own load_lora
     pipe = getattr(diffusers, type(adapter).pipeline_class_name).from_pretrained(saved_dirs(key))
     pipe.load_lora_weights(str(export))
-    wrapping = type(adapter)(pipe, max_sequence_length=SEQ)
-    with torch.no_grad():
-        torch.testing.assert_close(wrapping.predict(x, t, cond), tuned, atol=1e-5, rtol=1e-5)
-        pipe.unload_lora_weights()
-        assert torch.equal(wrapping.predict(x, t, cond), base), "unload_lora_weights restores the base model"
-    reloaded = load(key)  # and the adapter's own load_lora
-    reloaded.load_lora(export)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded.predict(x, t, cond), tuned, atol=1e-5, rtol=1e-5)
+    assert_stock_pipeline_loads_the_lora(type(adapter)(pipe, max_sequence_length=SEQ), export, x, t, cond, tuned,
+                                         base=base, preloaded=True, reloaded=load(key))
 
 
 @pytest.mark.parametrize("key", ["flux2", "flux2_klein"])
 def test_attention_backend_dispatch(load, key):
-    from align.attention import apply_attention_backend
-
     adapter = load(key)
     cond = adapter.encode(PROMPTS, guidance_scale=3.0)
-    x, t = _noise(adapter, 2, seed=8), torch.tensor(600.0)
-    with torch.no_grad():
-        native = adapter.predict(x, t, cond)
-        apply_attention_backend(adapter, "_native_math")
-        processors = [m.processor for m in adapter.base_denoiser.modules() if getattr(m, "processor", None)]
-        assert processors and all(p._attention_backend == "_native_math" for p in processors)
-        torch.testing.assert_close(adapter.predict(x, t, cond), native, atol=1e-5, rtol=0)
+    assert_dispatched_backend_predicts_the_same(adapter, _noise(adapter, 2, seed=8), torch.tensor(600.0), cond)

@@ -10,8 +10,13 @@ import pytest
 import torch
 
 try:
+    from tests.tiny_models import (assert_dispatched_backend_predicts_the_same, assert_lora_attaches_and_disables,
+                                   assert_stock_pipeline_loads_the_lora, euler, load_quietly, model_dir_cache,
+                                   perturb_lora)
     from tests.tiny_models_hunyuan_video15 import build_hunyuan_video15, build_hunyuan_video15_i2v
 except ImportError:  # tests/ on sys.path (pytest's default rootdir-less import mode)
+    from tiny_models import (assert_dispatched_backend_predicts_the_same, assert_lora_attaches_and_disables,
+                             assert_stock_pipeline_loads_the_lora, euler, load_quietly, model_dir_cache, perturb_lora)
     from tiny_models_hunyuan_video15 import build_hunyuan_video15, build_hunyuan_video15_i2v
 
 from pipelines.base import Prompt
@@ -28,23 +33,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def saved_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_hunyuan_video15")
-    cache: dict[str, str] = {}
-
-    def get(key: str) -> str:
-        if key not in cache:
-            cache[key] = str(BUILDERS[key](root / key))
-        return cache[key]
-
-    return get
+    return model_dir_cache(tmp_path_factory.mktemp("tiny_hunyuan_video15"), BUILDERS)
 
 
 @pytest.fixture
 def load(saved_dirs):
     def _load(key: str):
-        adapter = load_adapter(NAMES[key], saved_dirs(key))
-        adapter.pipe.set_progress_bar_config(disable=True)
-        return adapter
+        return load_quietly(NAMES[key], saved_dirs(key))
     return _load
 
 
@@ -67,24 +62,8 @@ def _noise(adapter, batch=2, seed=0):
     return adapter.initial_noise(batch, torch.Generator().manual_seed(seed), **SIZE)
 
 
-def _euler(adapter, cond, x, schedule):
-    with torch.no_grad():
-        for i in range(len(schedule)):
-            v = adapter.predict(x, schedule.timesteps[i], cond)
-            x = x + (schedule.levels[i + 1] - schedule.levels[i]) * v
-    return x
-
-
 def _t(adapter, steps=4, index=1):
     return adapter.schedule(steps).timesteps[index]
-
-
-def _perturb_lora(module, seed=3):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
 
 
 # --- interface ----------------------------------------------------------------------------------
@@ -221,7 +200,7 @@ def test_t2v_matches_pipeline(load, scale, rescale):
     ref = pipe(prompt=PROMPTS, negative_prompt=["blurry"] * 2, latents=x.clone(), num_inference_steps=steps,
                output_type="latent", **SIZE).frames
     cond = adapter.encode(PROMPTS, negative_prompt="blurry")
-    ours = _euler(adapter, cond, x, adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
+    ours = euler(adapter, cond, x, adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     if scale != 3.0 or rescale:
         return
@@ -245,7 +224,7 @@ def test_i2v_matches_pipeline(load, scale):
     ref = pipe(output_type="latent", **kwargs).frames
     cond = adapter.encode(PROMPTS[:1], negative_prompt="blurry", guidance_scale=scale, images=[image],
                           height=32, width=32)
-    ours = _euler(adapter, cond, x, adapter.schedule(steps))
+    ours = euler(adapter, cond, x, adapter.schedule(steps))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     if scale == 1.0:
         return
@@ -275,23 +254,8 @@ def test_decode_is_differentiable_and_encode_images_inverts_its_normalisation(lo
 @pytest.mark.parametrize("key", ["t2v", "i2v"])
 def test_lora_attach_and_disable(load, key):
     adapter = load(key)
-    cond, x, t = _encode(adapter), _noise(adapter), _t(adapter)
-    with torch.no_grad():
-        base = adapter.predict(x, t, cond)
-    adapter.add_lora(rank=4, alpha=8)
-    trainable = [n for n, p in adapter.denoiser.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
+    trainable, _, _ = assert_lora_attaches_and_disables(adapter, _noise(adapter), _t(adapter), _encode(adapter))
     assert any("add_q_proj" in n for n in trainable) and any("to_add_out" in n for n in trainable)
-    with torch.no_grad():
-        assert torch.equal(adapter.predict(x, t, cond), base), "a fresh LoRA must not change the model"
-        _perturb_lora(adapter.denoiser)
-        tuned = adapter.predict(x, t, cond)
-        with adapter.disable_adapter():
-            reference = adapter.predict(x, t, cond)
-        again = adapter.predict(x, t, cond)
-    assert not torch.allclose(tuned, base, atol=1e-4)
-    assert torch.equal(reference, base)
-    assert torch.equal(again, tuned), "adapters are re-enabled after the context"
 
 
 @pytest.mark.parametrize("key", ["t2v", "i2v"])
@@ -304,7 +268,7 @@ def test_exported_lora_loads_into_a_stock_transformer(load, saved_dirs, tmp_path
     trained = load(key)
     cond, x, t = _encode(trained), _noise(trained), _t(trained)
     trained.add_lora(rank=4, alpha=8)
-    _perturb_lora(trained.denoiser)
+    perturb_lora(trained.denoiser)
     export = trained.export_lora(tmp_path / "lora")
     assert (export / "pytorch_lora_weights.safetensors").is_file() and (export / "lora.safetensors").is_file()
     with torch.no_grad():
@@ -313,38 +277,18 @@ def test_exported_lora_loads_into_a_stock_transformer(load, saved_dirs, tmp_path
     adapter_cls = HunyuanVideo15Adapter if key == "t2v" else HunyuanVideo15I2VAdapter
     fresh = adapter_cls.pipeline_class().from_pretrained(saved_dirs(key))
     assert not hasattr(fresh, "load_lora_weights")
-    stock = adapter_cls(fresh)
-    with torch.no_grad():
-        base = stock.predict(x, t, cond)
-        fresh.transformer.load_lora_adapter(str(export), weight_name="pytorch_lora_weights.safetensors",
-                                            adapter_name="trained")
-        theirs = stock.predict(x, t, cond)
-        fresh.transformer.unload_lora()
-        restored = stock.predict(x, t, cond)
-    assert not torch.allclose(theirs, base, atol=1e-4)
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
-    assert torch.equal(restored, base)
-
-    reloaded = load(key)
-    reloaded.load_lora(export)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded.predict(x, t, cond), ours, rtol=1e-5, atol=1e-5)
+    assert_stock_pipeline_loads_the_lora(
+        adapter_cls(fresh), export, x, t, cond, ours, reloaded=load(key), unload=fresh.transformer.unload_lora,
+        load=lambda folder: fresh.transformer.load_lora_adapter(
+            str(folder), weight_name="pytorch_lora_weights.safetensors", adapter_name="trained"))
 
 
 # --- attention backend and precision --------------------------------------------------------------
 @pytest.mark.parametrize("key", ["t2v", "i2v"])
 def test_attention_backend(load, key):
-    from align.attention import apply_attention_backend
-
     adapter = load(key)
-    cond, x, t = _encode(adapter), _noise(adapter), _t(adapter)
-    with torch.no_grad():
-        native = adapter.predict(x, t, cond)
-        apply_attention_backend(adapter, "_native_math")
-        math = adapter.predict(x, t, cond)
-    processors = [m.processor for m in adapter.denoiser.modules() if hasattr(m, "processor")]
-    assert any(getattr(p, "_attention_backend", None) == "_native_math" for p in processors)
-    torch.testing.assert_close(math, native, atol=1e-5, rtol=0)
+    # the token refiner keeps diffusers' legacy AttnProcessor2_0, outside the dispatch
+    assert_dispatched_backend_predicts_the_same(adapter, _noise(adapter), _t(adapter), _encode(adapter), every=False)
 
 
 def test_bfloat16(saved_dirs):

@@ -11,8 +11,12 @@ import pytest
 import torch
 
 try:
+    from tests.tiny_models import (assert_dispatched_backend_predicts_the_same, assert_lora_attaches_and_disables,
+                                   assert_stock_pipeline_loads_the_lora, euler, load_quietly, perturb_lora)
     from tests.tiny_models_qwen_image import TEMPLATE_DROP, build_qwen_image
 except ImportError:  # tests/ on sys.path (pytest's default rootdir-less import mode)
+    from tiny_models import (assert_dispatched_backend_predicts_the_same, assert_lora_attaches_and_disables,
+                             assert_stock_pipeline_loads_the_lora, euler, load_quietly, perturb_lora)
     from tiny_models_qwen_image import TEMPLATE_DROP, build_qwen_image
 
 from pipelines.registry import load_adapter
@@ -30,30 +34,13 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def adapter(model_dir):
-    model = load_adapter("qwen_image", model_dir)
+    model = load_quietly("qwen_image", model_dir)
     model.default_height = model.default_width = 32  # model.height / model.width of a training config
-    model.pipe.set_progress_bar_config(disable=True)
     return model
 
 
 def _noise(model, batch=1, seed=0, **size):
     return model.initial_noise(batch, torch.Generator().manual_seed(seed), **(size or SIZE))
-
-
-def _euler(model, cond, x, schedule):
-    with torch.no_grad():
-        for i in range(len(schedule)):
-            v = model.predict(x, schedule.timesteps[i], cond)
-            x = x + (schedule.levels[i + 1] - schedule.levels[i]) * v
-    return x
-
-
-def _perturb_lora(module, seed=3):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
 
 
 # --- loading and prompt encoding -----------------------------------------------------------------
@@ -180,7 +167,7 @@ def test_sampling_matches_pipeline(adapter, prompts, scale, size):
     ref = adapter.pipe(prompt=prompts, negative_prompt=negative, true_cfg_scale=scale, latents=x.clone(),
                        height=height, width=width, num_inference_steps=steps, output_type="latent").images
     cond = adapter.encode(prompts, negative_prompt="blurry", guidance_scale=scale, height=height, width=width)
-    ours = _euler(adapter, cond, x, adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
+    ours = euler(adapter, cond, x, adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
     assert not torch.allclose(ours, x, atol=1e-2)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
@@ -192,7 +179,7 @@ def test_decode_matches_pipeline_images(adapter):
                   num_inference_steps=steps)
     images = adapter.pipe(latents=x.clone(), output_type="pt", **kwargs).images
     cond = adapter.encode(PROMPTS[:1], negative_prompt="blurry", guidance_scale=scale)
-    ours = _euler(adapter, cond, x, adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
+    ours = euler(adapter, cond, x, adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
     with torch.no_grad():
         decoded = adapter.decode(ours)
     assert decoded.shape == (1, 3, 32, 32) and decoded.dtype == torch.float32
@@ -225,20 +212,7 @@ def test_decode_is_differentiable_and_encode_images_inverts_it(adapter):
 def test_lora_disable_adapter_gives_the_base_model(adapter):
     cond = adapter.encode(PROMPTS, negative_prompt="blurry", guidance_scale=4.0)
     x, t = _noise(adapter, batch=2), adapter.schedule(4, latent_shape=adapter.latent_shape(**SIZE)).timesteps[1]
-    with torch.no_grad():
-        base = adapter.predict(x, t, cond)
-    adapter.add_lora(rank=4, alpha=8)
-    trainable = [n for n, p in adapter.denoiser.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
-    with torch.no_grad():
-        assert torch.equal(adapter.predict(x, t, cond), base), "a fresh LoRA must not change the model"
-        _perturb_lora(adapter.denoiser)
-        tuned = adapter.predict(x, t, cond)
-        with adapter.disable_adapter():
-            reference = adapter.predict(x, t, cond)
-        again = adapter.predict(x, t, cond)
-    assert not torch.allclose(tuned, base, atol=1e-4)
-    assert torch.equal(reference, base) and torch.equal(again, tuned)
+    assert_lora_attaches_and_disables(adapter, x, t, cond)
     # the rescaled guidance is differentiable: the trainable LoRA weights get gradients through it
     adapter.predict(x, t, cond).square().mean().backward()
     missing = [n for n, p in adapter.denoiser.named_parameters() if p.requires_grad and p.grad is None]
@@ -254,41 +228,21 @@ def test_exported_lora_loads_in_the_stock_pipeline(adapter, model_dir, tmp_path)
     cond = adapter.encode(PROMPTS[:1], negative_prompt="blurry", guidance_scale=4.0)
     x, t = _noise(adapter, seed=2), torch.tensor(700.0)
     adapter.add_lora(rank=4, alpha=8)
-    _perturb_lora(adapter.denoiser)
+    perturb_lora(adapter.denoiser)
     export = adapter.export_lora(tmp_path / "lora")
     with torch.no_grad():
         ours = adapter.predict(x, t, cond)
 
-    fresh = QwenImagePipeline.from_pretrained(model_dir)
-    stock = QwenImageAdapter(fresh)
+    stock = QwenImageAdapter(QwenImagePipeline.from_pretrained(model_dir))
     stock.default_height = stock.default_width = 32
-    with torch.no_grad():
-        base = stock.predict(x, t, cond)
-        fresh.load_lora_weights(str(export))
-        loaded = stock.predict(x, t, cond)
-        fresh.unload_lora_weights()
-        unloaded = stock.predict(x, t, cond)
-    assert not torch.allclose(loaded, base, atol=1e-4), "the LoRA matters"
-    torch.testing.assert_close(loaded, ours, rtol=1e-5, atol=1e-5)
-    assert torch.equal(unloaded, base)
-
     reloaded = load_adapter("qwen_image", model_dir)  # and through the adapter's own load_lora
     reloaded.default_height = reloaded.default_width = 32
-    reloaded.load_lora(export)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded.predict(x, t, cond), ours, rtol=1e-5, atol=1e-5)
+    assert_stock_pipeline_loads_the_lora(stock, export, x, t, cond, ours, reloaded=reloaded)
 
 
 def test_attention_backend_native_math(adapter):
-    from align.attention import apply_attention_backend
-
     cond = adapter.encode(PROMPTS, negative_prompt="blurry", guidance_scale=4.0)
-    x, t = _noise(adapter, batch=2, seed=8), torch.tensor(600.0)
-    with torch.no_grad():
-        native = adapter.predict(x, t, cond)
-        apply_attention_backend(adapter, "_native_math")
-        math_out = adapter.predict(x, t, cond)
-    torch.testing.assert_close(math_out, native, atol=1e-5, rtol=0)
+    assert_dispatched_backend_predicts_the_same(adapter, _noise(adapter, batch=2, seed=8), torch.tensor(600.0), cond)
 
 
 def test_bfloat16(model_dir):

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 try:
-    from tests.tiny_models import build_wan
+    from tests.tiny_models import (assert_dispatched_backend_predicts_the_same, assert_lora_attaches_and_disables,
+                                   assert_stock_pipeline_loads_the_lora, build_wan, euler, load_quietly, perturb_lora)
     from tests.tiny_models_wan22 import build_wan22_a14b, build_wan22_ti2v
 except ImportError:  # tests/ on sys.path (pytest's default rootdir-less import mode)
-    from tiny_models import build_wan
+    from tiny_models import (assert_dispatched_backend_predicts_the_same, assert_lora_attaches_and_disables,
+                             assert_stock_pipeline_loads_the_lora, build_wan, euler, load_quietly, perturb_lora)
     from tiny_models_wan22 import build_wan22_a14b, build_wan22_ti2v
 
 from pipelines.base import Prompt
@@ -38,10 +40,9 @@ def dirs(tmp_path_factory):
 
 
 def _load(dirs, key, **kwargs):
-    adapter = load_adapter("wan22", dirs[key], max_sequence_length=SEQ, **kwargs)
+    adapter = load_quietly("wan22", dirs[key], max_sequence_length=SEQ, **kwargs)
     size = A14B_SIZE if key == "a14b" else TI2V_SIZE
     adapter.default_height, adapter.default_width = size["height"], size["width"]  # model.height / width
-    adapter.pipe.set_progress_bar_config(disable=True)
     return adapter
 
 
@@ -57,21 +58,6 @@ def ti2v(dirs):
 
 def _noise(adapter, size, batch=1, seed=0):
     return adapter.initial_noise(batch, torch.Generator().manual_seed(seed), **size)
-
-
-def _euler(adapter, cond, x, schedule):
-    with torch.no_grad():
-        for i in range(len(schedule)):
-            x = x + (schedule.levels[i + 1] - schedule.levels[i]) * adapter.predict(x, schedule.timesteps[i], cond)
-    return x
-
-
-def _perturb_lora(module, seed=3):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
 
 
 def _image(seed=1, size=64):
@@ -152,11 +138,11 @@ def test_a14b_matches_pipeline(a14b, guidance_scale_2):
     assert cond.extra["guidance_scale_2"] == (3.0 if guidance_scale_2 is None else 1.5)
     schedule = a14b.schedule(STEPS, latent_shape=tuple(x.shape[1:]))
     assert [a14b.expert_at(t) for t in schedule.timesteps] == [0, 1, 1, 1]
-    ours = _euler(a14b, cond, x, schedule)
+    ours = euler(a14b, cond, x, schedule)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     if guidance_scale_2 is None:
         return
-    other = _euler(a14b, a14b.encode(PROMPTS[:1], "blurry", 3.0), x, schedule)
+    other = euler(a14b, a14b.encode(PROMPTS[:1], "blurry", 3.0), x, schedule)
     assert not torch.allclose(other, ours, atol=1e-4), "guidance_scale_2 must matter"
     video = a14b.pipe(**call, output_type="pt").frames
     with torch.no_grad():
@@ -170,7 +156,7 @@ def test_ti2v_text_to_video_matches_pipeline(ti2v):
     ref = ti2v.pipe(**call, output_type="latent").frames
     cond = ti2v.encode(PROMPTS[:1], "blurry", 3.0)
     assert "image_latents" not in cond.tensors and ti2v.expert_at(500.0) is None
-    ours = _euler(ti2v, cond, x, ti2v.schedule(3))
+    ours = euler(ti2v, cond, x, ti2v.schedule(3))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     video = ti2v.pipe(**call, output_type="pt").frames
     with torch.no_grad():
@@ -190,7 +176,7 @@ def test_ti2v_image_to_video_matches_pipeline(ti2v):
     cond = ti2v.encode(PROMPTS[:1], "blurry", 3.0, images=[image])
     assert cond.tensors["image_latents"].shape == (1, 48, 1, 4, 4)
     assert torch.equal(cond.negative["image_latents"], cond.tensors["image_latents"])
-    ours = ti2v.apply_condition(_euler(ti2v, cond, x, ti2v.schedule(3)), cond)
+    ours = ti2v.apply_condition(euler(ti2v, cond, x, ti2v.schedule(3)), cond)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     video = pipe(**call, output_type="pt").frames
     with torch.no_grad():
@@ -332,21 +318,8 @@ def test_lora_on_both_experts_loads_in_the_stock_pipeline(a14b, dirs, tmp_path):
     cond = a14b.encode(PROMPTS[:1], "blurry", 3.0)
     x = _noise(a14b, A14B_SIZE)
     times = (torch.tensor(950.0), torch.tensor(400.0))
-    with torch.no_grad():
-        base = [a14b.predict(x, t, cond) for t in times]
-    a14b.add_lora(rank=4, alpha=8)
-    trainable = [n for n, p in a14b.denoiser.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
+    trainable, base, tuned = assert_lora_attaches_and_disables(a14b, x, times, cond)
     assert {n.split(".")[0] for n in trainable} == {"transformer", "transformer_2"}
-    with torch.no_grad():
-        assert all(torch.equal(a14b.predict(x, t, cond), b) for t, b in zip(times, base))
-    _perturb_lora(a14b.denoiser)
-    with torch.no_grad():
-        tuned = [a14b.predict(x, t, cond) for t in times]
-        with a14b.disable_adapter():
-            assert all(torch.equal(a14b.predict(x, t, cond), b) for t, b in zip(times, base))
-        assert all(torch.equal(a14b.predict(x, t, cond), o) for t, o in zip(times, tuned))
-    assert all(not torch.allclose(o, b, atol=1e-4) for o, b in zip(tuned, base))
     export = a14b.export_lora(tmp_path / "lora")
 
     fresh = WanPipeline.from_pretrained(dirs["a14b"])
@@ -388,7 +361,7 @@ def test_low_noise_lora_export_and_reload(dirs, tmp_path):
         base = [trained.predict(x, t, cond) for t in times]
     trained.add_lora(rank=4, alpha=8)
     assert not any("lora_" in n for n, _ in trained.pipe.transformer.named_parameters())
-    _perturb_lora(trained.denoiser)
+    perturb_lora(trained.denoiser)
     with torch.no_grad():
         tuned = [trained.predict(x, t, cond) for t in times]
     assert torch.equal(tuned[0], base[0]) and not torch.allclose(tuned[1], base[1], atol=1e-4)
@@ -417,38 +390,22 @@ def test_ti2v_lora_loads_in_the_stock_pipeline(ti2v, dirs, tmp_path):
 
     cond = ti2v.encode(PROMPTS[:1], "blurry", 3.0, images=[_image()])
     x, t = _noise(ti2v, TI2V_SIZE), torch.tensor(700.0)
-    with torch.no_grad():
-        base = ti2v.predict(x, t, cond)
-    ti2v.add_lora(rank=4, alpha=8)
-    _perturb_lora(ti2v.denoiser)
-    with torch.no_grad():
-        tuned = ti2v.predict(x, t, cond)
-    assert not torch.allclose(tuned, base, atol=1e-4)
+    _, base, tuned = assert_lora_attaches_and_disables(ti2v, x, t, cond)
     export = ti2v.export_lora(tmp_path / "lora")
     assert not (export / LOW_NOISE_LORA_FILE).exists()
     fresh = WanPipeline.from_pretrained(dirs["ti2v"])
     fresh.load_lora_weights(str(export))
     reloaded = Wan22Adapter(fresh, max_sequence_length=SEQ)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded.predict(x, t, cond), tuned, atol=1e-5, rtol=1e-5)
-        fresh.unload_lora_weights()
-        assert torch.equal(reloaded.predict(x, t, cond), base)
+    assert_stock_pipeline_loads_the_lora(reloaded, export, x, t, cond, tuned, base=base, preloaded=True)
 
 
 def test_attention_backend_through_dispatch(a14b):
-    from align.attention import apply_attention_backend
-
     cond = a14b.encode(PROMPTS[:1], "blurry", 3.0)
-    x = _noise(a14b, A14B_SIZE)
-    times = (torch.tensor(950.0), torch.tensor(400.0))
-    with torch.no_grad():
-        before = [a14b.predict(x, t, cond) for t in times]
-        apply_attention_backend(a14b, "_native_math")
-        for expert in a14b.denoiser.experts:
-            processors = [m.processor for m in expert.modules() if getattr(m, "processor", None) is not None]
-            assert processors and all(p._attention_backend == "_native_math" for p in processors)
-        for t, b in zip(times, before):
-            torch.testing.assert_close(a14b.predict(x, t, cond), b, atol=1e-5, rtol=1e-5)
+    times = (torch.tensor(950.0), torch.tensor(400.0))  # both experts
+    assert_dispatched_backend_predicts_the_same(a14b, _noise(a14b, A14B_SIZE), times, cond)
+    for expert in a14b.denoiser.experts:
+        processors = [m.processor for m in expert.modules() if getattr(m, "processor", None) is not None]
+        assert processors and all(p._attention_backend == "_native_math" for p in processors)
 
 
 @pytest.mark.parametrize("key", ["a14b", "ti2v"])

@@ -4,59 +4,46 @@ in the stock pipeline, the reference policy and attention backends."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 try:
+    from tests.tiny_models import (assert_dispatched_backend_predicts_the_same, assert_lora_attaches_and_disables,
+                                   assert_stock_pipeline_loads_the_lora, euler, load_quietly, model_dir_cache)
     from tests.tiny_models_z_image import build_z_image
 except ImportError:  # tests/ on sys.path (pytest's default rootdir-less import mode)
+    from tiny_models import (assert_dispatched_backend_predicts_the_same, assert_lora_attaches_and_disables,
+                             assert_stock_pipeline_loads_the_lora, euler, load_quietly, model_dir_cache)
     from tiny_models_z_image import build_z_image
 
-from pipelines.registry import load_adapter
 from pipelines.z_image import ZImageAdapter, is_turbo_name
 
 SEQ = 64  # Qwen3 tokens per prompt (chat template included) in these tests
 SIZE = {"height": 32, "width": 32}
 PROMPTS = ["a photo of a cat", "a red car on a street at night"]
 NEGATIVES = ["blurry", "low quality, ugly drawing"]
-#: variant -> (folder name, builder kwargs); the folder name tells the adapter which variant it is
-VARIANTS = {"base": ("z_image", {}), "turbo": ("z_image_turbo", {"distilled": True})}
+#: variant -> its builder; the folder (named after the variant) tells the adapter which variant it is
+VARIANTS = {"base": build_z_image, "turbo": partial(build_z_image, distilled=True)}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def saved_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_z_image")
-    cache: dict[str, str] = {}
-
-    def get(variant: str) -> str:
-        if variant not in cache:
-            folder, kwargs = VARIANTS[variant]
-            cache[variant] = str(build_z_image(root / folder, **kwargs))
-        return cache[variant]
-
-    return get
+    return model_dir_cache(tmp_path_factory.mktemp("tiny_z_image"), VARIANTS)
 
 
 @pytest.fixture
 def load(saved_dirs):
     def _load(variant: str, **kwargs) -> ZImageAdapter:
-        adapter = load_adapter("z_image", saved_dirs(variant), max_sequence_length=SEQ, **kwargs)
-        adapter.pipe.set_progress_bar_config(disable=True)
-        return adapter
+        return load_quietly("z_image", saved_dirs(variant), max_sequence_length=SEQ, **kwargs)
     return _load
 
 
 def _noise(adapter, batch=2, seed=0):
     return adapter.initial_noise(batch, torch.Generator().manual_seed(seed), **SIZE)
-
-
-def _euler(adapter, cond, x, schedule):
-    with torch.no_grad():
-        for i in range(len(schedule)):
-            x = x + (schedule.levels[i + 1] - schedule.levels[i]) * adapter.predict(x, schedule.timesteps[i], cond)
-    return x
 
 
 def _pipeline(adapter, x, steps, pipeline_scale, output_type="latent", **kwargs):
@@ -110,7 +97,7 @@ def test_sampling_and_decoding_match_the_pipeline(load, variant):
     cond = adapter.encode(PROMPTS, negative_prompt=NEGATIVES)
     assert cond.uses_cfg == (variant == "base")
     schedule = adapter.schedule(steps, latent_shape=tuple(x.shape[1:]))
-    ours = _euler(adapter, cond, x, schedule)
+    ours = euler(adapter, cond, x, schedule)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     # the schedule is the one the pipeline's scheduler ran
     torch.testing.assert_close(schedule.timesteps, adapter.pipe.scheduler.timesteps.float(), atol=0, rtol=0)
@@ -128,9 +115,9 @@ def test_cfg_normalization_matches_the_pipeline(load, saved_dirs):
     ref = _pipeline(adapter, x, steps, 3.0, cfg_normalization=1.0)
     cond = capped.encode(PROMPTS, negative_prompt=NEGATIVES, guidance_scale=4.0)
     schedule = capped.schedule(steps, latent_shape=tuple(x.shape[1:]))
-    ours = _euler(capped, cond, x, schedule)
+    ours = euler(capped, cond, x, schedule)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
-    assert not torch.allclose(ours, _euler(adapter, cond, x, schedule), atol=1e-3)  # the cap acted
+    assert not torch.allclose(ours, euler(adapter, cond, x, schedule), atol=1e-3)  # the cap acted
 
 
 # --- conditioning ----------------------------------------------------------------------------------
@@ -197,57 +184,24 @@ def test_lora_export_loads_in_the_stock_pipeline(load, saved_dirs, tmp_path, var
     cond = adapter.encode(PROMPTS, negative_prompt=NEGATIVES)
     x = _noise(adapter, seed=6)
     t = adapter.schedule(4, latent_shape=tuple(x.shape[1:])).timesteps[1]
-    with torch.no_grad():
-        base = adapter.predict(x, t, cond)
-    adapter.add_lora(rank=4, alpha=8)
-    trainable = [n for n, p in adapter.denoiser.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
+    trainable, _, tuned = assert_lora_attaches_and_disables(adapter, x, t, cond)
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} >= {"to_q", "to_k", "to_v"}
-    with torch.no_grad():
-        assert torch.equal(adapter.predict(x, t, cond), base), "a fresh LoRA must not change the model"
-        torch.manual_seed(3)
-        for name, param in adapter.denoiser.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    tuned = adapter.predict(x, t, cond)
-    tuned.square().mean().backward()  # gradients reach the LoRA through the list-taking transformer
+    graded = adapter.predict(x, t, cond)
+    graded.square().mean().backward()  # gradients reach the LoRA through the list-taking transformer
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for n, p in adapter.denoiser.named_parameters() if "lora_A" in n)
-    tuned = tuned.detach()
-    with torch.no_grad():
-        with adapter.disable_adapter():
-            reference = adapter.predict(x, t, cond)
-        assert torch.equal(adapter.predict(x, t, cond), tuned), "adapters are re-enabled after the context"
-    assert torch.equal(reference, base)
-    assert not torch.allclose(tuned, base, atol=1e-4)
+    assert torch.equal(graded.detach(), tuned), "with gradients, the same prediction"
 
     export = adapter.export_lora(tmp_path / "lora")
-    fresh = ZImagePipeline.from_pretrained(saved_dirs(variant))
-    stock = ZImageAdapter(fresh, max_sequence_length=SEQ)
-    with torch.no_grad():
-        before = stock.predict(x, t, cond)
-        fresh.load_lora_weights(str(export))
-        torch.testing.assert_close(stock.predict(x, t, cond), tuned, atol=1e-5, rtol=1e-5)
-        fresh.unload_lora_weights()
-        assert torch.equal(stock.predict(x, t, cond), before)
-    reloaded = load(variant)
-    reloaded.load_lora(export)  # the project's own loading path (ModelConfig.lora)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded.predict(x, t, cond), tuned, atol=1e-5, rtol=1e-5)
+    stock = ZImageAdapter(ZImagePipeline.from_pretrained(saved_dirs(variant)), max_sequence_length=SEQ)
+    # reloaded: the project's own loading path (ModelConfig.lora)
+    assert_stock_pipeline_loads_the_lora(stock, export, x, t, cond, tuned, reloaded=load(variant))
 
 
 # --- attention backend -----------------------------------------------------------------------------
 def test_a_dispatched_attention_backend_predicts_the_same(load):
-    from align.attention import apply_attention_backend
-
     adapter = load("base")
     cond = adapter.encode(PROMPTS, negative_prompt=NEGATIVES)  # rows of different lengths: masked attention
     x = _noise(adapter, seed=7)
     t = adapter.schedule(4, latent_shape=tuple(x.shape[1:])).timesteps[1]
-    with torch.no_grad():
-        native = adapter.predict(x, t, cond)
-        apply_attention_backend(adapter, "_native_math")
-        processors = [m.processor for m in adapter.base_denoiser.modules() if hasattr(m, "processor")]
-        assert processors and all(p._attention_backend == "_native_math" for p in processors)
-        math = adapter.predict(x, t, cond)
-    torch.testing.assert_close(math, native, atol=1e-5, rtol=0)
+    assert_dispatched_backend_predicts_the_same(adapter, x, t, cond)

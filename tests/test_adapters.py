@@ -4,13 +4,17 @@ sampling loops."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 try:
-    from tests.tiny_models import build_flux, build_sd, build_sd3, build_sdxl, build_wan
+    from tests.tiny_models import (assert_lora_attaches_and_disables, build_flux, build_sd, build_sd3, build_sdxl,
+                                   build_wan, euler, load_quietly, model_dir_cache)
 except ImportError:  # tests/ on sys.path (pytest's default rootdir-less import mode)
-    from tiny_models import build_flux, build_sd, build_sd3, build_sdxl, build_wan
+    from tiny_models import (assert_lora_attaches_and_disables, build_flux, build_sd, build_sd3, build_sdxl, build_wan,
+                             euler, load_quietly, model_dir_cache)
 
 from pipelines.registry import ADAPTERS, list_adapters, load_adapter
 
@@ -37,16 +41,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def saved_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_pipelines")
-    cache: dict[str, str] = {}
-
-    def get(key: str) -> str:
-        if key not in cache:
-            _, build, build_kwargs, _, _ = SPECS[key]
-            cache[key] = str(build(root / key, **build_kwargs))
-        return cache[key]
-
-    return get
+    builders = {key: partial(build, **build_kwargs) for key, (_, build, build_kwargs, _, _) in SPECS.items()}
+    return model_dir_cache(tmp_path_factory.mktemp("tiny_pipelines"), builders)
 
 
 @pytest.fixture
@@ -54,9 +50,7 @@ def load(saved_dirs):
     """A fresh adapter loaded from the saved pipeline, as a user loads one."""
     def _load(key: str):
         name, _, _, adapter_kwargs, _ = SPECS[key]
-        adapter = load_adapter(name, saved_dirs(key), **adapter_kwargs)
-        adapter.pipe.set_progress_bar_config(disable=True)
-        return adapter
+        return load_quietly(name, saved_dirs(key), **adapter_kwargs)
     return _load
 
 
@@ -154,26 +148,7 @@ def test_decode_is_differentiable(load):
 def test_lora_attach_and_disable(load, key):
     adapter = load(key)
     cond = _encode(adapter, key)
-    x, t = _noise(adapter, key), _first_t(adapter, key)
-    with torch.no_grad():
-        base = adapter.predict(x, t, cond)
-    adapter.add_lora(rank=4, alpha=8)
-    trainable = [n for n, p in adapter.denoiser.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
-    assert len(adapter.trainable_parameters()) == len(trainable)
-    lora_b = [p for n, p in adapter.denoiser.named_parameters() if "lora_B" in n]
-    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b), "gaussian init keeps lora_B at zero"
-    with torch.no_grad():
-        assert torch.equal(adapter.predict(x, t, cond), base), "a fresh LoRA must not change the model"
-        for p in lora_b:
-            p.normal_(std=0.5)
-        tuned = adapter.predict(x, t, cond)
-        with adapter.disable_adapter():
-            reference = adapter.predict(x, t, cond)
-        again = adapter.predict(x, t, cond)
-    assert not torch.allclose(tuned, base)
-    assert torch.equal(reference, base)
-    assert torch.equal(again, tuned), "adapters are re-enabled after the context"
+    assert_lora_attaches_and_disables(adapter, _noise(adapter, key), _first_t(adapter, key), cond)
 
 
 @pytest.mark.parametrize("key", ["wan", "sd3"])
@@ -261,14 +236,6 @@ def test_registry(saved_dirs):
 
 
 # --- equivalence with the diffusers pipelines' own loops -----------------------------------------
-def _euler(adapter, cond, x, schedule):
-    with torch.no_grad():
-        for i in range(len(schedule)):
-            v = adapter.predict(x, schedule.timesteps[i], cond)
-            x = x + (schedule.levels[i + 1] - schedule.levels[i]) * v
-    return x
-
-
 def _ddim(adapter, cond, x, schedule):
     with torch.no_grad():
         for i in range(len(schedule)):
@@ -297,7 +264,7 @@ def test_sd3_matches_pipeline(load, dynamic_shift):
                        num_inference_steps=steps, guidance_scale=scale, max_sequence_length=SEQ,
                        output_type="latent").images
     cond = adapter.encode(PROMPTS[:1], negative_prompt="blurry", guidance_scale=scale)
-    ours = _euler(adapter, cond, x, adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
+    ours = euler(adapter, cond, x, adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     if dynamic_shift:
         return
@@ -317,7 +284,7 @@ def test_flux_matches_pipeline(load, true_cfg):
     ref = adapter.pipe(prompt=PROMPTS[:1], latents=x.clone(), height=32, width=32, num_inference_steps=steps,
                        guidance_scale=3.5, max_sequence_length=SEQ, output_type="latent", **kwargs).images
     cond = adapter.encode(PROMPTS[:1], negative_prompt="blurry", guidance_scale=3.5, true_cfg_scale=true_cfg)
-    ours = _euler(adapter, cond, x, adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
+    ours = euler(adapter, cond, x, adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
@@ -328,7 +295,7 @@ def test_wan_matches_pipeline(load):
                        num_frames=5, num_inference_steps=steps, guidance_scale=scale, max_sequence_length=SEQ,
                        output_type="latent").frames
     cond = adapter.encode(PROMPTS[:1], negative_prompt="blurry", guidance_scale=scale)
-    ours = _euler(adapter, cond, x, adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
+    ours = euler(adapter, cond, x, adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     video = adapter.pipe(prompt=PROMPTS[:1], negative_prompt="blurry", latents=x.clone(), height=32, width=32,
                          num_frames=5, num_inference_steps=steps, guidance_scale=scale, max_sequence_length=SEQ,

@@ -1,4 +1,4 @@
-"""The 2026 families' benchmarks run at a tiny size: their last lines name their figures, and the
+"""The benchmarks of the model families (FAMILY_CASES) run at a tiny size: their last lines name their figures, and the
 parameter counts come from the released configs (built on the meta device)."""
 
 from __future__ import annotations

@@ -4,37 +4,20 @@ gives the same outputs as the trained adapter."""
 import pytest
 import torch
 
-from tests.tiny_models import build_sd, build_sd3
-
-
-def _perturb_lora(module):
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
+from tests.tiny_models import (assert_lora_attaches_and_disables, assert_stock_pipeline_loads_the_lora, build_sd,
+                               build_sd3, perturb_lora)
 
 
 def _check(adapter, pipe_cls, model_dir, tmp_path, component, t):
-    adapter.add_lora(rank=4, alpha=8)
-    _perturb_lora(adapter.denoiser)
-    export = adapter.export_lora(tmp_path / "lora")
     cond = adapter.encode(["a red car"], guidance_scale=1.0)
-    x = torch.randn(1, *adapter.latent_shape())
-    with torch.no_grad():
-        ours = adapter.predict(x, t, cond)
-        with adapter.disable_adapter():
-            base = adapter.predict(x, t, cond)
-    assert not torch.allclose(ours, base, atol=1e-4)  # the LoRA matters
+    x = torch.randn(1, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    _, base, ours = assert_lora_attaches_and_disables(adapter, x, t, cond)
+    export = adapter.export_lora(tmp_path / "lora")
 
     fresh = pipe_cls.from_pretrained(model_dir, **({"text_encoder_3": None, "tokenizer_3": None}
                                                    if component == "transformer" else {"safety_checker": None}))
     fresh.load_lora_weights(str(export))
-    adapter_type = type(adapter)
-    reloaded = adapter_type(fresh)
-    with torch.no_grad():
-        theirs = reloaded.predict(x, t, cond)
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert_stock_pipeline_loads_the_lora(type(adapter)(fresh), export, x, t, cond, ours, base=base, preloaded=True)
 
 
 def test_sd3_lora_export_loads_in_stock_diffusers(tmp_path):
@@ -63,7 +46,7 @@ def test_sd3_adapter_load_lora_reproduces_the_trained_outputs(tmp_path):
     model_dir = build_sd3(tmp_path / "sd3")
     trained = SD3Adapter.from_pretrained(str(model_dir))
     trained.add_lora(rank=4, alpha=8)
-    _perturb_lora(trained.denoiser)
+    perturb_lora(trained.denoiser)
     export = trained.export_lora(tmp_path / "lora")
     reloaded = SD3Adapter.from_pretrained(str(model_dir))
     reloaded.load_lora(export)
@@ -117,11 +100,7 @@ def _exported_loras(make_adapter, tmp_path, seeds=(3, 4)):
     for seed in seeds:
         adapter = make_adapter()
         adapter.add_lora(rank=4, alpha=8)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for name, param in adapter.denoiser.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.5)
+        perturb_lora(adapter.denoiser, seed)
         folders.append(adapter.export_lora(tmp_path / f"lora{seed}"))
     return folders
 

@@ -32,7 +32,7 @@ RECIPES = sorted(str(p.relative_to(CONFIGS).with_suffix("")) for p in [*CONFIGS.
                                                                         *CONFIGS.glob("reference/*.yaml")]
                  if OmegaConf.load(p).get("model", {}).get("name") not in ("toy", "toy_video"))
 BUILDERS = {"sd3": build_sd3, "wan": build_wan, "flux": build_flux, "sd": build_sd}
-#: the 2026 families' recipes run on the tiny stand-in of FAMILY_CASES named here (by recipe, else by
+#: the recipes of FAMILY_CASES' families run on the tiny stand-in of FAMILY_CASES named here (by recipe, else by
 #: model name)
 FAMILY_OF_RECIPE = {"z_image_turbo_pickscore": "z_image_turbo", "wan22_t2v_pickscore": "wan22_a14b",
                     "wan22_ti2v_i2v": "wan22_i2v"}

@@ -98,7 +98,7 @@ def test_gradient_checkpointing_gives_the_same_update(pipeline_dirs, tmp_path):
         module.train(config)
 
 
-# --- the 2026 families: every trainer family runs an iteration on each --------------------------
+# --- the families of FAMILY_CASES: every trainer family runs an iteration on each --------------
 try:
     from tests.tiny_models import FAMILY_CASES, build_family, family_overrides
 except ImportError:  # tests/ on sys.path
@@ -125,7 +125,7 @@ def family_dirs(tmp_path_factory):
 
 @pytest.mark.parametrize("trainer", sorted(FAMILY_TRAINERS))
 @pytest.mark.parametrize("case", sorted(FAMILY_CASES))
-def test_every_trainer_family_runs_on_each_2026_model(case, trainer, family_dirs, tmp_path):
+def test_every_trainer_family_runs_on_each_family_stand_in(case, trainer, family_dirs, tmp_path):
     """One iteration of each trainer family on each new model's tiny stand-in (its real pipeline
     classes, text encoders included): the LoRA gets a gradient and is exported; Flow-GRPO's first
     on-policy ratio is exactly 1 (the re-score repeats the rollout's call)."""

@@ -287,7 +287,7 @@ def model_dir_cache(root, builders: dict):
     return get
 
 
-# --- the 2026 families (builders in tests/tiny_models_<family>.py) --------------------------------
+# --- Qwen-Image, FLUX.2, Z-Image, Wan 2.2, HunyuanVideo 1.5 (builders in tests/tiny_models_<family>.py) -
 #: case -> (adapter name, "module:builder", builder kwargs, size overrides, guidance of the rollout,
 #: tasks). The folder a case is built in is named after the case (Z-Image-Turbo is told by its name).
 FAMILY_CASES: dict[str, tuple] = {
@@ -324,3 +324,117 @@ def family_overrides(case: str) -> list[str]:
     """The config overrides a tiny stand-in needs: its size (and frames)."""
     height, width, frames = FAMILY_CASES[case][3]
     return [f"model.height={height}", f"model.width={width}"] + ([f"model.num_frames={frames}"] if frames else [])
+
+
+# --- shared checks of the adapter tests ---------------------------------------------------------
+def load_quietly(name: str, path, **kwargs):
+    """``load_adapter(name, path, **kwargs)`` with the pipeline's progress bar switched off."""
+    from pipelines.registry import load_adapter
+
+    adapter = load_adapter(name, str(path), **kwargs)
+    adapter.pipe.set_progress_bar_config(disable=True)
+    return adapter
+
+
+def euler(adapter, cond, x, schedule):
+    """The plain Euler loop of the flow pipelines over ``schedule`` (no gradients): the final latents."""
+    with torch.no_grad():
+        for i in range(len(schedule)):
+            x = x + (schedule.levels[i + 1] - schedule.levels[i]) * adapter.predict(x, schedule.timesteps[i], cond)
+    return x
+
+
+def perturb_lora(module, seed: int = 3) -> None:
+    """Draw every ``lora_B`` of ``module`` from N(0, 0.5^2) (seeded): a LoRA that changes the model."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+
+
+def _at_each(t, fn) -> list:
+    # ``t`` is one timestep or a tuple of them (one per expert of a multi-expert model)
+    return [fn(s) for s in (t if isinstance(t, (tuple, list)) else (t,))]
+
+
+def _as_given(t, values: list):
+    return values if isinstance(t, (tuple, list)) else values[0]
+
+
+def assert_lora_attaches_and_disables(adapter, x, t, cond, rank: int = 4, alpha: float = 8):
+    """``add_lora`` makes the LoRA weights (and only those) trainable, and a fresh LoRA (lora_B at zero)
+    changes nothing; perturbed (:func:`perturb_lora`) it changes the prediction, ``disable_adapter``
+    gives the base model exactly and the LoRA is on again after the context. ``t``: a timestep or a
+    tuple of them. Returns (trainable parameter names, base, tuned) predictions (lists for a tuple)."""
+    with torch.no_grad():
+        base = _at_each(t, lambda s: adapter.predict(x, s, cond))
+    adapter.add_lora(rank=rank, alpha=alpha)
+    trainable = [n for n, p in adapter.denoiser.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(adapter.trainable_parameters()) == len(trainable)
+    lora_b = [p for n, p in adapter.denoiser.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b), "gaussian init keeps lora_B at zero"
+    with torch.no_grad():
+        fresh = _at_each(t, lambda s: adapter.predict(x, s, cond))
+        assert all(torch.equal(f, b) for f, b in zip(fresh, base)), "a fresh LoRA must not change the model"
+        perturb_lora(adapter.denoiser)
+        tuned = _at_each(t, lambda s: adapter.predict(x, s, cond))
+        with adapter.disable_adapter():
+            reference = _at_each(t, lambda s: adapter.predict(x, s, cond))
+        again = _at_each(t, lambda s: adapter.predict(x, s, cond))
+    assert all(not torch.allclose(o, b, atol=1e-4) for o, b in zip(tuned, base)), "the LoRA matters"
+    assert all(torch.equal(r, b) for r, b in zip(reference, base)), "disable_adapter gives the base model exactly"
+    assert all(torch.equal(a, o) for a, o in zip(again, tuned)), "adapters are re-enabled after the context"
+    return trainable, _as_given(t, base), _as_given(t, tuned)
+
+
+def assert_stock_pipeline_loads_the_lora(stock, export, x, t, cond, tuned, *, base=None, preloaded=False,
+                                         reloaded=None, load=None, unload=None):
+    """``stock`` wraps a fresh stock diffusers pipeline: loading the exported LoRA folder with the
+    pipeline's own ``load_lora_weights`` (or ``load(folder)``) makes it predict ``tuned`` (the trained
+    adapter's prediction), and ``unload_lora_weights`` (or ``unload()``) restores its base prediction
+    bit for bit, which is ``base`` (the trained adapter's before its LoRA) when given. ``preloaded``:
+    ``stock`` was built over the pipeline after it loaded the folder (a user's order; ``base`` needed).
+    ``reloaded``: a freshly loaded adapter whose own ``load_lora`` must reproduce ``tuned`` as well."""
+    pipe = stock.pipe
+    load = load or (lambda folder: pipe.load_lora_weights(str(folder)))
+    unload = unload or pipe.unload_lora_weights
+    with torch.no_grad():
+        if preloaded:
+            assert base is not None, "a pipeline wrapped after loading the LoRA compares with base"
+            before = base
+        else:
+            before = stock.predict(x, t, cond)
+            load(export)
+        loaded = stock.predict(x, t, cond)
+        unload()
+        unloaded = stock.predict(x, t, cond)
+    assert not torch.allclose(loaded, before, atol=1e-4), "the LoRA matters"
+    torch.testing.assert_close(loaded, tuned, rtol=1e-5, atol=1e-5)
+    assert torch.equal(unloaded, before), "unloading the LoRA restores the base model"
+    if base is not None:
+        assert torch.equal(before, base), "the stock pipeline's base model is the adapter's"
+    if reloaded is not None:
+        reloaded.load_lora(export)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded.predict(x, t, cond), tuned, rtol=1e-5, atol=1e-5)
+
+
+def assert_dispatched_backend_predicts_the_same(adapter, x, t, cond, backend: str = "_native_math", *,
+                                                every: bool = True):
+    """``apply_attention_backend(adapter, backend)`` puts every attention processor of the denoiser on
+    diffusers' dispatch with that backend (``every=False``: at least one, for a denoiser that also has
+    legacy processors outside the dispatch), and the predictions stay within 1e-5 of the default
+    backend's. ``t``: a timestep or a tuple of them."""
+    from align.attention import apply_attention_backend
+
+    with torch.no_grad():
+        native = _at_each(t, lambda s: adapter.predict(x, s, cond))
+        apply_attention_backend(adapter, backend)
+        processors = [m.processor for m in adapter.base_denoiser.modules() if getattr(m, "processor", None) is not None]
+        on_backend = [getattr(p, "_attention_backend", None) == backend for p in processors]
+        assert processors and (all(on_backend) if every else any(on_backend))
+        dispatched = _at_each(t, lambda s: adapter.predict(x, s, cond))
+    for d, n in zip(dispatched, native):
+        torch.testing.assert_close(d, n, atol=1e-5, rtol=0)

@@ -60,7 +60,8 @@ def concat_rollouts(parts: list[Rollout], prompt_ids: list[torch.Tensor]) -> Rol
             torch.cat([t.rows + s for t, s in zip(step_transitions, shift)]), first.kernel, first.params,
             first.branch, first.noise_scale,
             None if first.uncond is None else torch.cat([t.uncond for t in step_transitions]),
-            None if first.policy_out is None else cat_with_graph([t.policy_out for t in step_transitions])))
+            None if first.policy_out is None else cat_with_graph([t.policy_out for t in step_transitions]),
+            first.expert))
     lineage = [torch.cat([p.lineage[i] + offset for p, offset in zip(parts, offsets)])
                for i in range(len(parts[0].lineage))]
     final = None if parts[0].final_x0_hat is None else torch.cat([p.final_x0_hat for p in parts])

@@ -1,4 +1,4 @@
-"""What every 2026 family shares beyond its own exactness tests (tests/test_adapter_<family>.py):
+"""What every model family of ``FAMILY_CASES`` shares beyond its own exactness tests (tests/test_adapter_<family>.py):
 loading through ``load_model`` from a saved folder with the model options of a config (text
 encoders offloaded, an attention backend through diffusers' dispatch), the adapter's declared
 tasks, and ``align models``."""
