@@ -86,7 +86,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     """``align search``: best-of-N or pruned (TTSnap) search over start noises (align/search.py)."""
     from align.sample import check_device, check_model_source, load_model
     from align.search import SearchConfig, search, write_search
-    from pipelines.registry import check_adapter_name
+    from pipelines.registry import check_adapter_name, model_tasks
 
     overrides = _flag_overrides(args, {
         "model": "model.name", "model_path": "model.path", "num": "num_candidates", "out": "out",
@@ -101,6 +101,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_adapter_name(config.model.name)
     check_device(config.model.device)
     check_model_source(config.model)
+    if model_tasks(config.model.name, config.model.path) == ("i2v",):
+        raise ConfigError(f"model.name: the {config.model.name!r} model animates an image; align search takes text "
+                          f"prompts only")
     from align.run_folder import check_writable_folder
 
     check_writable_folder(Path(config.out), "--out")

@@ -201,6 +201,13 @@ def iteration_generator(seed: int, iteration: int, process_index: int = 0, strea
     return torch.Generator().manual_seed(hash(key) % (2**63))
 
 
+#: full fine-tuning of one expert on sharded weights: the frozen expert is shared by the live model
+#: and the reference copy, and its weights are shards whenever the live root is not running
+SHARDED_EXPERT_ERROR = ("model.train_experts: full fine-tuning of one expert (lora.enabled=false) is not supported "
+                        "on sharded weights (run.fully_shard, FSDP): the reference shares the frozen expert's shards; "
+                        "train a LoRA, or both experts")
+
+
 class Run:
     """The training session of one trainer: model, optimizer, accelerator, run folder."""
 
@@ -263,6 +270,8 @@ class Run:
 
         #: the weights are DTensors (run.fully_shard, or accelerate's FSDP2): saving gathers on every process
         self.sharded = has_sharded(self.adapter.base_denoiser.parameters())
+        if self.sharded and not lora.enabled and getattr(model, "train_experts", "both") != "both":
+            raise ConfigError(SHARDED_EXPERT_ERROR)
         self.ema = None
         if optim.ema_decay is not None:
             from diffusers.training_utils import EMAModel
@@ -289,6 +298,9 @@ class Run:
                 self.adapter.train_experts = experts
             except ValueError as err:
                 raise ConfigError(f"model.train_experts: {err}") from None
+        scale_2 = getattr(getattr(self.config, "model", None), "guidance_scale_2", None)
+        if scale_2 is not None:  # an adapter passed in takes the config's low-noise CFG scale too
+            self.adapter.guidance_scale_2 = scale_2
         if lora.enabled:
             base.requires_grad_(False)
             try:

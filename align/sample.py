@@ -41,6 +41,9 @@ class ModelConfig:
     #: which experts of Wan 2.2 A14B (wan22) train, LoRA or full fine-tuning: both, high_noise (the
     #: high-noise expert, ``transformer``) or low_noise (``transformer_2``); the others stay unchanged
     train_experts: str = "both"
+    #: the CFG scale of Wan 2.2 A14B's low-noise expert (null: the pipeline's rule, 3.0 beside the
+    #: default 4.0, else rollout.guidance_scale)
+    guidance_scale_2: float | None = None
 
     def __post_init__(self) -> None:
         check_train_experts(self)
@@ -60,6 +63,9 @@ def check_train_experts(config: ModelConfig) -> None:
     if config.train_experts != "both" and name != "wan22":
         raise ConfigError(f"model.train_experts: {config.train_experts!r} needs a model with several experts "
                           f"(wan22: Wan 2.2 A14B); the {config.name!r} model has one denoiser")
+    if config.guidance_scale_2 is not None and name != "wan22":
+        raise ConfigError(f"model.guidance_scale_2: the low-noise expert's CFG scale of Wan 2.2 A14B (wan22); the "
+                          f"{config.name!r} model has one denoiser")
 
 
 @dataclass
@@ -146,7 +152,7 @@ def load_model(config: ModelConfig):
         raise ConfigError(f"model.max_sequence_length: the {config.name!r} adapter has no long-prompt text encoder")
     check_train_experts(config)
     if config.name.strip().lower() == "wan22":
-        options["train_experts"] = config.train_experts
+        options.update(train_experts=config.train_experts, guidance_scale_2=config.guidance_scale_2)
     try:
         adapter = load_adapter(config.name, config.path, device=device,
                                torch_dtype=resolve_dtype(config.dtype, device), **options)

@@ -161,6 +161,8 @@ class ModelAdapter(abc.ABC):
     #: "embedded" (a guidance value the transformer takes as input: FLUX.1-dev, FLUX.2-dev) or
     #: "none" (a distilled few-step model)
     guidance_kind: str = "cfg"
+    #: the smallest guidance scale the adapter takes (None: any); checked before the model loads
+    min_guidance_scale: float | None = None
     #: default sampling settings of this model family
     default_steps: int = 10
     default_guidance: float = 4.5
@@ -206,6 +208,12 @@ class ModelAdapter(abc.ABC):
         :meth:`decode` up to the VAE's reconstruction): offline preference pairs, real-data
         regularisers. Adapters with a VAE implement it."""
         raise NotImplementedError(f"the {self.name!r} adapter cannot encode images into latents")
+
+    @classmethod
+    def folder_problem(cls, index: dict) -> str | None:
+        """Why the checkpoint whose ``model_index.json`` is ``index`` is not one this adapter loads,
+        beyond its pipeline class (a family sharing a class with another), or None."""
+        return None
 
     @classmethod
     def folder_tasks(cls, index: dict) -> tuple[str, ...]:

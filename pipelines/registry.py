@@ -107,6 +107,9 @@ def model_folder_problem(name: str, path: str | None) -> str | None:
         owner = next((n for n, classes in PIPELINE_CLASSES.items() if found in classes), None)
         hint = f"; use model.name={owner}" if owner else ""
         return f"{path} holds a {found}, not a {key} model ({' or '.join(PIPELINE_CLASSES[key])}){hint}"
+    problem = adapter_class(key).folder_problem(index)
+    if problem is not None:
+        return f"{path} {problem}"
     import diffusers
 
     pipeline_cls = getattr(diffusers, found, None)

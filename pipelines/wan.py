@@ -71,6 +71,13 @@ class WanAdapter(ModelAdapter):
         self.latent_channels = int(pipe.transformer.config.in_channels)
         freeze_except(pipe, self.denoiser)
 
+    @classmethod
+    def folder_problem(cls, index: dict) -> str | None:
+        """Wan 2.2 folders share ``WanPipeline`` with Wan 2.1's."""
+        if index.get("boundary_ratio") is not None or index.get("expand_timesteps", False):
+            return "holds a Wan 2.2 pipeline (boundary_ratio / expand_timesteps); use model.name=wan22"
+        return None
+
     def _check_pipeline(self, pipe) -> None:
         """Refuse the Wan 2.2 layouts (the ``wan22`` adapter's) with a one-line error."""
         config = getattr(pipe, "config", {})
@@ -303,6 +310,18 @@ class Wan22Adapter(WanAdapter):
         """TI2V-5B (``expand_timesteps``) animates images too; A14B T2V is text-to-video only."""
         return ("t2v", "i2v") if index.get("expand_timesteps", False) else ("t2v",)
 
+    @classmethod
+    def folder_problem(cls, index: dict) -> str | None:
+        """Wan 2.1 folders share ``WanPipeline``; Wan image-to-video with channel-concatenated image
+        latents (I2V-A14B, Wan 2.1 I2V) shares ``WanImageToVideoPipeline`` with TI2V-5B."""
+        expand = index.get("expand_timesteps", False)
+        if index.get("_class_name") == "WanImageToVideoPipeline" and not expand:
+            return ("holds a Wan image-to-video pipeline with channel-concatenated image latents (I2V-A14B or "
+                    "Wan 2.1 I2V), which is not supported: Wan 2.2 image-to-video runs on TI2V-5B")
+        if index.get("boundary_ratio") is None and not expand:
+            return "holds a Wan 2.1 pipeline (neither boundary_ratio nor expand_timesteps); use model.name=wan"
+        return None
+
     def _check_pipeline(self, pipe) -> None:
         config = getattr(pipe, "config", {})
         two_experts = config.get("boundary_ratio") is not None
@@ -435,11 +454,24 @@ class Wan22Adapter(WanAdapter):
     def encode_condition_images(self, images: Sequence, height: int | None = None,
                                 width: int | None = None) -> Tensor:
         """Images (paths, PIL images or (3, H, W) tensors in [0, 1]) -> the first latent frame of each
-        (B, C, 1, h, w), as ``WanImageToVideoPipeline`` makes it: the VAE's mean latent of the image
-        (a one-frame video in [-1, 1]), normalised by the VAE's latent mean and std."""
+        (B, C, 1, h, w), as ``WanImageToVideoPipeline`` makes it: brought to the video size by the
+        pipeline's own ``video_processor.preprocess`` (PIL images and paths as the pipeline resizes
+        them), the VAE's mean latent of the image (a one-frame video), normalised by the VAE's
+        latent mean and std."""
+        from PIL import Image
+
         height, width = height or self.default_height, width or self.default_width
         self.latent_shape(height, width, 1)  # size errors first
-        pixels = torch.stack([load_image(image, height, width) for image in images])  # (B, 3, H, W)
+        pixels = []
+        for image in images:
+            if isinstance(image, (str, Path)):
+                if not Path(image).is_file():
+                    raise FileNotFoundError(f"conditioning image not found: {image}")
+                image = Image.open(image).convert("RGB")
+            elif isinstance(image, Tensor):
+                image = load_image(image, height, width)[None]  # (1, 3, H, W) in [0, 1]
+            pixels.append(self.pipe.video_processor.preprocess(image, height=height, width=width))
+        pixels = (torch.cat(pixels) + 1) / 2  # vae_encode takes [0, 1]
         latents = vae_encode(self.vae, pixels[:, :, None]).float()  # (B, C, 1, h, w)
         mean, std = self._latent_stats(latents)
         return ((latents - mean) * (1.0 / std)).to(self.device)  # the pipeline's product with 1 / std

@@ -66,6 +66,8 @@ class ZImageAdapter(ModelAdapter):
     """
 
     name = "z_image"
+    #: u + g (c - u) with g = the pipeline's guidance_scale + 1: below 1 has no pipeline counterpart
+    min_guidance_scale = 1.0
     prediction_type = "flow"
     tasks = ("t2i",)
     # the registry's default checkpoint, Tongyi-MAI/Z-Image-Turbo (the base model: see __init__)

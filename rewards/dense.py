@@ -112,7 +112,7 @@ class OdeCompletionReward(Reward):
             if adapter is None or cond is None or step is None:
                 raise RewardError("reward 'ode_completion' needs adapter, cond and step with latents")
             clean = ode_complete(adapter, latents, int(step), cond, schedule, max_batch=self.max_batch)
-            samples = adapter.decode(clean)
+            samples = adapter.decode(adapter.apply_condition(clean, cond))  # image-to-video: its given frame
         return {"score": self.inner(samples, prompts, **context).total}
 
 
@@ -236,15 +236,17 @@ class NoiseAwareReward(Reward):
         ode = get_kernel("ode", schedule.kind)
         params = {"prediction_type": adapter.prediction_type} if schedule.kind == "ddpm" else {}
         x = adapter.initial_noise(len(prompts), generator).float().to(adapter.device)
+        x = adapter.apply_condition(x, cond)  # image-to-video: the given frame stays in place
         x0s, sigmas = [], []
         for i in range(len(schedule)):
             out = adapter.predict(x, schedule.timesteps[i], cond)
             level = schedule.levels[i]
-            x0s.append(adapter.decode(predict_x0(x, out, level, schedule.kind, adapter.prediction_type)))
+            estimate = predict_x0(x, out, level, schedule.kind, adapter.prediction_type)
+            x0s.append(adapter.decode(adapter.apply_condition(estimate, cond)))
             sigma = level if schedule.kind == "flow" else torch.sqrt(1 - level)  # DDPM: noise std
             sigmas.append(torch.full((len(prompts),), float(sigma)))
             x = ode(x, out, level, schedule.levels[i + 1], **params).prev_sample
-        clean = adapter.decode(x)
+        clean = adapter.decode(adapter.apply_condition(x, cond))
         targets = self.teacher(clean, prompts).total.float()
         return {"x0_hat": torch.cat(x0s), "sigmas": torch.cat(sigmas), "prompts": prompts * len(schedule),
                 "targets": targets.repeat(len(schedule)), "clean": clean}

@@ -189,6 +189,23 @@ def test_ti2v_image_to_video_matches_pipeline(ti2v):
         ti2v.encode([Prompt(PROMPTS[0], image), PROMPTS[1]])
 
 
+def test_an_image_of_another_size_is_resized_as_the_pipeline_resizes_it(ti2v, tmp_path):
+    """A first frame of another size and aspect (a file, as a JSONL prompt names it) goes through
+    the pipeline's own preprocessing: the same conditioning latent as WanImageToVideoPipeline's."""
+    from PIL import Image
+
+    pixels = (torch.rand(40, 48, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(tmp_path / "first.png")
+    cond = ti2v.encode(PROMPTS[:1], "blurry", 3.0, images=[str(tmp_path / "first.png")])
+    pipe = _i2v_pipeline(ti2v)
+    processed = pipe.video_processor.preprocess(Image.open(tmp_path / "first.png"), height=TI2V_SIZE["height"],
+                                                width=TI2V_SIZE["width"])
+    with torch.no_grad():
+        theirs = pipe.vae.encode(processed[:, :, None]).latent_dist.mean
+    mean, std = ti2v._latent_stats(theirs)
+    torch.testing.assert_close(cond.tensors["image_latents"], (theirs - mean) * (1.0 / std), atol=1e-5, rtol=0)
+
+
 def test_image_frame_has_zero_velocity_and_no_gradient(ti2v):
     """The conditioned frame's velocity is zero whatever the latents hold there, so it gives the
     log-probs no gradient; the other frames do not see the latents' first frame either."""

@@ -78,6 +78,17 @@ CASES = [
      "model.attention_backend: unknown attention backend 'flsh' (did you mean 'flash'"),
     ("attention backend without its package", ["train", "flow_grpo", "model.attention_backend=_native_npu"],
      "model.attention_backend: '_native_npu' cannot run here"),
+    ("guidance below the model's smallest scale", ["train", "flow_grpo", "model.name=z_image", "rollout.guidance_scale=0"],
+     "rollout.guidance_scale: 0 is below 1, the smallest scale the 'z_image' model takes"),
+    ("mistyped expert choice", ["train", "flow_grpo", "model.name=wan22", "model.train_experts=low"],
+     "model.train_experts: unknown expert choice 'low' (did you mean 'low_noise'"),
+    ("an expert choice for a one-denoiser model", ["train", "flow_grpo", "model.train_experts=low_noise"],
+     "model.train_experts: 'low_noise' needs a model with several experts"),
+    ("low-noise guidance for a one-denoiser model", ["train", "flow_grpo", "model.guidance_scale_2=3"],
+     "model.guidance_scale_2: the low-noise expert's CFG scale of Wan 2.2 A14B (wan22)"),
+    ("one expert fully fine-tuned on shards", ["train", "flow_grpo", "model.name=wan22", "model.train_experts=low_noise",
+                                               "lora.enabled=false", "run.fully_shard=true"],
+     "model.train_experts: full fine-tuning of one expert (lora.enabled=false) is not supported on sharded weights"),
     ("sweep: mistyped method", ["sweep", str(ROOT / "configs" / "sweeps" / "methods.yaml"), "methods=[flow_gpro]"],
      "methods: unknown method preset 'flow_gpro' (did you mean 'flow_grpo'"),
     ("sweep: mistyped key", ["sweep", str(ROOT / "configs" / "sweeps" / "methods.yaml"), "seed=[0]"],
@@ -307,9 +318,13 @@ FOLDER_CLASSES = {"qwen_image": "QwenImagePipeline", "flux2": "Flux2Pipeline", "
                   "flux": "FluxPipeline", "wan": "WanPipeline"}
 
 
-def model_folder(tmp_path, pipeline_class: str, *, drop: str | None = None) -> Path:
-    """A folder with the model_index.json of ``pipeline_class`` and an empty folder per component
-    (without ``drop``'s): what the pre-load check reads, nothing loadable."""
+#: the pipeline config that tells a family's folder from another's of the same class
+FOLDER_CONFIG = {"wan22": {"boundary_ratio": 0.875}}
+
+
+def model_folder(tmp_path, pipeline_class: str, *, drop: str | None = None, config: dict | None = None) -> Path:
+    """A folder with the model_index.json of ``pipeline_class`` (and the pipeline ``config``) and an
+    empty folder per component (without ``drop``'s): what the pre-load check reads, nothing loadable."""
     import diffusers
 
     cls = getattr(diffusers, pipeline_class)
@@ -317,7 +332,7 @@ def model_folder(tmp_path, pipeline_class: str, *, drop: str | None = None) -> P
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps(
-        {"_class_name": pipeline_class, **{name: ["diffusers", "Anything"] for name in expected}}))
+        {"_class_name": pipeline_class, **(config or {}), **{name: ["diffusers", "Anything"] for name in expected}}))
     for name in expected:
         if name != drop:
             (folder / name).mkdir()
@@ -346,7 +361,7 @@ def test_a_bad_model_folder_is_one_line_before_loading(model, damage, command, t
                                                        tmp_path, capsys, command)
         return
     else:
-        folder = model_folder(tmp_path, FOLDER_CLASSES[model], drop="transformer")
+        folder = model_folder(tmp_path, FOLDER_CLASSES[model], drop="transformer", config=FOLDER_CONFIG.get(model))
         expected = "lacks the folder transformer/ that its model_index.json names"
     err = _cli_error([command, f"model.name={model}", f"model.path={folder}"], tmp_path, capsys, command)
     assert expected in err, err
@@ -364,3 +379,18 @@ def test_errors_doc_lists_every_model_folder_case():
     doc = (ROOT / "docs" / "errors.md").read_text()
     for case in MODEL_FOLDER_CASES:
         assert f"| {case} |" in doc, case
+
+
+@pytest.mark.parametrize("model, config, expected", [
+    ("wan22", {}, "holds a Wan 2.1 pipeline (neither boundary_ratio nor expand_timesteps); use model.name=wan"),
+    ("wan", {"boundary_ratio": 0.875}, "holds a Wan 2.2 pipeline (boundary_ratio / expand_timesteps); use "
+                                      "model.name=wan22"),
+    ("wan22", {"class": "WanImageToVideoPipeline"}, "holds a Wan image-to-video pipeline with channel-concatenated "
+                                                   "image latents"),
+])
+def test_wan_folders_of_the_other_version_are_told_apart_before_loading(model, config, expected, tmp_path, capsys,
+                                                                        no_model_load):
+    """Wan 2.1 and 2.2 share WanPipeline: the pipeline config in model_index.json tells them apart."""
+    pipeline_class = config.pop("class", "WanPipeline")
+    folder = model_folder(tmp_path, pipeline_class, config=config)
+    assert expected in _cli_error(["train", f"model.name={model}", f"model.path={folder}"], tmp_path, capsys, "train")

@@ -139,3 +139,52 @@ def test_align_sample_animates_the_given_image(family_dirs, tmp_path, capsys):
                  "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "prompts: 1 prompts name an image, but the 'wan22' model takes none" in err, err
+
+
+def test_the_frozen_experts_transitions_are_dropped_and_guidance_scale_2_is_configured(family_dirs):
+    """model.train_experts=low_noise: the high-noise expert's transitions have a ratio of exactly 1
+    and no gradient, so the trainers drop them; model.guidance_scale_2 reaches the adapter."""
+    from align.sample import ModelConfig, load_model
+    from align.sampling.rollout import RolloutConfig, rollout
+    from align.trainers.common import trained_transitions
+
+    adapter = load_model(ModelConfig(name="wan22", path=family_dirs("wan22_a14b"), device="cpu", dtype="float32",
+                                     height=32, width=32, num_frames=5, train_experts="low_noise",
+                                     guidance_scale_2=1.5))
+    cond = adapter.encode(["a red digit 3"], "", 3.0)
+    assert adapter.guidance_scale_2 == 1.5 and cond.extra["guidance_scale_2"] == 1.5
+    with torch.no_grad():
+        result = rollout(adapter, cond, RolloutConfig(num_steps=4, kernel="flow_grpo"),
+                         generator=torch.Generator().manual_seed(0), height=32, width=32, num_frames=5)
+    assert [t.expert for t in result.transitions] == [0, 1, 1, 1]
+    assert [t.step for t in trained_transitions(adapter, result.transitions)] == [1, 2, 3]
+    both = load_model(ModelConfig(name="wan22", path=family_dirs("wan22_a14b"), device="cpu", dtype="float32"))
+    assert trained_transitions(both, result.transitions) == result.transitions
+
+
+def test_align_label_keeps_each_prompts_image(family_dirs, tmp_path):
+    """Image-to-video pairs to judge: the images travel with their prompts into the label folder and
+    back (D3PO re-scores the pairs as they were sampled), and the page shows a frame past the given
+    one."""
+    from PIL import Image
+
+    from align.config import load_config
+    from align.label import read_labels, write_label_set
+    from align.sample import ModelConfig, load_model
+    from align.trainers import trainer_module
+
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "first.png")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red ball rolls", "image": "first.png"}\n')
+    config = load_config(trainer_module("d3po").CONFIG, None, [
+        "model.name=wan22", f"model.path={family_dirs('wan22_i2v')}", "model.height=64", "model.width=64",
+        "model.num_frames=5", f"prompt_file={prompts}", "rollout.num_steps=2", "rollout.guidance_scale=3.0"])
+    adapter = load_model(ModelConfig(name="wan22", path=family_dirs("wan22_i2v"), device="cpu", dtype="float32",
+                                     height=64, width=64, num_frames=5))
+    out = write_label_set(adapter, config, tmp_path / "labels", pairs=1)
+    lines = (out / "pairs.jsonl").read_text().replace('"preferred": null', '"preferred": "a"')
+    (out / "pairs.jsonl").write_text(lines)
+    labels = read_labels(out / "pairs.jsonl")
+    assert labels.prompts == ["a red ball rolls"] and labels.prompts[0].image == str(tmp_path / "first.png")
+    a, b = Image.open(out / "pair-0000-a.png"), Image.open(out / "pair-0000-b.png")
+    assert a.tobytes() != b.tobytes(), "the two sides show different frames (not the shared first one)"

@@ -53,8 +53,8 @@ def _scheduler(unipc: bool, shift: float):
 def build_wan22_a14b(directory, *, seed: int = 0, unipc: bool = False,
                      boundary_ratio: float = BOUNDARY_RATIO) -> Path:
     """``WanPipeline`` in the Wan 2.2 T2V-A14B layout: two experts switched at ``boundary_ratio``.
-    With the default Euler scheduler (shift 3) and 4 steps the timesteps are 1000, 900, 750, 500:
-    two steps on each expert."""
+    With the default Euler scheduler (shift 3) and 4 steps the timesteps are 1000, 857.7, 602.2, 8.9:
+    the first on the high-noise expert, the other three on the low-noise one."""
     from diffusers import AutoencoderKLWan, WanPipeline
 
     tok = t5_tokenizer()

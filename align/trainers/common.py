@@ -12,7 +12,7 @@ from align.prompts import check_prompt_images, prompt_list
 from align.runtime import TOY_EVAL_PROMPTS, TOY_PROMPTS, LoraSettings, OptimConfig, Run, RunConfig
 from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
-from pipelines.registry import model_tasks
+from pipelines.registry import adapter_class, model_tasks
 
 
 @dataclass
@@ -77,6 +77,10 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     if config.run.fully_shard and config.optim.name == "adamw8bit":
         raise ConfigError("optim.name adamw8bit: bitsandbytes' 8-bit states are not sharded; it is not supported "
                           "with run.fully_shard (use adamw)")
+    if config.run.fully_shard and not config.lora.enabled and config.model.train_experts != "both":
+        from align.runtime import SHARDED_EXPERT_ERROR
+
+        raise ConfigError(SHARDED_EXPERT_ERROR)
     if config.run.fully_shard and config.optim.ema_decay is not None:
         raise ConfigError("optim.ema_decay: the EMA keeps whole copies of the weights; it is not supported with "
                           "run.fully_shard")
@@ -90,6 +94,12 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
             hint = " (flow models train with flow_grpo and its family)" if family == "flow" else ""
             raise ConfigError(f"{field_name}: step kernel {kernel!r} is for {spec.schedule_kind} models; "
                               f"{model!r} is a {family} model{hint}")
+    floor = adapter_class(config.model.name).min_guidance_scale if adapter is None else adapter.min_guidance_scale
+    for field_name, scale in (("rollout.guidance_scale", config.rollout.guidance_scale),
+                              ("eval.guidance_scale", config.eval.guidance_scale)):
+        if floor is not None and scale is not None and scale < floor:
+            raise ConfigError(f"{field_name}: {scale:g} is below {floor:g}, the smallest scale the {model!r} model "
+                              f"takes (1: no guidance)")
     if not config.prompts and not config.prompt_file:
         raise ConfigError("prompts is empty: give at least one prompt (or a prompt_file)")
     if not config.eval_prompts:
@@ -155,6 +165,21 @@ def eval_prompt_list(config: TrainerConfig) -> list[str]:
     return prompt_list(config.eval_prompts, config.eval_prompt_file, TOY_EVAL_PROMPTS)
 
 
+def check_trained_steps(run, config: TrainerConfig) -> None:
+    """With one expert frozen (``model.train_experts``), a trainer of transition log-probs needs a
+    stochastic step of the trained expert (or an SDE window, drawn among them): one line if none."""
+    from align.sampling.kernels import kernel_spec
+
+    trained = steps_of_trained_networks(run.adapter, config.rollout.num_steps, run.latent_kwargs)
+    if trained is None or not kernel_spec(config.rollout.kernel).stochastic or getattr(config, "window_size", None):
+        return
+    steps = config.rollout.sde_steps
+    stochastic = set(range(config.rollout.num_steps)) if steps is None else set(steps)
+    if not stochastic & trained:
+        raise ConfigError(f"model.train_experts={config.model.train_experts}: none of the stochastic steps "
+                          f"{sorted(stochastic)} uses the trained expert (its steps: {sorted(trained)})")
+
+
 def steps_of_trained_networks(adapter, num_steps: int, latent_kwargs: dict) -> set[int] | None:
     """The sampling steps whose network trains, when only some do (one expert of Wan 2.2 A14B;
     ``model.train_experts``); None when every step's does."""
@@ -181,6 +206,8 @@ def start_run(config: TrainerConfig, adapter=None):
     check_prompt_images(prompts, name, tasks)
     check_prompt_images(eval_prompt_list(config), name, tasks, field="eval_prompt_file")
     run = Run(config, model=config.model, lora=config.lora, optim=config.optim, run=config.run, adapter=adapter)
+    check_prompt_images(prompts, run.adapter.name, run.adapter.tasks)  # a hub checkpoint's tasks, known now
+    check_trained_steps(run, config)
     device = run.accelerator.device
     reward.to(device)
     for extra in heldout.values():
@@ -471,6 +498,7 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
                 generators=generators[:len(prompt_chunks(len(batch_prompts), chunks))], reward=reward,
                 prompts=list(batch_prompts), overlap=config.run.overlap_scoring, **graph, **run.latent_kwargs)
         check_unscored(run, reward, scores.valid_mask(), iteration)
+        result.transitions = trained_transitions(adapter, result.transitions)
         return cond, result, scores, None
     with run.sampling() if not grad_steps else run.accelerator.autocast():
         cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
@@ -491,7 +519,18 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
     for out in (scores, branch_scores):
         if out is not None:
             check_unscored(run, reward, out.valid_mask(), iteration)
+    result.transitions = trained_transitions(adapter, result.transitions)
     return cond, result, scores, branch_scores
+
+
+def trained_transitions(adapter, transitions: list) -> list:
+    """The transitions whose network trains: with one expert of Wan 2.2 A14B frozen
+    (``model.train_experts``), its steps have a ratio of exactly 1 and no gradient, so they would
+    only cost a forward and backward each and dilute the loss's mean."""
+    trained = getattr(adapter, "trained_expert_indices", None)
+    if trained is None:
+        return transitions
+    return [t for t in transitions if t.expert is None or t.expert in trained]
 
 
 def check_unscored(run, reward, valid, iteration: int) -> None:
