@@ -116,7 +116,7 @@ def family_main(args) -> None:
     if args.model.startswith("hunyuan"):
         pipe.guider = pipe.guider.new(guidance_scale=guidance)
     pipe.set_progress_bar_config(disable=True)
-    config = RolloutConfig(num_steps=args.steps, kernel="flow_grpo", guidance_scale=guidance,
+    config = RolloutConfig(num_steps=args.steps, kernel=args.kernel, guidance_scale=guidance,
                            cfg_split=args.cfg_split)
     extra = stock_call_kwargs(args.model, prompts, args.batch, guidance)
     if task == "i2v":
@@ -128,7 +128,8 @@ def family_main(args) -> None:
             result = rollout(adapter, cond, config, group_size=args.batch, generator=torch.Generator().manual_seed(0),
                              **size)
             adapter.decode(result.samples)
-        assert len(result.transitions) == args.steps and result.nfe == args.steps * len(prompts) * args.batch
+        assert len(result.transitions) == (args.steps if args.kernel != "ode" else 0)
+        assert result.nfe == args.steps * len(prompts) * args.batch
 
     def diffusers_call() -> None:
         if task == "i2v":  # the i2v pipelines take one image: one call per prompt
@@ -148,7 +149,7 @@ def family_main(args) -> None:
           f"{f' x {frames} frames' if frames else ''}, {len(prompts)} prompts x {args.batch}, {args.steps} steps, "
           f"guidance {guidance} ({adapter.guidance_kind})")
     print(f"diffusers {type(pipe).__name__}.__call__: median {medians['diffusers'] * 1000:.1f} ms")
-    print(f"align rollout with log-probs (flow_grpo SDE{', cfg_split' if args.cfg_split else ''}): "
+    print(f"align rollout ({args.kernel}{', cfg_split' if args.cfg_split else ''}): "
           f"median {medians['ours'] * 1000:.1f} ms")
     print(f"rollout_vs_diffusers_{args.model}={medians['ours'] / medians['diffusers']:.3f}")
 
@@ -164,6 +165,8 @@ def main() -> None:
     parser.add_argument("--cfg-split", action="store_true",
                         help="ours with rollout.cfg_split (Flow-GRPO's default: the CFG branches as two calls)")
     parser.add_argument("--model", help="a model family's tiny stand-in against its own pipeline (see above)")
+    parser.add_argument("--kernel", default="flow_grpo",
+                        help="with --model: the rollout's step kernel (ode: the engine without noise and log-probs)")
     args = parser.parse_args()
     args.size_given = any(arg.startswith("--size") for arg in sys.argv[1:])
     torch.set_num_threads(2)

@@ -66,9 +66,18 @@ def reduce_elements(values: Tensor, reduce: str = "mean") -> Tensor:
 
 def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
     """log N(sample; mean, std^2) per element, reduced over elements:
-    -(sample - mean)^2 / (2 std^2) - log std - log sqrt(2 pi)."""
+    -(sample - mean)^2 / (2 std^2) - log std - log sqrt(2 pi).
+
+    With one std per sample (shape (B, 1, ..., 1), every step kernel's), the per-sample terms come
+    out of the reduction: -reduce((sample - mean)^2) / (2 std^2) - n (log std + log sqrt(2 pi)),
+    n = 1 for "mean" and the element count for "sum" (two passes over the elements instead of six)."""
     std = upcast(std)
-    elementwise = -((upcast(sample) - upcast(mean)) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+    difference = upcast(sample) - upcast(mean)
+    if std.numel() == std.shape[0] and std.ndim == difference.ndim:
+        per = std.reshape(-1)
+        count = 1 if reduce == "mean" else difference[0].numel()
+        return -reduce_elements(difference.square(), reduce) / (2 * per**2) - count * (torch.log(per) + LOG_SQRT_2PI)
+    elementwise = -(difference**2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
     return reduce_elements(elementwise, reduce)
 
 
@@ -127,7 +136,9 @@ def flow_grpo_sde_step(x, model_out, level, level_next, *, noise=None, prev_samp
     sigma, sigma_next = per_sample(level, x), per_sample(level_next, x)
     dt = sigma_next - sigma
     std_t = flow_grpo_std(sigma, sigma_next, noise_level)
-    mean = x + (v + std_t**2 * (x + (1 - sigma) * v) / (2 * sigma)) * dt
+    # mean = a x + b v with per-sample a = 1 + std_t^2 dt / (2 sigma), b = dt (1 + std_t^2 (1 - sigma) / (2 sigma))
+    half_var = std_t**2 / (2 * sigma)
+    mean = (1 + half_var * dt) * x + (dt * (1 + half_var * (1 - sigma))) * v
     std = std_t * torch.sqrt(-dt)
     return _finish(mean, std, x, noise, prev_sample, generator, mean_shift, reduce)
 
