@@ -28,6 +28,10 @@ iteration, images per second and peak memory (CUDA: the allocator's peak) of eac
     # on a GPU, a real model (bf16, 512 px):
     python bench/flow_grpo_iteration.py --model sd3 --model-path /models/sd3.5-medium --device cuda --dtype bfloat16 --size 512
     python bench/flow_grpo_iteration.py --model flux --model-path /models/flux.1-dev --device cuda --dtype bfloat16 --size 512
+    # on a GPU, SD3.5 Medium's real-size transformer with random weights (bench/rollout.py's build_sd3_from_config):
+    python bench/flow_grpo_iteration.py --transformer-config bench/configs/sd35_medium_transformer.json --device cuda --dtype bfloat16 --size 128
+
+``--steps`` changes the 10 SDE steps (training runs over all but the last), for a quick run.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ def reference_iteration(adapter, reward, optimizer, size: int, generator: torch.
 
 
 def main() -> None:
+    global STEPS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=4, help="per side, the first a warm-up")
     parser.add_argument("--size", type=int, default=64)
@@ -102,9 +107,13 @@ def main() -> None:
                         help="ours with reuse_rollout_graph (the rollout's graphs train the first pass)")
     parser.add_argument("--model", default="sd3", help="adapter name (with --model-path: a real model)")
     parser.add_argument("--model-path", help="a local diffusers folder or hub name (default: the small random SD3)")
+    parser.add_argument("--transformer-config",
+                        help="the SD3 transformer built from this JSON config, random weights (not the small one)")
+    parser.add_argument("--steps", type=int, default=STEPS, help="SDE steps per rollout")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
+    STEPS = args.steps
     if args.device == "cpu":
         torch.set_num_threads(2)
     cuda = args.device.startswith("cuda")
@@ -115,7 +124,7 @@ def main() -> None:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    from bench.rollout import build_small_sd3
+    from bench.rollout import build_sd3_from_config, build_small_sd3, describe_transformer
 
     import align.trainers.common as common
     from align.config import load_config
@@ -124,7 +133,13 @@ def main() -> None:
     from rewards import build_rewards
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model_path or build_small_sd3(Path(tmp) / "sd3", args.size)
+        if args.model_path:
+            path = args.model_path
+        elif args.transformer_config:
+            path = build_sd3_from_config(Path(tmp) / "sd3", args.transformer_config, dtype=getattr(torch, args.dtype),
+                                         device=args.device)
+        else:
+            path = build_small_sd3(Path(tmp) / "sd3", args.size)
         model = ModelConfig(name=args.model, path=str(path), device=args.device, dtype=args.dtype)
         # the baseline: its own copy of the model with the same LoRA
         reference = load_model(model)
@@ -182,7 +197,8 @@ def main() -> None:
 
     base, ours = statistics.median(baseline_times), statistics.median(ours_times)
     on_policy = max(m.get("train/on_policy_approx_kl", float("nan")) for m in metrics_seen)
-    print(f"model: SD3-class, 4 blocks x width 128, {args.size}px, {len(PROMPTS)} prompts x {GROUP}, {STEPS} steps, "
+    title = args.model_path or describe_transformer(args.transformer_config)
+    print(f"model: {title}, {args.size}px, {len(PROMPTS)} prompts x {GROUP}, {STEPS} steps, "
           f"CFG {GUIDANCE}, LoRA r32, PPO + KL (beta {BETA}) over {STEPS - 1} steps, one update per iteration")
     images = len(PROMPTS) * GROUP
     memory = "peak allocated" if cuda else "peak resident set of the process so far"

@@ -16,11 +16,19 @@ at the family's guidance: the last line is ``rollout_vs_diffusers_<NAME>=``.
 
     python bench/rollout.py [--repeats 5] [--steps 10] [--size 64] [--batch 4] [--compile] [--cfg-split]
     python bench/rollout.py --model qwen_image [--repeats 5] [--steps 10] [--batch 4]
+
+``--transformer-config PATH`` builds the SD3 transformer from a JSON config (``bench/configs/``, e.g.
+SD3.5 Medium's) with random weights instead of the small one, keeping the tiny CLIP text encoders
+and the tiny VAE (see :func:`build_sd3_from_config`); with ``--device cuda --dtype bfloat16`` it is
+the real-size comparison on a GPU (the peak allocated memory is printed too).
+
+    python bench/rollout.py --transformer-config bench/configs/sd35_medium_transformer.json --device cuda --dtype bfloat16 --size 128 [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -55,6 +63,62 @@ def build_small_sd3(directory: Path, size: int) -> Path:
         text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(directory)
     return directory
+
+
+def transformer_config(path: str | Path) -> dict:
+    """A JSON config of ``bench/configs/`` without its comment fields (keys starting with ``_``)."""
+    return {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
+
+
+def build_sd3_from_config(directory: Path, config_path: str | Path, *, dtype: torch.dtype = torch.float32,
+                          device: str = "cpu") -> Path:
+    """An SD3 pipeline whose transformer is built from ``config_path`` with random weights (built on
+    ``device``, saved in ``dtype``). The text encoders stay tiny (two CLIPs of width 64, no T5): their
+    pooled projections are each half the transformer's ``pooled_projection_dim``, so the pooled
+    embedding, their concatenation, has its size; their hidden states (128 wide) are zero-padded to
+    ``joint_attention_dim`` by the pipeline itself, as it does for any SD3 loaded without T5. The VAE
+    is the tiny 2x one of the tests with the transformer's latent channels."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from tests.tiny_models import clip_text_encoder, clip_tokenizer, tiny_vae
+
+    config = transformer_config(config_path)
+    pooled = config.get("pooled_projection_dim", 2048)
+    if pooled % 2 or config.get("joint_attention_dim", 4096) < 128:
+        raise ValueError(f"{config_path}: pooled_projection_dim must be even and joint_attention_dim at least 128")
+    tok, tok2 = clip_tokenizer(), clip_tokenizer()
+    te = clip_text_encoder(tok, projection=True, hidden=64, projection_dim=pooled // 2, seed=1)
+    te2 = clip_text_encoder(tok2, projection=True, hidden=64, projection_dim=pooled // 2, seed=2)
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**config).to(dtype).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(config.get("in_channels", 16), scaling_factor=1.5, shift_factor=0.06, seed=4), text_encoder=te,
+        tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(directory)
+    del pipe, transformer
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return directory
+
+
+def describe_transformer(config_path: str | Path | None) -> str:
+    if config_path is None:
+        return "SD3-class, 4 blocks x width 128"
+    config = transformer_config(config_path)
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    return (f"SD3 transformer of {Path(config_path).name} (random weights), {config['num_layers']} blocks x "
+            f"width {width}")
+
+
+def peak_memory(device: str) -> str:
+    """The allocator's peak on CUDA, the process's peak resident set elsewhere."""
+    if device.startswith("cuda"):
+        return f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    import resource
+
+    return f"peak resident set of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
 
 
 def median_times(ours, diffusers_call, repeats: int) -> dict[str, float]:
@@ -165,11 +229,16 @@ def main() -> None:
     parser.add_argument("--cfg-split", action="store_true",
                         help="ours with rollout.cfg_split (Flow-GRPO's default: the CFG branches as two calls)")
     parser.add_argument("--model", help="a model family's tiny stand-in against its own pipeline (see above)")
+    parser.add_argument("--transformer-config", help="build the SD3 transformer from this JSON config (random weights)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--compile-backend", default="inductor", help="with --compile: torch.compile's backend")
     parser.add_argument("--kernel", default="flow_grpo",
                         help="with --model: the rollout's step kernel (ode: the engine without noise and log-probs)")
     args = parser.parse_args()
     args.size_given = any(arg.startswith("--size") for arg in sys.argv[1:])
-    torch.set_num_threads(2)
+    if args.device == "cpu":
+        torch.set_num_threads(2)
     if args.model:
         return family_main(args)
 
@@ -177,14 +246,20 @@ def main() -> None:
     from pipelines.sd3 import SD3Adapter
 
     prompts = ["a photo of a cat", "a red car on a street"]
+    dtype, cuda = getattr(torch, args.dtype), args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
-        path = str(build_small_sd3(Path(tmp), args.size))
-        stock = SD3Adapter.from_pretrained(path, torch_dtype=torch.float32, max_sequence_length=16)
-        adapter = SD3Adapter.from_pretrained(path, torch_dtype=torch.float32, max_sequence_length=16)
+        if args.transformer_config:
+            path = str(build_sd3_from_config(Path(tmp), args.transformer_config, dtype=dtype, device=args.device))
+        else:
+            path = str(build_small_sd3(Path(tmp), args.size))
+        stock = SD3Adapter.from_pretrained(path, torch_dtype=dtype, device=args.device, max_sequence_length=16)
+        adapter = SD3Adapter.from_pretrained(path, torch_dtype=dtype, device=args.device, max_sequence_length=16)
     if args.compile:
         from align.compile import compile_denoiser
 
-        compile_denoiser(adapter)
+        compile_denoiser(adapter, backend=args.compile_backend)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     pipe = stock.pipe
     pipe.set_progress_bar_config(disable=True)
     config = RolloutConfig(num_steps=args.steps, kernel="flow_grpo", guidance_scale=args.guidance,
@@ -196,20 +271,25 @@ def main() -> None:
             result = rollout(adapter, cond, config, group_size=args.batch, generator=torch.Generator().manual_seed(0),
                              height=args.size, width=args.size)
             adapter.decode(result.samples)
+        if cuda:
+            torch.cuda.synchronize()
         assert len(result.transitions) == args.steps and result.nfe == args.steps * len(prompts) * args.batch
 
     def diffusers_call() -> None:
         pipe(prompt=prompts, num_images_per_prompt=args.batch, num_inference_steps=args.steps,
              guidance_scale=args.guidance, height=args.size, width=args.size, output_type="pt",
              generator=torch.Generator().manual_seed(0), max_sequence_length=16)
+        if cuda:
+            torch.cuda.synchronize()
 
     medians = median_times(ours, diffusers_call, args.repeats)
-    print(f"model: SD3-class, 4 blocks x width 128, {args.size}px, {len(prompts)} prompts x {args.batch}, "
-          f"{args.steps} steps, CFG {args.guidance} (one batch)")
+    print(f"model: {describe_transformer(args.transformer_config)}, {args.size}px, {len(prompts)} prompts x "
+          f"{args.batch}, {args.steps} steps, CFG {args.guidance} (one batch), {args.device} {args.dtype}")
     print(f"diffusers StableDiffusion3Pipeline.__call__: median {medians['diffusers'] * 1000:.1f} ms")
-    print(f"align rollout with log-probs (flow_grpo SDE{', compiled' if args.compile else ''}"
+    print(f"align rollout with log-probs (flow_grpo SDE{f', compiled ({args.compile_backend})' if args.compile else ''}"
           f"{', cfg_split' if args.cfg_split else ''}): "
           f"median {medians['ours'] * 1000:.1f} ms")
+    print(f"{peak_memory(args.device)} (over the timed calls, both copies of the model loaded)")
     print(f"rollout_vs_diffusers={medians['ours'] / medians['diffusers']:.3f}")
 
 

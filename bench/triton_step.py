@@ -7,7 +7,10 @@ the fused kernel is compiled; without CUDA it runs in Triton's interpreter (TRIT
 set here), which checks the kernel but is far slower than the eager step: that figure is a report,
 not a speed claim. Last line ``triton_vs_eager_step=<fused time / eager time>`` (geometric mean).
 
-    python bench/triton_step.py [--repeats 20]
+    python bench/triton_step.py [--repeats 20] [--shape 8,16,128,128 --shape 4,16,5,60,104] [--dtype bfloat16]
+
+``--shape`` (repeatable; B,C,H,W or B,C,F,H,W) and ``--dtype`` replace the defaults (CUDA: SD3.5-M and
+Wan-sized latents in bf16; CPU: small ones in fp32). On CUDA the peak allocated memory is printed too.
 """
 
 from __future__ import annotations
@@ -41,17 +44,26 @@ def timed(fn, repeats: int, device: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--shape", action="append", default=None,
+                        help="latent shape B,C,H,W or B,C,F,H,W (repeatable; default: by device)")
+    parser.add_argument("--dtype", default=None, help="latent dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     args = parser.parse_args()
     from align.sampling.kernels import KERNELS
     from align.sampling.triton_step import FUSED_KERNELS, fused_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device == "cuda" else torch.float32
     # SD3.5-M latents at 1024 px (16 x 128 x 128) on CUDA; small image and video latents on the CPU interpreter
     shapes = [(8, 16, 128, 128), (4, 16, 5, 60, 104)] if device == "cuda" else [(8, 4, 16, 16), (2, 16, 3, 8, 8)]
+    if args.shape:
+        shapes = [tuple(int(n) for n in shape.split(",")) for shape in args.shape]
+        if any(len(shape) not in (4, 5) for shape in shapes):
+            parser.error("--shape takes B,C,H,W or B,C,F,H,W")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     mode = "compiled (CUDA)" if device == "cuda" else "interpreted (TRITON_INTERPRET=1, CPU)"
     print(f"fused step: {mode}, {dtype}, {args.repeats} repeats")
-    ratios = []
+    ratios, worst = [], 0.0
     with torch.no_grad():
         for kernel in FUSED_KERNELS:
             reference, params = KERNELS[kernel].fn, KERNELS[kernel].defaults
@@ -74,8 +86,12 @@ def main() -> None:
                            float((f_again.log_prob - e_again.log_prob).abs().max()))
                 t_eager, t_fused = timed(eager, args.repeats, device), timed(fused, args.repeats, device)
                 ratios.append(t_fused / t_eager)
+                worst = max(worst, diff)
                 print(f"{kernel:>10s} {str(shape):>22s}: eager {t_eager * 1e3:8.3f} ms  fused {t_fused * 1e3:8.3f} ms  "
                       f"ratio {t_fused / t_eager:7.3f}  max |diff| {diff:.2e}")
+    print(f"worst max |diff| fused vs eager: {worst:.2e}")
+    if device == "cuda":
+        print(f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     print(f"triton_vs_eager_step={math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f}")
 
 
