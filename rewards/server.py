@@ -17,7 +17,7 @@ Concurrent requests are batched: they wait up to ``max_wait_ms`` for one another
 one reward call of at most ``max_batch`` samples. The app is a plain ASGI application, so it runs
 under uvicorn on one machine (``align serve-reward``) or in a Ray Serve deployment
 (:func:`ray_deployment`, ``align serve-reward NAME --ray``): replicas on several GPUs or nodes, each
-building the reward itself and batching its own requests; the README has both launches.
+building the reward itself and batching its own requests; docs/reward_servers.md has both launches.
 """
 
 from __future__ import annotations
