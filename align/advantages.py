@@ -9,6 +9,12 @@ import torch
 from torch import Tensor
 
 
+#: the eps of (r - mean) / (std + eps) in GRPO-family advantages (the Flow-GRPO reference's 1e-4)
+GRPO_EPS = 1e-4
+#: DDPO's eps (its reference's per-prompt statistics: 1e-6), for its per-prompt and batch statistics
+DDPO_EPS = 1e-6
+
+
 def group_stats(values: Tensor, group_ids: Tensor, valid: Tensor | None = None,
                 unbiased: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row mean, std (population, or with n - 1 when ``unbiased``) and member count of the
@@ -26,7 +32,7 @@ def group_stats(values: Tensor, group_ids: Tensor, valid: Tensor | None = None,
     return mean[inverse], std[inverse], count[inverse]
 
 
-def group_advantages(rewards: Tensor, group_ids: Tensor, *, std: str = "group", eps: float = 1e-4,
+def group_advantages(rewards: Tensor, group_ids: Tensor, *, std: str = "group", eps: float = GRPO_EPS,
                      clip: float | None = 5.0, valid: Tensor | None = None,
                      unbiased: bool = False) -> tuple[Tensor, Tensor]:
     """A = (r - mean_group) / (std + eps), std of the group ("group") or of the whole batch
@@ -108,7 +114,7 @@ def nodes_with_valid_leaves(node_of_leaf: Tensor, num_nodes: int, valid: Tensor)
     return torch.zeros(num_nodes).index_add_(0, node_of_leaf.cpu(), valid.float().cpu()) > 0
 
 
-def depth_advantages(node_rewards: Tensor, tree_ids: Tensor, eps: float = 1e-4,
+def depth_advantages(node_rewards: Tensor, tree_ids: Tensor, eps: float = GRPO_EPS,
                      clip: float | None = 5.0, valid: Tensor | None = None) -> Tensor:
     """Advantage of every node at one depth, normalised among the (``valid``) nodes of that depth
     within its tree: (r - mean) / (std + eps)."""
@@ -125,7 +131,7 @@ def dense_step_gains(completion_rewards: Tensor) -> Tensor:
     return completion_rewards[:, 1:] - completion_rewards[:, :-1]
 
 
-def per_step_advantages(step_rewards: Tensor, group_ids: Tensor | None = None, eps: float = 1e-4,
+def per_step_advantages(step_rewards: Tensor, group_ids: Tensor | None = None, eps: float = GRPO_EPS,
                         clip: float | None = 5.0, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Normalise each step's rewards (column) across the batch, or within groups, over the
     ``valid`` (B, T) entries: (B, T) -> (advantages, keep), both (B, T)."""
@@ -145,7 +151,7 @@ class RunningPromptStats:
         self.buffer_size, self.min_count = buffer_size, min_count
         self.history: dict[str, list[float]] = {}
 
-    def advantages(self, prompts: list[str], rewards: Tensor, eps: float = 1e-6,
+    def advantages(self, prompts: list[str], rewards: Tensor, eps: float = DDPO_EPS,
                    valid: Tensor | None = None) -> Tensor:
         """Advantages of the batch; ``valid`` False rows (unscored) neither enter a buffer nor the
         batch statistics, and get 0."""

@@ -25,6 +25,16 @@ def _check_keys(schema_cls, data: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(schema_cls)
     for key, value in data.items():
         if key not in hints:
+            nested = {f"{block}.{f.name}": f.name for block, hint in hints.items() if dataclasses.is_dataclass(hint)
+                      for f in dataclasses.fields(hint)}
+            moved = [dotted for dotted, name in nested.items() if name == key]
+            if moved:  # a setting of a block given at the top (e.g. ppo.clip_range as clip_range)
+                raise ConfigError(f"config key {prefix}{key}: it belongs to a block; write {prefix}{moved[0]}")
+            if closest(str(key), hints) is None:  # a mistyped setting of a block: name it with its block
+                near = closest(str(key), set(nested.values()))
+                dotted = next((d for d, name in nested.items() if name == near), None)
+                if dotted is not None:
+                    raise ConfigError(f"unknown config key {prefix}{key!r} (did you mean {prefix + dotted!r}?)")
             raise unknown_name_error("config key", prefix + str(key), [prefix + k for k in hints])
         if dataclasses.is_dataclass(hints[key]):
             if isinstance(value, dict):

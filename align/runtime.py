@@ -5,6 +5,7 @@ metrics, and LoRA export.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -161,7 +162,9 @@ class RunConfig:
 
 @dataclass
 class TrainState:
-    """Counters saved with every checkpoint."""
+    """Counters saved with every checkpoint, and the trainer's own state (``trainer``: the typed
+    dataclass each trainer declares, e.g. GRPO-Guard's log-ratio scale, DenseGRPO's calibrated
+    noise levels), saved and resumed with them."""
 
     iteration: int = 0
     nfe: int = 0
@@ -169,15 +172,27 @@ class TrainState:
     seconds: float = 0.0
     reward_before: float | None = None
     heldout_before: dict | None = None
-    #: trainer-specific values that must survive a resume (calibrated noise, GRPO-Guard scale, ...)
-    extra: dict = field(default_factory=dict)
+    #: optimizer updates made, and those skipped for a non-finite gradient
+    updates: int = 0
+    skipped_updates: int = 0
+    #: the trainer's state dataclass (None: the trainer keeps nothing beyond the counters)
+    trainer: Any = None
 
     def state_dict(self) -> dict:
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self).items()}
+        """The counters, and the trainer's state as {field: value} (tensors kept as tensors)."""
+        out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self).items() if k != "trainer"}
+        if self.trainer is not None:
+            out["trainer"] = {f.name: getattr(self.trainer, f.name) for f in dataclasses.fields(self.trainer)}
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
-            setattr(self, key, value)
+            if key == "trainer":
+                for name, field_value in (value or {}).items():
+                    if self.trainer is not None and hasattr(self.trainer, name):
+                        setattr(self.trainer, name, field_value)
+            elif key in TrainState.__dataclass_fields__:
+                setattr(self, key, value)
 
 
 def prompts_for_iteration(prompts: Sequence[str], count: int, seed: int, iteration: int,
@@ -212,7 +227,7 @@ class Run:
     """The training session of one trainer: model, optimizer, accelerator, run folder."""
 
     def __init__(self, config: Any, *, model: ModelConfig, lora: LoraSettings, optim: OptimConfig,
-                 run: RunConfig, adapter=None) -> None:
+                 run: RunConfig, adapter=None, trainer_state=None) -> None:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import ProjectConfiguration, set_seed
@@ -277,7 +292,7 @@ class Run:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(params, decay=optim.ema_decay)
-        self.state = TrainState()
+        self.state = TrainState(trainer=trainer_state)
         if self.is_main:
             if run.log_with != "none":
                 flat = {k: str(v) for k, v in flat_settings(to_dict(config)).items()}
@@ -285,6 +300,8 @@ class Run:
         self.metrics_path = self.dir / "metrics.jsonl"
         self.phase_seconds: dict[str, float] = {}
         self._bad_updates = 0
+        #: when the training time now running began (evaluations do not count)
+        self._clock = time.perf_counter()
 
     # --- set-up ---------------------------------------------------------------------------------
     def _setup_parameters(self, lora: LoraSettings) -> None:
@@ -490,12 +507,12 @@ class Run:
         and skips the DDP gradient all-reduce until the minibatch that completes an update."""
         return self.accelerator.accumulate(self.adapter.denoiser)
 
-    def step_optimizer(self) -> float | None:
+    def optimizer_step(self) -> float | None:
         """Clip, step, zero once the accumulated minibatches complete an update; returns the gradient
         norm (before clipping), or None while gradients are still being accumulated.
 
         An update whose gradient is NaN / inf is skipped (one bad batch must not poison the
-        weights) and counted in ``state.extra["skipped_updates"]``; ``MAX_BAD_UPDATES`` in a row stop
+        weights) and counted in ``state.skipped_updates``; ``MAX_BAD_UPDATES`` in a row stop
         the run with a TrainingError. (fp16 runs leave this to accelerate's gradient scaler.)"""
         if not self.accelerator.sync_gradients:
             return None
@@ -503,7 +520,7 @@ class Run:
         norm = float(self.accelerator.clip_grad_norm_(params, self.optim_config.max_grad_norm or math.inf))
         if not math.isfinite(norm) and self.accelerator.scaler is None:
             self.optimizer.zero_grad(set_to_none=True)
-            self.state.extra["skipped_updates"] = self.state.extra.get("skipped_updates", 0) + 1
+            self.state.skipped_updates += 1
             self._bad_updates += 1
             if self._bad_updates >= MAX_BAD_UPDATES:
                 raise TrainingError(f"non-finite gradients in {self._bad_updates} updates in a row at iteration "
@@ -515,10 +532,20 @@ class Run:
         self._bad_updates = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.extra["updates"] = self.state.extra.get("updates", 0) + 1
-        if self.ema is not None and self.state.extra["updates"] % self.optim_config.ema_every == 0:
+        self.state.updates += 1
+        if self.ema is not None and self.state.updates % self.optim_config.ema_every == 0:
             self.ema.step(params)
         return norm
+
+    def start_clock(self) -> None:
+        """Training wall time (``state.seconds``) counts from now (after an evaluation)."""
+        self._clock = time.perf_counter()
+
+    def count_training_time(self) -> None:
+        """Add the training time since the clock started to ``state.seconds``."""
+        now = time.perf_counter()
+        self.state.seconds += now - self._clock
+        self._clock = now
 
     @contextmanager
     def phase(self, name: str):

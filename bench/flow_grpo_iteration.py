@@ -185,7 +185,7 @@ def main() -> None:
             "eval_prompts=['a cat']", "eval.per_prompt=1", "eval.num_steps=2", f"iterations={args.iterations + 1}",
             "prompts_per_iteration=2", f"group_size={GROUP}", f"rollout.num_steps={STEPS}",
             f"rollout.guidance_scale={GUIDANCE}", f"model.height={args.size}", f"model.width={args.size}",
-            f"kl_beta={BETA}", f"clip_range={CLIP}", "adv_std=global", "run.log_with=none", "run.progress=false",
+            f"ppo.kl_beta={BETA}", f"ppo.clip_range={CLIP}", "adv_std=global", "run.log_with=none", "run.progress=false",
             "run.checkpoint_every=0", f"run.output_dir={tmp}/run", f"run.compile={args.compile}",
             f"rollout.cfg_split={not args.no_split}", f"reuse_rollout_graph={args.reuse_graph}"]
         start = time.perf_counter()

@@ -49,7 +49,7 @@ RECIPES = {
                   "full+adamw8bit": ["lora.enabled=false", "optim.lr=0.0001", "optim.name=adamw8bit"]},
     "reward_backprop": {"lora": ["checkpoint_steps=false"], "lora+ckpt": ["run.gradient_checkpointing=true"]},
 }
-METHOD_OVERRIDES = {"flow_grpo": ["kl_beta=0.04"], "reward_backprop": ["mode=alignprop", "rewards=[digit]"]}
+METHOD_OVERRIDES = {"flow_grpo": ["ppo.kl_beta=0.04"], "reward_backprop": ["mode=alignprop", "rewards=[digit]"]}
 
 #: real models: (denoiser params, text encoder params, VAE params, LoRA params at rank 32 on the
 #: adapter's default targets), approximate public figures

@@ -91,7 +91,7 @@ def main() -> None:
             "rewards=[jpeg_compressibility]", "heldout_rewards=[]", "prompts=['a cat', 'a dog']",
             "eval_prompts=['a cat']", "eval.per_prompt=1", "eval.num_steps=2", f"iterations={args.iterations}",
             "prompts_per_iteration=2", f"group_size={args.batch // 2}", "rollout.num_steps=10",
-            "rollout.guidance_scale=4.5", f"model.height={args.size}", f"model.width={args.size}", "kl_beta=0.04",
+            "rollout.guidance_scale=4.5", f"model.height={args.size}", f"model.width={args.size}", "ppo.kl_beta=0.04",
             "run.log_with=none", "run.progress=false", "run.checkpoint_every=0", f"run.output_dir={tmp}/run"])
         module.train(config, adapter=adapter)
     (t0, m0), (t1, m1) = marks[0], marks[-1]

@@ -64,17 +64,17 @@ def main(out: Path, names: list[str]) -> None:
 
         import align.runtime as runtime
 
-        original = runtime.Run.step_optimizer
+        original = runtime.Run.optimizer_step
 
-        def step_optimizer(run, *args, **kwargs):  # the first update sees the freshly added LoRA
+        def optimizer_step(run, *args, **kwargs):  # the first update sees the freshly added LoRA
             before.setdefault("digest", digest(adapter.base_denoiser))
             return original(run, *args, **kwargs)
 
-        runtime.Run.step_optimizer = step_optimizer
+        runtime.Run.optimizer_step = optimizer_step
         try:
             module.train(config, adapter=adapter)
         finally:
-            runtime.Run.step_optimizer = original
+            runtime.Run.optimizer_step = original
         rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         iterations = max(r["iteration"] for r in rows)
         rank = int(os.environ.get("RANK", "0"))

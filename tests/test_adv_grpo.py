@@ -36,13 +36,13 @@ def _config(out, references, *extra):
     config = load_config(module.CONFIG, None, [
         "prompts=[a digit 3,a digit 5]", "eval_prompts=[a digit 3]", "rollout.num_steps=4", "group_size=2",
         "prompts_per_iteration=2", "eval.per_prompt=1", "eval.num_steps=2", "run.log_with=none", "run.progress=false",
-        "lora.rank=2", "run.checkpoint_every=1", "clip_range=0.2", "kl_beta=0", f"run.output_dir={out}", *extra])
+        "lora.rank=2", "run.checkpoint_every=1", "ppo.clip_range=0.2", "ppo.kl_beta=0", f"run.output_dir={out}", *extra])
     config.rewards = [adv]
     return module, config
 
 
 def _head_state(folder):
-    return read_part(folder, "state")["extra"]["reward_states"]["rewards.adv_dino"]
+    return read_part(folder, "state")["trainer"]["reward_states"]["rewards.adv_dino"]
 
 
 def _flat(tree, prefix=""):
@@ -85,8 +85,8 @@ def test_latent_prm_guidance_trains_alongside_and_is_checkpointed(tmp_path):
         "guidance.rewards=[{name: latent_prm, in_channels: 3, width: 8}]", "guidance.on=latents",
         "guidance.beta=0.1", "process_weight=0.5"])
     module.train(config)
-    one = read_part(tmp_path / "checkpoints" / "iteration-000001", "state")["extra"]["reward_states"]
-    two = read_part(tmp_path / "checkpoints" / "iteration-000002", "state")["extra"]["reward_states"]
+    one = read_part(tmp_path / "checkpoints" / "iteration-000001", "state")["trainer"]["reward_states"]
+    two = read_part(tmp_path / "checkpoints" / "iteration-000002", "state")["trainer"]["reward_states"]
     prm1, prm2 = one["guidance.latent_prm"], two["guidance.latent_prm"]
     assert "optimizer" in prm2 and prm2["optimizer"]["state"]
     assert any(not torch.equal(prm1["model"][k], prm2["model"][k]) for k in prm1["model"])  # it fits every iteration

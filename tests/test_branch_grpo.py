@@ -177,7 +177,7 @@ def test_first_on_policy_step_has_ratio_one_and_no_clipping(tmp_path):
 @needs_toy
 def test_tree_grpo_with_pruning_kl_and_minibatches_runs(tmp_path):
     config = toy_config(tmp_path, "iterations=1", "prompts_per_iteration=1", "variant=tree_grpo", "fusion=logp",
-                        "width_keep_fraction=0.5", "prune_depths=[1]", "kl_beta=0.01", "trees_per_update=1",
+                        "width_keep_fraction=0.5", "prune_depths=[1]", "ppo.kl_beta=0.01", "trees_per_update=1",
                         "rollout.guidance_scale=1.0", "eval_prompts=['a red digit 3']", "eval.per_prompt=1",
                         "eval.num_steps=2")
     bg.train(config)

@@ -106,7 +106,7 @@ def train_flow_grpo(tmp_path, cfg_split: bool, *extra: str):
     config = load_config(module.CONFIG, None, [
         "model.name=toy", "model.device=cpu", "rewards=[digit]", "heldout_rewards=[]", "prompts=['3', '7']",
         "eval_prompts=['3']", "eval.per_prompt=1", "eval.num_steps=2", "iterations=2", "prompts_per_iteration=2",
-        "group_size=3", "rollout.num_steps=4", "kl_beta=0.04", "inner_epochs=2", "lora.rank=4",
+        "group_size=3", "rollout.num_steps=4", "ppo.kl_beta=0.04", "ppo.inner_epochs=2", "lora.rank=4",
         "run.log_with=none", "run.progress=false", "run.checkpoint_every=0", f"run.output_dir={tmp_path}",
         f"rollout.cfg_split={cfg_split}", *extra])
     module.train(config)
@@ -131,7 +131,7 @@ def test_flow_grpo_with_cfg_split_is_on_policy_exactly_and_trains_as_the_joint_b
 
 def test_cfg_split_with_a_full_cfg_gradient_is_refused():
     module = trainer_module("flow_grpo")
-    config = load_config(module.CONFIG, None, ["model.name=toy", "cfg_grad=full"])
+    config = load_config(module.CONFIG, None, ["model.name=toy", "ppo.cfg_grad=full"])
     with pytest.raises(ConfigError, match="rollout.cfg_split needs cfg_grad: cond_only"):
         module.check_config(config)
 
@@ -189,8 +189,8 @@ def test_reuse_rollout_graph_with_chunked_rollouts_keeps_the_chunks_graphs(tmp_p
     """run.rollout_chunks=2: the chunks' kept graphs are joined with their graphs, the first ratio
     is exactly 1 and the gradient is the re-scoring run's."""
     reused = [m for m in train_flow_grpo(tmp_path / "reuse", True, "reuse_rollout_graph=true", "run.rollout_chunks=2",
-                                         "iterations=1", "inner_epochs=1") if "train/loss" in m]
+                                         "iterations=1", "ppo.inner_epochs=1") if "train/loss" in m]
     plain = [m for m in train_flow_grpo(tmp_path / "rescore", True, "run.rollout_chunks=2", "iterations=1",
-                                        "inner_epochs=1") if "train/loss" in m]
+                                        "ppo.inner_epochs=1") if "train/loss" in m]
     assert reused[0]["train/on_policy_approx_kl"] == 0.0
     assert reused[0]["train/grad_norm"] == pytest.approx(plain[0]["train/grad_norm"], rel=1e-5)

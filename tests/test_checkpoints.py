@@ -22,8 +22,8 @@ def test_split_and_join_tensors_round_trip():
 
 
 def run(out, iterations, adapter=None):
-    module, config = gaussian_trainer("flow_grpo", out, f"iterations={iterations}", "group_size=4", "kl_beta=0",
-                                      "run.checkpoint_every=1", "clip_range=0.2")
+    module, config = gaussian_trainer("flow_grpo", out, f"iterations={iterations}", "group_size=4", "ppo.kl_beta=0",
+                                      "run.checkpoint_every=1", "ppo.clip_range=0.2")
     adapter = adapter or GaussianAdapter(shape=(3, 4, 4))
     module.train(config, adapter=adapter)
     return adapter.denoiser.gain.detach().clone()
@@ -108,8 +108,8 @@ def test_a_resumed_run_never_logs_an_iteration_twice(tmp_path, monkeypatch):
     from align.trainers import flow_grpo
 
     whole = run(tmp_path / "whole", 5)
-    module, config = gaussian_trainer("flow_grpo", tmp_path / "parts", "iterations=5", "group_size=4", "kl_beta=0",
-                                      "run.checkpoint_every=2", "clip_range=0.2")
+    module, config = gaussian_trainer("flow_grpo", tmp_path / "parts", "iterations=5", "group_size=4", "ppo.kl_beta=0",
+                                      "run.checkpoint_every=2", "ppo.clip_range=0.2")
     crash_on_call(monkeypatch, flow_grpo, "sample_and_score", 4,
                   lambda: module.train(config, adapter=GaussianAdapter(shape=(3, 4, 4))))
     rows = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]

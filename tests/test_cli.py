@@ -84,7 +84,7 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     assert main(["train", "flow_grpo", "--config", str(tmp_path / "none.yaml"), "clip_rnage=1"]) == 2
     assert "not found" in capsys.readouterr().err  # parsed as an override, then the file check fails first
     assert main(["train", "flow_grpo", "clip_rnage=1", "--config", str(QUICKSTART)]) == 2
-    assert "did you mean 'clip_range'" in capsys.readouterr().err
+    assert "did you mean 'ppo.clip_range'" in capsys.readouterr().err
 
 
 def test_print_config_shows_the_resolved_config_and_it_loads_back(tmp_path, capsys):
@@ -92,15 +92,15 @@ def test_print_config_shows_the_resolved_config_and_it_loads_back(tmp_path, caps
     from align.trainers import trainer_module
 
     out = tmp_path / "run"
-    assert main(["train", "flow_grpo", "--print-config", "--config", str(QUICKSTART), "clip_range=0.1",
+    assert main(["train", "flow_grpo", "--print-config", "--config", str(QUICKSTART), "ppo.clip_range=0.1",
                  f"run.output_dir={out}"]) == 0
     text = capsys.readouterr().out
     path = tmp_path / "resolved.yaml"
     path.write_text(text)
     module = trainer_module("flow_grpo")
     resolved = load_config(module.CONFIG, path)
-    assert resolved == load_config(module.CONFIG, QUICKSTART, ["clip_range=0.1", f"run.output_dir={out}"])
-    assert resolved.clip_range == 0.1 and resolved.iterations == 20
+    assert resolved == load_config(module.CONFIG, QUICKSTART, ["ppo.clip_range=0.1", f"run.output_dir={out}"])
+    assert resolved.ppo.clip_range == 0.1 and resolved.iterations == 20
     assert not out.exists()  # printed only: no run started
 
 

@@ -40,7 +40,7 @@ def test_a_compiled_run_starts_on_policy(tmp_path):
     module = trainer_module("flow_grpo")
     config = load_config(module.CONFIG, None, [
         "rewards=[digit]", "iterations=1", "prompts_per_iteration=2", "rollout.num_steps=4", "group_size=4",
-        "kl_beta=0.01", "run.compile=true", "run.compile_options={backend: aot_eager}", "eval.per_prompt=1",
+        "ppo.kl_beta=0.01", "run.compile=true", "run.compile_options={backend: aot_eager}", "eval.per_prompt=1",
         "eval.num_steps=2", "eval_prompts=['a red digit 3']", "heldout_rewards=[]", "run.log_with=none",
         "run.progress=false", "run.checkpoint_every=0", f"run.output_dir={tmp_path}"])
     module.train(config)

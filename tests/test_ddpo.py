@@ -6,6 +6,7 @@ can move (mean brightness)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,7 @@ def test_on_policy_ratio_is_exactly_one_and_running_stats_take_over(sd_dirs, tmp
     # two passes over each batch: the first is on-policy, the second sees the updated weights. The
     # minibatch is the whole rollout batch: a smaller one changes the UNet's float rounding (batch-
     # size dependent kernels) and the on-policy log-ratios are then ~1e-7 rather than exactly 0
-    train(make_config(sd_dirs(prediction_type), out, inner_epochs=2))
+    train(make_config(sd_dirs(prediction_type), out, ppo=replace(DDPOConfig().ppo, inner_epochs=2)))
     rows = training_rows(out)
     assert [m["iteration"] for m in rows] == [1, 2, 3]
     for m in rows:
@@ -109,7 +110,7 @@ def test_running_stats_survive_a_resume(sd_dirs, tmp_path):
     from align.checkpoints import read_part
 
     saved = read_part(out / "checkpoints" / "iteration-000002", "state")
-    assert len(saved["extra"]["prompt_stats"][PROMPTS[0]]) == 16
+    assert len(saved["trainer"]["prompt_stats"][PROMPTS[0]]) == 16
 
 
 @pytest.mark.parametrize("reward", ["test_ddpo_brightness", "test_ddpo_darkness"])

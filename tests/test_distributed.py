@@ -151,7 +151,7 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     near its eps, since it divides each element by its own magnitude."""
     common = ["train", "flow_grpo", "--config", str(ROOT / "configs/quickstart.yaml"), "iterations=2",
               "group_size=4", "rollout.num_steps=4", "eval.per_prompt=1", "run.resume=null", "run.progress=false",
-              "run.checkpoint_every=0", "run.log_with=none", "kl_beta=0.04"]
+              "run.checkpoint_every=0", "run.log_with=none", "ppo.kl_beta=0.04"]
     runs = {
         "two": ([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29525",
                  "-m", "align"], ["prompts_per_iteration=1", "run.rollout_chunks=1"]),
@@ -200,7 +200,7 @@ def test_fsdp2_fully_shard_trains_as_ddp_saves_whole_weights_and_resumes(tmp_pat
 
     common = ["train", "flow_grpo", "--config", str(ROOT / "configs/quickstart.yaml"), "group_size=4",
               "rollout.num_steps=4", "eval.per_prompt=1", "run.progress=false", "run.checkpoint_every=1",
-              "run.log_with=none", "kl_beta=0.04", f"lora.enabled={lora}"] + ([] if lora else ["optim.lr=0.0002"])
+              "run.log_with=none", "ppo.kl_beta=0.04", f"lora.enabled={lora}"] + ([] if lora else ["optim.lr=0.0002"])
     lr = 0.002 if lora else 0.0002
     sharded, ddp = tmp_path / "sharded", tmp_path / "ddp"
     torchrun(29527, *common, "iterations=2", "run.fully_shard=true", f"run.output_dir={sharded}")

@@ -22,12 +22,12 @@ def write(tmp_path, name, text):
 
 #: (id, command, what the line must name) -- docs/errors.md has the same table
 CASES = [
-    ("negative clip_range", ["train", "flow_grpo", "clip_range=-1"], "clip_range must be > 0"),
-    ("negative adv_clip", ["train", "flow_grpo", "adv_clip=-2"], "adv_clip must be > 0"),
+    ("negative clip_range", ["train", "flow_grpo", "ppo.clip_range=-1"], "clip_range must be > 0"),
+    ("negative adv_clip", ["train", "flow_grpo", "ppo.adv_clip=-2"], "adv_clip must be > 0"),
     ("negative learning rate", ["train", "flow_grpo", "optim.lr=-1e-4"], "optim.lr must be > 0"),
-    ("negative kl_beta", ["train", "dense_grpo", "kl_beta=-0.1"], "kl_beta must be >= 0"),
+    ("negative kl_beta", ["train", "dense_grpo", "ppo.kl_beta=-0.1"], "kl_beta must be >= 0"),
     ("zero iterations", ["train", "flow_grpo", "iterations=0"], "iterations must be > 0"),
-    ("zero inner epochs", ["train", "flow_grpo", "inner_epochs=0"], "inner_epochs must be > 0"),
+    ("zero inner epochs", ["train", "flow_grpo", "ppo.inner_epochs=0"], "inner_epochs must be > 0"),
     ("zero batch size", ["train", "flow_grpo", "train_batch_size=0"], "train_batch_size must be > 0"),
     ("zero eval samples", ["train", "flow_grpo", "eval.per_prompt=0"], "eval.per_prompt must be > 0"),
     ("negative noise level", ["train", "flow_grpo", "rollout.kernel_params={noise_level: -0.5}"],
@@ -51,8 +51,8 @@ CASES = [
      "--guide 'stroke_thickness=heavy': the weight 'heavy' is not a number"),
     ("guidance: process weight without guidance", ["train", "flow_grpo", "process_weight=0.5"],
      "process_weight needs guidance.rewards"),
-    ("cfg_split with a full CFG gradient", ["train", "flow_grpo", "cfg_grad=full"],
-     "rollout.cfg_split needs cfg_grad: cond_only"),
+    ("cfg_split with a full CFG gradient", ["train", "flow_grpo", "ppo.cfg_grad=full"],
+     "rollout.cfg_split needs ppo.cfg_grad: cond_only"),
     ("rollout graphs with several minibatches", ["train", "flow_grpo", "reuse_rollout_graph=true", "train_batch_size=4"],
      "reuse_rollout_graph: it needs one minibatch per update"),
     ("max_batch with fully_shard", ["train", "flow_grpo", "run.fully_shard=true", "rollout.max_batch=4"],
@@ -130,7 +130,7 @@ def test_bad_value_is_one_line_before_loading(case, args, expected, tmp_path, ca
 
 
 def test_print_config_runs_the_same_validation(tmp_path, capsys, no_model_load):
-    assert main(["train", "flow_grpo", "--print-config", "adv_clip=-1"]) == 2
+    assert main(["train", "flow_grpo", "--print-config", "ppo.adv_clip=-1"]) == 2
     assert "adv_clip must be > 0" in capsys.readouterr().err
 
 

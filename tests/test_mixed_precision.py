@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not (TOY_WEIGHTS_DIR / "config.json").exists(), reason="toy model weights not built")]
 
 OPTIONS = {
-    "flow_grpo": ["group_size=4", "kl_beta=0.01"],
+    "flow_grpo": ["group_size=4", "ppo.kl_beta=0.01"],
     "branch_grpo": ["rollout.split_steps=[0,2]", "trees_per_prompt=1"],
     "dense_grpo": ["group_size=4"],
     "tempflow_grpo": ["group_size=1", "branches_per_step=2", "steps_per_iteration=2"],

@@ -36,7 +36,7 @@ class Brightness(Reward):
 
 def config_for(name, tmp_path, *extra):
     module = trainer_module(name)
-    overrides = ["rewards=[test_optimizer_brightness]", "prompts=['0.5']", "eval_prompts=['0.5']", "kl_beta=0",
+    overrides = ["rewards=[test_optimizer_brightness]", "prompts=['0.5']", "eval_prompts=['0.5']", "ppo.kl_beta=0",
                  "lora.enabled=false", f"run.output_dir={tmp_path / name}", "rollout.num_steps=6",
                  "run.log_with=none", "prompts_per_iteration=1", "run.progress=false", "eval.per_prompt=16"]
     return module, load_config(module.CONFIG, None, overrides + list(extra))

@@ -12,7 +12,7 @@ import torch
 from align.config import load_config
 from align.losses import flow_grpo_kl, mean_kl
 from align.sampling.kernels import flow_grpo_sde_step, flow_grpo_std
-from align.trainers import trainer_module
+from align.trainers import ppo, trainer_module
 from tests.conftest import GaussianAdapter
 from tests.conftest import gaussian_trainer as configured
 
@@ -76,8 +76,8 @@ def test_kl_form_in_a_trainer_run(tmp_path):
     same in both runs: the KL has no gradient at the reference) is exact = flow_grpo / (-dt_2)."""
     kl = {}
     for form in ("flow_grpo", "exact"):
-        module, config = configured("flow_grpo", tmp_path / form, "group_size=8", "kl_beta=1.0",
-                                    "rollout.sde_steps=[2]", f"kl_form={form}")
+        module, config = configured("flow_grpo", tmp_path / form, "group_size=8", "ppo.kl_beta=1.0",
+                                    "rollout.sde_steps=[2]", f"ppo.kl_form={form}")
         adapter = GaussianAdapter(shape=(3, 4, 4))
         module.train(config, adapter=adapter)
         kl[form] = trained_rows(tmp_path / form)[1]["train/kl"]
@@ -89,8 +89,8 @@ def test_kl_form_in_a_trainer_run(tmp_path):
 def test_flow_trainers_default_to_the_reference_conventions():
     for name in ("flow_grpo", "branch_grpo", "dense_grpo", "tempflow_grpo"):
         config = trainer_module(name).CONFIG()
-        assert (config.kl_form, config.cfg_grad) == ("flow_grpo", "cond_only"), name
-    assert trainer_module("ddpo").CONFIG().cfg_grad == "full"
+        assert (config.ppo.kl_form, config.ppo.cfg_grad) == ("flow_grpo", "cond_only"), name
+    assert trainer_module("ddpo").CONFIG().ppo.cfg_grad == "full"
 
 
 # --- Flow-GRPO: LoRA targets, EMA, sequence length ------------------------------------------------
@@ -127,7 +127,7 @@ def test_ema_every_n_updates_and_the_exported_lora_is_the_ema(tmp_path):
         "model.name=toy", "rewards=[digit]", "iterations=4", "prompts_per_iteration=1", "group_size=4",
         "rollout.num_steps=3", "rollout.guidance_scale=1.0", "lora.rank=2", "lora.alpha=4", "optim.lr=0.01",
         "optim.ema_decay=0.5", "optim.ema_every=2", "eval.per_prompt=1", "eval_prompts=['a red digit 3']",
-        f"run.output_dir={out}", "run.log_with=none", "run.progress=false", "run.checkpoint_every=4", "kl_beta=0"])
+        f"run.output_dir={out}", "run.log_with=none", "run.progress=false", "run.checkpoint_every=4", "ppo.kl_beta=0"])
     module.train(config)
     checkpoint = out / "checkpoints" / "iteration-000004"
     from align.checkpoints import read_part
@@ -149,18 +149,18 @@ def test_ema_every_n_updates_and_the_exported_lora_is_the_ema(tmp_path):
 def steps_trained_per_row(monkeypatch, tmp_path, selection):
     module = trainer_module("flow_grpo")
     seen: dict[int, set[int]] = {}
-    original = module.ppo_transition_loss
+    original = ppo.ppo_transition_loss
 
     def spy(run_, part, *args, **kwargs):
         for row in part.rows.tolist():
             seen.setdefault(row, set()).add(part.step)
         return original(run_, part, *args, **kwargs)
 
-    monkeypatch.setattr(module, "ppo_transition_loss", spy)
-    _, config = configured("flow_grpo", tmp_path, "group_size=8", "kl_beta=0", "iterations=1",
-                           "rollout.num_steps=11", "timestep_fraction=0.6", f"timestep_selection={selection}")
+    monkeypatch.setattr(ppo, "ppo_transition_loss", spy)
+    _, config = configured("flow_grpo", tmp_path, "group_size=8", "ppo.kl_beta=0", "iterations=1",
+                           "rollout.num_steps=11", "ppo.timestep_fraction=0.6", f"ppo.timestep_selection={selection}")
     module.train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
-    monkeypatch.setattr(module, "ppo_transition_loss", original)
+    monkeypatch.setattr(ppo, "ppo_transition_loss", original)
     return seen
 
 
@@ -312,7 +312,7 @@ def test_edge_fusion_is_a_recursive_softmax_over_one_step_log_probs():
 
 def test_edges_per_update_steps_the_optimizer_every_n_edges(tmp_path):
     module, config = configured("branch_grpo", tmp_path, "group_size=0", "rollout.split_steps=[0,2]",
-                                "trees_per_prompt=2", "edges_per_update=5", "iterations=1", "clip_range=0.2")
+                                "trees_per_prompt=2", "edges_per_update=5", "iterations=1", "ppo.clip_range=0.2")
     module.train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
     row = trained_rows(tmp_path)[0]
     assert row["tree/edges_trained"] > 5
@@ -404,8 +404,8 @@ def test_model_max_sequence_length_reaches_the_t5_encoder(tmp_path):
 def test_updates_per_epoch_makes_that_many_updates_and_the_first_is_on_policy(tmp_path):
     """updates_per_epoch=2 (the reference's) with 2 inner epochs: 4 updates an iteration; before the
     first one every transition re-scores exactly; later minibatches are off-policy (ratios move)."""
-    module, config = configured("flow_grpo", tmp_path, "group_size=8", "kl_beta=0", "iterations=1",
-                                "updates_per_epoch=2", "inner_epochs=2", "clip_range=1e-6")
+    module, config = configured("flow_grpo", tmp_path, "group_size=8", "ppo.kl_beta=0", "iterations=1",
+                                "updates_per_epoch=2", "ppo.inner_epochs=2", "ppo.clip_range=1e-6")
     module.train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
     row = trained_rows(tmp_path)[0]
     assert row["train/updates"] == 4
@@ -419,7 +419,7 @@ def test_edge_minibatches_let_the_clip_act(tmp_path):
     rows = {}
     for label, extra in (("edges", ["edges_per_update=4"]), ("one", [])):
         module, config = configured("branch_grpo", tmp_path / label, "group_size=0", "rollout.split_steps=[0,2]",
-                                    "trees_per_prompt=2", "iterations=1", "clip_range=1e-6", *extra)
+                                    "trees_per_prompt=2", "iterations=1", "ppo.clip_range=1e-6", *extra)
         module.train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
         rows[label] = trained_rows(tmp_path / label)[0]
     assert rows["edges"]["train/clip_fraction"] > 0 and rows["one"]["train/clip_fraction"] == 0.0

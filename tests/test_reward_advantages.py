@@ -13,7 +13,7 @@ import torch
 
 from align.advantages import group_advantages
 from align.config import load_config
-from align.trainers import trainer_module
+from align.trainers import ppo, trainer_module
 from rewards.base import Reward, register_reward
 from tests.conftest import GaussianAdapter, GaussianDDPMAdapter
 
@@ -72,19 +72,19 @@ def run(trainer, tmp_path, rewards, *extra, spy_on="ppo_transition_loss", monkey
         "run.progress=false", "eval.per_prompt=8", "rollout.num_steps=4", *extra])
     seen: dict[int, float] = {}
     if spy_on == "ppo_transition_loss":
-        original = module.ppo_transition_loss
+        original = ppo.ppo_transition_loss
 
-        def spy(run_, part, cond, schedule, rollout_config, advantages, **kwargs):
+        def spy(run_, part, batch, advantages, *args, **kwargs):
             for row, value in zip(part.rows.tolist(), advantages.tolist()):
                 seen[row] = value
-            return original(run_, part, cond, schedule, rollout_config, advantages, **kwargs)
+            return original(run_, part, batch, advantages, *args, **kwargs)
     else:  # diffusion_nft: the optimality weight is a function of the advantages
         original = module.optimality
 
         def spy(advantages, adv_clip):
             seen.update(enumerate(advantages.tolist()))
             return original(advantages, adv_clip)
-    monkeypatch.setattr(module, spy_on, spy)
+    monkeypatch.setattr(ppo if spy_on == "ppo_transition_loss" else module, spy_on, spy)
     CALLS.clear()
     adapter = GaussianDDPMAdapter() if trainer == "ddpo" else GaussianAdapter(shape=(3, 4, 4))
     summary = module.train(config, adapter=adapter)
@@ -103,7 +103,7 @@ COMBINATION = "[{name: test_adv_bright, weight: 2.0}, {name: test_adv_two_dims, 
 
 
 @pytest.mark.parametrize("trainer, spy_on, options", [
-    ("flow_grpo", "ppo_transition_loss", ["kl_beta=0", "adv_std=group"]),
+    ("flow_grpo", "ppo_transition_loss", ["ppo.kl_beta=0", "adv_std=group"]),
     ("diffusion_nft", "optimality", ["adv_std=group"]),
 ])
 def test_sum_rewards_trains_exactly_the_combinations_total(trainer, spy_on, options, tmp_path, monkeypatch):
@@ -121,7 +121,7 @@ def test_sum_rewards_trains_exactly_the_combinations_total(trainer, spy_on, opti
 @pytest.mark.parametrize("trainer, spy_on", [("flow_grpo", "ppo_transition_loss"), ("diffusion_nft", "optimality")])
 def test_sum_advantages_sums_the_top_level_rewards_with_their_weights(trainer, spy_on, tmp_path, monkeypatch):
     seen, _, _ = run(trainer, tmp_path, COMBINATION, "multi_reward=sum_advantages", "adv_std=group",
-                     *(["kl_beta=0"] if trainer == "flow_grpo" else []), spy_on=spy_on, monkeypatch=monkeypatch)
+                     *(["ppo.kl_beta=0"] if trainer == "flow_grpo" else []), spy_on=spy_on, monkeypatch=monkeypatch)
     bright = training_scores("bright")["score"]
     two = training_scores("two_dims")
     a_bright, _ = group_advantages(bright, GROUPS)
@@ -135,7 +135,7 @@ def test_unscored_rows_are_dropped_from_their_groups(tmp_path, monkeypatch):
     """With the global std (where one NaN used to make every advantage NaN): group 0 keeps one
     scored member and is dropped; group 1 is normalised over its three scored members; unscored
     rows are never trained; the metrics count them."""
-    seen, rows, summary = run("flow_grpo", tmp_path, "[test_adv_partial]", "adv_std=global", "kl_beta=0",
+    seen, rows, summary = run("flow_grpo", tmp_path, "[test_adv_partial]", "adv_std=global", "ppo.kl_beta=0",
                               monkeypatch=monkeypatch)
     scores = training_scores("partial")
     assert sorted(seen) == [4, 6, 7]  # the trained rows: group 1's scored members

@@ -31,22 +31,24 @@ def config_for(name, tmp_path, *extra):
     module = trainer_module(name)
     overrides = ["rewards=[test_brightness]", "prompts=['0.5']", "eval_prompts=['0.5']", "iterations=6",
                  "lora.enabled=false", f"run.output_dir={tmp_path / name}", "optim.lr=0.05",
-                 "clip_range=0.2", "rollout.num_steps=6", "run.log_with=none", "prompts_per_iteration=1",
+                 "ppo.clip_range=0.2", "rollout.num_steps=6", "run.log_with=none", "prompts_per_iteration=1",
                  "run.progress=false", "eval.per_prompt=16"]
     if name in ("flow_grpo", "dense_grpo", "tempflow_grpo", "branch_grpo", "ddpo"):
-        overrides.append("kl_beta=0")
+        overrides.append("ppo.kl_beta=0")
     return module, load_config(module.CONFIG, None, overrides + list(extra))
 
 
 def test_unknown_key_is_a_one_line_error_with_the_closest_name():
     module = trainer_module("flow_grpo")
-    with pytest.raises(ConfigError, match="did you mean 'clip_range'") as err:
+    with pytest.raises(ConfigError, match="did you mean 'ppo.clip_range'") as err:
         load_config(module.CONFIG, None, ["clip_rnage=0.1"])
     assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="clip_range: it belongs to a block; write ppo.clip_range"):
+        load_config(module.CONFIG, None, ["clip_range=0.1"])
     with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
         load_config(module.CONFIG, None, ["optim.lrr=0.1"])
     with pytest.raises(ConfigError, match="clip_range"):
-        load_config(module.CONFIG, None, ["clip_range=abc"])
+        load_config(module.CONFIG, None, ["ppo.clip_range=abc"])
     with pytest.raises(ConfigError, match="did you mean 'flow_grpo'"):
         trainer_module("flow_grp")
 
@@ -59,7 +61,7 @@ def test_unknown_reward_fails_before_the_model_loads(tmp_path):
 
 
 @pytest.mark.parametrize("name,options", [
-    ("flow_grpo", []), ("flow_grpo", ["guard=true", "inner_epochs=2", "train_batch_size=4"]),
+    ("flow_grpo", []), ("flow_grpo", ["guard=true", "ppo.inner_epochs=2", "train_batch_size=4"]),
     ("flow_grpo", ["window_size=2", "rollout.kernel=cps"]), ("dense_grpo", ["calibrate_noise=true"]),
     ("tempflow_grpo", [])])
 def test_trainer_raises_the_reward_of_an_analytic_model(name, options, tmp_path):

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from align.trainers import trainer_module
+from align.trainers import ppo, trainer_module
 from rewards.base import Reward
 from tests.conftest import GaussianAdapter, gaussian_trainer
 
@@ -48,7 +48,7 @@ def image_adapter():
 def steps_per_iteration(monkeypatch, module, name, tmp_path, *extra):
     """The steps trained in each iteration (the trainer's per-step PPO calls, in order)."""
     iterations: list[list[int]] = []
-    spy = Spy(monkeypatch, module, "ppo_transition_loss", lambda a, k, out: a[1].step)
+    spy = Spy(monkeypatch, ppo, "ppo_transition_loss", lambda a, k, out: a[1].step)
     progress = module.progress
 
     class Counting(progress):
@@ -66,7 +66,7 @@ def steps_per_iteration(monkeypatch, module, name, tmp_path, *extra):
 
 def test_sliding_window_moves_one_step_every_n_iterations(monkeypatch, tmp_path):
     module = trainer_module("flow_grpo")
-    trained = steps_per_iteration(monkeypatch, module, "flow_grpo", tmp_path, "group_size=4", "kl_beta=0",
+    trained = steps_per_iteration(monkeypatch, module, "flow_grpo", tmp_path, "group_size=4", "ppo.kl_beta=0",
                                   "window_size=2", "window_mode=sliding", "window_slide_every=2", "iterations=8")
     # 6 steps, windows of 2 end before the last step: starts 0..3, one step later every 2 iterations
     assert trained == [[0, 1], [0, 1], [1, 2], [1, 2], [2, 3], [2, 3], [3, 4], [3, 4]]
@@ -74,7 +74,7 @@ def test_sliding_window_moves_one_step_every_n_iterations(monkeypatch, tmp_path)
 
 def test_random_window_trains_only_its_steps(monkeypatch, tmp_path):
     module = trainer_module("flow_grpo")
-    trained = steps_per_iteration(monkeypatch, module, "flow_grpo", tmp_path, "group_size=4", "kl_beta=0",
+    trained = steps_per_iteration(monkeypatch, module, "flow_grpo", tmp_path, "group_size=4", "ppo.kl_beta=0",
                                   "window_size=2", "window_mode=random", "iterations=8")
     assert all(len(s) == 2 and s[1] == s[0] + 1 and s[1] < 5 for s in trained)
     assert len({tuple(s) for s in trained}) > 1  # the window moves at random
@@ -82,12 +82,12 @@ def test_random_window_trains_only_its_steps(monkeypatch, tmp_path):
 
 def test_timestep_fraction_trains_a_random_subset_of_the_steps(monkeypatch, tmp_path):
     module = trainer_module("flow_grpo")
-    trained = steps_per_iteration(monkeypatch, module, "flow_grpo", tmp_path, "group_size=4", "kl_beta=0",
-                                  "timestep_fraction=0.4", "iterations=6")
+    trained = steps_per_iteration(monkeypatch, module, "flow_grpo", tmp_path, "group_size=4", "ppo.kl_beta=0",
+                                  "ppo.timestep_fraction=0.4", "iterations=6")
     # 5 trainable steps (the last one is not), 40% of them: 2, a different draw each iteration
     assert all(len(s) == 2 and len(set(s)) == 2 and max(s) < 5 for s in trained)
     assert len({tuple(s) for s in trained}) > 1
-    full = steps_per_iteration(monkeypatch, module, "flow_grpo", tmp_path / "full", "group_size=4", "kl_beta=0",
+    full = steps_per_iteration(monkeypatch, module, "flow_grpo", tmp_path / "full", "group_size=4", "ppo.kl_beta=0",
                                "iterations=1")
     assert full == [[0, 1, 2, 3, 4]]
 
@@ -98,14 +98,14 @@ def test_tempflow_noise_weighting_scales_each_steps_loss_by_its_noise_level(weig
     the high-noise steps that decide the layout are not drowned by the low-noise ones."""
     module = trainer_module("tempflow_grpo")
     stds, backward = [], []
-    original_loss = module.ppo_transition_loss
+    original_loss = ppo.ppo_transition_loss
 
     def unit_loss(run_, part, *args, **kwargs):  # the real loss, replaced by 1: backward sees the weight
         original_loss(run_, part, *args, **kwargs)
         stds.append(float(part.std.mean()))
         return torch.ones((), requires_grad=True), {}
 
-    monkeypatch.setattr(module, "ppo_transition_loss", unit_loss)
+    monkeypatch.setattr(ppo, "ppo_transition_loss", unit_loss)
     from accelerate import Accelerator
 
     original = Accelerator.backward
@@ -130,8 +130,8 @@ def test_grpo_guard_centres_every_steps_log_ratio(monkeypatch, tmp_path):
     def log_ratio_means(guard, out):
         spy = Spy(monkeypatch, align.losses, "ppo_clip_loss",
                   lambda a, k, o: (a[0] - a[1]).detach())
-        _, config = configured("flow_grpo", out, "group_size=8", "kl_beta=0", "inner_epochs=2", "iterations=2",
-                               "clip_range=0.2", f"guard={str(guard).lower()}")
+        _, config = configured("flow_grpo", out, "group_size=8", "ppo.kl_beta=0", "ppo.inner_epochs=2", "iterations=2",
+                               "ppo.clip_range=0.2", f"guard={str(guard).lower()}")
         trainer_module("flow_grpo").train(config, adapter=image_adapter())
         monkeypatch.setattr(align.losses, "ppo_clip_loss", spy.original)
         return spy.calls
@@ -145,7 +145,7 @@ def test_grpo_guard_centres_every_steps_log_ratio(monkeypatch, tmp_path):
 
 
 def test_max_nfe_stops_the_run_once_the_budget_is_spent(tmp_path):
-    module, config = configured("flow_grpo", tmp_path, "group_size=4", "kl_beta=0", "iterations=10",
+    module, config = configured("flow_grpo", tmp_path, "group_size=4", "ppo.kl_beta=0", "iterations=10",
                                 "max_nfe=60")  # 4 rows x 6 steps = 24 evaluations an iteration
     module.train(config, adapter=image_adapter())
     trained = [m for m in metrics(tmp_path) if "train/loss" in m]
@@ -156,9 +156,9 @@ def test_dense_grpo_calibration_moves_each_steps_noise_toward_the_mean_spread(mo
     """After one iteration, steps whose gains spread less than the mean get more noise and the
     others less; the next iteration's rollout samples (and records) each step with its new scale."""
     module = trainer_module("dense_grpo")
-    spy = Spy(monkeypatch, module, "ppo_transition_loss", lambda a, k, out: (a[1].step, a[1].noise_scale))
+    spy = Spy(monkeypatch, ppo, "ppo_transition_loss", lambda a, k, out: (a[1].step, a[1].noise_scale))
     _, config = configured("dense_grpo", tmp_path, "group_size=4", "iterations=2", "calibrate_noise=true",
-                           "calibration_bounds=[0.1,10.0]", "clip_range=0.2")
+                           "calibration_bounds=[0.1,10.0]", "ppo.clip_range=0.2")
     module.train(config, adapter=image_adapter())
     first = next(m for m in metrics(tmp_path) if "train/loss" in m)
     spreads = torch.tensor([first[f"dense/gain_std/step{t}"] for t in range(5)])
@@ -174,8 +174,8 @@ def test_kl_term_is_zero_on_the_reference_then_holds_the_policy_back(tmp_path):
     """The KL to the reference (a frozen copy in full fine-tuning) is exactly 0 before the first
     update, positive after, and a strong KL keeps the trained weight closer to the reference."""
     def run(beta, out):
-        module, config = configured("flow_grpo", out, "group_size=8", f"kl_beta={beta}", "iterations=5",
-                                    "clip_range=0.2")
+        module, config = configured("flow_grpo", out, "group_size=8", f"ppo.kl_beta={beta}", "iterations=5",
+                                    "ppo.clip_range=0.2")
         adapter = image_adapter()
         module.train(config, adapter=adapter)
         return adapter.denoiser.gain.item(), [m for m in metrics(out) if "train/loss" in m]
@@ -211,7 +211,7 @@ def test_evaluation_uses_its_own_negative_prompt_kernel_and_seed(monkeypatch, tm
     monkeypatch.setattr(GaussianAdapter, "encode", spy)
 
     def before(out, *extra):
-        module, config = configured("flow_grpo", out, "group_size=4", "kl_beta=0", "iterations=1",
+        module, config = configured("flow_grpo", out, "group_size=4", "ppo.kl_beta=0", "iterations=1",
                                     "rollout.guidance_scale=2.0", *extra)
         encoded.clear()
         return module.train(config, adapter=image_adapter())["reward_before"], list(encoded)

@@ -27,8 +27,8 @@ MODELS = {
 }
 
 TRAINERS = {
-    "flow_grpo": ["group_size=4", "kl_beta=0.01"],
-    "branch_grpo": ["rollout.split_steps=[0,2]", "trees_per_prompt=1", "kl_beta=0.01"],
+    "flow_grpo": ["group_size=4", "ppo.kl_beta=0.01"],
+    "branch_grpo": ["rollout.split_steps=[0,2]", "trees_per_prompt=1", "ppo.kl_beta=0.01"],
     "dense_grpo": ["group_size=2"],
     "tempflow_grpo": ["group_size=1", "branches_per_step=2", "steps_per_iteration=2"],
     "diffusion_nft": ["group_size=4", "t_per_sample=1"],
@@ -106,8 +106,8 @@ except ImportError:  # tests/ on sys.path
 
 #: trainer family -> its overrides (the digit classifier is differentiable: reward backprop trains on it)
 FAMILY_TRAINERS = {
-    "flow_grpo": ["trainer=flow_grpo", "group_size=2", "kl_beta=0.01"],
-    "branch_grpo": ["trainer=branch_grpo", "rollout.split_steps=[0,2]", "trees_per_prompt=1", "kl_beta=0.01"],
+    "flow_grpo": ["trainer=flow_grpo", "group_size=2", "ppo.kl_beta=0.01"],
+    "branch_grpo": ["trainer=branch_grpo", "rollout.split_steps=[0,2]", "trees_per_prompt=1", "ppo.kl_beta=0.01"],
     "diffusion_nft": ["trainer=diffusion_nft", "group_size=2", "t_per_sample=1"],
     "reward_backprop": ["trainer=reward_backprop", "mode=draft", "truncation_steps=1", "rollout.kernel=ode",
                         "group_size=1"],

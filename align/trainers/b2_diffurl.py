@@ -16,16 +16,17 @@ at first) to ``split_end`` (default 0: finally every step) linearly over ``split
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, replace
 
 from align.advantages import group_advantages
-from align.config import ConfigError, check_choice
-from align.losses import CFG_GRADS, KL_FORMS
+from align.config import ConfigError
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
-                                   ppo_transition_loss, progress, require_stochastic_kernel, reward_metrics,
-                                   sample_and_score, start_run)
+from align.trainers import ppo
+from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
+                                   require_stochastic_kernel, reward_metrics, sample_and_score, start_run)
+from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
 
 
 @dataclass
@@ -41,13 +42,8 @@ class B2DiffuRLConfig(TrainerConfig):
     split_span: int | None = None
     #: copies with |advantage| (in their trajectory's std) at most this are dropped
     keep_threshold: float = 0.5
-    clip_range: float = 0.2
-    adv_clip: float = 5.0
-    kl_beta: float = 0.0
-    kl_form: str = "exact"
-    cfg_grad: str = "cond_only"
-    train_last_step: bool = False
-    inner_epochs: int = 1
+    #: the PPO update: the PPO paper's clip range 0.2, the exact KL form when kl_beta is set
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(clip_range=0.2, kl_form="exact"))
     #: trajectories per prompt (each branches into branch_factor copies)
     group_size: int = 2
 
@@ -55,8 +51,8 @@ class B2DiffuRLConfig(TrainerConfig):
 def check_config(config: B2DiffuRLConfig, adapter=None) -> None:
     check_common(config, adapter)
     require_stochastic_kernel(config.rollout)
-    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
-    check_choice("kl_form", config.kl_form, KL_FORMS)
+    if config.ppo.timestep_fraction < 1:
+        raise ConfigError("ppo.timestep_fraction: b2_diffurl trains every step after its split step; leave it 1")
     steps = config.rollout.num_steps
     if config.branch_factor < 2:
         raise ConfigError(f"branch_factor must be >= 2 (copies compare with each other), got {config.branch_factor}")
@@ -64,8 +60,8 @@ def check_config(config: B2DiffuRLConfig, adapter=None) -> None:
     if not 0 <= config.split_end <= start < steps:
         raise ConfigError(f"need 0 <= split_end <= split_start < rollout.num_steps, got split_end={config.split_end}, "
                           f"split_start={start}")
-    if start == steps - 1 and not config.train_last_step:
-        raise ConfigError(f"split_start={start} is the last step, which is not trained (train_last_step=false): "
+    if start == steps - 1 and not config.ppo.train_last_step:
+        raise ConfigError(f"split_start={start} is the last step, which is not trained (ppo.train_last_step=false): "
                           f"nothing would train; use at most {steps - 2}")
     if config.keep_threshold < 0:
         raise ConfigError(f"keep_threshold must be >= 0, got {config.keep_threshold}")
@@ -87,9 +83,9 @@ def train(config: B2DiffuRLConfig, adapter=None) -> dict[str, float]:
         batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
                                               accelerator.process_index, accelerator.num_processes)
         s = split_step(config, iteration)
-        steps = config.rollout.num_steps
+        num_steps = config.rollout.num_steps
         rollout_config = replace(config.rollout, split_steps=[s], branch_factor=config.branch_factor,
-                                 sde_steps=list(range(s, steps)))
+                                 sde_steps=list(range(s, num_steps)))
         # 1. a deterministic prefix, copies from step s, decode, score
         cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration)
         trajectory = result.ancestor(s)  # each copy's trajectory (a row before the split)
@@ -97,31 +93,28 @@ def train(config: B2DiffuRLConfig, adapter=None) -> dict[str, float]:
 
         # 2. advantages among a trajectory's copies; keep the ones well above / below its mean
         advantages, kept = group_advantages(scores.total.float().cpu(), trajectory.cpu(), std="group",
-                                            clip=config.adv_clip, valid=valid)
+                                            clip=config.ppo.adv_clip, valid=valid)
         keep = kept & (advantages.abs() > config.keep_threshold)
         rows = keep.nonzero().flatten()
         advantages = advantages.to(accelerator.device)
 
-        # 3. PPO on the steps after the split, on the kept copies
-        trained = [t for t in result.main_transitions() if config.train_last_step or t.step != steps - 1]
-        stats = TrainLog()
+        # 3. PPO on the steps after the split, on the kept copies: one update per pass
+        # (every step from s on: timestep_fraction is 1, so the rng draws nothing)
+        steps = ppo.ppo_steps(config.ppo, result.main_transitions(), num_steps, random.Random(iteration))
+        terms = [PPOTerm(t.subset(rows.to(t.rows.device)), advantages[rows], 1 / len(steps))
+                 for t in result.main_transitions(steps)]
+        batch = RolloutBatch(cond, result.schedule, rollout_config)
+        log = TrainLog()
         with run.phase("training"):
-            for _ in range(config.inner_epochs if len(rows) and trained else 0):
+            for _ in range(config.ppo.inner_epochs if len(rows) and terms else 0):
                 with run.accumulate():
-                    for transition in trained:
-                        part = transition.subset(rows.to(transition.rows.device))
-                        loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
-                                                        advantages[rows], clip_range=config.clip_range,
-                                                        kl_beta=config.kl_beta, kl_form=config.kl_form,
-                                                        cfg_grad=config.cfg_grad)
-                        accelerator.backward(loss / len(trained))
-                        stats.add(loss, **ppo)
-                    stats.step(run)
+                    ppo.ppo_backward(run, terms, batch, config.ppo, log)
+                    log.record_update(run.optimizer_step())
 
         # 4. bookkeeping
         metrics = reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()},
                                  run.gather(scores.valid_mask()))
-        metrics.update(stats.metrics())
+        metrics.update(log.metrics())
         metrics.update({"train/split_step": float(s), "advantage/kept_fraction": float(keep.float().mean())})
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)

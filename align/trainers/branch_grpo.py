@@ -37,12 +37,12 @@ from torch import Tensor
 
 from align.advantages import fuse_leaf_rewards, group_advantages, nodes_with_valid_leaves
 from align.config import ConfigError, check_choice
-from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompts_for_iteration
 from align.sampling.rollout import Rollout, RolloutConfig, rollout
+from align.trainers import ppo
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, check_unscored, end_iteration,
-                                   finish_run, ppo_transition_loss, progress, require_stochastic_kernel,
-                                   reward_metrics, start_run, train_rows)
+                                   finish_run, progress, require_stochastic_kernel, reward_metrics, start_run)
+from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
 
 VARIANTS = ("branch_grpo", "tree_grpo")
 
@@ -81,7 +81,6 @@ class BranchGRPOConfig(TrainerConfig):
     #: divide by the std of the group ("group", as the paper) or of all nodes of that depth in the
     #: batch ("global": a tree whose leaves barely differ gets small advantages, not +-1)
     adv_std: str = "group"
-    adv_clip: float = 5.0
     #: one multiplier per split on the kernel's noise level, applied from that split to the next
     #: (depth-varying noise; needs a per-step noise scale in the rollout engine, see
     #: ``per_step_noise_scale``); null: the kernel's level everywhere (times split_noise_scale at splits)
@@ -105,20 +104,8 @@ class BranchGRPOConfig(TrainerConfig):
     #: toy-sized LoRA and learning rate (Flow-GRPO on SD3.5-M: rank 32, alpha 64, lr 3e-4)
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(rank=8, alpha=16.0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
-    #: PPO clip range on the per-step ratio (log-probs are element means)
-    clip_range: float = 1e-3
-    #: weight of the KL to the reference policy (LoRA disabled); 0 turns it off (BranchGRPO: off)
-    kl_beta: float = 0.0
-    #: KL form: "flow_grpo" (the reference's: std_t without the step's sqrt(-dt), so published
-    #: kl_beta values mean what they meant there) or "exact" (the step's Gaussian KL, flow_grpo / (-dt))
-    kl_form: str = "flow_grpo"
-    #: CFG gradient of a training re-score: "cond_only" (the Flow-GRPO reference detaches the
-    #: unconditional branch: g dc) or "full" ((1 - g) du + g dc); the rollout is the same either way
-    cfg_grad: str = "cond_only"
-    #: the last step's std is tiny: it is not trained unless asked
-    train_last_step: bool = False
-    #: passes over each iteration's trees
-    inner_epochs: int = 1
+    #: the PPO update: clip range 1e-3, no KL (BranchGRPO); inner_epochs passes over the trees
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(clip_range=1e-3))
     #: trees per optimizer step (null: all trees of the iteration, one step)
     trees_per_update: int | None = None
     #: kept edges per optimizer step, shuffled across steps and trees (the reference: 12, about 37
@@ -132,16 +119,15 @@ class BranchGRPOConfig(TrainerConfig):
 
 def check_config(config: BranchGRPOConfig, adapter=None) -> None:
     check_common(config, adapter)
-    check_choice("kl_form", config.kl_form, KL_FORMS)
-    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     choices = {"variant": VARIANTS, "fusion": ("mean", "logp", "logp_edge"), "adv_group": ("tree", "prompt"),
                "leaf_sample": ("x0_hat", "final"),
                "adv_std": ("group", "global"), "width_keep": ("both", "best"), "step_weighting": ("edges", "steps")}
     for key, valid in choices.items():
-        if getattr(config, key) not in valid:
-            raise ConfigError(f"{key} must be one of {valid}, got {getattr(config, key)!r}")
+        check_choice(key, getattr(config, key), valid)
+    if config.ppo.timestep_fraction < 1:
+        raise ConfigError("ppo.timestep_fraction: branch_grpo chooses its trained edges by pruning (prune_depths, "
+                          "prune_steps, prune_window, width_keep_fraction); leave it 1")
     r = config.rollout
-    r.validate()
     if not r.split_steps:
         raise ConfigError("a tree needs rollout.split_steps (e.g. [0, 3, 6] of 10 steps)")
     if r.branch_factor < 2:
@@ -158,10 +144,6 @@ def check_config(config: BranchGRPOConfig, adapter=None) -> None:
     if config.group_size not in (0, leaves):
         raise ConfigError(f"group_size {config.group_size} does not match the tree's {leaves} leaves "
                           "(branch_factor ** len(split_steps)); set group_size: 0")
-    if config.trees_per_prompt < 1:
-        raise ConfigError(f"trees_per_prompt must be >= 1, got {config.trees_per_prompt}")
-    if config.fusion_temperature <= 0:
-        raise ConfigError(f"fusion_temperature must be > 0, got {config.fusion_temperature}")
     if not 0 < config.width_keep_fraction <= 1:
         raise ConfigError(f"width_keep_fraction must be in (0, 1], got {config.width_keep_fraction}")
     if config.depth_noise_scale is not None:
@@ -172,12 +154,8 @@ def check_config(config: BranchGRPOConfig, adapter=None) -> None:
             raise ConfigError("depth_noise_scale multipliers must be > 0")
     if config.prune_window is not None and not 1 <= config.prune_window < len(set(r.split_steps)):
         raise ConfigError(f"prune_window must be in 1..{len(set(r.split_steps)) - 1}, got {config.prune_window}")
-    if config.edges_per_update is not None and config.edges_per_update < 1:
-        raise ConfigError(f"edges_per_update must be >= 1, got {config.edges_per_update}")
     if config.edges_per_update is not None and config.trees_per_update is not None:
         raise ConfigError("set one of edges_per_update and trees_per_update, not both")
-    if config.trees_per_update is not None and config.trees_per_update < 1:
-        raise ConfigError(f"trees_per_update must be >= 1, got {config.trees_per_update}")
     recorded = set(range(r.num_steps)) if r.sde_steps is None else set(r.sde_steps)
     if not [s for s in recorded if trainable_step(config, s, depth_of_step(r.split_steps, s))]:
         raise ConfigError("no step is left to train after depth pruning and the last-step rule")
@@ -196,7 +174,7 @@ def depth_of_step(split_steps, step: int) -> int:
 
 
 def trainable_step(config: BranchGRPOConfig, step: int, depth: int, iteration: int = 0) -> bool:
-    if step == config.rollout.num_steps - 1 and not config.train_last_step:
+    if step == config.rollout.num_steps - 1 and not config.ppo.train_last_step:
         return False
     if step in config.prune_steps or depth in config.prune_depths:
         return False
@@ -376,13 +354,28 @@ def update_batches(run, config: BranchGRPOConfig, transitions: dict, edge_rows: 
         selected, edge_weights = {}, {}
         for s in steps:
             in_trees = chosen[transitions[s].prompt_index.cpu()].nonzero().flatten()
-            index, weights = train_rows(run, edge_rows[s][in_trees])
+            index, weights = ppo.train_rows(run, edge_rows[s][in_trees])
             if len(index):
                 selected[s] = in_trees[index]
                 edge_weights[s] = None if weights is None else weights[index]
         if selected:
             yield selected, edge_weights
 
+
+
+def edge_terms(config: BranchGRPOConfig, transitions: dict, targets: dict, selected: dict,
+               edge_weights: dict) -> tuple[list[PPOTerm], float]:
+    """One update's terms, one per trained step (its selected edges, their children's advantages)
+    and the update's edge count. A term's share of the loss: its edges over the update's
+    (``step_weighting`` "edges": every edge counts once) or one over the step count ("steps")."""
+    def count(step):
+        return len(selected[step]) if edge_weights[step] is None else float(edge_weights[step].sum())
+
+    total = sum(count(s) for s in selected)
+    terms = [PPOTerm(transitions[s].subset(index), targets[s].advantage[index],
+                     count(s) / max(total, 1) if config.step_weighting == "edges" else 1 / len(selected),
+                     edge_weights[s]) for s, index in selected.items()]
+    return terms, total
 
 
 def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
@@ -423,7 +416,7 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
         group_of_tree = torch.arange(num_trees) if config.adv_group == "tree" else tree_prompt
         targets = node_targets(result, leaf_rewards, variant=config.variant, fusion=config.fusion,
                                temperature=config.fusion_temperature, group_of_tree=group_of_tree,
-                               std=config.adv_std, clip=config.adv_clip, leaf_valid=leaf_valid,
+                               std=config.adv_std, clip=config.ppo.adv_clip, leaf_valid=leaf_valid,
                                eps=config.adv_eps, unbiased=config.adv_unbiased)
         ranked = torch.where(leaf_valid, leaf_rewards, leaf_rewards[leaf_valid].mean() if leaf_valid.any() else 0.0)
         kept_leaves = width_kept_leaves(ranked, leaf_tree, config.width_keep_fraction, config.width_keep) & leaf_valid
@@ -442,30 +435,21 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
         steps = sorted(transitions)
 
         # 3. PPO over the kept edges: edges_per_update shuffled edges (the reference), or
-        # trees_per_update trees, per optimizer step
-        stats = TrainLog()
+        # trees_per_update trees, per optimizer step; siblings share their parent's model
+        # evaluation, as in the rollout
+        batch = RolloutBatch(cond, result.schedule, rollout_config)
+        log = TrainLog()
         edges_trained = 0
         with run.phase("training"):
-            for _ in range(config.inner_epochs):
+            for _ in range(config.ppo.inner_epochs):
+                generator = torch.Generator().manual_seed(rng.randrange(2**31))
                 for selected, edge_weights in update_batches(run, config, transitions, edge_rows, steps, num_trees,
-                                                             torch.Generator().manual_seed(rng.randrange(2**31))):
-                    total = sum(len(i) if edge_weights[s] is None else float(edge_weights[s].sum())
-                                for s, i in selected.items())
+                                                             generator):
+                    terms, edges = edge_terms(config, transitions, targets, selected, edge_weights)
                     with run.accumulate():
-                        for step, index in selected.items():
-                            advantages = targets[step].advantage[index].to(accelerator.device)
-                            # siblings share their parent's model evaluation, as in the rollout
-                            loss, ppo = ppo_transition_loss(run, transitions[step].subset(index), cond, result.schedule,
-                                                            rollout_config, advantages, clip_range=config.clip_range,
-                                                            kl_beta=config.kl_beta, kl_form=config.kl_form,
-                                                            cfg_grad=config.cfg_grad, weights=edge_weights[step],
-                                                            share_parents=True)
-                            edges = len(index) if edge_weights[step] is None else float(edge_weights[step].sum())
-                            weight = edges / max(total, 1) if config.step_weighting == "edges" else 1 / len(selected)
-                            accelerator.backward(loss * weight)
-                            stats.add(loss, **ppo)
-                        edges_trained += total
-                        stats.step(run)
+                        ppo.ppo_backward(run, terms, batch, config.ppo, log, share_parents=True)
+                        log.record_update(run.optimizer_step())
+                    edges_trained += edges
 
         # 4. bookkeeping
         metrics = reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()},
@@ -475,7 +459,7 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
         metrics.update({"advantage/abs_mean": float(trained_adv.abs().mean()) if len(trained_adv) else 0.0,
                         "tree/leaves": float(len(leaf_rewards)), "tree/nfe_per_leaf": result.nfe / len(leaf_rewards),
                         "tree/edges_trained": float(edges_trained)})
-        metrics.update(stats.metrics())
+        metrics.update(log.metrics())
         bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +67,8 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     check_ranges(config)
     config.rollout.validate()
     config.eval.validate()
+    if hasattr(config, "ppo"):  # the PPO-family trainers' block (align/trainers/ppo.py)
+        config.ppo.validate(config.trainer)
     if config.run.fully_shard and config.rollout.max_batch:  # every sharded call gathers on every process
         raise ConfigError("rollout.max_batch: with run.fully_shard every model call is collective, and chunks "
                           "would make the processes' call counts differ; leave it null")
@@ -191,10 +192,11 @@ def steps_of_trained_networks(adapter, num_steps: int, latent_kwargs: dict) -> s
     return {i for i, e in enumerate(experts) if e in trained}
 
 
-def start_run(config: TrainerConfig, adapter=None):
+def start_run(config: TrainerConfig, adapter=None, state=None):
     """Validate (the trainer's own ``check_config``, which starts with :func:`check_common`: no
     trainer opens a run without the validation pass), build rewards and prompts, open the run,
-    resume, and evaluate the start point. Returns (run, reward, heldout, prompts)."""
+    resume, and evaluate the start point. ``state``: the trainer's state dataclass, saved and
+    resumed with every checkpoint as ``run.state.trainer``. Returns (run, reward, heldout, prompts)."""
     from align.trainers import trainer_module
 
     trainer_module(config.trainer).check_config(config, adapter)
@@ -205,7 +207,8 @@ def start_run(config: TrainerConfig, adapter=None):
                    (config.model.name, model_tasks(config.model.name, config.model.path)))
     check_prompt_images(prompts, name, tasks)
     check_prompt_images(eval_prompt_list(config), name, tasks, field="eval_prompt_file")
-    run = Run(config, model=config.model, lora=config.lora, optim=config.optim, run=config.run, adapter=adapter)
+    run = Run(config, model=config.model, lora=config.lora, optim=config.optim, run=config.run, adapter=adapter,
+              trainer_state=state)
     check_prompt_images(prompts, run.adapter.name, run.adapter.tasks)  # a hub checkpoint's tasks, known now
     check_trained_steps(run, config)
     device = run.accelerator.device
@@ -219,7 +222,7 @@ def start_run(config: TrainerConfig, adapter=None):
         run.state.reward_before = before["eval/reward"]
         run.state.heldout_before = {k: v for k, v in before.items() if k != "eval/reward"}
         log_evaluation(run, before)
-    run.clock = time.perf_counter()  # training wall time (run.state.seconds) counts from here
+    run.start_clock()  # training wall time (run.state.seconds) counts from here
     return run, reward, heldout, prompts
 
 
@@ -274,53 +277,6 @@ def finish_run(config: TrainerConfig, run, reward, heldout) -> dict[str, float]:
     return summary
 
 
-#: kernels whose step std is std_t sqrt(-dt) (Flow-GRPO's, DanceGRPO's): the reference KL form applies;
-#: for the others (CPS, DDIM) kl_form "flow_grpo" is the exact KL, as their references use
-KL_DT_KERNELS = ("flow_grpo", "dance_grpo")
-
-
-def ppo_transition_loss(run, part, cond, schedule, rollout_config, advantages, *, clip_range: float,
-                        kl_beta: float = 0.0, kl_form: str = "exact", cfg_grad: str = "full", guard: bool = False,
-                        guard_std: float | None = None, weights=None, share_parents: bool = False,
-                        reuse_uncond: bool = False):
-    """The policy loss of one batch of stored transitions: re-score with the current weights,
-    PPO-clip against the recorded log-probs, plus kl_beta * KL(mean, mean_ref) with the reference
-    (LoRA disabled), in ``kl_form`` "exact" (:func:`align.losses.mean_kl`) or "flow_grpo" (the
-    reference's, :func:`align.losses.flow_grpo_kl`). ``cfg_grad``: the CFG gradient of the re-score
-    ("cond_only" detaches the unconditional branch). ``guard`` turns on GRPO-Guard's per-step
-    log-ratio normalisation, rescaled to ``guard_std`` (null: the step's own spread, i.e. centring
-    only). ``share_parents``: siblings of a tree share one model evaluation, as in the rollout.
-    ``reuse_uncond``: no update since the rollout, so the policy's re-score takes the unconditional
-    prediction the rollout kept (:func:`align.sampling.rollout.rescore`). Returns (loss, stats)."""
-    import torch
-
-    from align.losses import flow_grpo_kl, mean_kl, normalize_log_ratio, ppo_clip_loss, weighted_mean
-    from align.sampling.rollout import rescore
-
-    adapter, accelerator = run.adapter, run.accelerator
-    with accelerator.autocast():
-        new = rescore(adapter, part, cond, schedule, rollout_config, share_parents=share_parents, cfg_grad=cfg_grad,
-                      reuse_uncond=reuse_uncond)
-    log_prob = new.log_prob
-    log_ratio = (log_prob - part.log_prob).detach()
-    if guard:
-        target = guard_std if guard_std is not None else log_ratio.std(unbiased=False)
-        log_prob = part.log_prob + normalize_log_ratio(log_prob - part.log_prob, target)
-    loss, stats = ppo_clip_loss(log_prob, part.log_prob, advantages, clip_range, weights)
-    stats["log_ratio_std"] = log_ratio.std(unbiased=False)
-    if kl_beta > 0:
-        with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
-            ref = rescore(adapter, part, cond, schedule, rollout_config, share_parents=share_parents)
-        if kl_form == "flow_grpo" and part.kernel in KL_DT_KERNELS:
-            dt = schedule.levels[part.step + 1] - schedule.levels[part.step]
-            kl = weighted_mean(flow_grpo_kl(new.mean, ref.mean, new.std, dt), weights)
-        else:
-            kl = weighted_mean(mean_kl(new.mean, ref.mean, new.std), weights)
-        loss = loss + kl_beta * kl
-        stats["kl"] = kl.detach()
-    return loss, stats
-
-
 def shuffled_minibatches(rows, batch: int, seed: int) -> list:
     """``rows`` (row indices, or a row count) in a seeded random order, cut into minibatches of
     ``batch``, each sorted back into the rollout's order. A minibatch of every row is then the
@@ -333,20 +289,6 @@ def shuffled_minibatches(rows, batch: int, seed: int) -> list:
     return [order[start:start + batch].sort().values for start in range(0, len(order), batch)]
 
 
-def train_rows(run, keep):
-    """(rows to train, per-row loss weights or None). One process: the rows whose group carries
-    signal (``keep``), no weights. Several processes: DDP all-reduces in each backward, so every
-    process must run the same forward / backward calls however many of its groups were dropped;
-    each trains all its rows, weighted by ``keep`` (none at all when no process kept a row)."""
-    import torch
-
-    if run.accelerator.num_processes == 1:
-        return keep.nonzero().flatten(), None
-    if not bool(run.gather(keep.float()).any()):
-        return torch.zeros(0, dtype=torch.long), None
-    return torch.arange(len(keep)), keep.float().to(run.accelerator.device)
-
-
 class TrainLog(dict):
     """One iteration's training statistics, name -> list of floats, averaged into ``train/<name>``;
     and ``train/on_policy_approx_kl`` / ``train/on_policy_clip_fraction``, the largest over the
@@ -356,27 +298,32 @@ class TrainLog(dict):
     def __init__(self, *names: str) -> None:
         super().__init__({name: [] for name in ("loss", "grad_norm", *names)})
         self.on_policy: dict[str, float] = {}
+        #: optimizer updates made this iteration
+        self.updates = 0
 
     def add(self, loss=None, **stats) -> None:
         if loss is not None:
             self["loss"].append(float(loss.detach()))
         for key, value in stats.items():
             self.setdefault(key, []).append(float(value))
-        if not self["grad_norm"]:  # no update yet this iteration: the policy is the rollout's
+        if not self.updates:  # no update yet this iteration: the policy is the rollout's
             for key in ("approx_kl", "clip_fraction"):
                 if key in stats:
                     self.on_policy[key] = max(self.on_policy.get(key, 0.0), float(stats[key]))
 
-    def step(self, run) -> None:
-        """``run.step_optimizer()``, recording the gradient norm when an update was made (not while
-        gradients are still being accumulated)."""
-        norm = run.step_optimizer()
-        if norm is not None:
-            self["grad_norm"].append(norm)
+    def record_update(self, norm: float | None) -> bool:
+        """Record what ``run.optimizer_step()`` returned: the gradient norm of an update (also of
+        one skipped for a non-finite gradient), or None while gradients are still accumulating.
+        Returns whether an update was made."""
+        if norm is None:
+            return False
+        self["grad_norm"].append(norm)
+        self.updates += 1
+        return True
 
     def metrics(self) -> dict[str, float]:
         out = {f"train/{k}": sum(v) / len(v) for k, v in self.items() if v}
-        out["train/updates"] = float(len(self["grad_norm"]))
+        out["train/updates"] = float(self.updates)
         out.update({f"train/on_policy_{k}": v for k, v in self.on_policy.items()})
         return out
 
@@ -403,9 +350,7 @@ def end_iteration(run, config: TrainerConfig, reward, heldout, metrics: dict[str
     run.state.iteration += 1
     spent_before = run.state.nfe
     run.state.nfe += nfe * run.accelerator.num_processes
-    now = time.perf_counter()
-    run.state.seconds += now - getattr(run, "clock", now)
-    run.clock = now
+    run.count_training_time()
     run.log({**metrics, "nfe": run.state.nfe, "wall_s": run.state.seconds}, step=run.state.iteration)
     every = config.run.checkpoint_every
     if every and run.state.iteration % every == 0:
@@ -414,7 +359,7 @@ def end_iteration(run, config: TrainerConfig, reward, heldout, metrics: dict[str
         log_evaluation(run, evaluate_run(run, config, reward, heldout, f"iteration-{run.state.iteration:06d}"))
     elif config.run.eval_every_nfe and run.state.nfe // config.run.eval_every_nfe > spent_before // config.run.eval_every_nfe:
         log_evaluation(run, evaluate_run(run, config, reward, heldout, None))
-    run.clock = time.perf_counter()  # evaluations do not count as training time
+    run.start_clock()  # evaluations do not count as training time
 
 
 class progress:
@@ -593,7 +538,7 @@ def learning_rewards(**rewards) -> dict:
 
 def restore_reward_states(run, learning: dict) -> None:
     """On resume, the learning rewards' weights, optimisers and counters from the checkpointed state."""
-    saved = run.state.extra.get("reward_states", {})
+    saved = run.state.trainer.reward_states
     for key, reward in learning.items():
         if key in saved:
             reward.load_trainable_state(saved[key])
@@ -602,4 +547,4 @@ def restore_reward_states(run, learning: dict) -> None:
 def store_reward_states(run, learning: dict) -> None:
     """The learning rewards' current state into the run state, so the next checkpoint holds it."""
     if learning:
-        run.state.extra["reward_states"] = {key: reward.trainable_state() for key, reward in learning.items()}
+        run.state.trainer.reward_states = {key: reward.trainable_state() for key, reward in learning.items()}

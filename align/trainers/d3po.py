@@ -32,6 +32,7 @@ from align.sampling.rollout import RolloutConfig, rescore
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
                                    require_stochastic_kernel, require_trained_steps,
                                    reward_metrics, sample_and_score, start_run)
+from align.trainers.ppo import trained_steps
 
 
 @dataclass
@@ -117,14 +118,7 @@ def preference_update(run, config: D3POConfig, transitions: dict, steps: list[in
                 accelerator.backward(loss / len(steps))
                 if weight:  # a stand-in pair is not a measurement
                     stats.add(loss, preference_accuracy=(log_ratio[:n] > log_ratio[n:]).float().mean())
-            stats.step(run)
-
-
-def trained_steps(config: D3POConfig, recorded: list[int], rng: random.Random) -> list[int]:
-    steps = sorted(s for s in recorded if config.train_last_step or s != config.rollout.num_steps - 1)
-    if config.timestep_fraction < 1 and steps:
-        steps = sorted(rng.sample(steps, max(1, round(config.timestep_fraction * len(steps)))))
-    return steps
+            stats.record_update(run.optimizer_step())
 
 
 def train(config: D3POConfig, adapter=None) -> dict[str, float]:
@@ -150,9 +144,11 @@ def train(config: D3POConfig, adapter=None) -> dict[str, float]:
             pick = torch.tensor(sorted(rng.sample(range(len(human.winner)),
                                                   min(config.labelled_pairs_per_iteration, len(human.winner)))))
             winner, loser = human.winner[pick], human.loser[pick]
+            steps = trained_steps(stored, config.rollout.num_steps, rng, train_last_step=config.train_last_step,
+                                  fraction=config.timestep_fraction)
             with run.phase("training"):
-                preference_update(run, config, stored, trained_steps(config, list(stored), rng), winner, loser,
-                                  human_cond, schedule, rollout_config, stats)
+                preference_update(run, config, stored, steps, winner, loser, human_cond, schedule, rollout_config,
+                                  stats)
         else:
             batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
                                                   accelerator.process_index, accelerator.num_processes)
@@ -162,9 +158,11 @@ def train(config: D3POConfig, adapter=None) -> dict[str, float]:
                                              config.min_reward_gap)
             transitions = {t.step: t for t in result.main_transitions()}
             # 2. the per-step preference loss against the sampling policy, clamped ratios
+            steps = trained_steps(transitions, config.rollout.num_steps, rng, train_last_step=config.train_last_step,
+                                  fraction=config.timestep_fraction)
             with run.phase("training"):
-                preference_update(run, config, transitions, trained_steps(config, list(transitions), rng), winner,
-                                  loser, cond, result.schedule, rollout_config, stats)
+                preference_update(run, config, transitions, steps, winner, loser, cond, result.schedule,
+                                  rollout_config, stats)
             metrics = reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()},
                                      run.gather(scores.valid_mask()))
             nfe = result.nfe

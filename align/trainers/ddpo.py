@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.advantages import RunningPromptStats
-from align.config import ConfigError, check_choice
-from align.losses import CFG_GRADS
+from align.advantages import DDPO_EPS, RunningPromptStats, group_advantages
+from align.config import ConfigError
 from align.runtime import prompts_for_iteration
 from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
-                                   ppo_transition_loss, progress, require_stochastic_kernel, reward_metrics,
-                                   sample_and_score, shuffled_minibatches, start_run)
+from align.trainers import ppo
+from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
+                                   require_stochastic_kernel, reward_metrics, sample_and_score, start_run)
+from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
 
 
 @dataclass
@@ -41,49 +41,36 @@ class DDPOConfig(TrainerConfig):
     #: DDIM with eta = 1 (the DDPO paper samples 50 steps with CFG 5; 20 keeps CPU runs short)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=20, kernel="ddim",
                                                                          kernel_params={"eta": 1.0}))
-    #: PPO clip range on the per-step ratio (log-probs are element means by default, so it is tiny)
-    clip_range: float = 1e-4
-    #: weight of a KL to the reference policy (LoRA disabled), as in Flow-GRPO; DDPO has none (0)
-    kl_beta: float = 0.0
-    #: CFG gradient of a training re-score: "full" (DDPO differentiates both branches) or "cond_only"
-    cfg_grad: str = "full"
-    #: advantages are clipped to [-adv_clip, adv_clip]
-    adv_clip: float = 5.0
+    #: the PPO update: DDPO has no KL term and differentiates both CFG branches; its DDIM steps keep
+    #: a real std to the end, so the last step is trained (when alpha_bar ends at 1 it is
+    #: deterministic and skipped anyway); a KL weight adds Flow-GRPO's penalty in the exact form
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(kl_form="exact", cfg_grad="full",
+                                                             train_last_step=True))
     #: per-prompt running statistics (false: normalise by the statistics of the whole batch)
     per_prompt_stats: bool = True
     #: rewards kept per prompt
     stats_buffer: int = 16
     #: below this many kept rewards a prompt is normalised with the batch statistics
     stats_min_count: int = 16
-    #: DDPO trains every step, the last one included (its DDIM std is not tiny unless alpha_bar
-    #: ends at 1, in which case the step is deterministic and skipped anyway)
-    train_last_step: bool = True
-    #: train a random fraction of the steps each iteration
-    timestep_fraction: float = 1.0
-    #: passes over each batch of rollouts
-    inner_epochs: int = 1
     #: rollout rows per optimizer step (null: all rows of the iteration; the on-policy ratios are then
     #: exactly 1, while a smaller batch changes the model's float rounding slightly)
     train_batch_size: int | None = None
 
 
+@dataclass
+class DDPOState:
+    """What a DDPO run carries from iteration to iteration (saved with each checkpoint)."""
+
+    #: each prompt's last stats_buffer rewards (the per-prompt running statistics)
+    prompt_stats: dict = field(default_factory=dict)
+
+
 def check_config(config: DDPOConfig, adapter=None) -> None:
     check_common(config, adapter)
-    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     require_stochastic_kernel(config.rollout)
-    if config.clip_range <= 0:
-        raise ConfigError(f"clip_range must be > 0, got {config.clip_range}")
-    if config.kl_beta < 0:
-        raise ConfigError(f"kl_beta must be >= 0, got {config.kl_beta}")
     if not 1 <= config.stats_min_count <= config.stats_buffer:
         raise ConfigError(f"need 1 <= stats_min_count <= stats_buffer (a prompt never keeps more than "
                           f"stats_buffer rewards), got {config.stats_min_count} and {config.stats_buffer}")
-    if not 0 < config.timestep_fraction <= 1:
-        raise ConfigError(f"timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
-    if config.inner_epochs < 1:
-        raise ConfigError(f"inner_epochs must be >= 1, got {config.inner_epochs}")
-    if config.train_batch_size is not None and config.train_batch_size < 1:
-        raise ConfigError(f"train_batch_size must be >= 1, got {config.train_batch_size}")
 
 
 def check_ddpm_model(model_name: str, schedule_kind: str | None = None) -> None:
@@ -97,16 +84,6 @@ def check_ddpm_model(model_name: str, schedule_kind: str | None = None) -> None:
                           f"flow SDE steps)")
 
 
-def trained_steps(config: DDPOConfig, transitions, num_steps: int, rng: random.Random) -> list[int]:
-    """Recorded steps with a nonzero std (the last one unless ``train_last_step`` is off), or a
-    random ``timestep_fraction`` of them."""
-    steps = [t.step for t in transitions if bool((t.std > 0).all())
-             and (config.train_last_step or t.step != num_steps - 1)]
-    if config.timestep_fraction < 1 and steps:
-        steps = sorted(rng.sample(steps, max(1, round(config.timestep_fraction * len(steps)))))
-    return steps
-
-
 def ddpo_advantages(config: DDPOConfig, stats: RunningPromptStats, prompts: list[str],
                     rewards: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Advantages of the gathered batch, clipped (unscored rows, ``valid`` False, get 0 and stay
@@ -118,11 +95,11 @@ def ddpo_advantages(config: DDPOConfig, stats: RunningPromptStats, prompts: list
         advantages = stats.advantages(prompts, rewards, valid=valid)
         own = sum(len(stats.history.get(p, ())) >= stats.min_count for p in prompts) / max(1, len(prompts))
     else:
-        clean = torch.where(valid, rewards, torch.zeros_like(rewards))
-        mean, std = clean[valid].mean(), clean[valid].std(unbiased=False)
-        advantages = torch.where(valid, (clean - mean) / (std + 1e-6), torch.zeros_like(clean))
+        # the whole batch as one group, with DDPO's eps (the per-prompt statistics use it too)
+        advantages, _ = group_advantages(rewards, torch.zeros_like(rewards, dtype=torch.long), eps=DDPO_EPS,
+                                         clip=None, valid=valid)
         own = 0.0
-    return advantages.clamp(-config.adv_clip, config.adv_clip), float(own)
+    return advantages.clamp(-config.ppo.adv_clip, config.ppo.adv_clip), float(own)
 
 
 def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
@@ -134,13 +111,13 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
     else:
         size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
         check_ddpm_model(adapter.name, adapter.schedule(1, latent_shape=adapter.latent_shape(**size)).kind)
-    run, reward, heldout, prompts = start_run(config, adapter)
+    run, reward, heldout, prompts = start_run(config, adapter, DDPOState())
     adapter, accelerator = run.adapter, run.accelerator
     rollout_config = config.rollout
-    # the per-prompt reward buffers live in the checkpointed run state (restored on resume); the
-    # tracker updates that very dict in place, so every checkpoint holds the current buffers
+    # the per-prompt reward buffers live in the checkpointed trainer state (restored on resume);
+    # the tracker updates that very dict in place, so every checkpoint holds the current buffers
     stats_tracker = RunningPromptStats(config.stats_buffer, config.stats_min_count)
-    stats_tracker.history = run.state.extra.setdefault("prompt_stats", {})
+    stats_tracker.history = run.state.trainer.prompt_stats
 
     bar = progress(run, config, "ddpo")
     for iteration in bar:
@@ -161,24 +138,18 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
         local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
         advantages = advantages[local].to(accelerator.device)
 
-        # 3. PPO-clip over the trained steps
-        steps = trained_steps(config, result.main_transitions(), len(result.schedule), rng)
+        # 3. PPO-clip over the trained steps: inner_epochs x minibatches, one optimizer step each
+        steps = ppo.ppo_steps(config.ppo, result.main_transitions(), len(result.schedule), rng)
         transitions = {t.step: t for t in result.main_transitions(steps)}
+        batch = RolloutBatch(cond, result.schedule, rollout_config)
         log = TrainLog()
         with run.phase("training"):
-            batch = config.train_batch_size or rows
-            for _ in range(config.inner_epochs):
-                for index in shuffled_minibatches(rows, batch, rng.randrange(2**31)):
-                    with run.accumulate():
-                        for step in steps:
-                            part = transitions[step].subset(index)
-                            loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
-                                                            advantages[index], clip_range=config.clip_range,
-                                                            kl_beta=config.kl_beta, cfg_grad=config.cfg_grad)
-                            accelerator.backward(loss / len(steps))
-                            log.add(loss, **ppo)
-                        if steps:
-                            log.step(run)
+            for index in ppo.epoch_minibatches(config.ppo, rows, config.train_batch_size or rows, rng):
+                terms = [PPOTerm(transitions[s].subset(index), advantages[index], 1 / len(steps)) for s in steps]
+                with run.accumulate():
+                    ppo.ppo_backward(run, terms, batch, config.ppo, log)
+                    if steps:
+                        log.record_update(run.optimizer_step())
 
         # 4. bookkeeping
         metrics = reward_metrics({**{k: run.gather(v.float()) for k, v in scores.scores.items()},

@@ -19,30 +19,22 @@ import torch
 
 from align.advantages import dense_step_gains, per_step_advantages
 from align.config import ConfigError, check_choice
-from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
-                                   ppo_transition_loss, progress, require_stochastic_kernel, reward_metrics,
-                                   sample_and_score, shuffled_minibatches, start_run)
+from align.trainers import ppo
+from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
+                                   require_stochastic_kernel, reward_metrics, sample_and_score, start_run)
+from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
 
 
 @dataclass
 class DenseGRPOConfig(TrainerConfig):
     trainer: str = "dense_grpo"
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
-    clip_range: float = 1e-4
-    kl_beta: float = 0.0
-    #: KL form: "flow_grpo" (the reference's: std_t without the step's sqrt(-dt), so published
-    #: kl_beta values mean what they meant there) or "exact" (the step's Gaussian KL, flow_grpo / (-dt))
-    kl_form: str = "flow_grpo"
-    #: CFG gradient of a training re-score: "cond_only" (the Flow-GRPO reference detaches the
-    #: unconditional branch: g dc) or "full" ((1 - g) du + g dc); the rollout is the same either way
-    cfg_grad: str = "cond_only"
-    adv_clip: float = 5.0
+    #: the PPO update (step t's term takes step t's advantage)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     #: normalise each step's gains within the prompt's group ("group") or over the batch ("batch")
     adv_scope: str = "group"
-    train_last_step: bool = False
     #: reward-aware calibration of each step's noise level
     calibrate_noise: bool = False
     #: target spread (std) of every step's gains (null: the mean spread over steps)
@@ -53,13 +45,18 @@ class DenseGRPOConfig(TrainerConfig):
     train_batch_size: int | None = None
 
 
+@dataclass
+class DenseGRPOState:
+    """What a DenseGRPO run carries from iteration to iteration (saved with each checkpoint)."""
+
+    #: each step's noise-level multiplier, calibrated over the run (calibrate_noise); null: not set yet
+    noise_scales: list[float] | None = None
+
+
 def check_config(config: DenseGRPOConfig, adapter=None) -> None:
     check_common(config, adapter)
     require_stochastic_kernel(config.rollout)
-    check_choice("kl_form", config.kl_form, KL_FORMS)
-    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
-    if config.adv_scope not in ("group", "batch"):
-        raise ConfigError(f"adv_scope must be 'group' or 'batch', got {config.adv_scope!r}")
+    check_choice("adv_scope", config.adv_scope, ("group", "batch"))
     if config.rollout.split_steps or config.rollout.branch_steps:
         raise ConfigError("dense_grpo builds its own ODE branches: leave rollout.split_steps / branch_steps empty")
     if config.group_size < 2 and config.adv_scope == "group":
@@ -96,17 +93,19 @@ def calibrate(scales: list[float], gains: torch.Tensor, config: DenseGRPOConfig,
 
 
 def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
-    run, reward, heldout, prompts = start_run(config, adapter)  # validates first (check_config)
+    run, reward, heldout, prompts = start_run(config, adapter, DenseGRPOState())  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
     num_steps = config.rollout.num_steps
-    run.state.extra.setdefault("noise_scales", list(config.rollout.step_noise_scales or [1.0] * num_steps))
+    state = run.state.trainer
+    if state.noise_scales is None:  # a fresh run (a resumed one has its calibrated levels)
+        state.noise_scales = list(config.rollout.step_noise_scales or [1.0] * num_steps)
     bar = progress(run, config, "dense_grpo")
     for iteration in bar:
         rng = random.Random(f"{config.run.seed}-{iteration}")
         batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
                                               accelerator.process_index, accelerator.num_processes)
         rollout_config = replace(config.rollout, branch_steps=list(range(num_steps)), branch_kernel="ode",
-                                 step_noise_scales=list(run.state.extra["noise_scales"]))
+                                 step_noise_scales=list(state.noise_scales))
 
         # 1. SDE trajectories with an ODE completion from every step; score every clean sample
         cond, result, scores, branch_scores = sample_and_score(run, config, reward, batch_prompts, rollout_config,
@@ -123,41 +122,34 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
         gains = torch.where(gain_valid, gains, torch.zeros_like(gains))
         groups = run.gather(result.prompt_index + accelerator.process_index * config.prompts_per_iteration)
         advantages, _ = per_step_advantages(gains, groups if config.adv_scope == "group" else None,
-                                            clip=config.adv_clip, valid=gain_valid)
+                                            clip=config.ppo.adv_clip, valid=gain_valid)
         rows = table.shape[0]
         local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
         advantages = advantages[local].to(accelerator.device)
 
-        # 3. PPO: step t's transition is trained with step t's advantage
-        steps = [t.step for t in result.main_transitions()
-                 if config.train_last_step or t.step != num_steps - 1]
+        # 3. PPO: step t's transition is trained with step t's advantage; one optimizer step per minibatch
+        steps = ppo.ppo_steps(config.ppo, result.main_transitions(), num_steps, rng)
         transitions = {t.step: t for t in result.main_transitions(steps)}
-        stats = TrainLog()
+        batch = RolloutBatch(cond, result.schedule, rollout_config)
+        log = TrainLog()
         with run.phase("training"):
-            batch = config.train_batch_size or rows
-            for index in shuffled_minibatches(rows, batch, rng.randrange(2**31)):
+            for index in ppo.epoch_minibatches(config.ppo, rows, config.train_batch_size or rows, rng):
+                terms = [PPOTerm(transitions[s].subset(index), advantages[index, s], 1 / len(steps)) for s in steps]
                 with run.accumulate():
-                    for step in steps:
-                        loss, ppo = ppo_transition_loss(run, transitions[step].subset(index), cond, result.schedule,
-                                                        rollout_config, advantages[index, step],
-                                                        clip_range=config.clip_range, kl_beta=config.kl_beta,
-                                                        kl_form=config.kl_form, cfg_grad=config.cfg_grad)
-                        accelerator.backward(loss / len(steps))
-                        stats.add(loss, **ppo)
-                    stats.step(run)
+                    ppo.ppo_backward(run, terms, batch, config.ppo, log)
+                    log.record_update(run.optimizer_step())
         if config.calibrate_noise:
-            current = run.state.extra["noise_scales"]
-            scales = calibrate([current[s] for s in steps], gains[:, steps], config, gain_valid[:, steps])
+            scales = calibrate([state.noise_scales[s] for s in steps], gains[:, steps], config, gain_valid[:, steps])
             for step, scale in zip(steps, scales):
-                run.state.extra["noise_scales"][step] = scale
+                state.noise_scales[step] = scale
 
         metrics = reward_metrics({k: run.gather(v) for k, v in scores.scores.items()},
                                  run.gather(scores.valid_mask()))
         metrics["dense/unscored_gains"] = float((~gain_valid).sum())
         spreads = gain_spread(gains, gain_valid)
         metrics.update({f"dense/gain_std/step{t}": float(spreads[t]) for t in range(num_steps)})
-        metrics.update({f"dense/noise_scale/step{t}": s for t, s in enumerate(run.state.extra["noise_scales"])})
-        metrics.update(stats.metrics())
+        metrics.update({f"dense/noise_scale/step{t}": s for t, s in enumerate(state.noise_scales)})
+        metrics.update(log.metrics())
         bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)

@@ -212,21 +212,29 @@ def adaptive_nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality
 # --- the loop --------------------------------------------------------------------------------------
 
 
+@dataclass
+class DiffusionNFTState:
+    """What a DiffusionNFT run carries from iteration to iteration (saved with each checkpoint)."""
+
+    #: the old (sampling) policy's weights, an EMA of the trained ones
+    sampling_policy: dict | None = None
+
+
 def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
     check_config(config, adapter)
     size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
     if adapter is not None:  # fail before the run opens when the model is at hand
         flow_timestep_scale(adapter, config.rollout.num_steps, size)
-    run, reward, heldout, prompts = start_run(config, adapter)
+    run, reward, heldout, prompts = start_run(config, adapter, DiffusionNFTState())
     adapter, accelerator = run.adapter, run.accelerator
     device = accelerator.device
     scale = flow_timestep_scale(adapter, config.rollout.num_steps, size)
     # the old policy lives in the checkpointed run state: restored on resume, and stored there by
     # reference (its tensors are updated in place), so every checkpoint saves the current EMA
     old = WeightSnapshot(adapter.trainable_parameters())
-    if "sampling_policy" in run.state.extra:
-        old.load_state_dict(run.state.extra["sampling_policy"])
-    run.state.extra["sampling_policy"] = old.state_dict()
+    if run.state.trainer.sampling_policy is not None:  # resumed
+        old.load_state_dict(run.state.trainer.sampling_policy)
+    run.state.trainer.sampling_policy = old.state_dict()
     K = draws_per_sample(config)
 
     bar = progress(run, config, "diffusion_nft")
@@ -291,10 +299,10 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
                                 log.add(kl=kl.detach())
                             accelerator.backward(loss / K)
                             log.add(loss, policy_gap=reduce_elements((v_theta.detach() - v_old[items]) ** 2).mean())
-                        log.step(run)
+                        log.record_update(run.optimizer_step())
 
         # 5. the sampling policy follows theta
-        decay = policy_decay(config, run.state.extra.get("updates", 0))
+        decay = policy_decay(config, run.state.updates)
         old.update(decay)
 
         # 6. bookkeeping (NFE: sampling plus the v_old evaluations)

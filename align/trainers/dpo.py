@@ -174,8 +174,17 @@ def offline_batch(run, config: DPOConfig, pairs: list[Pair], reward, iteration: 
             prompts)
 
 
+@dataclass
+class DPOState:
+    """What a Diffusion-DPO run carries from iteration to iteration (saved with each checkpoint)."""
+
+    #: the reference's weights when it is refreshed during the run (ref_refresh_every); null: the
+    #: frozen starting model
+    reference: dict | None = None
+
+
 def train(config: DPOConfig, adapter=None) -> dict[str, float]:
-    run, reward, heldout, prompts = start_run(config, adapter)  # validates first (check_config)
+    run, reward, heldout, prompts = start_run(config, adapter, DPOState())  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
     schedule = training_schedule(adapter, config.denoising, run.latent_kwargs)
     beta = default_beta(config, schedule.kind)
@@ -183,9 +192,9 @@ def train(config: DPOConfig, adapter=None) -> dict[str, float]:
     reference = None
     if config.ref_refresh_every is not None:  # the reference snapshot lives in the checkpointed state
         reference = WeightSnapshot(adapter.trainable_parameters())
-        if "reference" in run.state.extra:
-            reference.load_state_dict(run.state.extra["reference"])
-        run.state.extra["reference"] = reference.state_dict()
+        if run.state.trainer.reference is not None:  # resumed
+            reference.load_state_dict(run.state.trainer.reference)
+        run.state.trainer.reference = reference.state_dict()  # by reference: checkpoints save it as it moves
 
     bar = progress(run, config, "dpo")
     for iteration in bar:
@@ -232,8 +241,8 @@ def train(config: DPOConfig, adapter=None) -> dict[str, float]:
                         accelerator.backward(loss)  # per draw: the next reference pass may swap weights
                         stats.add(loss * config.t_per_pair, implicit_accuracy=(inside > 0).float().mean(),
                                   reward_margin=inside.mean().detach())
-                stats.step(run)
-        if reference is not None and stats["grad_norm"] and run.state.extra.get("updates", 0) % config.ref_refresh_every == 0:
+                stats.record_update(run.optimizer_step())
+        if reference is not None and stats.updates and run.state.updates % config.ref_refresh_every == 0:
             reference.update(0.0)  # the reference catches up with the trained weights
 
         # 3. bookkeeping

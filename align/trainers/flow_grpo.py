@@ -12,7 +12,7 @@ alongside update: an adv_dino head against its references) -> the latent PRM fit
 Features and the fields that turn them on:
 
 - Fast / Mix SDE windows: ``window_size``, ``window_mode``; DanceGRPO step subsets:
-  ``timestep_fraction``, ``timestep_selection``; GRPO-Guard: ``guard``.
+  ``ppo.timestep_fraction``, ``ppo.timestep_selection``; GRPO-Guard: ``guard``.
 - Speed: ``rollout.cfg_split`` (on) re-scores the conditional CFG rows only and reuses the rollout's
   unconditional prediction before the first update; ``reuse_rollout_graph`` (off) keeps the rollout's
   graphs so that pass runs no policy forward at all (memory: every stochastic step's activations).
@@ -37,15 +37,15 @@ import torch
 from align.advantages import dual_advantages
 from align.config import ConfigError, check_choice
 from align.guidance import GuidanceConfig, build_guidance
-from align.losses import CFG_GRADS, KL_FORMS
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
-from rewards.dense import prm_rows_from_rollout
+from align.trainers import ppo
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
-                                   group_batch_advantages, learning_rewards, ppo_transition_loss, progress,
-                                   require_stochastic_kernel, restore_reward_states, reward_metrics, sample_and_score,
-                                   shuffled_minibatches, start_run, steps_of_trained_networks, store_reward_states,
-                                   train_rows)
+                                   group_batch_advantages, learning_rewards, progress, require_stochastic_kernel,
+                                   restore_reward_states, reward_metrics, sample_and_score, start_run,
+                                   steps_of_trained_networks, store_reward_states)
+from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
+from rewards.dense import prm_rows_from_rollout
 
 
 @dataclass
@@ -55,38 +55,19 @@ class FlowGRPOConfig(TrainerConfig):
     #: iteration's first update, reuses the rollout's unconditional prediction (needs cfg_grad cond_only)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo",
                                                                          cfg_split=True))
-    #: PPO clip range on the per-step ratio (log-probs are element means, so it is tiny)
-    clip_range: float = 1e-4
-    #: weight of the KL to the reference policy (LoRA disabled); 0 turns it off
-    kl_beta: float = 0.04
-    #: KL form: "flow_grpo" (the reference's: std_t without the step's sqrt(-dt), so published
-    #: kl_beta values mean what they meant there) or "exact" (the step's Gaussian KL, flow_grpo / (-dt))
-    kl_form: str = "flow_grpo"
-    #: CFG gradient of a training re-score: "cond_only" (the Flow-GRPO reference detaches the
-    #: unconditional branch: g dc) or "full" ((1 - g) du + g dc); the rollout is the same either way
-    cfg_grad: str = "cond_only"
+    #: the PPO update: Flow-GRPO's clip range 1e-4, KL weight 0.04 in the reference's form, the
+    #: conditional CFG branch's gradient only; the last step is not trained
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(kl_beta=0.04))
     #: advantages (r - prompt mean) / std with the std of the whole gathered batch ("global", as every
     #: paper config of the reference) or of the prompt's group ("group")
     adv_std: str = "global"
-    adv_clip: float = 5.0
     #: several rewards: "sum_rewards" (weighted sum, then normalise) or "sum_advantages" (MixGRPO)
     multi_reward: str = "sum_rewards"
-    #: the last step's std is tiny (~2e-3): it is not trained unless asked
-    train_last_step: bool = False
-    #: train a fraction of the trained steps each iteration (DanceGRPO: 0.6)
-    timestep_fraction: float = 1.0
-    #: which steps timestep_fraction keeps: "shared" (one random subset of round(fraction * T) for
-    #: every row, the default: every minibatch trains the same steps), "per_sample" (DanceGRPO's
-    #: reference: each row its own random permutation, first int(fraction * T)) or "prefix" (the
-    #: first int(fraction * T) steps in order, as the Flow-GRPO reference trains steps 0..8 of 10)
-    timestep_selection: str = "shared"
     #: Fast / Mix: an SDE window of this many steps inside an ODE run (null: SDE everywhere)
     window_size: int | None = None
     #: "random" start every iteration (Fast), or "sliding" by one step every window_slide_every (Mix)
     window_mode: str = "random"
     window_slide_every: int = 10
-    #: passes over each batch of rollouts
-    inner_epochs: int = 1
     #: rollout rows per optimizer step (null: all rows of the iteration, or updates_per_epoch)
     train_batch_size: int | None = None
     #: optimizer updates per pass over the rollouts (the reference makes 2; its SD3.5 recipes here
@@ -112,21 +93,25 @@ class FlowGRPOConfig(TrainerConfig):
     reward_updates: bool = True
 
 
+@dataclass
+class FlowGRPOState:
+    """What a Flow-GRPO run carries from iteration to iteration (saved with each checkpoint)."""
+
+    #: GRPO-Guard: the mean log-ratio spread of the last iteration, the scale the next one normalises to
+    guard_std: float | None = None
+    #: the learning rewards' weights and optimiser states (adv_dino's head, a latent PRM), by key
+    reward_states: dict = field(default_factory=dict)
+
+
 def check_config(config: FlowGRPOConfig, adapter=None) -> None:
     check_common(config, adapter)
     require_stochastic_kernel(config.rollout)
-    check_choice("kl_form", config.kl_form, KL_FORMS)
-    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
-    if config.rollout.cfg_split and config.cfg_grad != "cond_only":
-        raise ConfigError("rollout.cfg_split needs cfg_grad: cond_only (a 'full' gradient differentiates the "
+    if config.rollout.cfg_split and config.ppo.cfg_grad != "cond_only":
+        raise ConfigError("rollout.cfg_split needs ppo.cfg_grad: cond_only (a 'full' gradient differentiates the "
                           "unconditional branch: set rollout.cfg_split: false)")
-    choices = {"adv_std": ("group", "global"), "multi_reward": ("sum_rewards", "sum_advantages"),
-               "window_mode": ("random", "sliding"), "timestep_selection": ("shared", "per_sample", "prefix")}
-    for key, valid in choices.items():
-        if getattr(config, key) not in valid:
-            raise ConfigError(f"{key} must be one of {valid}, got {getattr(config, key)!r}")
-    if not 0 < config.timestep_fraction <= 1:
-        raise ConfigError(f"timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
+    check_choice("adv_std", config.adv_std, ("group", "global"))
+    check_choice("multi_reward", config.multi_reward, ("sum_rewards", "sum_advantages"))
+    check_choice("window_mode", config.window_mode, ("random", "sliding"))
     if config.window_size is not None and not 1 <= config.window_size < config.rollout.num_steps:
         raise ConfigError(f"window_size must be in 1..{config.rollout.num_steps - 1}, got {config.window_size}")
     if config.updates_per_epoch is not None and config.updates_per_epoch < 1:
@@ -172,28 +157,43 @@ def rollout_for_iteration(config: FlowGRPOConfig, iteration: int, rng: random.Ra
     return replace(config.rollout, sde_steps=list(range(start, start + config.window_size)))
 
 
-def trained_steps(config: FlowGRPOConfig, recorded: list[int], rng: random.Random) -> list[int]:
-    """The steps trained this iteration ("shared" and "prefix"; "per_sample": every candidate step,
-    each row keeping its own subset, see :func:`per_sample_steps`)."""
-    steps = [s for s in recorded if config.train_last_step or s != config.rollout.num_steps - 1]
-    if config.timestep_fraction < 1 and steps:
-        if config.timestep_selection == "shared":
-            steps = sorted(rng.sample(steps, max(1, round(config.timestep_fraction * len(steps)))))
-        elif config.timestep_selection == "prefix":
-            steps = steps[:max(1, int(config.timestep_fraction * len(steps)))]
-    return steps
+def minibatch_size(config: FlowGRPOConfig, rows: int) -> int:
+    """Rows per optimizer update: ``train_batch_size``, or the rows split into ``updates_per_epoch``
+    updates, or all of them (one update)."""
+    if config.updates_per_epoch:
+        return max(1, math.ceil(rows / config.updates_per_epoch))
+    return config.train_batch_size or max(1, rows)
 
 
-def per_sample_steps(rows: int, num_steps: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """DanceGRPO's selection: (rows, num_steps) bool, row r keeping the first int(fraction * T)
-    entries of its own random permutation of the T steps."""
-    keep = max(1, int(fraction * num_steps))
-    order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(rows)])
-    return torch.zeros(rows, num_steps, dtype=torch.bool).scatter_(1, order[:, :keep], True)
+def ppo_terms(transitions: dict, steps: list[int], index: torch.Tensor, advantages: torch.Tensor,
+              step_advantages: dict, step_weights: torch.Tensor, row_weights, step_mask,
+              outcome_weight: float) -> list[PPOTerm]:
+    """A minibatch's terms, one per trained step: the step's rows of ``index``, their advantages
+    (guided rollouts: outcome + process advantage of the step), and the term's share of the loss
+    (GRPO-Guard's step weight over the step count). With per-sample steps (``step_mask``) each row
+    trains its own steps, averaged per row; under DDP (``row_weights``) every process keeps every
+    row, the unpicked ones weighing 0."""
+    terms = []
+    steps_per_row = int(step_mask[0].sum()) if step_mask is not None else 0
+    for j, step in enumerate(steps):
+        chosen, weights = index, None if row_weights is None else row_weights[index]
+        scale = step_weights[j] / len(steps)
+        if step_mask is not None and row_weights is None:
+            chosen = index[step_mask[index, j]]
+            if len(chosen) == 0:
+                continue
+            scale = step_weights[j] * (len(chosen) / (len(index) * steps_per_row))
+        elif step_mask is not None:
+            weights = row_weights[index] * step_mask[index, j].float().to(row_weights.device)
+            rows_in_batch = float(row_weights[index].sum())
+            scale = step_weights[j] * (float(weights.sum()) / max(rows_in_batch * steps_per_row, 1e-12))
+        step_adv = step_advantages.get(step, outcome_weight * advantages if step_advantages else advantages)
+        terms.append(PPOTerm(transitions[step].subset(chosen), step_adv[chosen], scale, weights))
+    return terms
 
 
 def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
-    run, reward, heldout, prompts = start_run(config, adapter)  # validates first (check_config)
+    run, reward, heldout, prompts = start_run(config, adapter, FlowGRPOState())  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
     guide = build_guidance_reward(config, run)
     learning = learning_rewards(rewards=reward, guidance=guide) if config.reward_updates else {}
@@ -212,78 +212,47 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
             drift = build_guidance(config.guidance, adapter, batch_prompts, rollout_config, reward=guide)
         cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration,
                                                    drift=drift,
-                                                   keep_policy_graph=config.cfg_grad if config.reuse_rollout_graph
+                                                   keep_policy_graph=config.ppo.cfg_grad if config.reuse_rollout_graph
                                                    else None)
 
         # 2. advantages from the global batch (groups = prompts, made unique across processes)
         groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration
         advantages, keep, named, valid = group_batch_advantages(run, reward, scores, groups, std=config.adv_std,
-                                                                clip=config.adv_clip, multi_reward=config.multi_reward)
+                                                                clip=config.ppo.adv_clip, multi_reward=config.multi_reward)
         advantages = advantages.to(accelerator.device)
         step_advantages = {}  # guided: outcome + process advantage per step
         if drift is not None and config.process_weight:
             step_advantages = dual_advantages(advantages, drift.values, result.prompt_index,
                                               outcome_weight=config.outcome_weight,
-                                              process_weight=config.process_weight, clip=config.adv_clip)
+                                              process_weight=config.process_weight, clip=config.ppo.adv_clip)
 
-        # 3. PPO over the trained steps of the kept rows
-        steps = trained_steps(config, [t.step for t in result.main_transitions()], rng)
+        # 3. PPO over the trained steps of the kept rows: inner_epochs x minibatches, one optimizer
+        # step each (then the adversarial heads follow the generator)
+        steps = ppo.ppo_steps(config.ppo, result.main_transitions(), rollout_config.num_steps, rng)
         transitions = {t.step: t for t in result.main_transitions(steps)}
         for t in result.transitions:  # reuse_rollout_graph: the untrained steps' graphs go now
             if t.step not in transitions:
                 t.policy_out = None
         stds = torch.stack([transitions[s].std.mean() for s in steps]) if steps else torch.ones(1)
         step_weights = stds**2 / (stds**2).mean() if config.guard else torch.ones_like(stds)
-        rows, row_weights = train_rows(run, keep)
-        per_sample = config.timestep_selection == "per_sample" and config.timestep_fraction < 1 and steps
-        if per_sample:
-            step_mask = per_sample_steps(len(keep), len(steps), config.timestep_fraction,
-                                         torch.Generator().manual_seed(rng.randrange(2**31)))
-            steps_per_row = int(step_mask[0].sum())
-        stats = TrainLog()
+        rows, row_weights = ppo.train_rows(run, keep)
+        step_mask = None
+        if config.ppo.timestep_selection == "per_sample" and config.ppo.timestep_fraction < 1 and steps:
+            step_mask = ppo.per_sample_steps(len(keep), len(steps), config.ppo.timestep_fraction,
+                                             torch.Generator().manual_seed(rng.randrange(2**31)))
+        batch = RolloutBatch(cond, result.schedule, rollout_config)
+        log = TrainLog()
         with run.phase("training"):
-            batch = config.train_batch_size or max(1, len(rows))
-            if config.updates_per_epoch:
-                batch = max(1, math.ceil(len(rows) / config.updates_per_epoch))
-            for _ in range(config.inner_epochs):
-                for index in shuffled_minibatches(rows, batch, rng.randrange(2**31)):
-                    with run.accumulate():
-                        for j, step in enumerate(steps):
-                            chosen, scale = index, None
-                            if per_sample and row_weights is None:  # each row's own steps, averaged per row
-                                chosen, chosen_weights = index[step_mask[index, j]], None
-                                if len(chosen) == 0:
-                                    continue
-                                scale = len(chosen) / (len(index) * steps_per_row)
-                            elif per_sample:  # DDP: every process runs every call, unpicked rows weigh 0
-                                mask = step_mask[index, j].float().to(row_weights.device)
-                                chosen, chosen_weights = index, row_weights[index] * mask
-                                rows_in_batch = float(row_weights[index].sum())
-                                scale = float(chosen_weights.sum()) / max(rows_in_batch * steps_per_row, 1e-12)
-                            else:
-                                chosen_weights = None if row_weights is None else row_weights[index]
-                            part = transitions[step].subset(chosen)
-                            step_adv = step_advantages.get(step, advantages if not step_advantages
-                                                           else config.outcome_weight * advantages)
-                            loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
-                                                            step_adv[chosen], clip_range=config.clip_range,
-                                                            kl_beta=config.kl_beta, kl_form=config.kl_form,
-                                                            cfg_grad=config.cfg_grad, guard=config.guard,
-                                                            guard_std=run.state.extra.get("guard_std"),
-                                                            weights=chosen_weights,
-                                                            reuse_uncond=not stats["grad_norm"])
-                            if scale is None:
-                                accelerator.backward(loss * step_weights[j] / len(steps))
-                            else:
-                                accelerator.backward(loss * step_weights[j] * scale)
-                            stats.add(loss, **ppo)
-                        updates = len(stats["grad_norm"])
-                        stats.step(run)
-                        if len(stats["grad_norm"]) > updates:  # a generator update: adversarial heads follow
-                            head_stats = update_heads(run, learning, result.pixels)
-                            stats.add(**head_stats)
-        if config.guard and stats.get("log_ratio_std"):
-            run.state.extra["guard_std"] = sum(stats["log_ratio_std"]) / len(stats["log_ratio_std"])
+            for index in ppo.epoch_minibatches(config.ppo, rows, minibatch_size(config, len(rows)), rng):
+                terms = ppo_terms(transitions, steps, index, advantages, step_advantages, step_weights,
+                                  row_weights, step_mask, config.outcome_weight)
+                with run.accumulate():
+                    ppo.ppo_backward(run, terms, batch, config.ppo, log, guard=config.guard,
+                                     guard_std=run.state.trainer.guard_std, reuse_uncond=log.updates == 0)
+                    if log.record_update(run.optimizer_step()):
+                        log.add(**update_heads(run, learning, result.pixels))  # Adv-GRPO: heads follow
+        if config.guard and log.get("log_ratio_std"):
+            run.state.trainer.guard_std = sum(log["log_ratio_std"]) / len(log["log_ratio_std"])
 
         # 4. a latent PRM guiding the rollouts fits them (x_t, sigma_t -> the final reward)
         metrics = reward_metrics(named, valid)
@@ -299,7 +268,7 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         metrics.update({"advantage/mean": float(advantages.mean()),
                         "advantage/abs_mean": float(advantages.abs().mean()),
                         "advantage/kept_fraction": float(keep.float().mean())})
-        metrics.update(stats.metrics())
+        metrics.update(log.metrics())
         bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)

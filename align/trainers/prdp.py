@@ -78,13 +78,21 @@ def step_log_ratios(run, config, part, ref, cond, schedule, rollout_config, grad
     return proximal - ref.to(new.device)
 
 
+@dataclass
+class PRDPState:
+    """What a PRDP run carries from iteration to iteration (saved with each checkpoint)."""
+
+    #: the sampling policy's weights (a snapshot refreshed every snapshot_every updates)
+    sampling_snapshot: dict | None = None
+
+
 def train(config: PRDPConfig, adapter=None) -> dict[str, float]:
-    run, reward, heldout, prompts = start_run(config, adapter)  # validates first (check_config)
+    run, reward, heldout, prompts = start_run(config, adapter, PRDPState())  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
     snapshot = WeightSnapshot(adapter.trainable_parameters())  # the sampling snapshot, checkpointed
-    if "sampling_snapshot" in run.state.extra:
-        snapshot.load_state_dict(run.state.extra["sampling_snapshot"])
-    run.state.extra["sampling_snapshot"] = snapshot.state_dict()
+    if run.state.trainer.sampling_snapshot is not None:  # resumed
+        snapshot.load_state_dict(run.state.trainer.sampling_snapshot)
+    run.state.trainer.sampling_snapshot = snapshot.state_dict()  # by reference: checkpoints save it as it moves
     bar = progress(run, config, "prdp")
     for iteration in bar:
         batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
@@ -121,8 +129,8 @@ def train(config: PRDPConfig, adapter=None) -> dict[str, float]:
                         if term.requires_grad:
                             accelerator.backward(term)
                     stats.add(loss, residual_abs=residual.abs().mean())
-                    stats.step(run)
-                if stats["grad_norm"] and run.state.extra.get("updates", 0) % config.snapshot_every == 0:
+                    stats.record_update(run.optimizer_step())
+                if stats.updates and run.state.updates % config.snapshot_every == 0:
                     snapshot.update(0.0)
 
         # 3. bookkeeping

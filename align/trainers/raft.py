@@ -115,7 +115,7 @@ def train(config: RAFTConfig, adapter=None) -> dict[str, float]:
                     loss = weighted_mean(errors, weights.to(errors.device))
                     accelerator.backward(loss)
                     stats.add(loss)
-                    stats.step(run)
+                    stats.record_update(run.optimizer_step())
 
         # 4. bookkeeping
         metrics = reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()},

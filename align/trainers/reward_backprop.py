@@ -269,7 +269,7 @@ def train(config: RewardBackpropConfig, adapter=None) -> dict[str, float]:
             if torch.is_tensor(loss) and loss.requires_grad:
                 accelerator.backward(loss)
                 stats.add(loss)
-            stats.step(run)
+            stats.record_update(run.optimizer_step())
 
         # 3. bookkeeping: model calls with a backward pass (and their recomputation) count apart
         named = {k: run.gather(torch.cat([o.scores[k].detach().float() for o in outputs])) for k in outputs[0].scores}

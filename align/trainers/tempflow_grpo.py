@@ -18,13 +18,13 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from align.advantages import group_advantages
-from align.config import ConfigError, check_choice
-from align.losses import CFG_GRADS, KL_FORMS
+from align.config import ConfigError
 from align.runtime import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
-                                   ppo_transition_loss, progress, require_stochastic_kernel, reward_metrics,
-                                   sample_and_score, start_run, train_rows)
+from align.trainers import ppo
+from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
+                                   require_stochastic_kernel, reward_metrics, sample_and_score, start_run)
+from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
 
 
 @dataclass
@@ -41,22 +41,17 @@ class TempFlowGRPOConfig(TrainerConfig):
     noise_weighting: bool = True
     #: main trajectories per prompt
     group_size: int = 1
-    clip_range: float = 1e-4
-    kl_beta: float = 0.0
-    #: KL form: "flow_grpo" (the reference's: std_t without the step's sqrt(-dt), so published
-    #: kl_beta values mean what they meant there) or "exact" (the step's Gaussian KL, flow_grpo / (-dt))
-    kl_form: str = "flow_grpo"
-    #: CFG gradient of a training re-score: "cond_only" (the Flow-GRPO reference detaches the
-    #: unconditional branch: g dc) or "full" ((1 - g) du + g dc); the rollout is the same either way
-    cfg_grad: str = "cond_only"
-    adv_clip: float = 5.0
+    #: the PPO update (each child's one stochastic step is trained; the ppo block's step selection
+    #: does not apply: steps_per_iteration draws the branch steps)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 def check_config(config: TempFlowGRPOConfig, adapter=None) -> None:
     check_common(config, adapter)
     require_stochastic_kernel(config.rollout)
-    check_choice("kl_form", config.kl_form, KL_FORMS)
-    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
+    if config.ppo.timestep_fraction < 1 or config.ppo.train_last_step:
+        raise ConfigError("ppo.timestep_fraction / ppo.train_last_step: tempflow_grpo trains the branch steps it "
+                          "draws (branch_steps, steps_per_iteration); leave them at 1 / false")
     if config.branches_per_step < 2:
         raise ConfigError("branches_per_step must be >= 2: siblings are compared with each other")
     bad = [s for s in config.branch_steps or [] if not 0 <= s < config.rollout.num_steps]
@@ -94,34 +89,32 @@ def train(config: TempFlowGRPOConfig, adapter=None) -> dict[str, float]:
             + result.branch_origin
         valid = run.gather(scores.valid_mask())  # an unscored child is dropped from its siblings
         advantages, keep = group_advantages(run.gather(scores.total.float()), run.gather(sibling_group),
-                                            clip=config.adv_clip, valid=valid)
+                                            clip=config.ppo.adv_clip, valid=valid)
         local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
         advantages, keep = advantages[local].to(accelerator.device), keep[local]
 
-        # 3. PPO on each child's stochastic step, weighted by the step's noise level
+        # 3. PPO on each child's stochastic step, weighted by the step's noise level: one update per pass
         branch_transitions = [t for t in result.transitions if t.branch]
         stds = torch.stack([t.std.mean() for t in branch_transitions])
         weights = stds / stds.mean() if config.noise_weighting else torch.ones_like(stds)
-        stats = TrainLog()
+        terms = []
+        for transition, weight in zip(branch_transitions, weights):
+            index, row_weights = ppo.train_rows(run, keep[transition.rows])
+            if len(index):
+                part = transition.subset(index)
+                terms.append(PPOTerm(part, advantages[part.rows], weight / len(branch_transitions),
+                                     None if row_weights is None else row_weights[index]))
+        batch = RolloutBatch(cond, result.schedule, rollout_config)
+        log = TrainLog()
         with run.phase("training"):
-            with run.accumulate():
-                for transition, weight in zip(branch_transitions, weights):
-                    index, row_weights = train_rows(run, keep[transition.rows])
-                    if len(index) == 0:
-                        continue
-                    part = transition.subset(index)
-                    loss, ppo = ppo_transition_loss(run, part, cond, result.schedule, rollout_config,
-                                                    advantages[part.rows], clip_range=config.clip_range,
-                                                    kl_beta=config.kl_beta, kl_form=config.kl_form,
-                                                    cfg_grad=config.cfg_grad,
-                                                    weights=None if row_weights is None else row_weights[index])
-                    accelerator.backward(loss * weight / len(branch_transitions))
-                    stats.add(loss, **ppo)
-                stats.step(run)
+            for _ in range(config.ppo.inner_epochs):
+                with run.accumulate():
+                    ppo.ppo_backward(run, terms, batch, config.ppo, log)
+                    log.record_update(run.optimizer_step())
 
         metrics = reward_metrics({k: run.gather(v) for k, v in scores.scores.items()}, valid)
         metrics.update({"advantage/kept_fraction": float(keep.float().mean())})
-        metrics.update(stats.metrics())
+        metrics.update(log.metrics())
         bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
