@@ -104,7 +104,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if model_tasks(config.model.name, config.model.path) == ("i2v",):
         raise ConfigError(f"model.name: the {config.model.name!r} model animates an image; align search takes text "
                           f"prompts only")
-    from align.run_folder import check_writable_folder
+    from align.training.run_folder import check_writable_folder
 
     check_writable_folder(Path(config.out), "--out")
     adapter = load_model(config.model)
@@ -121,9 +121,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_label(args: argparse.Namespace) -> int:
     """``align label``: pairs for a person to judge (align/label.py), before D3PO trains on them."""
     from align.label import write_label_set
-    from align.run_folder import check_writable_folder
+    from align.training.run_folder import check_writable_folder
     from align.prompts import check_prompt_images, prompt_list
-    from align.runtime import TOY_PROMPTS
+    from align.training.run import TOY_PROMPTS
     from align.sample import check_device, check_model_source, load_model
     from align.trainers import trainer_module
     from pipelines.registry import model_tasks
@@ -173,7 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def resume_hint(folder: Path, resume: str | None) -> str:
     """Where an interrupted run stands and how to continue it (one line)."""
-    from align.run_folder import continues_a_run
+    from align.training.run_folder import continues_a_run
 
     checkpoints = sorted((folder / "checkpoints").glob("iteration-*")) if (folder / "checkpoints").is_dir() else []
     if not checkpoints:
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print("align: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as err:
-        from align.runtime import TrainingError
+        from align.training.optim import TrainingError
         from rewards.base import RewardError
 
         if not isinstance(err, (RewardError, TrainingError)):

@@ -35,7 +35,7 @@ def write_label_set(adapter, config, out: Path, pairs: int) -> Path:
     from torchvision.transforms.functional import to_pil_image
 
     from align.prompts import prompt_list
-    from align.runtime import iteration_generator, prompts_for_iteration, TOY_PROMPTS
+    from align.training.run import iteration_generator, prompts_for_iteration, TOY_PROMPTS
     from align.sampling.rollout import rollout
 
     out.mkdir(parents=True, exist_ok=True)

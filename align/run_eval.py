@@ -37,8 +37,8 @@ def load_trained_weights(adapter, config, run_dir: Path) -> str:
     if (run_dir / "lora").is_dir():
         adapter.load_lora(run_dir / "lora")
         return str(run_dir / "lora")
-    from align.checkpoints import read_part
-    from align.run_folder import newest_checkpoint_state
+    from align.training.checkpoint_files import read_part
+    from align.training.run_folder import newest_checkpoint_state
 
     newest = newest_checkpoint_state(run_dir)
     if newest is None:

@@ -356,6 +356,6 @@ def check_sample_config(config: SampleConfig) -> None:
     resolve_dtype(config.model.dtype, torch.device("cpu"))
     if config.model.lora is not None:
         check_lora_folder(config.model.lora)
-    from align.run_folder import check_writable_folder
+    from align.training.run_folder import check_writable_folder
 
     check_writable_folder(Path(config.out), "--out")

@@ -54,7 +54,7 @@ def main() -> None:
 
     import torch
 
-    from align.runtime import TOY_PROMPTS
+    from align.training.run import TOY_PROMPTS
     from pipelines.toy import load_toy_adapter
 
     torch.set_num_threads(2)

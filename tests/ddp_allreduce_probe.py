@@ -11,7 +11,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align.config import load_config  # noqa: E402
-from align.runtime import Run  # noqa: E402
+from align.training.run import Run  # noqa: E402
 from align.trainers.flow_grpo import FlowGRPOConfig  # noqa: E402
 
 

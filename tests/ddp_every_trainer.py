@@ -62,7 +62,7 @@ def main(out: Path, names: list[str]) -> None:
             adapter = load_model(ModelConfig(name="toy", device="cpu"))
         before = {}
 
-        import align.runtime as runtime
+        import align.training.run as runtime
 
         original = runtime.Run.optimizer_step
 

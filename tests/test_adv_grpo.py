@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.checkpoints import read_part
+from align.training.checkpoint_files import read_part
 from align.config import load_config
 from align.trainers import trainer_module
 from rewards.tiny import TINY_DINO

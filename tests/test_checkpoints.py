@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.checkpoints import checkpoint_problem, join_tensors, split_tensors
+from align.training.checkpoint_files import checkpoint_problem, join_tensors, split_tensors
 from tests.conftest import GaussianAdapter, crash_on_call, gaussian_trainer
 
 

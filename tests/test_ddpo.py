@@ -18,7 +18,9 @@ except ImportError:  # tests/ on sys.path
 
 from align.config import ConfigError
 from align.evaluation import EvalConfig
-from align.runtime import LoraSettings, OptimConfig, RunConfig
+from align.training.model_setup import LoraSettings
+from align.training.optim import OptimConfig
+from align.training.run import RunConfig
 from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
 from align.trainers.ddpo import DDPOConfig, check_config, train
@@ -107,7 +109,7 @@ def test_running_stats_survive_a_resume(sd_dirs, tmp_path):
     rows = training_rows(out)
     assert [m["iteration"] for m in rows] == [1, 2]
     assert [m["stats/per_prompt_fraction"] for m in rows] == [0.0, 1.0]  # the resumed run kept 8 rewards
-    from align.checkpoints import read_part
+    from align.training.checkpoint_files import read_part
 
     saved = read_part(out / "checkpoints" / "iteration-000002", "state")
     assert len(saved["trainer"]["prompt_stats"][PROMPTS[0]]) == 16

@@ -13,7 +13,9 @@ import torch
 from align.config import ConfigError, load_config
 from align.evaluation import EvalConfig
 from align.losses import nft_loss
-from align.runtime import LoraSettings, OptimConfig, RunConfig
+from align.training.model_setup import LoraSettings
+from align.training.optim import OptimConfig
+from align.training.run import RunConfig
 from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
 from align.trainers.snapshot import WeightSnapshot
@@ -196,7 +198,7 @@ def test_resume_restores_the_sampling_policy(tmp_path):
     resumed = GaussianAdapter(shape=(3, 4, 4))
     train(config(tmp_path / "parts", 6), adapter=resumed)
     assert resumed.denoiser.gain.item() == whole.denoiser.gain.item()
-    from align.checkpoints import read_part
+    from align.training.checkpoint_files import read_part
 
     checkpoint = tmp_path / "parts" / "checkpoints" / "iteration-000004"
     saved = read_part(checkpoint, "state")

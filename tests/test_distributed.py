@@ -196,7 +196,7 @@ def test_fsdp2_fully_shard_trains_as_ddp_saves_whole_weights_and_resumes(tmp_pat
     process test), the checkpoints and the LoRA export hold whole tensors, and a third iteration
     resumes from the sharded run's checkpoint. The reference under sharding (LoRA: the adapter
     switched off) gives the KL that DDP's gives once the policy has moved (iteration 2)."""
-    from align.checkpoints import read_part
+    from align.training.checkpoint_files import read_part
 
     common = ["train", "flow_grpo", "--config", str(ROOT / "configs/quickstart.yaml"), "group_size=4",
               "rollout.num_steps=4", "eval.per_prompt=1", "run.progress=false", "run.checkpoint_every=1",

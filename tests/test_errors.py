@@ -266,7 +266,7 @@ def test_sample_out_must_be_a_writable_folder(tmp_path, capsys, monkeypatch, no_
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and expected in err, err
     # (root may write anywhere: the permission answer is what the check asks)
-    monkeypatch.setattr(align.run_folder.os, "access", lambda path, mode: Path(path) != tmp_path)
+    monkeypatch.setattr(align.training.run_folder.os, "access", lambda path, mode: Path(path) != tmp_path)
     assert main(["sample", "--out", str(tmp_path / "new")]) == 2
     assert f"--out: {tmp_path} is not writable" in capsys.readouterr().err
 

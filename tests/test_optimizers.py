@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 
 from align.config import ConfigError, load_config
-from align.runtime import OptimConfig, build_optimizer
+from align.training.optim import OptimConfig, build_optimizer
 from align.trainers import trainer_module
 from rewards.base import Reward, register_reward
 from tests.conftest import GaussianAdapter, GaussianDenoiser, crash_on_call

@@ -103,7 +103,7 @@ def test_a_reward_normalised_over_the_batch_is_not_chunked():
 def test_chunks_sample_what_the_processes_of_the_same_global_batch_sample():
     """Chunk k of process p draws from the generator of global chunk p * chunks + k: one process with
     two chunks gives, bit for bit, the rollouts two processes make of their halves of the prompts."""
-    from align.runtime import iteration_generator, prompts_for_iteration
+    from align.training.run import iteration_generator, prompts_for_iteration
     from align.sampling.overlap import chunk_generators, chunked_rollout_and_score
     from align.sampling.rollout import RolloutConfig, rollout
     from pipelines.toy import load_toy_adapter

@@ -130,7 +130,7 @@ def test_ema_every_n_updates_and_the_exported_lora_is_the_ema(tmp_path):
         f"run.output_dir={out}", "run.log_with=none", "run.progress=false", "run.checkpoint_every=4", "ppo.kl_beta=0"])
     module.train(config)
     checkpoint = out / "checkpoints" / "iteration-000004"
-    from align.checkpoints import read_part
+    from align.training.checkpoint_files import read_part
 
     ema = read_part(checkpoint, "ema")
     assert ema["optimization_step"] == 2

@@ -1,4 +1,4 @@
-"""Runs never silently do the wrong thing in a run folder (align/run_folder.py): a fresh folder per
+"""Runs never silently do the wrong thing in a run folder (align/training/run_folder.py): a fresh folder per
 run by default, a changed setting or a finished run refused in one line before anything loads, a
 start-over that leaves nothing of the old run, too many unscored samples stop the run, and no
 trainer opens a run without the validation pass."""

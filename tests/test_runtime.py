@@ -154,7 +154,7 @@ def test_ema_weights_are_evaluated_and_resumed(tmp_path):
 def test_non_finite_gradients_skip_the_update_then_stop_the_run(tmp_path):
     """A NaN gradient skips its update (weights untouched, counted); MAX_BAD_UPDATES in a row stop
     the run with a one-line TrainingError."""
-    from align.runtime import MAX_BAD_UPDATES, TrainingError
+    from align.training.optim import MAX_BAD_UPDATES, TrainingError
 
     module, config = config_for("flow_grpo", tmp_path / "one", "iterations=1", "group_size=4")
     adapter = ImageAdapter()

@@ -184,7 +184,7 @@ def test_digit_probability_is_differentiable():
 
 def test_lora_target_modules_choose_the_adapted_layers(tmp_path):
     from align.config import ConfigError, load_config
-    from align.runtime import Run
+    from align.training.run import Run
     from align.trainers import trainer_module
 
     def run_with(targets):

@@ -228,7 +228,7 @@ def test_evaluation_uses_its_own_negative_prompt_kernel_and_seed(monkeypatch, tm
 def test_sample_and_score_keeps_gradients_through_chosen_steps(tmp_path):
     """Reward backprop's seam: with ``grad_steps`` the reward of the decoded samples has a gradient
     reaching the denoiser's weight (the analytic model's gain); without, sampling keeps no graph."""
-    from align.runtime import Run
+    from align.training.run import Run
     from align.trainers.common import sample_and_score
 
     _, config = configured("flow_grpo", tmp_path, "group_size=2", "run.log_with=none")

@@ -64,7 +64,7 @@ class RolloutConfig:
     #: per-step multipliers of the kernel's noise level (null: 1 everywhere); depth-varying tree
     #: noise, DenseGRPO's calibrated noise
     step_noise_scales: list[float] | None = None
-    #: side branches completed by ODE: the steps they leave from (null: none; "all" via all_branch_steps)
+    #: side branches completed by ODE: the steps they leave from (null: none)
     branch_steps: list[int] | None = None
     #: how a branch leaves its main row: "ode" (dense completion) or "sde" (TempFlow children)
     branch_kernel: str = "ode"

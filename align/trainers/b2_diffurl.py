@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from align.advantages import group_advantages
 from align.config import ConfigError
-from align.runtime import prompts_for_iteration
+from align.training.run import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers import ppo
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,

@@ -37,7 +37,9 @@ from torch import Tensor
 
 from align.advantages import fuse_leaf_rewards, group_advantages, nodes_with_valid_leaves
 from align.config import ConfigError, check_choice
-from align.runtime import LoraSettings, OptimConfig, iteration_generator, prompts_for_iteration
+from align.training.model_setup import LoraSettings
+from align.training.optim import OptimConfig
+from align.training.run import iteration_generator, prompts_for_iteration
 from align.sampling.rollout import Rollout, RolloutConfig, rollout
 from align.trainers import ppo
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, check_unscored, end_iteration,

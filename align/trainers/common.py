@@ -8,9 +8,12 @@ from typing import Any
 from align.errors import ConfigError, unknown_name_error
 from align.evaluation import EvalConfig
 from align.prompts import check_prompt_images, prompt_list
-from align.runtime import TOY_EVAL_PROMPTS, TOY_PROMPTS, LoraSettings, OptimConfig, Run, RunConfig
 from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
+from align.training import checkpointing, evaluation, trackers
+from align.training.model_setup import LoraSettings
+from align.training.optim import OptimConfig, ema_weights
+from align.training.run import TOY_EVAL_PROMPTS, TOY_PROMPTS, Run, RunConfig
 from pipelines.registry import adapter_class, model_tasks
 
 
@@ -49,14 +52,14 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     name a user types (the trainer, the model adapter, the step kernel and its parameters, the
     trained and held-out rewards; tracker and precision are checked as the config is read), the
     numeric ranges of every field (align.config.check_ranges), non-empty prompt lists, a kernel of
-    the model's family, an available device, and a run folder this run may use (align/run_folder.py:
+    the model's family, an available device, and a run folder this run may use (align/training/run_folder.py:
     not another trainer's run, not a run of other settings, not a finished run). Each problem is a one-line ConfigError naming its field. ``adapter``: the model when the
     caller has it (its schedule, not ``model.name``, then tells the model family)."""
     from pipelines.registry import FLOW_ADAPTERS, check_adapter_name
     from rewards.registry import check_reward_specs
 
     from align.config import check_ranges
-    from align.run_folder import check_run_folder
+    from align.training.run_folder import check_run_folder
     from align.sample import check_device, check_model_source, check_precision
     from align.sampling.kernels import kernel_spec
     from align.trainers import TRAINERS
@@ -72,14 +75,14 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     if config.run.fully_shard and config.rollout.max_batch:  # every sharded call gathers on every process
         raise ConfigError("rollout.max_batch: with run.fully_shard every model call is collective, and chunks "
                           "would make the processes' call counts differ; leave it null")
-    from align.runtime import check_optimizer
+    from align.training.optim import check_optimizer
 
     check_optimizer(config.optim)
     if config.run.fully_shard and config.optim.name == "adamw8bit":
         raise ConfigError("optim.name adamw8bit: bitsandbytes' 8-bit states are not sharded; it is not supported "
                           "with run.fully_shard (use adamw)")
     if config.run.fully_shard and not config.lora.enabled and config.model.train_experts != "both":
-        from align.runtime import SHARDED_EXPERT_ERROR
+        from align.training.model_setup import SHARDED_EXPERT_ERROR
 
         raise ConfigError(SHARDED_EXPERT_ERROR)
     if config.run.fully_shard and config.optim.ema_decay is not None:
@@ -215,8 +218,8 @@ def start_run(config: TrainerConfig, adapter=None, state=None):
     reward.to(device)
     for extra in heldout.values():
         extra.to(device)
-    run.maybe_resume()
-    run.describe()
+    checkpointing.resume(run)
+    checkpointing.describe_run(run)
     if run.state.reward_before is None:
         before = evaluate_run(run, config, reward, heldout, "before")
         run.state.reward_before = before["eval/reward"]
@@ -229,12 +232,12 @@ def start_run(config: TrainerConfig, adapter=None, state=None):
 def log_evaluation(run, metrics: dict[str, float]) -> None:
     """Log an evaluation at the run's current iteration with the compute spent to reach it
     (``nfe`` and training ``wall_s``): the points of reward-vs-compute curves."""
-    run.log({**metrics, "nfe": run.state.nfe, "wall_s": run.state.seconds}, step=run.state.iteration)
+    trackers.log(run, {**metrics, "nfe": run.state.nfe, "wall_s": run.state.seconds}, step=run.state.iteration)
 
 
 def evaluate_run(run, config: TrainerConfig, reward, heldout, grid_name: str) -> dict[str, float]:
     """The run's evaluation (``config.eval``) on the evaluation prompts, with its sample grid."""
-    return run.evaluate(reward, eval_prompt_list(config), config.rollout, config.eval,
+    return evaluation.evaluate(run, reward, eval_prompt_list(config), config.rollout, config.eval,
                         negative_prompt=config.negative_prompt, heldout=heldout, grid_name=grid_name)
 
 
@@ -260,17 +263,17 @@ def summary_lines(before: float, after: float, watched_before: dict[str, float],
 def finish_run(config: TrainerConfig, run, reward, heldout) -> dict[str, float]:
     """Final evaluation, LoRA export, and the one summary line ``reward before=<x> after=<y>``."""
     if config.run.checkpoint_every and not any(p.name == f"iteration-{run.state.iteration:06d}"
-                                               for p in run.checkpoints()):
-        run.save_checkpoint()  # the finished state: a rerun says the run is done instead of redoing steps
+                                               for p in checkpointing.checkpoints(run)):
+        checkpointing.save_checkpoint(run)  # the finished state: a rerun says the run is done instead of redoing steps
     after = evaluate_run(run, config, reward, heldout, "after")
     log_evaluation(run, after)
     if config.lora.enabled:
-        with run.ema_weights():  # the EMA's LoRA when EMA is on (what the evaluation measured)
-            run.export_lora(run.dir / "lora")
+        with ema_weights(run):  # the EMA's LoRA when EMA is on (what the evaluation measured)
+            checkpointing.export_lora(run, run.dir / "lora")
     summary = {"reward_before": run.state.reward_before, "reward_after": after["eval/reward"], **after}
     lines = summary_lines(run.state.reward_before, after["eval/reward"], run.state.heldout_before or {}, after)
     for line in lines:
-        run.log_text(line)
+        trackers.log_text(run, line)
         if run.is_main:
             print(line, flush=True)
     run.accelerator.end_training()
@@ -351,10 +354,10 @@ def end_iteration(run, config: TrainerConfig, reward, heldout, metrics: dict[str
     spent_before = run.state.nfe
     run.state.nfe += nfe * run.accelerator.num_processes
     run.count_training_time()
-    run.log({**metrics, "nfe": run.state.nfe, "wall_s": run.state.seconds}, step=run.state.iteration)
+    trackers.log(run, {**metrics, "nfe": run.state.nfe, "wall_s": run.state.seconds}, step=run.state.iteration)
     every = config.run.checkpoint_every
     if every and run.state.iteration % every == 0:
-        run.save_checkpoint()
+        checkpointing.save_checkpoint(run)
     if config.run.sample_every and run.state.iteration % config.run.sample_every == 0:
         log_evaluation(run, evaluate_run(run, config, reward, heldout, f"iteration-{run.state.iteration:06d}"))
     elif config.run.eval_every_nfe and run.state.nfe // config.run.eval_every_nfe > spent_before // config.run.eval_every_nfe:
@@ -399,8 +402,8 @@ class progress:
                 yield iteration
                 if self.stop_requested:
                     name = f"iteration-{self.run.state.iteration:06d}"
-                    if not any(p.name == name for p in self.run.checkpoints()):
-                        self.run.save_checkpoint()
+                    if not any(p.name == name for p in checkpointing.checkpoints(self.run)):
+                        checkpointing.save_checkpoint(self.run)
                     raise KeyboardInterrupt
         finally:
             if handler is not None:
@@ -425,7 +428,7 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
     rollout result, scores of the samples or None, scores of the branches or None)."""
     import torch
 
-    from align.runtime import iteration_generator
+    from align.training.run import iteration_generator
     from align.sampling.rollout import rollout
 
     from align.sampling.overlap import can_chunk, chunk_generators, chunked_rollout_and_score, prompt_chunks

@@ -24,7 +24,7 @@ import torch
 
 from align.advantages import DDPO_EPS, RunningPromptStats, group_advantages
 from align.config import ConfigError
-from align.runtime import prompts_for_iteration
+from align.training.run import prompts_for_iteration
 from align.sample import ModelConfig
 from align.sampling.rollout import RolloutConfig
 from align.trainers import ppo

@@ -19,7 +19,7 @@ import torch
 
 from align.advantages import dense_step_gains, per_step_advantages
 from align.config import ConfigError, check_choice
-from align.runtime import prompts_for_iteration
+from align.training.run import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers import ppo
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from align.config import ConfigError
 from align.losses import flow_matching_target, nft_loss, weighted_mean
-from align.runtime import prompts_for_iteration
+from align.training.run import prompts_for_iteration
 from align.sampling.kernels import reduce_elements
 from align.sampling.rollout import RolloutConfig, predict_in_chunks
 from align.trainers.snapshot import WeightSnapshot

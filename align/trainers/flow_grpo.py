@@ -37,7 +37,7 @@ import torch
 from align.advantages import dual_advantages
 from align.config import ConfigError, check_choice
 from align.guidance import GuidanceConfig, build_guidance
-from align.runtime import prompts_for_iteration
+from align.training.run import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers import ppo
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
@@ -52,7 +52,8 @@ from rewards.dense import prm_rows_from_rollout
 class FlowGRPOConfig(TrainerConfig):
     trainer: str = "flow_grpo"
     #: cfg_split: the re-score backpropagates through the conditional rows only and, before the
-    #: iteration's first update, reuses the rollout's unconditional prediction (needs cfg_grad cond_only)
+    #: iteration's first update, reuses the rollout's unconditional prediction (needs ppo.cfg_grad
+    #: cond_only)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo",
                                                                          cfg_split=True))
     #: the PPO update: Flow-GRPO's clip range 1e-4, KL weight 0.04 in the reference's form, the

@@ -25,7 +25,7 @@ import torch
 
 from align.config import ConfigError, check_choice
 from align.losses import CFG_GRADS, prdp_loss
-from align.runtime import prompts_for_iteration
+from align.training.run import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig, rescore
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
                                    require_stochastic_kernel, require_trained_steps,

@@ -21,7 +21,7 @@ import torch
 
 from align.config import ConfigError, check_choice
 from align.losses import rwr_weights, weighted_mean
-from align.runtime import iteration_generator, prompts_for_iteration
+from align.training.run import iteration_generator, prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
                                    reward_metrics, sample_and_score, start_run)

@@ -39,7 +39,7 @@ import torch
 
 from align.config import ConfigError, check_choice
 from align.losses import REWARD_LOSSES, noised_and_target, reward_loss
-from align.runtime import iteration_generator, prompts_for_iteration
+from align.training.run import iteration_generator, prompts_for_iteration
 from align.sampling.kernels import x0_hat
 from align.sampling.rollout import RolloutConfig, predict_in_chunks, rollout
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, check_unscored, end_iteration, finish_run,

@@ -72,7 +72,7 @@ def changed_setting(saved: dict, current: dict) -> tuple[str, Any, Any] | None:
 
 def newest_checkpoint_state(folder: Path) -> tuple[Path, dict] | None:
     """(checkpoint, its run state) of the newest intact checkpoint in a run folder, or None."""
-    from align.checkpoints import checkpoint_problem, read_part
+    from align.training.checkpoint_files import checkpoint_problem, read_part
 
     checkpoints = folder / "checkpoints"
     if not checkpoints.is_dir():
