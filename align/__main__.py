@@ -1,5 +1,5 @@
 import sys
 
-from align.cli import main
+from align.commands.cli import main
 
 sys.exit(main())

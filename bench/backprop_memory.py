@@ -29,7 +29,7 @@ def worker(k: int, checkpointed: bool, batch: int, device: str) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
     from align.sampling.rollout import RolloutConfig, rollout
     from rewards.registry import build_reward
 

@@ -128,7 +128,7 @@ def main() -> None:
 
     import align.trainers.common as common
     from align.config import load_config
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
     from align.trainers import trainer_module
     from rewards import build_rewards
 

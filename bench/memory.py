@@ -85,7 +85,7 @@ def worker(model: str, method: str, recipe: str, device: str, directory: str) ->
     sys.path.insert(0, str(ROOT))
     import align.trainers.common as common
     from align.config import load_config
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
     from align.trainers import trainer_module
 
     torch.set_num_threads(2)

@@ -66,7 +66,7 @@ def main() -> None:
     from bench.rollout import build_small_sd3
 
     from align.config import load_config
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
     import align.trainers.common as common
     from align.trainers import trainer_module
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def gains(adapter, reward: str, prompts, seeds: int, candidates: int, prune: str | None, keep: str, label: str):
     from align.config import load_config
-    from align.search import SearchConfig, equal_cost_candidates, search
+    from align.commands.search import SearchConfig, equal_cost_candidates, search
 
     totals = [0.0, 0.0]
     for seed in range(seeds):

@@ -84,7 +84,7 @@ class Demo:
     # --- loading ----------------------------------------------------------------------------------
     def model(self, name: str):
         if name not in self.models:
-            from align.sample import ModelConfig, load_model
+            from align.models import ModelConfig, load_model
 
             self.models[name] = load_model(ModelConfig(name=name, path=self.settings.model_paths.get(name)))
         return self.models[name]
@@ -108,7 +108,7 @@ class Demo:
         lora = folder / "lora" if (folder / "run.json").is_file() else folder
         name = "ckpt_" + str(abs(hash(str(lora.resolve()))))
         if name not in adapter.lora_names():
-            from align.sample import check_lora_folder
+            from align.models import check_lora_folder
 
             check_lora_folder(str(lora), field=f"checkpoint {checkpoint}")
             try:
@@ -146,7 +146,7 @@ class Demo:
                 *guide_weights: float):
         """Sample every prompt with every checkpoint (same seeds) and score the samples."""
         from align.errors import ConfigError
-        from align.sample import SampleConfig, generate
+        from align.commands.sample import SampleConfig, generate
 
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
         if not prompts:
@@ -231,7 +231,7 @@ def display_image(pixels: torch.Tensor):
     from PIL import Image
     from torchvision.transforms.functional import to_pil_image
 
-    from align.sample import display_scale
+    from align.media import display_scale
 
     image = to_pil_image(pixels.clamp(0, 1))
     scale = display_scale(image.height)
@@ -311,11 +311,11 @@ def bar_chart(rows: list[dict], reward_names: list[str]):
 def run_table(folder: Path) -> str:
     """``eval.md`` of ``align eval`` when present, else the run's first and last evaluation."""
     if (folder / "eval.json").is_file():
-        from align.run_eval import eval_markdown
+        from align.commands.run_eval import eval_markdown
 
         report = json.loads((folder / "eval.json").read_text())
         return eval_markdown(report).split("\n\nBefore (left)")[0]
-    from align.sweep_report import evaluations
+    from align.commands.sweep_report import evaluations
 
     evals = evaluations(folder)
     if not evals:
@@ -338,7 +338,7 @@ def reward_curve(folder: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from align.sweep_report import evaluations
+    from align.commands.sweep_report import evaluations
 
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()] \
         if (folder / "metrics.jsonl").is_file() else []

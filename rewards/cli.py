@@ -18,8 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov")
+from rewards.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, load_sample
 
 
 def cmd_rewards_list(args: argparse.Namespace) -> int:
@@ -117,38 +116,6 @@ def read_prompts(images_dir: Path, prompts_file: str | None, prompt: str | None)
     return files, lines
 
 
-def load_sample(path: Path):
-    """An image (C, H, W) or a video (F, C, H, W), float in [0, 1]; a file that cannot be decoded
-    (corrupt, truncated, not an image) is a one-line ConfigError naming it."""
-    from align.errors import ConfigError
-
-    try:
-        return _decode_sample(path)
-    except Exception as err:  # noqa: BLE001 - PIL / imageio raise many kinds for a bad file
-        kind = "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
-        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"{path}: not a readable {kind} ({problem})") from None
-
-
-def _decode_sample(path: Path):
-    import numpy as np
-    import torch
-
-    if path.suffix.lower() in VIDEO_SUFFIXES:
-        import imageio.v3 as iio
-
-        frames = np.asarray(iio.imread(path, index=None))
-        if frames.ndim == 3:
-            frames = frames[None]
-        frames = frames[..., :3]
-        return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
-    from PIL import Image
-
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
-
-
 def score_files(reward, samples: list, prompts: list[str], batch_size: int = 8, device: str = "cpu"):
     """Scores per sample (:func:`load_sample` of each file): a list of {dimension: float} and a list
     of valid flags, in file order. Samples of the same shape are scored together in batches of
@@ -208,7 +175,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     files, prompts = read_prompts(Path(args.images), args.prompts, args.prompt)
     if args.device:
-        from align.sample import check_device
+        from align.models import check_device
 
         check_device(args.device, field="--device")
     samples = [load_sample(f) for f in files]  # every file decodes before a reward model loads

@@ -57,7 +57,7 @@ def main() -> None:
     print(f"{len(prompts)} videos: requested digit in {digit:.1%} of frames, requested direction in "
           f"{direction:.1%} of videos")
     if args.strip:
-        from align.sample import write_strip
+        from align.media import write_strip
 
         write_strip(videos, args.strip)
         print(f"frame strip: {args.strip} ({', '.join(prompts[:4])}, ...)")

@@ -40,7 +40,7 @@ def digest(module: torch.nn.Module) -> str:
 
 def main(out: Path, names: list[str]) -> None:
     from align.config import load_config
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
     from align.trainers import TRAINERS, trainer_module
     from accelerate.state import PartialState
 

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from align.cli import main
+from align.commands.cli import main
 from rewards.base import Reward, register_reward
 
 

@@ -308,7 +308,7 @@ def test_bfloat16(saved_dirs):
 def test_offloaded_text_encoders_predict_the_same(load, saved_dirs, key):
     """``model.offload_text_encoders`` (accelerate's cpu_offload of the named encoders) and a Qwen
     token budget (``model.max_sequence_length``) load through the runtime's load_model."""
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
 
     offloaded = load_model(ModelConfig(name=NAMES[key], path=saved_dirs(key), device="cpu", dtype="float32",
                                        offload_text_encoders=True, max_sequence_length=64))

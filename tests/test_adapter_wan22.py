@@ -112,7 +112,7 @@ def test_loads_both_layouts_with_family_settings(a14b, ti2v, dirs, tmp_path):
 
 def test_model_config_train_experts(dirs):
     from align.config import ConfigError
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
 
     with pytest.raises(ConfigError, match="model.train_experts: unknown expert choice 'low'"):
         ModelConfig(name="wan22", train_experts="low")

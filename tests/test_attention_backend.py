@@ -13,7 +13,7 @@ from align.errors import ConfigError
 def test_a_dispatched_backend_predicts_what_native_sdpa_predicts(tmp_path, model):
     """SD3's stock joint attention calls SDPA directly: the adapter routes it through the dispatch
     (its second self-attention of SD3.5-Medium's dual blocks included)."""
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
     from tiny_models import build_flux, build_sd3
 
     path = str(build_flux(tmp_path / "flux") if model == "flux" else
@@ -44,7 +44,7 @@ def test_a_backend_that_cannot_run_is_one_line(name, message):
 
 
 def test_align_env_lists_the_backends(capsys):
-    from align.cli import main
+    from align.commands.cli import main
 
     assert main(["env"]) == 0
     out = capsys.readouterr().out
@@ -52,7 +52,7 @@ def test_align_env_lists_the_backends(capsys):
 
 
 def test_a_denoiser_outside_the_dispatch_is_one_line(tmp_path):
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
     from tiny_models import build_sd
 
     with pytest.raises(ConfigError, match="do not go through diffusers' dispatch"):

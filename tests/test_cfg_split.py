@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from align.config import ConfigError, load_config
-from align.sample import ModelConfig, load_model
+from align.models import ModelConfig, load_model
 from align.sampling.rollout import RolloutConfig, rescore, rollout
 from align.trainers import trainer_module
 

@@ -122,7 +122,7 @@ def test_a_resumed_run_never_logs_an_iteration_twice(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_is_one_line_saying_how_to_resume(monkeypatch, capsys, tmp_path):
-    from align import cli
+    from align.commands import cli
     from align.trainers import flow_grpo
 
     def interrupted(config, adapter=None):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from align.cli import main
+from align.commands.cli import main
 from tests.tiny_models import build_sd3, build_wan
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"

@@ -51,7 +51,7 @@ def test_a_compiled_run_starts_on_policy(tmp_path):
 
 
 def test_real_models_compile_their_repeated_blocks(tmp_path):
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
     from tiny_models import build_flux, build_sd3
 
     for name, builder in (("sd3", build_sd3), ("flux", build_flux)):

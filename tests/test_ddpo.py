@@ -21,7 +21,7 @@ from align.evaluation import EvalConfig
 from align.training.model_setup import LoraSettings
 from align.training.optim import OptimConfig
 from align.training.run import RunConfig
-from align.sample import ModelConfig
+from align.models import ModelConfig
 from align.sampling.rollout import RolloutConfig
 from align.trainers.ddpo import DDPOConfig, check_config, train
 from rewards.base import Reward, register_reward

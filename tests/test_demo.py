@@ -17,7 +17,7 @@ PROMPTS = ["a red digit 3", "a blue digit 8"]
 
 def make_run_folder(root, name="trained"):
     """A run folder whose lora/ export moves the toy model visibly (random LoRA weights)."""
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
 
     folder = root / name
     adapter = load_model(ModelConfig(name="toy"))
@@ -55,7 +55,8 @@ def table_rows(table: dict) -> list[dict]:
 
 def direct_scores(checkpoint_lora, rewards, per_prompt=2, seed=3):
     """The same samples as the demo's, generated and scored without the demo."""
-    from align.sample import ModelConfig, SampleConfig, generate, load_model
+    from align.models import ModelConfig, load_model
+    from align.commands.sample import SampleConfig, generate
     from rewards import build_reward
 
     adapter = load_model(ModelConfig(name="toy"))

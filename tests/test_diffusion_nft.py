@@ -16,7 +16,7 @@ from align.losses import nft_loss
 from align.training.model_setup import LoraSettings
 from align.training.optim import OptimConfig
 from align.training.run import RunConfig
-from align.sample import ModelConfig
+from align.models import ModelConfig
 from align.sampling.rollout import RolloutConfig
 from align.trainers.snapshot import WeightSnapshot
 from align.trainers.diffusion_nft import (DiffusionNFTConfig, adaptive_nft_loss, check_config,

@@ -128,7 +128,7 @@ def test_the_first_update_starts_at_ln2_and_logs_the_implicit_accuracy(tmp_path)
 
 
 def test_a_missing_pair_file_is_one_line(tmp_path):
-    from align.cli import main
+    from align.commands.cli import main
 
     assert main(["train", "dpo", "pairs=missing.jsonl", f"run.output_dir={tmp_path}"]) == 2
 
@@ -143,7 +143,8 @@ def toy_pairs(out, prompts, per_prompt: int = 32, seed: int = 123):
     docs/preference_pairs.md."""
     from torchvision.transforms.functional import to_pil_image
 
-    from align.sample import ModelConfig, SampleConfig, generate, load_model
+    from align.models import ModelConfig, load_model
+    from align.commands.sample import SampleConfig, generate
     from align.sampling.rollout import RolloutConfig
     from rewards.registry import build_reward
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.cli import main
+from align.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,7 +234,7 @@ def test_a_lora_of_another_model_is_one_line(tmp_path, capsys):
 
     if not (TOY_WEIGHTS_DIR / "config.json").exists():
         pytest.skip("toy model weights not built")
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
 
     adapter = load_model(ModelConfig(name="toy"))
     name, layer = next((n, m) for n, m in adapter.base_denoiser.named_modules() if isinstance(m, torch.nn.Linear))
@@ -256,7 +256,7 @@ def test_a_lora_of_another_model_is_one_line(tmp_path, capsys):
 
 
 def test_sample_out_must_be_a_writable_folder(tmp_path, capsys, monkeypatch, no_model_load):
-    import align.run_folder
+    import align.training.run_folder
 
     notes = tmp_path / "notes.txt"
     notes.write_text("x")

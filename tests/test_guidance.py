@@ -116,7 +116,7 @@ def test_eta_null_takes_the_steps_noise_std():
 
 def _toy_samples(adapter, weight, reward="stroke_thickness"):
     from align.config import load_config
-    from align.sample import SampleConfig, generate
+    from align.commands.sample import SampleConfig, generate
 
     config = load_config(SampleConfig, overrides=[
         f"guidance.rewards=[{{name: {reward}, weight: {weight}}}]", "num_per_prompt=8",
@@ -129,7 +129,7 @@ def test_flow_nrg_weight_raises_the_guided_reward_monotonically_and_zero_is_ungu
     ink measured 0.293, 0.345, 0.450, 0.738 (the samples' own spread is about 0.05); weight 0 gives
     the unguided samples exactly."""
     from align.config import load_config
-    from align.sample import SampleConfig, generate
+    from align.commands.sample import SampleConfig, generate
     from rewards import build_reward
 
     plain, prompts, _ = generate(toy_adapter, load_config(SampleConfig, overrides=[
@@ -196,7 +196,7 @@ def test_align_sample_guide_flag(tmp_path):
 def test_guide_flags_weigh_rewards_or_single_dimensions():
     """``--guide NAME.DIM=W`` guides by that dimension only: the spec weighs every other dimension 0
     (the ``"*"`` key of a reward's weights); several of one reward merge."""
-    from align.cli import guide_specs
+    from align.commands.cli import guide_specs
 
     assert guide_specs(["stroke_thickness=300", "video_frames.motion_smoothness=2",
                         "video_frames.temporal_consistency=0.5"]) == [

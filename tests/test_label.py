@@ -9,9 +9,9 @@ import math
 
 import pytest
 
-from align.cli import main
+from align.commands.cli import main
 from align.config import ConfigError
-from align.label import read_labels
+from align.labels import read_labels
 from pipelines.toy import TOY_WEIGHTS_DIR
 
 pytestmark = pytest.mark.skipif(not (TOY_WEIGHTS_DIR / "config.json").exists(), reason="toy model weights not built")

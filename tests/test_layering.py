@@ -72,6 +72,10 @@ def test_packages_import_only_downwards():
             assert all(t == "align.errors" for t in targets if t.startswith("align")), (name, targets)
         if name.startswith("rewards"):
             assert not [t for t in targets if t.startswith("align.trainers")], name
+        if name.startswith(("align", "rewards", "pipelines")) and not name.startswith("align.commands") \
+                and name not in ("rewards.cli", "align.__main__"):
+            # the library and the training runtime never import a command module
+            assert not [t for t in targets if t.startswith("align.commands") or t == "rewards.cli"], (name, targets)
 
 
 def test_config_errors_come_from_one_module():

@@ -63,9 +63,9 @@ def test_align_sample_with_a_trained_toy_lora(tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    from align.cli import main
+    from align.commands.cli import main
     from align.config import load_config
-    from align.sample import SampleConfig, generate
+    from align.commands.sample import SampleConfig, generate
     from align.trainers import trainer_module
     from pipelines.toy import load_toy_adapter
 

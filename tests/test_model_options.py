@@ -23,7 +23,7 @@ def family_dirs(tmp_path_factory):
 
 
 def _load(case, path, **options):
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
 
     height, width, frames = FAMILY_CASES[case][3]
     return load_model(ModelConfig(name=FAMILY_CASES[case][0], path=path, device="cpu", dtype="float32",
@@ -65,7 +65,7 @@ def test_offloaded_text_encoders_and_a_dispatched_attention_backend_predict_the_
 
 
 def test_align_models_lists_each_adapter_with_its_tasks_guidance_and_steps(capsys):
-    from align.cli import main
+    from align.commands.cli import main
     from pipelines.registry import adapter_class, list_adapters
 
     assert main(["models"]) == 0
@@ -114,7 +114,7 @@ def test_align_sample_animates_the_given_image(family_dirs, tmp_path, capsys):
     that fits neither one nor every prompt, is one line."""
     from PIL import Image
 
-    from align.cli import main
+    from align.commands.cli import main
 
     red, blue = tmp_path / "red.png", tmp_path / "blue.png"
     Image.new("RGB", (64, 64), (220, 30, 30)).save(red)
@@ -144,7 +144,7 @@ def test_align_sample_animates_the_given_image(family_dirs, tmp_path, capsys):
 def test_the_frozen_experts_transitions_are_dropped_and_guidance_scale_2_is_configured(family_dirs):
     """model.train_experts=low_noise: the high-noise expert's transitions have a ratio of exactly 1
     and no gradient, so the trainers drop them; model.guidance_scale_2 reaches the adapter."""
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
     from align.sampling.rollout import RolloutConfig, rollout
     from align.trainers.common import trained_transitions
 
@@ -169,8 +169,9 @@ def test_align_label_keeps_each_prompts_image(family_dirs, tmp_path):
     from PIL import Image
 
     from align.config import load_config
-    from align.label import read_labels, write_label_set
-    from align.sample import ModelConfig, load_model
+    from align.commands.label import write_label_set
+    from align.labels import read_labels
+    from align.models import ModelConfig, load_model
     from align.trainers import trainer_module
 
     Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "first.png")

@@ -387,7 +387,7 @@ def test_model_max_sequence_length_reaches_the_t5_encoder(tmp_path):
     """model.max_sequence_length (the reference trains SD3.5 with 128 T5 tokens): the prompt
     embedding is 77 CLIP tokens plus that many T5 tokens; a model without T5 rejects the key."""
     from align.config import ConfigError
-    from align.sample import ModelConfig, load_model
+    from align.models import ModelConfig, load_model
     from tests.tiny_models import build_sd3
 
     path = str(build_sd3(tmp_path / "sd3", with_t5=True))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from align.errors import ConfigError
-from align.sample import ModelConfig, load_model
+from align.models import ModelConfig, load_model
 from align.sampling.rollout import RolloutConfig, rescore, rollout
 
 PROMPTS = ["a red digit 3", "a blue digit 8"]

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from align.cli import main
+from align.commands.cli import main
 from align.config import ConfigError
 from pipelines.toy import COLOURS, colour_digits, digit_split, toy_prompt
 from rewards import CombinedReward, Reward, available_rewards, build_reward, build_rewards
@@ -151,7 +151,7 @@ def sample_dir(tmp_path, digits):
 
 
 def _pixels(sample_dir, n):
-    from rewards.cli import load_sample
+    from rewards.media import load_sample
 
     return torch.stack([load_sample(sample_dir / f"{i:04d}.png") for i in range(n)])
 

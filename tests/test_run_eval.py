@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from align.cli import main
+from align.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

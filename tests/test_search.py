@@ -1,4 +1,4 @@
-"""Test-time search (align/search.py, ``align search``): keeping everything is best-of-N exactly, the
+"""Test-time search (align/commands/search.py, ``align search``): keeping everything is best-of-N exactly, the
 cost account of a pruned search is the sum of live rows, and the schedule helpers' closed forms."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from align.config import load_config
-from align.search import SearchConfig, equal_cost_candidates, keep_count, search, top_per_group, ttsnap_steps
+from align.commands.search import SearchConfig, equal_cost_candidates, keep_count, search, top_per_group, ttsnap_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

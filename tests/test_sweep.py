@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from align.errors import ConfigError
-from align.sweep import SweepConfig, grid_trials, load_sweep, run_sweep
-from align.sweep_report import write_report
+from align.commands.sweep import SweepConfig, grid_trials, load_sweep, run_sweep
+from align.commands.sweep_report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a trial of two iterations: 2 prompts x 4 samples x 10 steps = 80 model evaluations each

@@ -8,7 +8,7 @@ from typing import Any
 from align.errors import ConfigError, unknown_name_error
 from align.evaluation import EvalConfig
 from align.prompts import check_prompt_images, prompt_list
-from align.sample import ModelConfig
+from align.models import ModelConfig
 from align.sampling.rollout import RolloutConfig
 from align.training import checkpointing, evaluation, trackers
 from align.training.model_setup import LoraSettings
@@ -60,7 +60,7 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
 
     from align.config import check_ranges
     from align.training.run_folder import check_run_folder
-    from align.sample import check_device, check_model_source, check_precision
+    from align.models import check_device, check_model_source, check_precision
     from align.sampling.kernels import kernel_spec
     from align.trainers import TRAINERS
 

@@ -10,7 +10,7 @@ log rho_l]) -> optimizer step (``inner_epochs`` passes).
 
 Human preferences instead of the reward (``labels``): ``align label`` samples the pairs, a person
 judges them (its index.html), and training reads the filled pairs.jsonl and the stored
-trajectories (align/label.py), ``labelled_pairs_per_iteration`` judged pairs per update; the ratios
+trajectories (align/commands/label.py), ``labelled_pairs_per_iteration`` judged pairs per update; the ratios
 are then against the model that sampled the pairs.
 
 Features and their fields: the step kernel (``rollout.kernel``: flow_grpo / dance_grpo / cps on
@@ -70,7 +70,7 @@ def check_config(config: D3POConfig, adapter=None) -> None:
     if not 0 < config.timestep_fraction <= 1:
         raise ConfigError(f"timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
     if config.labels is not None:
-        from align.label import read_labels
+        from align.labels import read_labels
 
         info = read_labels(config.labels).info
         for key, value in (("model.name", config.model.name), ("model.path", config.model.path),
@@ -127,7 +127,7 @@ def train(config: D3POConfig, adapter=None) -> dict[str, float]:
     rollout_config = replace(config.rollout, same_noise_per_group=True)  # a pair shares its start noise
     human = None
     if config.labels is not None:  # judged pairs and their stored trajectories
-        from align.label import labelled_transitions, read_labels
+        from align.labels import labelled_transitions, read_labels
 
         human = read_labels(config.labels)
         stored = {t.step: t for t in labelled_transitions(human, accelerator.device)}

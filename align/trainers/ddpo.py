@@ -25,7 +25,7 @@ import torch
 from align.advantages import DDPO_EPS, RunningPromptStats, group_advantages
 from align.config import ConfigError
 from align.training.run import prompts_for_iteration
-from align.sample import ModelConfig
+from align.models import ModelConfig
 from align.sampling.rollout import RolloutConfig
 from align.trainers import ppo
 from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,

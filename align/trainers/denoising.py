@@ -92,7 +92,7 @@ def fit_to_size(image: Tensor, height: int, width: int) -> Tensor:
 def encode_image_files(adapter, paths, latent_kwargs: dict, chunk: int = 8) -> Tensor:
     """Image files as the run's clean latents: each fitted to the run's size (``latent_kwargs``
     height / width, else the adapter's default), encoded by the model's VAE ``chunk`` at a time."""
-    from rewards.cli import load_sample
+    from rewards.media import load_sample
 
     height = latent_kwargs.get("height") or adapter.default_height
     width = latent_kwargs.get("width") or adapter.default_width

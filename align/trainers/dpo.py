@@ -144,7 +144,7 @@ def offline_batch(run, config: DPOConfig, pairs: list[Pair], reward, iteration: 
     """(winner latents, loser latents, prompts) of this iteration's pairs (a fresh order per pass),
     the images fitted to the run's size; ``relabel`` re-ranks each pair by the reward (ties and
     unscored pairs dropped)."""
-    from rewards.cli import load_sample
+    from rewards.media import load_sample
 
     adapter = run.adapter
     processes, process = run.accelerator.num_processes, run.accelerator.process_index

@@ -14,7 +14,7 @@ def evaluate(run, reward, prompts: Sequence[str], rollout_config, eval_config, *
     """:func:`align.evaluation.evaluate` with the run's weights (the EMA when on) and autocast;
     writes the sample grid ``samples/<grid_name>`` and logs it to the tracker."""
     from align.evaluation import evaluate as evaluate_model
-    from align.sample import write_samples
+    from align.media import write_samples
 
     with ema_weights(run), run.accelerator.autocast():
         metrics, pixels, sample_prompts = evaluate_model(run.adapter, reward, prompts, eval_config, rollout_config,

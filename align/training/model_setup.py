@@ -34,7 +34,7 @@ def setup_model(run, model, lora: LoraSettings, adapter=None) -> bool:
     accelerate's FSDP plugin shards it in prepare). Returns whether it was sharded here."""
     from accelerate.utils import DistributedType
 
-    from align.sample import load_model
+    from align.models import load_model
 
     if adapter is None:
         adapter = load_model(model)  # sets the configured size as the adapter's default

@@ -148,7 +148,7 @@ class Run:
         from accelerate.state import AcceleratorState
         from accelerate.utils import ProjectConfiguration, set_seed
 
-        from align.sample import resolve_device
+        from align.models import resolve_device
         from align.sharding import has_sharded
 
         if model.lora is not None:

@@ -71,7 +71,8 @@ def evaluate_run_folder(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     Returns the eval.json content."""
     from align.evaluation import evaluate
     from align.prompts import check_prompt_images
-    from align.sample import load_model, write_samples
+    from align.models import load_model
+    from align.media import write_samples
     from align.trainers.common import build_reward_set, eval_prompt_list, heldout_specs
     from pipelines.registry import model_tasks
 

@@ -38,7 +38,9 @@ def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[s
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from align.sample import SampleConfig, check_sample_config, generate, load_model, write_samples
+    from align.commands.sample import SampleConfig, check_sample_config, generate
+    from align.models import load_model
+    from align.media import write_samples
 
     overrides = _flag_overrides(args, {
         "model": "model.name", "model_path": "model.path", "num": "num_per_prompt", "out": "out",
@@ -83,9 +85,9 @@ def guide_specs(texts: list[str]) -> list[dict]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    """``align search``: best-of-N or pruned (TTSnap) search over start noises (align/search.py)."""
-    from align.sample import check_device, check_model_source, load_model
-    from align.search import SearchConfig, search, write_search
+    """``align search``: best-of-N or pruned (TTSnap) search over start noises (align/commands/search.py)."""
+    from align.models import check_device, check_model_source, load_model
+    from align.commands.search import SearchConfig, search, write_search
     from pipelines.registry import check_adapter_name, model_tasks
 
     overrides = _flag_overrides(args, {
@@ -119,12 +121,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    """``align label``: pairs for a person to judge (align/label.py), before D3PO trains on them."""
-    from align.label import write_label_set
+    """``align label``: pairs for a person to judge (align/commands/label.py), before D3PO trains on them."""
+    from align.commands.label import write_label_set
     from align.training.run_folder import check_writable_folder
     from align.prompts import check_prompt_images, prompt_list
     from align.training.run import TOY_PROMPTS
-    from align.sample import check_device, check_model_source, load_model
+    from align.models import check_device, check_model_source, load_model
     from align.trainers import trainer_module
     from pipelines.registry import model_tasks
     from align.trainers.common import require_stochastic_kernel
@@ -183,7 +185,7 @@ def resume_hint(folder: Path, resume: str | None) -> str:
 
 
 #: the accelerate launch presets (configs/accelerate/<name>.yaml)
-ACCELERATE_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+ACCELERATE_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 
 
 def accelerate_presets() -> list[str]:
@@ -224,7 +226,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from align.sweep import main_sweep
+    from align.commands.sweep import main_sweep
 
     targets = [t for t in args.target if "=" not in t]  # key=value words are overrides
     args.overrides = [t for t in args.target if "=" in t] + list(args.overrides)
@@ -233,7 +235,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from align.run_eval import evaluate_run_folder, metric_label
+    from align.commands.run_eval import evaluate_run_folder, metric_label
 
     report = evaluate_run_folder(args.run_dir, list(args.overrides))
     for key, value in report["metrics"].items():

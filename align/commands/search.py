@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from align.config import ConfigError
-from align.sample import ModelConfig, resolve_steps
+from align.models import ModelConfig
+from align.commands.sample import resolve_steps
 from align.sampling.rollout import RolloutConfig, rollout
 
 #: TTSnap's schedule: keep fractions at steps 2, 6 and 11 of 20

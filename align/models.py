@@ -1,15 +1,14 @@
-"""Sampling from any adapter over any topology, and writing images / videos and a grid."""
+"""The model of a run or a command: ModelConfig, loading an adapter from a registry name and a
+local folder or hub id (precision policy included), and the checks of device, precision, model
+source and LoRA folder that run before anything loads."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from align.config import ConfigError
-from align.guidance import GuidanceConfig
-from align.sampling.rollout import RolloutConfig, rollout
 
 
 @dataclass
@@ -66,26 +65,6 @@ def check_train_experts(config: ModelConfig) -> None:
     if config.guidance_scale_2 is not None and name != "wan22":
         raise ConfigError(f"model.guidance_scale_2: the low-noise expert's CFG scale of Wan 2.2 A14B (wan22); the "
                           f"{config.name!r} model has one denoiser")
-
-
-@dataclass
-class SampleConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(kernel="ode", num_steps=0))
-    prompts: list[str] = field(default_factory=lambda: ["a red digit 7"])
-    #: prompts from a file instead (one a line, or JSONL entries naming images: docs/prompt_files.md)
-    prompt_file: str | None = None
-    #: the conditioning image of image-to-video: one for every prompt, or one per prompt (paths)
-    images: list[str] | None = None
-    negative_prompt: str = ""
-    #: samples per prompt (for a tree: root trajectories per prompt; each yields its leaves)
-    num_per_prompt: int = 8
-    seed: int = 0
-    out: str = "samples"
-    #: video frames per second of the written MP4 files
-    fps: int = 8
-    #: reward guidance of sampling (Flow-NRG; align/guidance.py): guidance.rewards with weights
-    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -218,144 +197,3 @@ def check_lora_folder(path: str, field: str = "model.lora") -> None:
     problem = lora_folder_problem(path)
     if problem is not None:
         raise ConfigError(f"{field}: LoRA folder {path}: {problem}")
-
-
-def resolve_steps(rollout_config: RolloutConfig, adapter) -> RolloutConfig:
-    """``rollout_config`` with ``num_steps`` 0 (the model family's default) replaced by the adapter's."""
-    if rollout_config.num_steps > 0:
-        return rollout_config
-    return RolloutConfig(**{**vars(rollout_config), "num_steps": adapter.default_steps})
-
-
-def generate(adapter, config: SampleConfig):
-    """Encode the prompts, roll out, decode. Returns (images or videos in [0, 1], prompt of each)."""
-    rollout_config = resolve_steps(config.rollout, adapter)
-    from align.guidance import build_guidance
-
-    prompts = sample_prompts(config)
-    cond = adapter.encode(prompts, config.negative_prompt, config.rollout.guidance_scale)
-    generator = torch.Generator().manual_seed(config.seed)
-    guidance = build_guidance(config.guidance, adapter, prompts, rollout_config)
-    with torch.no_grad():
-        result = rollout(adapter, cond, rollout_config, group_size=config.num_per_prompt, generator=generator,
-                         height=config.model.height, width=config.model.width,
-                         num_frames=config.model.num_frames, drift=guidance)
-        pixels = adapter.decode(result.samples.to(adapter.dtype)).float().cpu()
-    prompts = [prompts[i] for i in result.prompt_index.tolist()]
-    result.guidance_cost = guidance.cost if guidance is not None else None
-    return pixels, prompts, result
-
-
-def write_strip(videos: torch.Tensor, path: str | Path, scale: int = 4, max_rows: int = 16) -> Path:
-    """strip.png: one row per video (up to ``max_rows``), its frames left to right, upscaled ``scale``
-    times (nearest) so small videos can be seen; a 1-pixel gap between frames and rows."""
-    from torchvision.transforms.functional import to_pil_image
-
-    videos = videos[:max_rows].float().clamp(0, 1)  # (N, F, C, H, W)
-    n, f, c, h, w = videos.shape
-    canvas = torch.full((c, n * (h + 1) + 1, f * (w + 1) + 1), 0.25)
-    for i in range(n):
-        for j in range(f):
-            canvas[:, 1 + i * (h + 1):1 + i * (h + 1) + h, 1 + j * (w + 1):1 + j * (w + 1) + w] = videos[i, j]
-    canvas = canvas.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    to_pil_image(canvas).save(path)
-    return Path(path)
-
-
-#: grids show every sample at least this many pixels high (small ones enlarged, nearest neighbour)
-GRID_MIN_PIXELS = 96
-
-
-def display_scale(height: int) -> int:
-    """The integer factor that shows a sample of ``height`` pixels at least GRID_MIN_PIXELS high."""
-    return max(1, -(-GRID_MIN_PIXELS // max(1, height)))
-
-
-def write_samples(pixels: torch.Tensor, prompts: list[str], out: str | Path, columns: int, fps: int = 8) -> Path:
-    """One PNG per image (MP4 per video, at their own size), and grid.png of all images (first frames
-    for videos), small ones enlarged without smoothing (:func:`display_scale`); videos also get
-    strip.png, every frame of each video in a row."""
-    from diffusers.utils import export_to_video, make_image_grid
-    from PIL import Image
-    from torchvision.transforms.functional import to_pil_image
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    firsts = []
-    with open(out / "prompts.txt", "w") as index:
-        for i, (sample, prompt) in enumerate(zip(pixels, prompts)):
-            if sample.ndim == 4:  # (F, C, H, W)
-                frames = [to_pil_image(f) for f in sample]
-                export_to_video(frames, str(out / f"{i:04d}.mp4"), fps=fps)
-                firsts.append(frames[0])
-                index.write(f"{i:04d}.mp4\t{prompt}\n")
-            else:
-                image = to_pil_image(sample)
-                image.save(out / f"{i:04d}.png")
-                firsts.append(image)
-                index.write(f"{i:04d}.png\t{prompt}\n")
-    columns = max(1, min(columns, len(firsts)))
-    rows = -(-len(firsts) // columns)
-    firsts += [firsts[0].copy().point(lambda _: 0)] * (rows * columns - len(firsts))
-    grid = make_image_grid(firsts, rows=rows, cols=columns)
-    scale = display_scale(firsts[0].height)
-    if scale > 1:  # small images (the toy model's 16 px) are enlarged without smoothing, to be seen
-        grid = grid.resize((grid.width * scale, grid.height * scale), resample=Image.NEAREST)
-    grid.save(out / "grid.png")
-    if pixels.ndim == 5:
-        write_strip(pixels, out / "strip.png")
-    return out / "grid.png"
-
-
-def sample_prompts(config: SampleConfig) -> list[str]:
-    """The prompts to sample: ``prompt_file`` or ``prompts``, each carrying its image (``images``:
-    one for all, or one per prompt) as a :class:`pipelines.base.Prompt`."""
-    from align.prompts import prompt_list
-    from pipelines.base import Prompt
-
-    prompts = prompt_list(config.prompts, config.prompt_file, [])
-    if not config.images:
-        return prompts
-    if any(getattr(p, "image", None) is not None for p in prompts):
-        raise ConfigError("images: the prompt file names images already; give images in one place")
-    if len(config.images) not in (1, len(prompts)):
-        raise ConfigError(f"images: {len(config.images)} images for {len(prompts)} prompts (give one, or one each)")
-    images = config.images * len(prompts) if len(config.images) == 1 else config.images
-    for image in images:
-        if not Path(image).is_file():
-            raise ConfigError(f"images: {image} not found")
-    return [Prompt(p, image) for p, image in zip(prompts, images)]
-
-
-def check_sample_config(config: SampleConfig) -> None:
-    if not config.prompts and not config.prompt_file:
-        raise ConfigError("prompts is empty: give at least one --prompt")
-    if config.num_per_prompt < 1:
-        raise ConfigError(f"num_per_prompt must be >= 1, got {config.num_per_prompt}")
-    from pipelines.registry import check_adapter_name
-
-    check_adapter_name(config.model.name)
-    config.rollout.validate(config.rollout.num_steps or 1)
-    config.guidance.validate(config.rollout.num_steps or None)
-    check_device(config.model.device)
-    from align.attention import check_attention_backend
-
-    check_attention_backend(config.model.attention_backend)
-    check_model_source(config.model)
-    from align.prompts import check_prompt_images
-    from pipelines.registry import model_tasks
-
-    check_prompt_images(sample_prompts(config), config.model.name, model_tasks(config.model.name, config.model.path),
-                        field="prompts")
-    from dataclasses import replace
-
-    from align.config import check_ranges
-
-    # rollout.num_steps 0 is the model family's default here
-    check_ranges(replace(config, rollout=replace(config.rollout, num_steps=config.rollout.num_steps or 1)))
-    resolve_dtype(config.model.dtype, torch.device("cpu"))
-    if config.model.lora is not None:
-        check_lora_folder(config.model.lora)
-    from align.training.run_folder import check_writable_folder
-
-    check_writable_folder(Path(config.out), "--out")

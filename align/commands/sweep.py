@@ -37,7 +37,7 @@ from typing import Any
 from align.errors import ConfigError, unknown_name_error
 
 #: method presets by name (configs/methods/<name>.yaml)
-PRESETS = Path(__file__).resolve().parents[1] / "configs" / "methods"
+PRESETS = Path(__file__).resolve().parents[2] / "configs" / "methods"
 #: settings a sweep sets on every trial, after the sweep's own: the budget decides when a trial ends
 TRIAL_SETTINGS = {"run.log_with": "none", "run.resume": "auto", "run.progress": False, "iterations": 100000}
 
@@ -382,7 +382,7 @@ def run_sweep(path: str | Path, overrides: list[str] = (), workers: int = 1) -> 
 
 
 def main_sweep(args) -> int:
-    from align.sweep_report import write_report
+    from align.commands.sweep_report import write_report
 
     if args.target[0] == "report":
         if len(args.target) != 2:
