@@ -73,7 +73,7 @@ def read_labels(path: str | Path) -> LabelledPairs:
 
 def labelled_transitions(labels: LabelledPairs, device) -> list:
     """The stored steps as :class:`align.sampling.rollout.Transition` objects (row 2p + k: pair p, side k)."""
-    from align.sampling.rollout import Transition
+    from align.sampling.records import Transition
 
     out = []
     rows = len(labels.info["prompts"]) * 2

@@ -84,6 +84,7 @@ def worker(model: str, method: str, recipe: str, device: str, directory: str) ->
 
     sys.path.insert(0, str(ROOT))
     import align.trainers.common as common
+    import align.trainers.scoring as scoring
     from align.config import load_config
     from align.models import ModelConfig, load_model
     from align.trainers import trainer_module
@@ -112,7 +113,7 @@ def worker(model: str, method: str, recipe: str, device: str, directory: str) ->
                 window["peak"] = max(window["peak"], rss_mib())
             time.sleep(0.002)
 
-    original = common.sample_and_score
+    original = scoring.sample_and_score
 
     def start_window(*args, **kwargs):  # the iteration starts with its rollout
         if window["base"] is None:

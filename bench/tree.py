@@ -101,7 +101,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from align.sampling.rollout import RolloutConfig, rollout
-    from align.trainers.branch_grpo import width_kept_leaves
+    from align.trees import width_kept_leaves
     from pipelines.sd3 import SD3Adapter
 
     splits = [int(s) for s in args.splits.split(",") if s.strip()]

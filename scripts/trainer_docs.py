@@ -142,7 +142,7 @@ def options(cls: type, values: dict[str, Any] | None = None, prefix: str = "") -
 
 
 def shared_fields() -> list[str]:
-    from align.trainers.common import TrainerConfig
+    from align.trainers.config import TrainerConfig
 
     return [f.name for f in dataclasses.fields(TrainerConfig)]
 
@@ -150,7 +150,7 @@ def shared_fields() -> list[str]:
 def split_options(cls: type) -> tuple[list[Option], list[tuple[Option, Option | None]]]:
     """(the trainer's own options, [(option, the shared default's option or None)] for the shared
     options whose default ``cls`` changes, with the row of each block that holds a changed one)."""
-    from align.trainers.common import TrainerConfig
+    from align.trainers.config import TrainerConfig
 
     shared = set(shared_fields())
     rows = options(cls)
@@ -264,7 +264,7 @@ def generated_part(name: str, cls: type | None = None) -> str:
     """The generated part of page ``name`` (a trainer, or :data:`COMMON`), after the marker line.
     ``cls``: the config dataclass to document (default: the trainer's ``CONFIG``)."""
     if name == COMMON:
-        from align.trainers.common import TrainerConfig
+        from align.trainers.config import TrainerConfig
 
         lines = ["", "## Options", "",
                  "The fields of `align.trainers.common.TrainerConfig`, in every trainer's config; a trainer's page "
@@ -351,7 +351,7 @@ def write_pages() -> list[Path]:
 def missing_comments() -> list[str]:
     """``page: option`` for every documented option whose field has no ``#:`` comment."""
     from align.trainers import trainer_module
-    from align.trainers.common import TrainerConfig
+    from align.trainers.config import TrainerConfig
 
     out = [f"{COMMON}: {r.name}" for r in options(TrainerConfig) if not r.meaning]
     for name in page_names()[1:]:

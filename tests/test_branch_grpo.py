@@ -11,6 +11,7 @@ import torch
 
 from align.config import ConfigError, load_config
 from align.sampling.rollout import RolloutConfig, rescore, rollout
+from align.trees import node_targets, width_kept_leaves
 from align.trainers import branch_grpo as bg
 from pipelines.toy import TOY_WEIGHTS_DIR
 
@@ -34,7 +35,7 @@ def test_node_rewards_and_depth_advantages_on_a_hand_checkable_tree(gaussian_ada
     assert torch.equal(result.ancestor(2), torch.arange(4))
     assert [(t.step, len(t.rows)) for t in result.transitions] == [(0, 2), (1, 4), (2, 4)]
     rewards = torch.tensor([1.0, 2.0, 3.0, 6.0])
-    targets = bg.node_targets(result, rewards)
+    targets = node_targets(result, rewards)
     # depth 1 (edges of step 0): node rewards 1.5 and 4.5, mean 3, std 1.5
     torch.testing.assert_close(targets[0].reward, torch.tensor([1.5, 4.5]))
     torch.testing.assert_close(targets[0].advantage, torch.tensor([-1.5, 1.5]) / (1.5 + 1e-4))
@@ -46,7 +47,7 @@ def test_node_rewards_and_depth_advantages_on_a_hand_checkable_tree(gaussian_ada
         assert targets[step].keep.all()
 
     # TreeGRPO: leaves normalised once, a node's advantage is the mean of its leaves'
-    tree = bg.node_targets(result, rewards, variant="tree_grpo")
+    tree = node_targets(result, rewards, variant="tree_grpo")
     torch.testing.assert_close(tree[0].advantage, torch.stack([leaf_adv[:2].mean(), leaf_adv[2:].mean()]))
     torch.testing.assert_close(tree[1].advantage, leaf_adv)
 
@@ -54,9 +55,9 @@ def test_node_rewards_and_depth_advantages_on_a_hand_checkable_tree(gaussian_ada
     below = result.transitions[1].log_prob + result.transitions[2].log_prob
     w0 = torch.softmax(below[:2], 0)
     w1 = torch.softmax(below[2:] / 0.5, 0)
-    fused = bg.node_targets(result, rewards, fusion="logp")
+    fused = node_targets(result, rewards, fusion="logp")
     torch.testing.assert_close(fused[0].reward[0], (w0 * rewards[:2]).sum())
-    hot = bg.node_targets(result, rewards, fusion="logp", temperature=0.5)
+    hot = node_targets(result, rewards, fusion="logp", temperature=0.5)
     torch.testing.assert_close(hot[0].reward[1], (w1 * rewards[2:]).sum())
     torch.testing.assert_close(fused[2].reward, rewards)  # a leaf's own reward
 
@@ -65,17 +66,17 @@ def test_each_tree_is_normalised_alone_or_with_the_trees_of_its_prompt(gaussian_
     result, _, _ = small_tree(gaussian_adapter, trees=2)
     assert torch.equal(result.prompt_index, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
     rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 0.0])
-    per_tree = bg.node_targets(result, rewards)
+    per_tree = node_targets(result, rewards)
     # the second tree's leaves are all equal: no signal, advantage 0 and not kept
     assert torch.equal(per_tree[1].keep, torch.tensor([True] * 4 + [False] * 4))
     assert torch.equal(per_tree[1].advantage[4:], torch.zeros(4))
-    pooled = bg.node_targets(result, rewards, group_of_tree=torch.tensor([0, 0]))
+    pooled = node_targets(result, rewards, group_of_tree=torch.tensor([0, 0]))
     mean, std = rewards.mean(), rewards.std(unbiased=False)
     torch.testing.assert_close(pooled[1].advantage, (rewards - mean) / (std + 1e-4))
     nodes = torch.tensor([1.5, 4.5, 0.0, 0.0])
     torch.testing.assert_close(pooled[0].advantage, (nodes - nodes.mean()) / (nodes.std(unbiased=False) + 1e-4))
     # "global" std: each tree's own mean, the spread of the whole depth
-    spread = bg.node_targets(result, rewards, std="global")
+    spread = node_targets(result, rewards, std="global")
     expected = (rewards - torch.tensor([3.0] * 4 + [0.0] * 4)) / (rewards.std(unbiased=False) + 1e-4)
     torch.testing.assert_close(spread[1].advantage, expected * torch.tensor([1.0] * 4 + [0.0] * 4))
 
@@ -83,12 +84,12 @@ def test_each_tree_is_normalised_alone_or_with_the_trees_of_its_prompt(gaussian_
 def test_width_pruning_keeps_the_best_and_worst_leaves_of_each_tree():
     rewards = torch.tensor([0.5, 0.9, 0.1, 0.7, 0.2, 0.3, 0.8, 0.4])
     trees = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    keep = bg.width_kept_leaves(rewards, trees, 0.5)
+    keep = width_kept_leaves(rewards, trees, 0.5)
     assert keep.tolist() == [False, True, True, False, True, False, True, False]
-    best = bg.width_kept_leaves(rewards, trees, 0.5, "best")
+    best = width_kept_leaves(rewards, trees, 0.5, "best")
     assert best.tolist() == [False, True, False, True, False, False, True, True]
-    assert bg.width_kept_leaves(rewards, trees, 1.0).all()
-    assert bg.width_kept_leaves(rewards, trees, 0.1).sum() == 2  # at least one per tree
+    assert width_kept_leaves(rewards, trees, 1.0).all()
+    assert width_kept_leaves(rewards, trees, 0.1).sum() == 2  # at least one per tree
 
 
 def test_depths_depth_noise_and_depth_pruning():

@@ -60,7 +60,7 @@ def test_digit_judge_reward_is_the_judges_accuracy_on_the_requested_digit():
 
 def test_the_embedded_default_watches_the_judge_unless_told_otherwise():
     from align.config import load_config
-    from align.trainers.common import heldout_specs
+    from align.trainers.scoring import heldout_specs
     from align.trainers.flow_grpo import FlowGRPOConfig
 
     assert heldout_specs(load_config(FlowGRPOConfig)) == ["digit_judge"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from align.guidance import GuidanceConfig, RewardGuidance, build_guidance, guidance_shift, spsa_gradient
-from align.sampling.rollout import RolloutConfig, StepView, rollout
+from align.sampling.records import StepView
+from align.sampling.rollout import RolloutConfig, rollout
 from rewards.base import Reward
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -87,7 +87,7 @@ def test_sde_windows_reach_the_trained_expert(family_dirs):
 
     from align.config import load_config
     from align.errors import ConfigError
-    from align.trainers.common import steps_of_trained_networks
+    from align.trainers.checks import steps_of_trained_networks
     from align.trainers.flow_grpo import FlowGRPOConfig, rollout_for_iteration
     from pipelines.registry import load_adapter
 
@@ -146,7 +146,7 @@ def test_the_frozen_experts_transitions_are_dropped_and_guidance_scale_2_is_conf
     and no gradient, so the trainers drop them; model.guidance_scale_2 reaches the adapter."""
     from align.models import ModelConfig, load_model
     from align.sampling.rollout import RolloutConfig, rollout
-    from align.trainers.common import trained_transitions
+    from align.trainers.scoring import trained_transitions
 
     adapter = load_model(ModelConfig(name="wan22", path=family_dirs("wan22_a14b"), device="cpu", dtype="float32",
                                      height=32, width=32, num_frames=5, train_experts="low_noise",

@@ -297,7 +297,7 @@ def test_edge_fusion_is_a_recursive_softmax_over_one_step_log_probs():
     """Splits at steps 0 and 2 (4 leaves): a child node of the first split is worth
     softmax(lp_leafedges) . leaf rewards, the root softmax(lp_child edges) . those; a huge temperature
     gives the plain mean."""
-    from align.trainers.branch_grpo import edge_fused_rewards
+    from align.trees import edge_fused_rewards
 
     tree, _ = small_tree(GaussianAdapter())
     rewards = torch.tensor([0.1, 0.7, 0.4, 0.9])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from align.sampling.rollout import RolloutConfig
 from align.trainers import TRAINERS, trainer_module
-from align.trainers.common import TrainerConfig
+from align.trainers.config import TrainerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -229,7 +229,7 @@ def test_sample_and_score_keeps_gradients_through_chosen_steps(tmp_path):
     """Reward backprop's seam: with ``grad_steps`` the reward of the decoded samples has a gradient
     reaching the denoiser's weight (the analytic model's gain); without, sampling keeps no graph."""
     from align.training.run import Run
-    from align.trainers.common import sample_and_score
+    from align.trainers.scoring import sample_and_score
 
     _, config = configured("flow_grpo", tmp_path, "group_size=2", "run.log_with=none")
     run = Run(config, model=config.model, lora=config.lora, optim=config.optim, run=config.run,

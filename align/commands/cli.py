@@ -129,7 +129,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     from align.models import check_device, check_model_source, load_model
     from align.trainers import trainer_module
     from pipelines.registry import model_tasks
-    from align.trainers.common import require_stochastic_kernel
+    from align.trainers.checks import require_stochastic_kernel
     from pipelines.registry import check_adapter_name
 
     module = trainer_module("d3po")
@@ -184,20 +184,13 @@ def resume_hint(folder: Path, resume: str | None) -> str:
     return f"the last checkpoint is {checkpoints[-1]}; the same command with {settings} continues from it"
 
 
-#: the accelerate launch presets (configs/accelerate/<name>.yaml)
-ACCELERATE_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
-
-
-def accelerate_presets() -> list[str]:
-    return sorted(p.stem for p in ACCELERATE_PRESETS.glob("*.yaml"))
-
-
 def cmd_launch(args: argparse.Namespace) -> int:
     """``align launch PRESET train ...``: the command under ``accelerate launch`` with a shipped
     preset. The preset name and the training config are checked here, before any process starts."""
     import os
     import subprocess
 
+    from align.commands.parsers import ACCELERATE_PRESETS, accelerate_presets
     from align.errors import unknown_name_error
 
     if args.preset not in accelerate_presets():
@@ -279,102 +272,24 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from align.commands import parsers
+
+    commands = {
+        "sample": (parsers.add_sample, cmd_sample),
+        "search": (parsers.add_search, cmd_search),
+        "train": (parsers.add_train, cmd_train),
+        "launch": (parsers.add_launch, cmd_launch),
+        "label": (parsers.add_label, cmd_label),
+        "sweep": (parsers.add_sweep, cmd_sweep),
+        "eval": (parsers.add_eval, cmd_eval),
+        "demo": (parsers.add_demo, cmd_demo),
+        "env": (parsers.add_env, cmd_env),
+        "models": (parsers.add_models, cmd_models),
+    }
     parser = argparse.ArgumentParser(prog="align", description="Align diffusion and flow models with rewards.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    sample = sub.add_parser("sample", help="sample images / videos from a model over any rollout topology")
-    sample.add_argument("--config", help="YAML config (SampleConfig)")
-    sample.add_argument("--model", help="adapter name: toy, sd3, flux, wan, sd, sdxl")
-    sample.add_argument("--model-path", help="local model directory or hub name")
-    sample.add_argument("--lora", help="a trained LoRA folder (a run's lora/ export) to sample from")
-    sample.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    sample.add_argument("--image", action="append",
-                        help="image-to-video: the first frame (one for every prompt, or repeat: one per prompt)")
-    sample.add_argument("--num", type=int, help="samples per prompt")
-    sample.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    sample.add_argument("--seed", type=int)
-    sample.add_argument("--device")
-    sample.add_argument("--dtype")
-    sample.add_argument("--out", help="output directory")
-    sample.add_argument("--guide", action="append", metavar="NAME=WEIGHT",
-                        help="reward guidance (Flow-NRG): a reward and its weight, e.g. stroke_thickness=300, or "
-                             "one dimension of a reward, e.g. video_frames.motion_smoothness=2 (repeat for several)")
-    sample.add_argument("overrides", nargs="*", help="key=value config overrides")
-    sample.set_defaults(func=cmd_sample)
-
-    find = sub.add_parser("search", help="test-time search: best-of-N or pruned (TTSnap) over start noises")
-    find.add_argument("--config", help="YAML config (SearchConfig)")
-    find.add_argument("--model", help="adapter name: toy, sd3, flux, wan, sd, sdxl")
-    find.add_argument("--model-path", help="local model directory or hub name")
-    find.add_argument("--lora", help="a trained LoRA folder to search with")
-    find.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    find.add_argument("--reward", action="append", help="the reward that picks the best (repeat to sum several)")
-    find.add_argument("--method", help="pruned (default) or best_of_n")
-    find.add_argument("--num", type=int, help="start noises per prompt")
-    find.add_argument("--top-k", type=int, help="best samples written per prompt")
-    find.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    find.add_argument("--seed", type=int)
-    find.add_argument("--device")
-    find.add_argument("--out", help="output directory")
-    find.add_argument("overrides", nargs="*", help="key=value config overrides")
-    find.set_defaults(func=cmd_search)
-
-    train = sub.add_parser("train", help="fine-tune a model against rewards with one method")
-    from align.trainers import TRAINERS
-
-    train.add_argument("method", nargs="?", help=f"trainer: {', '.join(TRAINERS)} (default: the `trainer` "
-                                                "key of --config)")
-    train.add_argument("--config", help="YAML config of the trainer")
-    train.add_argument("--print-config", action="store_true",
-                       help="print the resolved config (defaults, --config, overrides) as YAML and exit")
-    train.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=1e-4")
-    train.set_defaults(func=cmd_train)
-
-    launch = sub.add_parser("launch", help="run a command under accelerate launch with a shipped preset "
-                                           "(align launch [--dry-run] PRESET train ...)")
-    launch.add_argument("--dry-run", action="store_true", help="print the accelerate command and exit")
-    launch.add_argument("preset", help="configs/accelerate/<preset>.yaml: " + ", ".join(accelerate_presets()))
-    launch.add_argument("command", nargs=argparse.REMAINDER, help="the align command, e.g. train flow_grpo ...")
-    launch.set_defaults(func=cmd_launch)
-
-    label = sub.add_parser("label", help="sample preference pairs for a person to judge (then align train d3po "
-                                         "labels=OUT/pairs.jsonl)")
-    label.add_argument("--config", help="a d3po config (model, rollout, prompts, seed)")
-    label.add_argument("--out", required=True, help="the label folder to write")
-    label.add_argument("--pairs", type=int, default=16, help="pairs to judge")
-    label.add_argument("overrides", nargs="*", help="key=value config overrides")
-    label.set_defaults(func=cmd_label)
-
-    sweep = sub.add_parser("sweep", help="sweep methods x rewards x settings x seeds (align sweep FILE), or "
-                                         "write a sweep folder's report (align sweep report DIR)")
-    sweep.add_argument("target", nargs="+", help="a sweep file, or: report DIR")
-    sweep.add_argument("--workers", type=int, default=1, help="processes running trials at once")
-    sweep.add_argument("--no-report", action="store_true", help="skip the report at the end")
-    sweep.add_argument("overrides", nargs="*", help="key=value overrides of the sweep file")
-    sweep.set_defaults(func=cmd_sweep)
-
-    evaluation = sub.add_parser("eval", help="the before / after table of a run folder (eval.md, eval.json, grids)")
-    evaluation.add_argument("run_dir", help="a run folder (holds run.json)")
-    evaluation.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. eval.per_prompt=8)")
-    evaluation.set_defaults(func=cmd_eval)
-
-    demo = sub.add_parser("demo", help="the Gradio demo: compare rewards, checkpoints and runs in a browser")
-    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
-    demo.add_argument("--port", type=int, default=7860)
-    demo.add_argument("--runs", default="runs", help="the folder whose run folders the demo lists")
-    demo.add_argument("--model-path", action="append", default=[], metavar="NAME=PATH",
-                      help="a real model's local folder, e.g. sd3=/models/sd3.5-medium (repeat for several)")
-    demo.add_argument("--reward-option", action="append", default=[], metavar="REWARD.KEY=VALUE",
-                      help="a reward option, e.g. aesthetic.head_path=/models/sac+logos+ava1-l14-linearMSE.pth")
-    demo.add_argument("--share", action="store_true", help="a public gradio.live link")
-    demo.set_defaults(func=cmd_demo)
-
-    env = sub.add_parser("env", help="versions, devices and attention backends")
-    env.set_defaults(func=cmd_env)
-    models = sub.add_parser("models", help="list model adapters")
-    models.set_defaults(func=cmd_models)
-
+    for add_parser, handler in commands.values():
+        add_parser(sub).set_defaults(func=handler)
     from rewards.cli import register_commands  # `align rewards list`, `align score`
 
     register_commands(sub)

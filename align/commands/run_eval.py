@@ -73,7 +73,8 @@ def evaluate_run_folder(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     from align.prompts import check_prompt_images
     from align.models import load_model
     from align.media import write_samples
-    from align.trainers.common import build_reward_set, eval_prompt_list, heldout_specs
+    from align.trainers.common import eval_prompt_list
+    from align.trainers.scoring import build_reward_set, heldout_specs
     from pipelines.registry import model_tasks
 
     run_dir = Path(run_dir)

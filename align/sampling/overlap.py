@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from align.sampling.rollout import Rollout, Transition
+from align.sampling.records import Rollout, Transition
 
 
 def can_chunk(rollout_config, chunks: int, prompts: int, *, drift=None, grad_steps=(), reward=None) -> bool:

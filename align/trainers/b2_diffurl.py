@@ -24,8 +24,10 @@ from align.config import ConfigError
 from align.training.run import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers import ppo
-from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
-                                   require_stochastic_kernel, reward_metrics, sample_and_score, start_run)
+from align.trainers.checks import check_common, require_stochastic_kernel
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.config import TrainerConfig
+from align.trainers.scoring import reward_metrics, sample_and_score
 from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
 
 

@@ -35,9 +35,10 @@ from align.training.run import prompts_for_iteration
 from align.sampling.kernels import reduce_elements
 from align.sampling.rollout import RolloutConfig, predict_in_chunks
 from align.trainers.snapshot import WeightSnapshot
-from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
-                                   group_batch_advantages, progress, reward_metrics, sample_and_score,
-                                   shuffled_minibatches, start_run)
+from align.trainers.checks import check_common
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, shuffled_minibatches, start_run
+from align.trainers.config import TrainerConfig
+from align.trainers.scoring import group_batch_advantages, reward_metrics, sample_and_score
 
 
 @dataclass

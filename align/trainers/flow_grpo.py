@@ -40,10 +40,11 @@ from align.guidance import GuidanceConfig, build_guidance
 from align.training.run import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers import ppo
-from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run,
-                                   group_batch_advantages, learning_rewards, progress, require_stochastic_kernel,
-                                   restore_reward_states, reward_metrics, sample_and_score, start_run,
-                                   steps_of_trained_networks, store_reward_states)
+from align.trainers.checks import check_common, require_stochastic_kernel, steps_of_trained_networks
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.config import TrainerConfig
+from align.trainers.scoring import (group_batch_advantages, learning_rewards, restore_reward_states, reward_metrics,
+                                    sample_and_score, store_reward_states)
 from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
 from rewards.dense import prm_rows_from_rollout
 

@@ -27,9 +27,10 @@ from align.config import ConfigError, check_choice
 from align.losses import CFG_GRADS, prdp_loss
 from align.training.run import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig, rescore
-from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
-                                   require_stochastic_kernel, require_trained_steps,
-                                   reward_metrics, sample_and_score, start_run)
+from align.trainers.checks import check_common, require_stochastic_kernel, require_trained_steps
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.config import TrainerConfig
+from align.trainers.scoring import reward_metrics, sample_and_score
 from align.trainers.snapshot import WeightSnapshot
 
 

@@ -23,8 +23,10 @@ from align.config import ConfigError, check_choice
 from align.losses import rwr_weights, weighted_mean
 from align.training.run import iteration_generator, prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
-from align.trainers.common import (TrainLog, TrainerConfig, check_common, end_iteration, finish_run, progress,
-                                   reward_metrics, sample_and_score, start_run)
+from align.trainers.checks import check_common
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.config import TrainerConfig
+from align.trainers.scoring import reward_metrics, sample_and_score
 from align.trainers.denoising import DenoisingConfig, denoising_errors, draw_levels, training_schedule
 
 WEIGHTINGS = ("top", "rwr")

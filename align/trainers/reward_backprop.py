@@ -42,8 +42,10 @@ from align.losses import REWARD_LOSSES, noised_and_target, reward_loss
 from align.training.run import iteration_generator, prompts_for_iteration
 from align.sampling.kernels import x0_hat
 from align.sampling.rollout import RolloutConfig, predict_in_chunks, rollout
-from align.trainers.common import (TrainLog, TrainerConfig, check_common, check_unscored, end_iteration, finish_run,
-                                   progress, reward_metrics, sample_and_score, start_run)
+from align.trainers.checks import check_common
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.config import TrainerConfig
+from align.trainers.scoring import check_unscored, reward_metrics, sample_and_score
 from align.trainers.denoising import (DenoisingConfig, denoising_errors, draw_levels, encode_image_files,
                                       training_schedule)
 
