@@ -48,15 +48,18 @@ class GuidanceConfig:
     on: str = "x0_hat"
     #: "auto" (autograd when every guiding reward is differentiable, else SPSA), "autograd" or "spsa"
     gradient: str = "auto"
-    #: SPSA: random +-1 directions per estimate, and the probe size c (latent units)
+    #: SPSA: random +-1 directions per gradient estimate (each costs two reward calls per row)
     spsa_probes: int = 4
+    #: SPSA: the probe size c, the step along each direction (latent units; 0.01: about 1e-2 of the data scale)
     spsa_scale: float = 0.01
     #: guided steps (null: every step but the last, whose x0_hat is the sample itself)
     steps: list[int] | None = None
     #: "velocity" (Flow-NRG: shift = -dt * grad) or "normalized" (Euphonium: eta^2 / (2 beta) g / ||g||)
     form: str = "velocity"
-    #: Euphonium: the KL temperature beta, and eta (null: the step's noise std under rollout.kernel)
+    #: Euphonium (form normalized): the KL temperature beta of the shift eta^2 / (2 beta) g / ||g|| (larger:
+    #: weaker guidance)
     beta: float = 1.0
+    #: Euphonium: the eta of that shift (null: each step's noise std under rollout.kernel)
     eta: float | None = None
     #: seed of the SPSA directions
     seed: int = 0

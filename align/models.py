@@ -21,8 +21,14 @@ class ModelConfig:
     dtype: str = "auto"
     #: cpu, cuda, cuda:1, ... (auto: cuda when available)
     device: str = "auto"
+    #: sample height in pixels, for training, evaluation and sampling (null: the adapter's default, the
+    #: checkpoint's sample size: 1024 for SD3 / FLUX, 512 for SD 1.5, 480 for Wan 2.1; 16 for the toy model)
     height: int | None = None
+    #: sample width in pixels (null: the adapter's default: 1024 for SD3 / FLUX, 512 for SD 1.5, 832 for
+    #: Wan 2.1, 16 for the toy model)
     width: int | None = None
+    #: frames per video sample (null: the adapter's default: 81 for Wan, 121 for HunyuanVideo 1.5, 8 for
+    #: toy_video; Wan's and HunyuanVideo's need num_frames - 1 a multiple of 4); image models ignore it
     num_frames: int | None = None
     #: a trained LoRA folder to load on top (a run's ``lora/`` export; null: the base model)
     lora: str | None = None

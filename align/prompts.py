@@ -1,11 +1,15 @@
 """The prompts of a run or a sampling command: a prompt file in its two forms (one prompt a line,
 or JSONL entries that may name the conditioning image of image-to-video, docs/prompt_files.md),
-and the check that prompts with images meet a model that takes them."""
+the check that prompts with images meet a model that takes them, and each training iteration's draw
+of prompts and its noise generator."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from align.errors import ConfigError
 
@@ -78,3 +82,24 @@ def check_prompt_images(prompts, model: str, tasks: Sequence[str], field: str = 
     if not with_image and tasks == ("i2v",):
         raise ConfigError(f"{field}: the {model!r} model animates an image: give a JSONL {field} "
                           f"of {{\"prompt\": ..., \"image\": ...}} entries")
+
+
+def prompts_for_iteration(prompts: Sequence[str], count: int, seed: int, iteration: int,
+                          process_index: int = 0, num_processes: int = 1) -> list[str]:
+    """A deterministic draw per (seed, iteration): a resumed run sees the same prompts; each
+    process takes its own slice."""
+    rng = random.Random(f"{seed}-{iteration}")
+    total = count * num_processes
+    chosen = rng.sample(list(prompts), total) if total <= len(prompts) else rng.choices(list(prompts), k=total)
+    return chosen[process_index * count:(process_index + 1) * count]
+
+
+def iteration_generator(seed: int, iteration: int, process_index: int = 0, stream: str = "") -> torch.Generator:
+    """The generator of one (seed, iteration, process): the rollout's by default; another ``stream``
+    (e.g. "train") gives an independent one, so training noise never replays the rollout's."""
+    import zlib
+
+    # ints only: hash() of a str changes from process to process (PYTHONHASHSEED)
+    key = (seed, iteration, process_index) if not stream else (seed, iteration, process_index,
+                                                                zlib.crc32(stream.encode()))
+    return torch.Generator().manual_seed(hash(key) % (2**63))

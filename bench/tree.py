@@ -69,7 +69,7 @@ class Timed:
 
 def train_pass(adapter, result, cond, config, kept_rows) -> float:
     """Seconds to re-score the trained edges (dict step -> rows) with gradients and backpropagate."""
-    from align.sampling.rollout import rescore
+    from align.sampling.rescore import rescore
 
     params = adapter.trainable_parameters()
     start = time.perf_counter()

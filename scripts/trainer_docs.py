@@ -11,7 +11,7 @@ of the file. Regenerating keeps whatever precedes the marker; a page that does n
 a starter hand-written part. Nested config blocks (``model``, ``rollout``, a trainer's ``ppo`` or
 ``guidance``: any dataclass-typed field) are documented field by field under dotted names
 (``rollout.num_steps``), with the values of the enclosing config's default. A trainer's page lists
-its own options and, of the shared ones (:class:`align.trainers.common.TrainerConfig`), only those
+its own options and, of the shared ones (:class:`align.trainers.config.TrainerConfig`), only those
 whose default it changes.
 """
 
@@ -267,7 +267,7 @@ def generated_part(name: str, cls: type | None = None) -> str:
         from align.trainers.config import TrainerConfig
 
         lines = ["", "## Options", "",
-                 "The fields of `align.trainers.common.TrainerConfig`, in every trainer's config; a trainer's page "
+                 "The fields of `align.trainers.config.TrainerConfig`, in every trainer's config; a trainer's page "
                  "lists the defaults it changes. Nested blocks are set as `block.field` "
                  "(`align train flow_grpo rollout.num_steps=20`) or as a YAML mapping in `--config`.", "",
                  *options_table(options(cls or TrainerConfig))]

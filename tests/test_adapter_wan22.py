@@ -268,7 +268,8 @@ def test_expert_switch_and_per_expert_guidance(a14b):
 def test_rollout_records_experts_and_rescore_is_exact(a14b):
     """A flow_grpo rollout records the expert of every transition; re-scoring a transition (inside
     ``pinned_expert``) gives exactly its recorded log-prob, and pinning the other expert does not."""
-    from align.sampling.rollout import RolloutConfig, rescore, rollout
+    from align.sampling.rescore import rescore
+    from align.sampling.rollout import RolloutConfig, rollout
 
     cond = a14b.encode(PROMPTS, "blurry", 3.0, guidance_scale_2=2.0)
     config = RolloutConfig(num_steps=STEPS, kernel="flow_grpo", guidance_scale=3.0)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from align.config import ConfigError, load_config
-from align.sampling.rollout import RolloutConfig, rescore, rollout
+from align.sampling.rescore import rescore
+from align.sampling.rollout import RolloutConfig, rollout
 from align.trees import node_targets, width_kept_leaves
 from align.trainers import branch_grpo as bg
 from pipelines.toy import TOY_WEIGHTS_DIR

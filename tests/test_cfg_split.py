@@ -11,7 +11,8 @@ import torch
 
 from align.config import ConfigError, load_config
 from align.models import ModelConfig, load_model
-from align.sampling.rollout import RolloutConfig, rescore, rollout
+from align.sampling.rescore import rescore
+from align.sampling.rollout import RolloutConfig, rollout
 from align.trainers import trainer_module
 
 
@@ -132,7 +133,7 @@ def test_flow_grpo_with_cfg_split_is_on_policy_exactly_and_trains_as_the_joint_b
 def test_cfg_split_with_a_full_cfg_gradient_is_refused():
     module = trainer_module("flow_grpo")
     config = load_config(module.CONFIG, None, ["model.name=toy", "ppo.cfg_grad=full"])
-    with pytest.raises(ConfigError, match="rollout.cfg_split needs cfg_grad: cond_only"):
+    with pytest.raises(ConfigError, match="rollout.cfg_split needs ppo.cfg_grad: cond_only"):
         module.check_config(config)
 
 

@@ -146,8 +146,8 @@ def test_flow_models_are_a_one_line_error_naming_flow_grpo(tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     ({"rollout": RolloutConfig(kernel="ode")}, "records no log-probs"),
-    ({"clip_range": 0.0}, "clip_range"),
-    ({"timestep_fraction": 0.0}, "timestep_fraction"),
+    ({"ppo": replace(DDPOConfig().ppo, clip_range=0.0)}, "ppo.clip_range"),
+    ({"ppo": replace(DDPOConfig().ppo, timestep_fraction=0.0)}, "ppo.timestep_fraction"),
     ({"stats_min_count": 32}, "stats_min_count"),
 ])
 def test_bad_config_is_a_clear_error(change, match):

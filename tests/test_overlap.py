@@ -67,7 +67,8 @@ def test_overlapped_scoring_trains_exactly_what_scoring_in_order_trains(tmp_path
 
 def test_a_chunked_rollout_is_one_consistent_batch():
     from align.sampling.overlap import chunked_rollout_and_score
-    from align.sampling.rollout import RolloutConfig, rescore
+    from align.sampling.rescore import rescore
+    from align.sampling.rollout import RolloutConfig
     from pipelines.toy import load_toy_adapter
 
     adapter = load_toy_adapter()
@@ -103,7 +104,7 @@ def test_a_reward_normalised_over_the_batch_is_not_chunked():
 def test_chunks_sample_what_the_processes_of_the_same_global_batch_sample():
     """Chunk k of process p draws from the generator of global chunk p * chunks + k: one process with
     two chunks gives, bit for bit, the rollouts two processes make of their halves of the prompts."""
-    from align.training.run import iteration_generator, prompts_for_iteration
+    from align.prompts import iteration_generator, prompts_for_iteration
     from align.sampling.overlap import chunk_generators, chunked_rollout_and_score
     from align.sampling.rollout import RolloutConfig, rollout
     from pipelines.toy import load_toy_adapter

@@ -247,7 +247,7 @@ def test_split_noise_injected_widens_the_draw_but_keeps_the_unscaled_density():
     """split_noise "injected" (the reference): at a split the children spread split_noise_scale x
     the kernel's std around its mean, while the recorded std and log-prob are the unscaled kernel's
     (re-scoring reproduces them); "density" records the scaled std."""
-    from align.sampling.rollout import rescore
+    from align.sampling.rescore import rescore
 
     adapter = GaussianAdapter(shape=(1, 32, 32))
     plain, _ = small_tree(adapter)

@@ -9,7 +9,8 @@ import torch
 
 from align.errors import ConfigError
 from align.models import ModelConfig, load_model
-from align.sampling.rollout import RolloutConfig, rescore, rollout
+from align.sampling.rescore import rescore
+from align.sampling.rollout import RolloutConfig, rollout
 
 PROMPTS = ["a red digit 3", "a blue digit 8"]
 #: largest |log-prob difference| (per-element mean log-prob, whose size here is ~0.7) of re-scoring

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from align.config import ConfigError
-from align.sampling.rollout import RolloutConfig, rescore, rollout
+from align.sampling.rescore import rescore
+from align.sampling.rollout import RolloutConfig, rollout
 
 
 def encode(adapter, prompts=("1",), guidance=1.0):

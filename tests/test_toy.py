@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -201,8 +203,9 @@ def test_lora_target_modules_choose_the_adapted_layers(tmp_path):
 
 
 def test_a_run_writes_tensorboard_scalars_grids_config_and_metrics(tmp_path):
-    """The default tracker (tensorboard, offline) gets every per-step metric; sample grids every
-    ``sample_every`` iterations; the resolved config and metrics.jsonl in the run folder."""
+    """The default tracker (tensorboard, offline) gets every per-step metric and the evaluation grids
+    as images; sample grids every ``sample_every`` iterations; the resolved config and metrics.jsonl
+    in the run folder."""
     import json
 
     from omegaconf import OmegaConf
@@ -221,18 +224,55 @@ def test_a_run_writes_tensorboard_scalars_grids_config_and_metrics(tmp_path):
     events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
     assert events
     scalars = set()
+    images = {}
     for path in events:
         accumulator = EventAccumulator(str(path.parent))
         accumulator.Reload()
         scalars |= set(accumulator.Tags()["scalars"])
+        images.update({tag: accumulator.Images(tag) for tag in accumulator.Tags()["images"]})
     for tag in ("reward/score/mean", "reward/score/std", "advantage/abs_mean", "train/approx_kl",
                 "train/clip_fraction", "train/ratio_mean", "nfe", "time/sampling", "time/reward", "time/training",
                 "eval/reward", "eval/heldout/jpeg_compressibility", "eval/diversity"):
         assert tag in scalars, tag
-    for grid in ("before", "iteration-000001", "iteration-000002", "after"):
+    from PIL import Image
+
+    for grid, step in (("before", 0), ("iteration-000001", 1), ("iteration-000002", 2), ("after", 2)):
         assert (tmp_path / "samples" / grid / "grid.png").exists(), grid
+        # the tracker holds the same grid as an image, at the iteration it was made
+        (logged,) = images[f"samples/{grid}"]
+        width, height = Image.open(tmp_path / "samples" / grid / "grid.png").size
+        assert (logged.step, logged.width, logged.height) == (step, width, height), grid
     assert OmegaConf.load(tmp_path / "config.yaml").group_size == 4
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["nfe"] for r in rows if "nfe" in r and "eval/reward" not in r] == [2 * 4 * 4, 4 * 4 * 4]
     # evaluations carry the compute spent to reach them: before, every iteration (sample_every=1), after
     assert [(r["nfe"], r["iteration"]) for r in rows if "eval/reward" in r] == [(0, 0), (32, 1), (64, 2), (64, 2)]
+
+
+def test_wandb_offline_gets_the_evaluation_grids(tmp_path, monkeypatch):
+    """``run.log_with=wandb`` (offline: no account, no network) records the run, with the evaluation
+    grids as images equal to the run folder's grid.png (the scalars go through the same
+    ``accelerator.log`` as tensorboard's, tested above)."""
+    pytest.importorskip("wandb")
+    import numpy as np
+    from PIL import Image
+
+    from align.config import load_config
+    from align.trainers import trainer_module
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    module = trainer_module("flow_grpo")
+    config = load_config(module.CONFIG, None, [
+        "model.name=toy", "iterations=1", "prompts_per_iteration=1", "group_size=2", "rollout.num_steps=3",
+        "eval.per_prompt=1", "eval_prompts=['a red digit 3']", "run.resume=null", "run.progress=false",
+        "run.checkpoint_every=0", "run.log_with=wandb", f"run.output_dir={tmp_path / 'run'}"])
+    module.train(config)
+    (folder,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(folder.glob("run-*.wandb"))
+    media = {p.name.split("_")[0]: p for p in (folder / "files" / "media" / "images" / "samples").glob("*.png")}
+    assert sorted(media) == ["after", "before"], media
+    for name, path in media.items():
+        grid = np.asarray(Image.open(tmp_path / "run" / "samples" / name / "grid.png").convert("RGB"))
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), grid), name

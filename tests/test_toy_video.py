@@ -81,7 +81,8 @@ def test_frame_digit_reads_the_digit_wherever_it_is():
 
 
 def test_adapter_layout_and_every_topology(tmp_path):
-    from align.sampling.rollout import RolloutConfig, rescore, rollout
+    from align.sampling.rescore import rescore
+    from align.sampling.rollout import RolloutConfig, rollout
 
     adapter = tiny_adapter()
     assert adapter.latent_shape() == (3, 8, 16, 16)

@@ -79,7 +79,8 @@ def test_triton_step_is_never_taken_for_a_step_that_keeps_its_gradient():
 
 def test_triton_rollout_equals_the_torch_rollout_and_the_first_ratio_is_one(monkeypatch):
     import align.sampling.triton_step as triton_step
-    from align.sampling.rollout import RolloutConfig, rescore, rollout
+    from align.sampling.rescore import rescore
+    from align.sampling.rollout import RolloutConfig, rollout
     from pipelines.toy import load_toy_adapter
 
     calls = []

@@ -34,7 +34,8 @@ def write_label_set(adapter, config, out: Path, pairs: int) -> Path:
     from torchvision.transforms.functional import to_pil_image
 
     from align.prompts import prompt_list
-    from align.training.run import iteration_generator, prompts_for_iteration, TOY_PROMPTS
+    from align.prompts import iteration_generator, prompts_for_iteration
+    from align.training.run import TOY_PROMPTS
     from align.sampling.rollout import rollout
 
     out.mkdir(parents=True, exist_ok=True)

@@ -26,9 +26,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from align.commands.sample import resolve_steps
 from align.config import ConfigError
 from align.models import ModelConfig
-from align.commands.sample import resolve_steps
 from align.sampling.rollout import RolloutConfig, rollout
 
 #: TTSnap's schedule: keep fractions at steps 2, 6 and 11 of 20

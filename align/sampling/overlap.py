@@ -90,7 +90,7 @@ def concat_scores(outputs):
 def chunk_generators(seed: int, iteration: int, process_index: int, chunks: int) -> list[torch.Generator]:
     """One generator per chunk of this process, keyed by the chunk's global place
     process_index * chunks + k (one chunk: the process's own iteration generator)."""
-    from align.training.run import iteration_generator
+    from align.prompts import iteration_generator
 
     return [iteration_generator(seed, iteration, process_index * chunks + k) for k in range(chunks)]
 

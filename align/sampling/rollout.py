@@ -34,14 +34,16 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from align.errors import ConfigError
-from align.sampling.kernels import StepOut, kernel_spec, upcast, x0_hat
-from align.sampling.triton_step import fused_or_reference
+from align.sampling.kernels import kernel_spec, upcast, x0_hat
 from align.sampling.records import DriftHook, Rollout, SelectHook, StepView, Transition
-from pipelines.base import Conditioning, ModelAdapter, Schedule
+from align.sampling.triton_step import fused_or_reference
+from pipelines.base import Conditioning, ModelAdapter
 
 
 @dataclass
 class RolloutConfig:
+    #: sampling steps of a rollout: the model's schedule in this many steps, one model evaluation per step
+    #: (10: the Flow-GRPO reference's training rollouts on SD3.5-M)
     num_steps: int = 10
     #: classifier-free guidance scale (null: the model's default)
     guidance_scale: float | None = None
@@ -53,6 +55,8 @@ class RolloutConfig:
     sde_steps: list[int] | None = None
     #: tree: steps at which every row spawns branch_factor children
     split_steps: list[int] = field(default_factory=list)
+    #: tree: children each row spawns at a split step (leaves per start noise: branch_factor ** len(split_steps);
+    #: 2 as BranchGRPO)
     branch_factor: int = 2
     #: multiplies the kernel's noise level at split steps
     split_noise_scale: float = 1.0
@@ -68,6 +72,7 @@ class RolloutConfig:
     branch_steps: list[int] | None = None
     #: how a branch leaves its main row: "ode" (dense completion) or "sde" (TempFlow children)
     branch_kernel: str = "ode"
+    #: side branches leaving each main row at each of branch_steps (TempFlow: the SDE children compared)
     branches_per_step: int = 1
     #: one start noise per prompt, shared by its group
     same_noise_per_group: bool = False
@@ -336,45 +341,3 @@ def rollout(adapter: ModelAdapter, cond: Conditioning, config: RolloutConfig, *,
         result.branch_parent = torch.cat(branch_parents)
         result.branch_prompt_index = branch_prompt
     return result
-
-
-def rescore(adapter: ModelAdapter, transition: Transition, cond: Conditioning, schedule: Schedule,
-            config: RolloutConfig | None = None, *, share_parents: bool = False, cfg_grad: str = "full",
-            reuse_uncond: bool = False) -> StepOut:
-    """Log-prob of a stored transition under the adapter's current weights (the PPO ratio's
-    numerator), with the kernel and parameters the transition was sampled with (``config`` is read
-    for ``max_batch``, ``fused_step`` and ``cfg_split``). With unchanged weights and the same batch it
-    equals the recorded log-prob exactly.
-
-    ``share_parents``: rows with the same parent (siblings of a tree, which leave the same latents)
-    share one model evaluation, as in the rollout; with all rows of a step this repeats the rollout's
-    batch and its log-probs exactly. ``cfg_grad``: "cond_only" detaches the unconditional CFG branch
-    (the Flow-GRPO reference's training gradient), "full" differentiates both. ``reuse_uncond``: the
-    weights are the rollout's (no update since), so the unconditional prediction the rollout kept
-    (``rollout.cfg_split``) is used as it is; only "cond_only" may (it carries no gradient). With
-    ``reuse_uncond`` a transition that kept its graph (``policy_out``) is not re-scored at all: the
-    kernel runs on the rollout's own model output, graph included."""
-    i = transition.step
-    kernel = fused_or_reference(transition.kernel, kernel_spec(transition.kernel).resolve(schedule.kind),
-                                config.fused_step if config is not None else "auto")
-    if reuse_uncond and transition.policy_out is not None:
-        return kernel(transition.latents, transition.policy_out, schedule.levels[i], schedule.levels[i + 1],
-                      prev_sample=transition.next_latents, **transition.params)
-    latents, prompt_index, uncond = transition.latents, transition.prompt_index, transition.uncond
-    if not reuse_uncond or cfg_grad != "cond_only":
-        uncond = None
-    if share_parents:  # evaluate the first row of each parent, then give every sibling its output
-        unique, inverse = torch.unique(transition.parent, return_inverse=True)
-        position = torch.arange(len(inverse), device=inverse.device)
-        first = torch.full((len(unique),), len(inverse), dtype=torch.long,
-                           device=inverse.device).scatter_reduce(0, inverse, position, "amin")
-        latents, prompt_index = latents[first], prompt_index[first]
-        uncond = None if uncond is None else uncond[first.to(uncond.device)]
-    with adapter.pinned_expert(transition.expert):
-        model_out = predict_in_chunks(adapter, latents, schedule.timesteps[i], cond.select(prompt_index),
-                                      config.max_batch if config is not None else None, cfg_grad=cfg_grad,
-                                      cfg_split=config is not None and config.cfg_split, uncond=uncond)
-    if share_parents:
-        model_out = model_out[inverse]
-    return kernel(transition.latents, model_out, schedule.levels[i], schedule.levels[i + 1],
-                  prev_sample=transition.next_latents, **transition.params)

@@ -21,24 +21,27 @@ from dataclasses import dataclass, field, replace
 
 from align.advantages import group_advantages
 from align.config import ConfigError
-from align.training.run import prompts_for_iteration
+from align.prompts import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers import ppo
 from align.trainers.checks import check_common, require_stochastic_kernel
-from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
-from align.trainers.scoring import reward_metrics, sample_and_score
 from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
+from align.trainers.scoring import sample_and_score
 
 
 @dataclass
 class B2DiffuRLConfig(TrainerConfig):
     trainer: str = "b2_diffurl"
+    #: 10 steps, by ODE up to the iteration's split step and by the flow_grpo SDE kernel from it on (any
+    #: stochastic kernel: ddim on UNet models)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
     #: stochastic copies of each trajectory at the split step
     branch_factor: int = 4
-    #: the first split step (null: T - 2) and the last one; it moves back linearly over split_span
+    #: the first split step (null: T - 2, the last steps train first); it moves back linearly over split_span
     split_start: int | None = None
+    #: the last split step, reached after split_span iterations (0: finally every step trains)
     split_end: int = 0
     #: iterations over which the split moves (null: iterations)
     split_span: int | None = None

@@ -32,17 +32,17 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from align.config import ConfigError, check_choice
-from align.training.model_setup import LoraSettings
-from align.training.optim import OptimConfig
-from align.training.run import iteration_generator, prompts_for_iteration
+from align.prompts import iteration_generator, prompts_for_iteration
 from align.sampling.rollout import RolloutConfig, rollout
-from align.trees import node_targets, width_kept_leaves
 from align.trainers import ppo
 from align.trainers.checks import check_common, require_stochastic_kernel
-from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
-from align.trainers.scoring import check_unscored, reward_metrics
 from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
+from align.trainers.scoring import check_unscored
+from align.training.model_setup import LoraSettings
+from align.training.optim import OptimConfig
+from align.trees import node_targets, width_kept_leaves
 
 VARIANTS = ("branch_grpo", "tree_grpo")
 
@@ -72,9 +72,9 @@ class BranchGRPOConfig(TrainerConfig):
     #: what a leaf is decoded from: "x0_hat" (the reference: the last step's clean estimate, without
     #: the last step's noise) or "final" (the last step's sample)
     leaf_sample: str = "x0_hat"
-    #: depth normalisation (r - mean) / (std + adv_eps), std with n - 1 (adv_unbiased, the reference)
-    #: or the population std
+    #: the eps of the depth normalisation (r - mean) / (std + adv_eps) (1e-8: the reference's)
     adv_eps: float = 1e-8
+    #: that std with n - 1 (true: the reference's unbiased std) or the population std (false)
     adv_unbiased: bool = True
     #: normalise each depth within its "tree", or across all trees of one "prompt"
     adv_group: str = "tree"
@@ -100,9 +100,11 @@ class BranchGRPOConfig(TrainerConfig):
     #: a window of this many depths skipped from training, sliding by one depth every
     #: prune_window_slide_every iterations (null: off)
     prune_window: int | None = None
+    #: iterations between moves of the pruning window by one depth (it wraps round to depth 1)
     prune_window_slide_every: int = 10
-    #: toy-sized LoRA and learning rate (Flow-GRPO on SD3.5-M: rank 32, alpha 64, lr 3e-4)
+    #: a toy-sized LoRA, rank 8 and alpha 16 (the shared Flow-GRPO SD3.5-M values: rank 32, alpha 64)
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(rank=8, alpha=16.0))
+    #: a toy-sized learning rate, 1e-3 (the shared Flow-GRPO SD3.5-M value: 3e-4)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
     #: the PPO update: clip range 1e-3, no KL (BranchGRPO); inner_epochs passes over the trees
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(clip_range=1e-3))
@@ -156,6 +158,10 @@ def check_config(config: BranchGRPOConfig, adapter=None) -> None:
         raise ConfigError(f"prune_window must be in 1..{len(set(r.split_steps)) - 1}, got {config.prune_window}")
     if config.edges_per_update is not None and config.trees_per_update is not None:
         raise ConfigError("set one of edges_per_update and trees_per_update, not both")
+    from accelerate import PartialState
+
+    if config.edges_per_update and PartialState().num_processes > 1:
+        raise ConfigError("edges_per_update runs on one process; under DDP use trees_per_update")
     recorded = set(range(r.num_steps)) if r.sde_steps is None else set(r.sde_steps)
     if not [s for s in recorded if trainable_step(config, s, depth_of_step(r.split_steps, s))]:
         raise ConfigError("no step is left to train after depth pruning and the last-step rule")
@@ -214,6 +220,30 @@ def rollout_config_with_noise(config: BranchGRPOConfig) -> RolloutConfig:
 # --- training --------------------------------------------------------------------------------------
 
 
+def trained_edges(config: BranchGRPOConfig, result, targets: dict, leaf_rewards, leaf_valid,
+                  iteration: int) -> tuple[dict, dict]:
+    """The edges to train: ``({step: transition}, {step: kept rows})`` of every trainable step (depth
+    pruning), each keeping the rows whose node carries signal and, with width pruning, lies on the
+    path of a kept leaf (unscored leaves rank at the mean and are never kept)."""
+    split_steps = config.rollout.split_steps
+    leaf_tree = result.prompt_index.cpu()
+    ranked = torch.where(leaf_valid, leaf_rewards, leaf_rewards[leaf_valid].mean() if leaf_valid.any() else 0.0)
+    kept_leaves = width_kept_leaves(ranked, leaf_tree, config.width_keep_fraction, config.width_keep) & leaf_valid
+    last_depth = len(set(split_steps))
+    transitions, edge_rows = {}, {}
+    for t in result.main_transitions():
+        depth = depth_of_step(split_steps, t.step)
+        if not trainable_step(config, t.step, depth, iteration):
+            continue
+        keep = targets[t.step].keep.clone()
+        if config.width_keep_fraction < 1 and (config.width_prune_paths or depth == last_depth):
+            on_path = torch.zeros(len(t.rows), dtype=torch.bool)
+            on_path[result.ancestor(t.step + 1)[kept_leaves]] = True
+            keep &= on_path
+        transitions[t.step], edge_rows[t.step] = t, keep
+    return transitions, edge_rows
+
+
 def update_batches(run, config: BranchGRPOConfig, transitions: dict, edge_rows: dict, steps: list[int],
                    num_trees: int, generator: torch.Generator):
     """The kept edges of one pass, split into optimizer updates: ``({step: rows}, {step: weights})``
@@ -266,15 +296,9 @@ def edge_terms(config: BranchGRPOConfig, transitions: dict, targets: dict, selec
 
 
 def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
-    check_config(config, adapter)
     rollout_config = rollout_config_with_noise(config)
-    from accelerate import PartialState
-
-    if config.edges_per_update and PartialState().num_processes > 1:
-        raise ConfigError("edges_per_update runs on one process; under DDP use trees_per_update")
-    run, reward, heldout, prompts = start_run(config, adapter)
+    run, reward, heldout, prompts = start_run(config, adapter)  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
-    split_steps = rollout_config.split_steps
     bar = progress(run, config, config.variant)
     for iteration in bar:
         rng = random.Random(f"{config.run.seed}-{iteration}")
@@ -305,20 +329,7 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
                                temperature=config.fusion_temperature, group_of_tree=group_of_tree,
                                std=config.adv_std, clip=config.ppo.adv_clip, leaf_valid=leaf_valid,
                                eps=config.adv_eps, unbiased=config.adv_unbiased)
-        ranked = torch.where(leaf_valid, leaf_rewards, leaf_rewards[leaf_valid].mean() if leaf_valid.any() else 0.0)
-        kept_leaves = width_kept_leaves(ranked, leaf_tree, config.width_keep_fraction, config.width_keep) & leaf_valid
-        last_depth = len(set(split_steps))
-        transitions, edge_rows = {}, {}
-        for t in result.main_transitions():
-            depth = depth_of_step(split_steps, t.step)
-            if not trainable_step(config, t.step, depth, iteration):
-                continue
-            keep = targets[t.step].keep.clone()
-            if config.width_keep_fraction < 1 and (config.width_prune_paths or depth == last_depth):
-                on_path = torch.zeros(len(t.rows), dtype=torch.bool)
-                on_path[result.ancestor(t.step + 1)[kept_leaves]] = True
-                keep &= on_path
-            transitions[t.step], edge_rows[t.step] = t, keep
+        transitions, edge_rows = trained_edges(config, result, targets, leaf_rewards, leaf_valid, iteration)
         steps = sorted(transitions)
 
         # 3. PPO over the kept edges: edges_per_update shuffled edges (the reference), or
@@ -347,7 +358,6 @@ def train(config: BranchGRPOConfig, adapter=None) -> dict[str, float]:
                         "tree/leaves": float(len(leaf_rewards)), "tree/nfe_per_leaf": result.nfe / len(leaf_rewards),
                         "tree/edges_trained": float(edges_trained)})
         metrics.update(log.metrics())
-        bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
 

@@ -78,6 +78,12 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
     if adapter is None:
         check_model_source(config.model)
     check_precision(config.run.mixed_precision, config.model.device)
+    if config.run.log_with == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("run.log_with wandb needs wandb: pip install 'align-diffusion[wandb]' (or log_with: "
+                              "tensorboard)")
     check_run_folder(config)
     check_reward_specs(config.rewards, "rewards")
     check_reward_specs(heldout_specs(config), "heldout_rewards")

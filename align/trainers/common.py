@@ -156,6 +156,22 @@ class TrainLog(dict):
         return out
 
 
+def reward_metrics(named: dict, valid=None) -> dict[str, float]:
+    """reward/<name>/mean and /std of each reward dimension over the scored rows of the (gathered)
+    batch, and ``reward/unscored``, the number of rows the reward could not score."""
+    import torch
+
+    metrics = {}
+    for k, v in named.items():
+        ok = torch.isfinite(v) if valid is None else torch.isfinite(v) & valid.to(v.device).bool()
+        values = v.float()[ok]
+        metrics[f"reward/{k}/mean"] = float(values.mean()) if len(values) else 0.0
+        metrics[f"reward/{k}/std"] = float(values.std(unbiased=False)) if len(values) else 0.0
+    if valid is not None:
+        metrics["reward/unscored"] = float((~valid.bool()).sum())
+    return metrics
+
+
 def end_iteration(run, config: TrainerConfig, reward, heldout, metrics: dict[str, float], nfe: int) -> None:
     """Count the iteration and its model evaluations (all processes), log, checkpoint and write
     the periodic sample grid."""
@@ -209,6 +225,7 @@ class progress:
                 if self.max_nfe is not None and self.run.state.nfe >= self.max_nfe:
                     break
                 yield iteration
+                self.bar.set_postfix({k: f"{v:.3f}" for k, v in self.run.last_rewards.items()})
                 if self.stop_requested:
                     name = f"iteration-{self.run.state.iteration:06d}"
                     if not any(p.name == name for p in checkpointing.checkpoints(self.run)):
@@ -218,8 +235,5 @@ class progress:
             if handler is not None:
                 signal.signal(signal.SIGINT, handler)
             self.bar.close()
-
-    def set_postfix(self, **values) -> None:
-        self.bar.set_postfix(**values)
 
 

@@ -27,26 +27,34 @@ import torch
 
 from align.config import ConfigError, check_choice
 from align.losses import CFG_GRADS, d3po_loss
-from align.training.run import prompts_for_iteration
-from align.sampling.rollout import RolloutConfig, rescore
+from align.prompts import prompts_for_iteration
+from align.sampling.rescore import rescore
+from align.sampling.rollout import RolloutConfig
 from align.trainers.checks import check_common, require_stochastic_kernel, require_trained_steps
-from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
-from align.trainers.scoring import reward_metrics, sample_and_score
 from align.trainers.ppo import trained_steps
+from align.trainers.scoring import sample_and_score
 
 
 @dataclass
 class D3POConfig(TrainerConfig):
     trainer: str = "d3po"
+    #: 10 steps of the flow_grpo SDE kernel, whose per-step log-probs the loss compares (any stochastic
+    #: kernel: ddim on UNet models); a pair shares its start noise
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
+    #: the preference strength: loss = -log sigmoid(beta [log rho_w - log rho_l]) per step (D3PO: 0.1)
     beta: float = 0.1
     #: the per-step ratio is clamped to [1 - clip, 1 + clip]
     clip: float = 0.1
+    #: optimizer updates per iteration, each over all pairs and trained steps
     inner_epochs: int = 1
+    #: train the last sampling step (its flow std is tiny, ~2e-3, so it is left out by default)
     train_last_step: bool = False
     #: train a random fraction of the steps each iteration
     timestep_fraction: float = 1.0
+    #: CFG gradient of a training re-score: "cond_only" (the unconditional branch detached, as the Flow-GRPO
+    #: reference) or "full"
     cfg_grad: str = "cond_only"
     #: pairs whose rewards differ by less than this are dropped (a proxy reward's near-ties are noise)
     min_reward_gap: float = 0.0
@@ -54,6 +62,7 @@ class D3POConfig(TrainerConfig):
     group_size: int = 2
     #: human labels: a pairs.jsonl written by ``align label`` and filled (null: the reward decides)
     labels: str | None = None
+    #: human labels: judged pairs drawn at random each iteration (all of them when fewer), trained in each update
     labelled_pairs_per_iteration: int = 8
 
 

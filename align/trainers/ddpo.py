@@ -24,15 +24,15 @@ import torch
 
 from align.advantages import DDPO_EPS, RunningPromptStats, group_advantages
 from align.config import ConfigError
-from align.training.run import prompts_for_iteration
 from align.models import ModelConfig
+from align.prompts import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers import ppo
 from align.trainers.checks import check_common, require_stochastic_kernel
-from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
-from align.trainers.scoring import reward_metrics, sample_and_score
 from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
+from align.trainers.scoring import sample_and_score
 
 
 @dataclass
@@ -160,7 +160,6 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
                         "stats/per_prompt_fraction": own_stats, "stats/prompts_tracked": len(stats_tracker.history),
                         "train/trained_steps": len(steps)})
         metrics.update(log.metrics())
-        bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
 

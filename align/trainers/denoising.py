@@ -31,7 +31,9 @@ class DenoisingConfig:
     #: "uniform" over those levels, or "logit_normal": the level nearest sigmoid(N(logit_mean,
     #: logit_std)) (flow models: SD3's training distribution; on DDPM models read as 1 - alpha_bar)
     t_distribution: str = "uniform"
+    #: logit_normal: the mean of the normal whose sigmoid is the target noise level (0: centred on 0.5)
     logit_mean: float = 0.0
+    #: logit_normal: the std of that normal (1: SD3's logit-normal(0, 1) with logit_mean 0)
     logit_std: float = 1.0
 
     def validate(self, field: str = "denoising") -> None:

@@ -19,19 +19,21 @@ import torch
 
 from align.advantages import dense_step_gains, per_step_advantages
 from align.config import ConfigError, check_choice
-from align.training.run import prompts_for_iteration
+from align.prompts import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers import ppo
 from align.trainers.checks import check_common, require_stochastic_kernel
-from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
-from align.trainers.scoring import reward_metrics, sample_and_score
 from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
+from align.trainers.scoring import sample_and_score
 
 
 @dataclass
 class DenseGRPOConfig(TrainerConfig):
     trainer: str = "dense_grpo"
+    #: 10 steps of the flow_grpo SDE kernel (any stochastic kernel); the trainer adds an ODE completion
+    #: from every step
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
     #: the PPO update (step t's term takes step t's advantage)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -43,7 +45,10 @@ class DenseGRPOConfig(TrainerConfig):
     calibration_target: float | None = None
     #: exponent of the multiplicative update scale_t *= (target / spread_t) ** rate
     calibration_rate: float = 0.5
+    #: [low, high]: each step's calibrated noise multiplier is clamped to this range
     calibration_bounds: list[float] = field(default_factory=lambda: [0.25, 4.0])
+    #: rollout rows per optimizer step, each process (null: all rows of the iteration, one update per
+    #: ppo.inner_epochs pass)
     train_batch_size: int | None = None
 
 
@@ -152,7 +157,6 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
         metrics.update({f"dense/gain_std/step{t}": float(spreads[t]) for t in range(num_steps)})
         metrics.update({f"dense/noise_scale/step{t}": s for t, s in enumerate(state.noise_scales)})
         metrics.update(log.metrics())
-        bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
 

@@ -31,14 +31,15 @@ from torch import Tensor
 
 from align.config import ConfigError
 from align.losses import flow_matching_target, nft_loss, weighted_mean
-from align.training.run import prompts_for_iteration
+from align.prompts import prompts_for_iteration
 from align.sampling.kernels import reduce_elements
 from align.sampling.rollout import RolloutConfig, predict_in_chunks
-from align.trainers.snapshot import WeightSnapshot
 from align.trainers.checks import check_common
-from align.trainers.common import TrainLog, end_iteration, finish_run, progress, shuffled_minibatches, start_run
+from align.trainers.common import (TrainLog, end_iteration, finish_run, progress, reward_metrics, shuffled_minibatches,
+                                   start_run)
 from align.trainers.config import TrainerConfig
-from align.trainers.scoring import group_batch_advantages, reward_metrics, sample_and_score
+from align.trainers.scoring import group_batch_advantages, sample_and_score
+from align.trainers.snapshot import checkpointed_snapshot
 
 
 @dataclass
@@ -58,9 +59,14 @@ class DiffusionNFTConfig(TrainerConfig):
     #: with replacement), "uniform" on [t_min, t_max] or "logit_normal" (sigmoid of
     #: N(logit_mean, logit_std), clamped to [t_min, t_max])
     t_distribution: str = "schedule_permutation"
+    #: the lowest re-noising level t (0: clean): uniform draws lie in [t_min, t_max], logit_normal ones are
+    #: clamped to it, the schedule modes keep only the sampler levels in it
     t_min: float = 0.0
+    #: the highest re-noising level t (1: pure noise), the upper end of that range
     t_max: float = 1.0
+    #: logit_normal: the mean of the normal whose sigmoid is t (0: centred on t = 0.5)
     logit_mean: float = 0.0
+    #: logit_normal: the std of that normal (1: SD3's logit-normal(0, 1) with logit_mean 0)
     logit_std: float = 1.0
     #: A = (reward - its prompt's mean) / std, with the std of the whole (gathered) batch ("global",
     #: the paper's Z) or of the prompt's group ("group"). With a saturating reward (most samples near
@@ -71,14 +77,16 @@ class DiffusionNFTConfig(TrainerConfig):
     adv_clip: float = 5.0
     #: several rewards: "sum_rewards" (weighted sum, then normalise) or "sum_advantages"
     multi_reward: str = "sum_rewards"
-    #: the sampling ("old") policy's EMA decay after u optimizer updates (counted as the reference,
-    #: this iteration's included): min(policy_ema_decay, policy_ema_rate * u) ("linear"), or 0 for
-    #: policy_ema_warmup updates and then min(policy_ema_decay, policy_ema_rate * (u - warmup))
-    #: ("flat_warmup": the reference's OCR schedule with rate 0.0075, decay 0.999, warm-up 75); null
-    #: rate: the constant policy_ema_decay (0: old = theta every iteration)
+    #: the sampling ("old") policy follows theta after each iteration, old <- d old + (1 - d) theta: the cap
+    #: of the decay d (0.5: the reference's; with a null policy_ema_rate, d itself; 0: old = theta)
     policy_ema_decay: float = 0.5
+    #: d's growth per optimizer update: d = min(policy_ema_decay, policy_ema_rate * u) after u updates (counted
+    #: as the reference, this iteration's included; 0.001: the reference's); null: d = policy_ema_decay
     policy_ema_rate: float | None = 0.001
+    #: "linear" (d as above from the first update) or "flat_warmup" (d = 0 for policy_ema_warmup updates, then
+    #: min(decay, rate * (u - warmup)): the reference's OCR schedule, rate 0.0075, decay 0.999, warm-up 75)
     policy_ema_schedule: str = "linear"
+    #: "flat_warmup": the optimizer updates during which d = 0 (old = theta) before d grows (the reference's OCR: 75)
     policy_ema_warmup: int = 75
     #: "adaptive" (the reference): each term in x0 space, t^2 ||v± - v||^2, divided by its own
     #: detached mean |t (v± - v)|, the sum scaled by adv_clip / beta; "velocity": the plain loss above
@@ -221,6 +229,30 @@ class DiffusionNFTState:
     sampling_policy: dict | None = None
 
 
+def draw_loss(run, config: DiffusionNFTConfig, items, x_t, t, scale: float, item_cond, target, v_old,
+              optimality_items, weights, log):
+    """The NFT loss of one re-noised draw of a minibatch's samples (``items``): v_theta against the
+    old policy's v_old and the flow-matching target, weighted by each sample's optimality, plus
+    ``kl_beta`` times the velocity KL to the reference (LoRA off); its terms go to ``log``."""
+    adapter, accelerator = run.adapter, run.accelerator
+    cond = item_cond.select(items)
+    with accelerator.autocast():
+        v_theta = adapter.predict(x_t[items], t[items] * scale, cond).float()
+    if config.loss_weighting == "adaptive":
+        loss = adaptive_nft_loss(v_theta, v_old[items], target[items], optimality_items, config.beta, t[items],
+                                 weights=weights, scale=config.adv_clip / config.beta)
+    else:
+        loss = nft_loss(v_theta, v_old[items], target[items], optimality_items, config.beta, weights=weights)
+    if config.kl_beta > 0:
+        with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
+            v_ref = adapter.predict(x_t[items], t[items] * scale, cond).float()
+        kl = reduce_elements((v_theta - v_ref) ** 2).mean()
+        loss = loss + config.kl_beta * kl
+        log.add(kl=kl.detach())
+    log.add(loss, policy_gap=reduce_elements((v_theta.detach() - v_old[items]) ** 2).mean())
+    return loss
+
+
 def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
     check_config(config, adapter)
     size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
@@ -230,12 +262,7 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
     adapter, accelerator = run.adapter, run.accelerator
     device = accelerator.device
     scale = flow_timestep_scale(adapter, config.rollout.num_steps, size)
-    # the old policy lives in the checkpointed run state: restored on resume, and stored there by
-    # reference (its tensors are updated in place), so every checkpoint saves the current EMA
-    old = WeightSnapshot(adapter.trainable_parameters())
-    if run.state.trainer.sampling_policy is not None:  # resumed
-        old.load_state_dict(run.state.trainer.sampling_policy)
-    run.state.trainer.sampling_policy = old.state_dict()
+    old = checkpointed_snapshot(run, "sampling_policy")  # the sampling (old) policy, an EMA of theta
     K = draws_per_sample(config)
 
     bar = progress(run, config, "diffusion_nft")
@@ -280,26 +307,10 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
                     with run.accumulate():
                         for k in range(K):
                             items = samples * K + k
-                            c = item_cond.select(items)
-                            with accelerator.autocast():
-                                v_theta = adapter.predict(x_t[items], t[items] * scale, c).float()
-                            r_items = r[samples]
-                            w_items = None if sample_weights is None else sample_weights[samples]
-                            if config.loss_weighting == "adaptive":
-                                loss = adaptive_nft_loss(v_theta, v_old[items], target[items], r_items, config.beta,
-                                                         t[items], weights=w_items,
-                                                         scale=config.adv_clip / config.beta)
-                            else:
-                                loss = nft_loss(v_theta, v_old[items], target[items], r_items, config.beta,
-                                                weights=w_items)
-                            if config.kl_beta > 0:
-                                with torch.no_grad(), adapter.disable_adapter(), accelerator.autocast():
-                                    v_ref = adapter.predict(x_t[items], t[items] * scale, c).float()
-                                kl = reduce_elements((v_theta - v_ref) ** 2).mean()
-                                loss = loss + config.kl_beta * kl
-                                log.add(kl=kl.detach())
+                            weights = None if sample_weights is None else sample_weights[samples]
+                            loss = draw_loss(run, config, items, x_t, t, scale, item_cond, target, v_old, r[samples],
+                                             weights, log)
                             accelerator.backward(loss / K)
-                            log.add(loss, policy_gap=reduce_elements((v_theta.detach() - v_old[items]) ** 2).mean())
                         log.record_update(run.optimizer_step())
 
         # 5. the sampling policy follows theta
@@ -311,7 +322,6 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
         metrics.update({"optimality/mean": float(r.mean()), "optimality/abs_dev": float((r - 0.5).abs().mean()),
                         "policy/ema_decay": decay, "policy/weight_distance": old.distance()})
         metrics.update(log.metrics())
-        bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe + rows * K)
     return finish_run(config, run, reward, heldout)
 

@@ -29,15 +29,15 @@ import torch
 
 from align.config import ConfigError
 from align.losses import diffusion_dpo_loss
-from align.training.run import iteration_generator, prompts_for_iteration
+from align.prompts import iteration_generator, prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers.checks import check_common
-from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
-from align.trainers.scoring import reward_metrics, sample_and_score
 from align.trainers.denoising import (DenoisingConfig, denoising_errors, draw_levels, encode_image_files,
                                       training_schedule)
-from align.trainers.snapshot import WeightSnapshot
+from align.trainers.scoring import sample_and_score
+from align.trainers.snapshot import checkpointed_snapshot
 
 
 @dataclass
@@ -61,7 +61,10 @@ class DPOConfig(TrainerConfig):
     ref_refresh_every: int | None = None
     #: noise draws (t, eps) per pair in one update
     t_per_pair: int = 1
+    #: the training levels t, one per pair shared by its winner and loser: uniform, or logit_normal (Flow-DPO)
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
+    #: online pairs: samples per prompt, its best and worst by the reward forming the pair (4, not the shared
+    #: 8: a pair uses only two of them); offline pairs: unused
     group_size: int = 4
 
 
@@ -193,16 +196,13 @@ def train(config: DPOConfig, adapter=None) -> dict[str, float]:
     pairs = read_pairs(config.pairs) if config.pairs is not None else None
     reference = None
     if config.ref_refresh_every is not None:  # the reference snapshot lives in the checkpointed state
-        reference = WeightSnapshot(adapter.trainable_parameters())
-        if run.state.trainer.reference is not None:  # resumed
-            reference.load_state_dict(run.state.trainer.reference)
-        run.state.trainer.reference = reference.state_dict()  # by reference: checkpoints save it as it moves
+        reference = checkpointed_snapshot(run, "reference")
 
     bar = progress(run, config, "dpo")
     for iteration in bar:
         # training draws (t, noise): independent of the rollout's stream
         generator = iteration_generator(config.run.seed, iteration, accelerator.process_index, "train")
-        metrics, nfe_start, stats = {}, adapter.nfe, TrainLog("implicit_accuracy", "reward_margin")
+        nfe_start, stats, scores = adapter.nfe, TrainLog("implicit_accuracy", "reward_margin"), None
 
         # 1. pairs: offline from the file, online the best and worst sample of each prompt's group
         if pairs is not None:
@@ -213,8 +213,6 @@ def train(config: DPOConfig, adapter=None) -> dict[str, float]:
             _, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, config.rollout, iteration)
             winners, losers = best_and_worst(scores.total.float().cpu(), scores.valid_mask().cpu(),
                                              result.prompt_index.cpu())
-            metrics.update(reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()},
-                                          run.gather(scores.valid_mask())))
             batch = None
             if winners:
                 batch = (result.samples[winners].float(), result.samples[losers].float(),
@@ -248,6 +246,8 @@ def train(config: DPOConfig, adapter=None) -> dict[str, float]:
             reference.update(0.0)  # the reference catches up with the trained weights
 
         # 3. bookkeeping
+        metrics = {} if scores is None else reward_metrics({k: run.gather(v.float()) for k, v in scores.scores.items()},
+                                                           run.gather(scores.valid_mask()))
         metrics.update(stats.metrics())
         metrics["train/pairs"] = float(0 if batch is None else len(batch[2]))
         end_iteration(run, config, reward, heldout, metrics, adapter.nfe - nfe_start)

@@ -37,15 +37,15 @@ import torch
 from align.advantages import dual_advantages
 from align.config import ConfigError, check_choice
 from align.guidance import GuidanceConfig, build_guidance
-from align.training.run import prompts_for_iteration
+from align.prompts import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers import ppo
 from align.trainers.checks import check_common, require_stochastic_kernel, steps_of_trained_networks
-from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
-from align.trainers.scoring import (group_batch_advantages, learning_rewards, restore_reward_states, reward_metrics,
-                                    sample_and_score, store_reward_states)
 from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
+from align.trainers.scoring import (group_batch_advantages, learning_rewards, restore_reward_states, sample_and_score,
+                                    store_reward_states)
 from rewards.dense import prm_rows_from_rollout
 
 
@@ -69,6 +69,7 @@ class FlowGRPOConfig(TrainerConfig):
     window_size: int | None = None
     #: "random" start every iteration (Fast), or "sliding" by one step every window_slide_every (Mix)
     window_mode: str = "random"
+    #: "sliding": iterations between moves of the window's start by one step (it wraps round to the first start)
     window_slide_every: int = 10
     #: rollout rows per optimizer step (null: all rows of the iteration, or updates_per_epoch)
     train_batch_size: int | None = None
@@ -86,9 +87,11 @@ class FlowGRPOConfig(TrainerConfig):
     guard: bool = False
     #: Euphonium: guided rollouts (empty guidance.rewards: none); log-probs stay the unguided step's
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(form="normalized"))
-    #: dual advantages of guided rollouts: weight of the outcome advantage, and of the process
-    #: advantage (the guiding reward at each guided step, normalised per group; 0: outcome only)
+    #: dual advantages of guided rollouts: the weight of the outcome advantage at every trained step (used
+    #: only with a process_weight; without one the outcome advantage trains unweighted)
     outcome_weight: float = 1.0
+    #: dual advantages: the weight of the process advantage (the guiding reward at each guided step,
+    #: normalised per group; 0: outcome only); needs guidance.rewards
     process_weight: float = 0.0
     #: rewards that learn during the run update as it trains: an adv_dino head after every generator
     #: update (its updates_per_step / update_every), a latent_prm guidance reward on every rollout
@@ -271,7 +274,6 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                         "advantage/abs_mean": float(advantages.abs().mean()),
                         "advantage/kept_fraction": float(keep.float().mean())})
         metrics.update(log.metrics())
-        bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
 

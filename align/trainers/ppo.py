@@ -164,9 +164,9 @@ def ppo_transition_loss(run, part, batch: RolloutBatch, advantages: Tensor, ppo:
     log-ratio normalisation, rescaled to ``guard_std`` (null: the step's own spread, i.e. centring
     only). ``share_parents``: siblings of a tree share one model evaluation, as in the rollout.
     ``reuse_uncond``: no update since the rollout, so the policy's re-score takes the unconditional
-    prediction the rollout kept (:func:`align.sampling.rollout.rescore`). Returns (loss, stats)."""
+    prediction the rollout kept (:func:`align.sampling.rescore.rescore`). Returns (loss, stats)."""
     from align.losses import flow_grpo_kl, mean_kl, normalize_log_ratio, ppo_clip_loss, weighted_mean
-    from align.sampling.rollout import rescore
+    from align.sampling.rescore import rescore
 
     adapter, accelerator = run.adapter, run.accelerator
     cond, schedule, rollout_config = batch

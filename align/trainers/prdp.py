@@ -25,18 +25,21 @@ import torch
 
 from align.config import ConfigError, check_choice
 from align.losses import CFG_GRADS, prdp_loss
-from align.training.run import prompts_for_iteration
-from align.sampling.rollout import RolloutConfig, rescore
+from align.prompts import prompts_for_iteration
+from align.sampling.rescore import rescore
+from align.sampling.rollout import RolloutConfig
 from align.trainers.checks import check_common, require_stochastic_kernel, require_trained_steps
-from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
-from align.trainers.scoring import reward_metrics, sample_and_score
-from align.trainers.snapshot import WeightSnapshot
+from align.trainers.scoring import sample_and_score
+from align.trainers.snapshot import checkpointed_snapshot
 
 
 @dataclass
 class PRDPConfig(TrainerConfig):
     trainer: str = "prdp"
+    #: 10 steps of the flow_grpo SDE kernel, whose recorded log-probs the loss needs (any stochastic
+    #: kernel: ddim on UNet models)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
     #: the KL strength: reward differences are matched as (r_a - r_b) / beta
     beta: float = 1.0
@@ -44,8 +47,12 @@ class PRDPConfig(TrainerConfig):
     clip_range: float = 0.01
     #: optimizer updates between refreshes of the sampling snapshot
     snapshot_every: int = 1
+    #: optimizer updates per iteration, each over all pairs (residuals recomputed before each)
     inner_epochs: int = 1
+    #: train the last sampling step (its flow std is tiny, ~2e-3, so it is left out by default)
     train_last_step: bool = False
+    #: CFG gradient of a training re-score: "cond_only" (the unconditional branch detached, as the Flow-GRPO
+    #: reference) or "full"
     cfg_grad: str = "cond_only"
     #: trajectories per prompt (even: consecutive rows form pairs)
     group_size: int = 2
@@ -90,10 +97,7 @@ class PRDPState:
 def train(config: PRDPConfig, adapter=None) -> dict[str, float]:
     run, reward, heldout, prompts = start_run(config, adapter, PRDPState())  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
-    snapshot = WeightSnapshot(adapter.trainable_parameters())  # the sampling snapshot, checkpointed
-    if run.state.trainer.sampling_snapshot is not None:  # resumed
-        snapshot.load_state_dict(run.state.trainer.sampling_snapshot)
-    run.state.trainer.sampling_snapshot = snapshot.state_dict()  # by reference: checkpoints save it as it moves
+    snapshot = checkpointed_snapshot(run, "sampling_snapshot")
     bar = progress(run, config, "prdp")
     for iteration in bar:
         batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,

@@ -21,13 +21,13 @@ import torch
 
 from align.config import ConfigError, check_choice
 from align.losses import rwr_weights, weighted_mean
-from align.training.run import iteration_generator, prompts_for_iteration
+from align.prompts import iteration_generator, prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers.checks import check_common
-from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
-from align.trainers.scoring import reward_metrics, sample_and_score
 from align.trainers.denoising import DenoisingConfig, denoising_errors, draw_levels, training_schedule
+from align.trainers.scoring import sample_and_score
 
 WEIGHTINGS = ("top", "rwr")
 
@@ -35,6 +35,7 @@ WEIGHTINGS = ("top", "rwr")
 @dataclass
 class RAFTConfig(TrainerConfig):
     trainer: str = "raft"
+    #: the deterministic ODE, 10 steps: the samples need no log-probs (any kernel works)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="ode"))
     #: "top" (RAFT: the best samples, weight 1) or "rwr" (Flow-RWR: exp(r / temperature) weights)
     weighting: str = "top"
@@ -46,6 +47,7 @@ class RAFTConfig(TrainerConfig):
     temperature: float = 0.05
     #: fine-tuning steps on each round's kept samples
     updates_per_iteration: int = 2
+    #: the training levels t of the denoising loss, fresh each update: uniform, or logit_normal
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
 
 

@@ -39,15 +39,15 @@ import torch
 
 from align.config import ConfigError, check_choice
 from align.losses import REWARD_LOSSES, noised_and_target, reward_loss
-from align.training.run import iteration_generator, prompts_for_iteration
+from align.prompts import iteration_generator, prompts_for_iteration
 from align.sampling.kernels import x0_hat
 from align.sampling.rollout import RolloutConfig, predict_in_chunks, rollout
 from align.trainers.checks import check_common
-from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
-from align.trainers.scoring import check_unscored, reward_metrics, sample_and_score
 from align.trainers.denoising import (DenoisingConfig, denoising_errors, draw_levels, encode_image_files,
                                       training_schedule)
+from align.trainers.scoring import check_unscored, sample_and_score
 
 MODES = ("draft", "alignprop", "full", "draft_lv", "refl")
 CUT_DISTRIBUTIONS = ("uniform", "gaussian", "fixed")
@@ -67,6 +67,7 @@ class RewardBackpropConfig(TrainerConfig):
     #: alignprop: the first step that keeps gradients (gaussian mean / fixed cut; null: 0.84 of the
     #: steps, AlignProp's step 42 of 50)
     cut_step: int | None = None
+    #: alignprop, gaussian: the std of the cut around its centre, in steps (rounded, kept within the steps)
     cut_std: float = 2.0
     #: draft_lv: re-noised copies of each sample, one gradient step each
     lv_renoise: int = 2
@@ -74,7 +75,10 @@ class RewardBackpropConfig(TrainerConfig):
     refl_last_fraction: float = 0.25
     #: neg (-r), one_minus (1 - r), target (|r - loss_target|) or hinge (ReLU(loss_margin - r))
     loss: str = "neg"
+    #: loss target: the reward value the loss |r - loss_target| pulls towards (10: AlignProp's, for the
+    #: aesthetic score)
     loss_target: float = 10.0
+    #: loss hinge: the margin of ReLU(loss_margin - r), rewards at or above it add no loss (2: ReFL's)
     loss_margin: float = 2.0
     #: multiplies the reward loss (ReFL scales it by 1e-3 on real models)
     loss_scale: float = 1.0
@@ -88,6 +92,8 @@ class RewardBackpropConfig(TrainerConfig):
     regularizer_samples: int = 16
     #: the regulariser's training levels
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
+    #: samples per prompt, each scored with gradient (2, not the shared 8: the loss compares no samples, and
+    #: every sample's gradient-carrying steps cost a backward pass)
     group_size: int = 2
 
 
@@ -198,6 +204,31 @@ def regularizer_set(run, config: RewardBackpropConfig, prompts: list[str]):
     return result.samples.float(), chosen
 
 
+def mean_reward_loss(config: RewardBackpropConfig, outputs: list):
+    """``loss_scale`` times the mean of :func:`align.losses.reward_loss` over the scored samples of
+    each output (unscored ones weigh 0), averaged over the outputs (draft_lv's re-noised copies)."""
+    loss = 0.0
+    for out in outputs:
+        valid = out.valid_mask().to(out.total.device)
+        per_sample = reward_loss(out.total.float(), config.loss, target=config.loss_target, margin=config.loss_margin)
+        per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
+        loss = loss + config.loss_scale * per_sample.sum() / valid.sum().clamp_min(1) / len(outputs)
+    return loss
+
+
+def data_regularizer(run, config: RewardBackpropConfig, data, schedule, rows: int, generator):
+    """The denoising loss of ``rows`` latents drawn from the data set (their prompts, random levels
+    and noise): the regulariser that keeps the model near the data it was trained on."""
+    latents, data_prompts = data
+    pick = torch.randint(len(latents), (rows,), generator=generator)
+    with run.accelerator.autocast():
+        data_cond = run.adapter.encode([data_prompts[i] for i in pick.tolist()], guidance_scale=1.0)
+        errors = denoising_errors(run.adapter, latents[pick], data_cond, schedule,
+                                  draw_levels(schedule, len(pick), config.denoising, generator),
+                                  torch.randn(latents[pick].shape, generator=generator))
+    return errors.mean()
+
+
 def train(config: RewardBackpropConfig, adapter=None) -> dict[str, float]:
     run, reward, heldout, prompts = start_run(config, adapter)  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
@@ -251,23 +282,11 @@ def train(config: RewardBackpropConfig, adapter=None) -> dict[str, float]:
                 grad_calls = copies * len(row_prompt)
 
             # 2. the reward loss over the scored samples (+ the data regulariser)
-            loss = 0.0
-            for out in outputs:
-                valid = out.valid_mask().to(out.total.device)
-                per_sample = reward_loss(out.total.float(), config.loss, target=config.loss_target,
-                                         margin=config.loss_margin)
-                per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
-                loss = loss + config.loss_scale * per_sample.sum() / valid.sum().clamp_min(1) / len(outputs)
+            loss = mean_reward_loss(config, outputs)
             if data is not None:
-                latents, data_prompts = data
-                pick = torch.randint(len(latents), (len(outputs[0].total),), generator=generator)
-                with accelerator.autocast():
-                    data_cond = adapter.encode([data_prompts[i] for i in pick.tolist()], guidance_scale=1.0)
-                    errors = denoising_errors(adapter, latents[pick], data_cond, train_schedule,
-                                              draw_levels(train_schedule, len(pick), config.denoising, generator),
-                                              torch.randn(latents[pick].shape, generator=generator))
-                loss = loss + config.regularizer_weight * errors.mean()
-                stats.add(regularizer=errors.mean().detach())
+                regularizer = data_regularizer(run, config, data, train_schedule, len(outputs[0].total), generator)
+                loss = loss + config.regularizer_weight * regularizer
+                stats.add(regularizer=regularizer.detach())
             if torch.is_tensor(loss) and loss.requires_grad:
                 accelerator.backward(loss)
                 stats.add(loss)
@@ -280,7 +299,6 @@ def train(config: RewardBackpropConfig, adapter=None) -> dict[str, float]:
         metrics.update(stats.metrics())
         metrics.update({"train/backward_calls": float(grad_calls),
                         "train/recomputed_calls": float(grad_calls if config.checkpoint_steps else 0)})
-        bar.set_postfix(reward=f"{float(outputs[0].total.detach().float().mean()):.3f}")
         end_iteration(run, config, reward, heldout, metrics, adapter.nfe - nfe_start)
     return finish_run(config, run, reward, heldout)
 

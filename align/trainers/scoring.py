@@ -28,22 +28,6 @@ def build_reward_set(config: TrainerConfig):
     return reward, heldout
 
 
-def reward_metrics(named: dict, valid=None) -> dict[str, float]:
-    """reward/<name>/mean and /std of each reward dimension over the scored rows of the (gathered)
-    batch, and ``reward/unscored``, the number of rows the reward could not score."""
-    import torch
-
-    metrics = {}
-    for k, v in named.items():
-        ok = torch.isfinite(v) if valid is None else torch.isfinite(v) & valid.to(v.device).bool()
-        values = v.float()[ok]
-        metrics[f"reward/{k}/mean"] = float(values.mean()) if len(values) else 0.0
-        metrics[f"reward/{k}/std"] = float(values.std(unbiased=False)) if len(values) else 0.0
-    if valid is not None:
-        metrics["reward/unscored"] = float((~valid.bool()).sum())
-    return metrics
-
-
 def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_config, iteration: int, *,
                      score: str = "samples", grad_steps=(), checkpoint_grad_steps: bool = False,
                      group_size: int | None = None, drift=None, keep_policy_graph: str | None = None):
@@ -58,7 +42,7 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
     rollout result, scores of the samples or None, scores of the branches or None)."""
     import torch
 
-    from align.training.run import iteration_generator
+    from align.prompts import iteration_generator
     from align.sampling.rollout import rollout
 
     from align.sampling.overlap import can_chunk, chunk_generators, chunked_rollout_and_score, prompt_chunks

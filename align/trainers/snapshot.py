@@ -61,3 +61,16 @@ class WeightSnapshot:
         with torch.no_grad():
             for s, value in zip(self.shadow, state["shadow"]):
                 s.copy_(value.to(s.device, s.dtype))
+
+
+def checkpointed_snapshot(run, field: str) -> WeightSnapshot:
+    """A snapshot of the trained weights kept in the trainer state's ``field``: restored from it on
+    resume, and stored there by reference (its tensors move in place), so every checkpoint saves
+    the snapshot as it is then."""
+    snapshot = WeightSnapshot(run.adapter.trainable_parameters())
+    saved = getattr(run.state.trainer, field)
+    if saved is not None:  # resumed
+        snapshot.load_state_dict(saved)
+    setattr(run.state.trainer, field, snapshot.state_dict())
+    return snapshot
+

@@ -19,19 +19,21 @@ import torch
 
 from align.advantages import group_advantages
 from align.config import ConfigError
-from align.training.run import prompts_for_iteration
+from align.prompts import prompts_for_iteration
 from align.sampling.rollout import RolloutConfig
 from align.trainers import ppo
 from align.trainers.checks import check_common, require_stochastic_kernel
-from align.trainers.common import TrainLog, end_iteration, finish_run, progress, start_run
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
-from align.trainers.scoring import reward_metrics, sample_and_score
 from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
+from align.trainers.scoring import sample_and_score
 
 
 @dataclass
 class TempFlowGRPOConfig(TrainerConfig):
     trainer: str = "tempflow_grpo"
+    #: 10 steps; the main trajectories run by ODE, the kernel (flow_grpo: any stochastic one) draws the
+    #: children at the branch steps
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
     #: stochastic children per branch step
     branches_per_step: int = 4
@@ -117,7 +119,6 @@ def train(config: TempFlowGRPOConfig, adapter=None) -> dict[str, float]:
         metrics = reward_metrics({k: run.gather(v) for k, v in scores.scores.items()}, valid)
         metrics.update({"advantage/kept_fraction": float(keep.float().mean())})
         metrics.update(log.metrics())
-        bar.set_postfix(reward=f"{scores.mean():.3f}")
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
     return finish_run(config, run, reward, heldout)
 

@@ -21,7 +21,7 @@ def evaluate(run, reward, prompts: Sequence[str], rollout_config, eval_config, *
                                                          negative_prompt=negative_prompt, heldout=heldout,
                                                          latent_kwargs=run.latent_kwargs)
     if grid_name and run.is_main:
-        folder = write_samples(pixels.cpu(), sample_prompts, run.dir / "samples" / grid_name,
-                               columns=eval_config.per_prompt)
-        log_grids(run, folder, grid_name, run.state.iteration)
+        grid = write_samples(pixels.cpu(), sample_prompts, run.dir / "samples" / grid_name,
+                             columns=eval_config.per_prompt)
+        log_grids(run, grid.parent, grid_name, run.state.iteration)
     return metrics

@@ -14,7 +14,9 @@ from align.errors import ConfigError
 class LoraSettings:
     #: false: full fine-tuning of the denoiser (the reference is then a frozen copy)
     enabled: bool = True
+    #: LoRA rank r of each adapted layer (32: the Flow-GRPO reference on SD3.5-M)
     rank: int = 32
+    #: LoRA alpha: the low-rank update is scaled by alpha / rank (64: the Flow-GRPO reference, a scale of 2)
     alpha: float = 64.0
     #: module names to adapt (null: the adapter's attention projections)
     target_modules: list[str] | None = None

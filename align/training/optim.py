@@ -26,10 +26,16 @@ class OptimConfig:
     #: in 8 bits, block-wise quantised, 2 bytes per trained parameter instead of 8; tensors under 4096
     #: elements keep 32-bit moments)
     name: str = "adamw"
+    #: learning rate, constant over the run (3e-4: the Flow-GRPO reference's, as DDPO's)
     lr: float = 3e-4
+    #: AdamW's decoupled weight decay (1e-4: the Flow-GRPO reference's)
     weight_decay: float = 1e-4
+    #: AdamW's [beta1, beta2], the decay rates of the gradient's moment estimates (the reference's 0.9, 0.999)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    #: AdamW's epsilon, added to the second moment's square root (the reference's 1e-8)
     eps: float = 1e-8
+    #: clip the total gradient norm of the trained parameters to this before each update (0: no clipping;
+    #: 1.0: the Flow-GRPO reference's)
     max_grad_norm: float = 1.0
     #: exponential moving average of the trained weights (null: off), e.g. 0.99; evaluation and the
     #: LoRA export use it (the Flow-GRPO reference: 0.9, every 8 updates)

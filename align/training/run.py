@@ -4,12 +4,11 @@ trainer's typed state), the per-iteration prompt draw and generators, and :class
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,13 +29,17 @@ MIXED_PRECISION = ("no", "bf16", "fp16", "fp8")
 class RunConfig:
     #: the run folder (null: a fresh ``runs/<trainer>-<date>-<time>`` per run)
     output_dir: str | None = None
+    #: seed of the run: torch / numpy / random at the start, each iteration's prompt draw, rollout noise and
+    #: training draws (a resumed run replays them)
     seed: int = 0
     #: auto: continue output_dir's newest checkpoint when the run there has the same settings (a
     #: changed setting or another trainer is refused); latest: as auto, and with a null output_dir
     #: the newest runs/<trainer>-* folder; a checkpoint folder: continue from it with this config's
     #: settings; null: start over (align/training/run_folder.py)
     resume: str | None = "auto"
+    #: save a checkpoint every N iterations, and the finished state at the end (0: no checkpoints)
     checkpoint_every: int = 10
+    #: keep the newest N checkpoints of the run folder; older ones are deleted
     checkpoint_limit: int = 2
     #: tensorboard (offline, default), wandb, or none
     log_with: str = "tensorboard"
@@ -59,6 +62,7 @@ class RunConfig:
     #: evaluate (metrics only, no grid) each time the run's model evaluations pass a multiple of N
     #: (0: off): reward-vs-compute curves comparable across methods (sweeps set it)
     eval_every_nfe: int = 0
+    #: show the iteration progress bar and the resume message on the main process (false: quiet)
     progress: bool = True
     #: roll an iteration's prompts out in this many chunks, each decoded and scored while the next
     #: samples (align/sampling/overlap.py; topologies without splits or branches); 1: one piece
@@ -115,27 +119,6 @@ class TrainState:
                 setattr(self, key, value)
 
 
-def prompts_for_iteration(prompts: Sequence[str], count: int, seed: int, iteration: int,
-                          process_index: int = 0, num_processes: int = 1) -> list[str]:
-    """A deterministic draw per (seed, iteration): a resumed run sees the same prompts; each
-    process takes its own slice."""
-    rng = random.Random(f"{seed}-{iteration}")
-    total = count * num_processes
-    chosen = rng.sample(list(prompts), total) if total <= len(prompts) else rng.choices(list(prompts), k=total)
-    return chosen[process_index * count:(process_index + 1) * count]
-
-
-def iteration_generator(seed: int, iteration: int, process_index: int = 0, stream: str = "") -> torch.Generator:
-    """The generator of one (seed, iteration, process): the rollout's by default; another ``stream``
-    (e.g. "train") gives an independent one, so training noise never replays the rollout's."""
-    import zlib
-
-    # ints only: hash() of a str changes from process to process (PYTHONHASHSEED)
-    key = (seed, iteration, process_index) if not stream else (seed, iteration, process_index,
-                                                                zlib.crc32(stream.encode()))
-    return torch.Generator().manual_seed(hash(key) % (2**63))
-
-
 class Run:
     """The training session of one trainer: the accelerator, the model and its optimizer, the run
     folder and the run state. Its jobs live in modules named for them: model set-up
@@ -160,6 +143,8 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.phase_seconds: dict[str, float] = {}
+        #: the mean of each reward dimension in the last iteration logged (the progress bar's figures)
+        self.last_rewards: dict[str, float] = {}
         # accelerate keeps one process-wide state and refuses a second Accelerator with other
         # settings (bf16 after fp32); a process may run several trainings (sweeps, notebooks, tests),
         # so each run starts from a clean one. The distributed setup (PartialState) is kept.

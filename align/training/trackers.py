@@ -23,6 +23,9 @@ def log(run, metrics: dict[str, float], step: int) -> None:
     """One row of metrics.jsonl (with the phase times since the last row, ``time/<phase>``) and the
     same scalars to the tracker."""
     metrics = {k: float(v) for k, v in metrics.items()}
+    if any(k.startswith("reward/") for k in metrics):  # an iteration's row (the progress bar shows it)
+        run.last_rewards = {k.split("/")[1]: v for k, v in metrics.items()
+                            if k.startswith("reward/") and k.endswith("/mean")}
     metrics.update({f"time/{k}": v for k, v in run.phase_seconds.items()})
     run.phase_seconds = {}
     if run.run_config.log_with != "none":
@@ -52,5 +55,5 @@ def log_grids(run, folder: Path, name: str, step: int) -> None:
     tracker = run.accelerator.get_tracker(run.run_config.log_with)
     if run.run_config.log_with == "tensorboard":
         tracker.log_images(values, step=step, dataformats="HWC")
-    else:
-        tracker.log_images(values, step=step)
+    else:  # wandb: a list of images per key
+        tracker.log_images({key: [value] for key, value in values.items()}, step=step)
