@@ -203,7 +203,7 @@ def test_resume_restores_the_sampling_policy(tmp_path):
     checkpoint = tmp_path / "parts" / "checkpoints" / "iteration-000004"
     saved = read_part(checkpoint, "state")
     theta = read_part(checkpoint, "trainable")["gain"]
-    old = saved["trainer"]["sampling_policy"]["shadow"][0]
+    old = saved["trainer"]["snapshot"]["shadow"][0]
     assert 0 < abs(old.item() - theta.item()) < abs(theta.item() - 1.0)  # an EMA between start and theta
 
 

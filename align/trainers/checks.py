@@ -102,7 +102,9 @@ def require_stochastic_kernel(rollout_config) -> None:
 
 def require_trained_steps(rollout_config, train_last_step: bool, first: int = 0) -> None:
     """A ConfigError when no stochastic step from ``first`` on is left to train (the last one only
-    counts with ``train_last_step``): the run would make updates without a loss."""
+    counts with ``train_last_step``): the run would make updates without a loss. The kernel must be
+    stochastic first (:func:`require_stochastic_kernel`)."""
+    require_stochastic_kernel(rollout_config)
     steps = rollout_config.num_steps
     stochastic = set(range(steps)) if rollout_config.sde_steps is None else set(rollout_config.sde_steps)
     trained = [s for s in stochastic if s >= first and (train_last_step or s != steps - 1)]

@@ -30,7 +30,7 @@ from align.losses import CFG_GRADS, d3po_loss
 from align.prompts import prompts_for_iteration
 from align.sampling.rescore import rescore
 from align.sampling.rollout import RolloutConfig
-from align.trainers.checks import check_common, require_stochastic_kernel, require_trained_steps
+from align.trainers.checks import check_common, require_trained_steps
 from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
 from align.trainers.ppo import trained_steps
@@ -68,13 +68,10 @@ class D3POConfig(TrainerConfig):
 
 def check_config(config: D3POConfig, adapter=None) -> None:
     check_common(config, adapter)
-    require_stochastic_kernel(config.rollout)
     require_trained_steps(config.rollout, config.train_last_step)
     check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     if config.group_size != 2:
         raise ConfigError(f"group_size must be 2 for d3po (a pair per prompt), got {config.group_size}")
-    if config.min_reward_gap < 0:
-        raise ConfigError(f"min_reward_gap must be >= 0, got {config.min_reward_gap}")
     if not 0 < config.clip < 1:
         raise ConfigError(f"clip must be in (0, 1), got {config.clip}")
     if not 0 < config.timestep_fraction <= 1:

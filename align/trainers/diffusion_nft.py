@@ -39,7 +39,7 @@ from align.trainers.common import (TrainLog, end_iteration, finish_run, progress
                                    start_run)
 from align.trainers.config import TrainerConfig
 from align.trainers.scoring import group_batch_advantages, sample_and_score
-from align.trainers.snapshot import checkpointed_snapshot
+from align.trainers.snapshot import SnapshotState, checkpointed_snapshot
 
 
 @dataclass
@@ -221,14 +221,6 @@ def adaptive_nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, optimality
 # --- the loop --------------------------------------------------------------------------------------
 
 
-@dataclass
-class DiffusionNFTState:
-    """What a DiffusionNFT run carries from iteration to iteration (saved with each checkpoint)."""
-
-    #: the old (sampling) policy's weights, an EMA of the trained ones
-    sampling_policy: dict | None = None
-
-
 def draw_loss(run, config: DiffusionNFTConfig, items, x_t, t, scale: float, item_cond, target, v_old,
               optimality_items, weights, log):
     """The NFT loss of one re-noised draw of a minibatch's samples (``items``): v_theta against the
@@ -258,11 +250,11 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
     size = {"height": config.model.height, "width": config.model.width, "num_frames": config.model.num_frames}
     if adapter is not None:  # fail before the run opens when the model is at hand
         flow_timestep_scale(adapter, config.rollout.num_steps, size)
-    run, reward, heldout, prompts = start_run(config, adapter, DiffusionNFTState())
+    run, reward, heldout, prompts = start_run(config, adapter, SnapshotState())
     adapter, accelerator = run.adapter, run.accelerator
     device = accelerator.device
     scale = flow_timestep_scale(adapter, config.rollout.num_steps, size)
-    old = checkpointed_snapshot(run, "sampling_policy")  # the sampling (old) policy, an EMA of theta
+    old = checkpointed_snapshot(run)  # the sampling (old) policy, an EMA of theta
     K = draws_per_sample(config)
 
     bar = progress(run, config, "diffusion_nft")

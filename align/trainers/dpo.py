@@ -37,7 +37,7 @@ from align.trainers.config import TrainerConfig
 from align.trainers.denoising import (DenoisingConfig, denoising_errors, draw_levels, encode_image_files,
                                       training_schedule)
 from align.trainers.scoring import sample_and_score
-from align.trainers.snapshot import checkpointed_snapshot
+from align.trainers.snapshot import SnapshotState, checkpointed_snapshot
 
 
 @dataclass
@@ -179,24 +179,15 @@ def offline_batch(run, config: DPOConfig, pairs: list[Pair], reward, iteration: 
             prompts)
 
 
-@dataclass
-class DPOState:
-    """What a Diffusion-DPO run carries from iteration to iteration (saved with each checkpoint)."""
-
-    #: the reference's weights when it is refreshed during the run (ref_refresh_every); null: the
-    #: frozen starting model
-    reference: dict | None = None
-
-
 def train(config: DPOConfig, adapter=None) -> dict[str, float]:
-    run, reward, heldout, prompts = start_run(config, adapter, DPOState())  # validates first (check_config)
+    run, reward, heldout, prompts = start_run(config, adapter, SnapshotState())  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
     schedule = training_schedule(adapter, config.denoising, run.latent_kwargs)
     beta = default_beta(config, schedule.kind)
     pairs = read_pairs(config.pairs) if config.pairs is not None else None
     reference = None
     if config.ref_refresh_every is not None:  # the reference snapshot lives in the checkpointed state
-        reference = checkpointed_snapshot(run, "reference")
+        reference = checkpointed_snapshot(run)
 
     bar = progress(run, config, "dpo")
     for iteration in bar:

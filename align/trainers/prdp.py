@@ -28,11 +28,11 @@ from align.losses import CFG_GRADS, prdp_loss
 from align.prompts import prompts_for_iteration
 from align.sampling.rescore import rescore
 from align.sampling.rollout import RolloutConfig
-from align.trainers.checks import check_common, require_stochastic_kernel, require_trained_steps
+from align.trainers.checks import check_common, require_trained_steps
 from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
 from align.trainers.scoring import sample_and_score
-from align.trainers.snapshot import checkpointed_snapshot
+from align.trainers.snapshot import SnapshotState, checkpointed_snapshot
 
 
 @dataclass
@@ -41,32 +41,29 @@ class PRDPConfig(TrainerConfig):
     #: 10 steps of the flow_grpo SDE kernel, whose recorded log-probs the loss needs (any stochastic
     #: kernel: ddim on UNet models)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="flow_grpo"))
+    #: CFG gradient of a training re-score: "cond_only" (the unconditional branch detached, as the Flow-GRPO
+    #: reference) or "full"
+    cfg_grad: str = "cond_only"
     #: the KL strength: reward differences are matched as (r_a - r_b) / beta
     beta: float = 1.0
     #: proximal clip of each step's log-ratio to the sampling snapshot
     clip_range: float = 0.01
-    #: optimizer updates between refreshes of the sampling snapshot
-    snapshot_every: int = 1
     #: optimizer updates per iteration, each over all pairs (residuals recomputed before each)
     inner_epochs: int = 1
     #: train the last sampling step (its flow std is tiny, ~2e-3, so it is left out by default)
     train_last_step: bool = False
-    #: CFG gradient of a training re-score: "cond_only" (the unconditional branch detached, as the Flow-GRPO
-    #: reference) or "full"
-    cfg_grad: str = "cond_only"
     #: trajectories per prompt (even: consecutive rows form pairs)
     group_size: int = 2
+    #: optimizer updates between refreshes of the sampling snapshot
+    snapshot_every: int = 1
 
 
 def check_config(config: PRDPConfig, adapter=None) -> None:
     check_common(config, adapter)
-    require_stochastic_kernel(config.rollout)
-    require_trained_steps(config.rollout, config.train_last_step)
-    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
     if config.group_size < 2 or config.group_size % 2:
         raise ConfigError(f"group_size must be even and >= 2 (pairs of one prompt), got {config.group_size}")
-    if config.snapshot_every < 1:
-        raise ConfigError(f"snapshot_every must be >= 1, got {config.snapshot_every}")
+    check_choice("cfg_grad", config.cfg_grad, CFG_GRADS)
+    require_trained_steps(config.rollout, config.train_last_step)
 
 
 def reference_log_probs(run, part, cond, schedule, rollout_config):
@@ -86,18 +83,10 @@ def step_log_ratios(run, config, part, ref, cond, schedule, rollout_config, grad
     return proximal - ref.to(new.device)
 
 
-@dataclass
-class PRDPState:
-    """What a PRDP run carries from iteration to iteration (saved with each checkpoint)."""
-
-    #: the sampling policy's weights (a snapshot refreshed every snapshot_every updates)
-    sampling_snapshot: dict | None = None
-
-
 def train(config: PRDPConfig, adapter=None) -> dict[str, float]:
-    run, reward, heldout, prompts = start_run(config, adapter, PRDPState())  # validates first (check_config)
+    run, reward, heldout, prompts = start_run(config, adapter, SnapshotState())  # validates first (check_config)
     adapter, accelerator = run.adapter, run.accelerator
-    snapshot = checkpointed_snapshot(run, "sampling_snapshot")
+    snapshot = checkpointed_snapshot(run)  # the sampling policy, refreshed every snapshot_every updates
     bar = progress(run, config, "prdp")
     for iteration in bar:
         batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,

@@ -37,10 +37,10 @@ class RAFTConfig(TrainerConfig):
     trainer: str = "raft"
     #: the deterministic ODE, 10 steps: the samples need no log-probs (any kernel works)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_steps=10, kernel="ode"))
-    #: "top" (RAFT: the best samples, weight 1) or "rwr" (Flow-RWR: exp(r / temperature) weights)
-    weighting: str = "top"
     #: top: samples kept per prompt (its best)
     keep_per_prompt: int = 1
+    #: "top" (RAFT: the best samples, weight 1) or "rwr" (Flow-RWR: exp(r / temperature) weights)
+    weighting: str = "top"
     #: top: then this fraction of the kept samples over the whole batch (the best)
     keep_fraction: float = 1.0
     #: rwr: the temperature T of exp(r / T)

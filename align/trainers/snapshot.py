@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 from contextlib import contextmanager
 
@@ -63,14 +65,21 @@ class WeightSnapshot:
                 s.copy_(value.to(s.device, s.dtype))
 
 
-def checkpointed_snapshot(run, field: str) -> WeightSnapshot:
-    """A snapshot of the trained weights kept in the trainer state's ``field``: restored from it on
-    resume, and stored there by reference (its tensors move in place), so every checkpoint saves
-    the snapshot as it is then."""
-    snapshot = WeightSnapshot(run.adapter.trainable_parameters())
-    saved = getattr(run.state.trainer, field)
-    if saved is not None:  # resumed
-        snapshot.load_state_dict(saved)
-    setattr(run.state.trainer, field, snapshot.state_dict())
-    return snapshot
+@dataclass
+class SnapshotState:
+    """The trainer state of the trainers that keep a second copy of the trained weights (DPO's
+    refreshed reference, PRDP's sampling snapshot, DiffusionNFT's old policy)."""
 
+    #: the snapshot's weights (null: not taken yet)
+    snapshot: dict | None = None
+
+
+def checkpointed_snapshot(run) -> WeightSnapshot:
+    """A snapshot of the trained weights kept in the trainer state (:class:`SnapshotState`): restored
+    from it on resume, and stored there by reference (its tensors move in place), so every
+    checkpoint saves the snapshot as it is then."""
+    snapshot = WeightSnapshot(run.adapter.trainable_parameters())
+    if run.state.trainer.snapshot is not None:  # resumed
+        snapshot.load_state_dict(run.state.trainer.snapshot)
+    run.state.trainer.snapshot = snapshot.state_dict()
+    return snapshot
