@@ -86,20 +86,20 @@ def test_split_cond_only_gradient_is_the_joint_batchs(toy):
 def run_flow_grpo(tmp_path, cfg_split: bool, calls: list | None = None):
     """Two iterations of 2 inner epochs (one update each) over 3 trained steps; ``calls`` collects
     (cfg_grad, reuse_uncond) of every re-score."""
-    import align.sampling.rollout as rollout_module
+    import align.sampling.rescore as rescore_module
 
-    original = rollout_module.rescore
+    original = rescore_module.rescore
 
     def spy(*args, **kwargs):
         if calls is not None:
             calls.append((kwargs.get("cfg_grad", "full"), kwargs.get("reuse_uncond", False)))
         return original(*args, **kwargs)
 
-    rollout_module.rescore = spy
+    rescore_module.rescore = spy
     try:
         return train_flow_grpo(tmp_path, cfg_split)
     finally:
-        rollout_module.rescore = original
+        rescore_module.rescore = original
 
 
 def train_flow_grpo(tmp_path, cfg_split: bool, *extra: str):
@@ -142,6 +142,7 @@ def test_reuse_rollout_graph_trains_as_the_re_score_without_its_policy_forwards(
     for the KL reference only: 6 model calls fewer over 2 iterations, and every logged loss, KL,
     gradient norm and reward equals the re-scoring run's (the second inner epoch, after an update,
     re-scores as usual)."""
+    import align.sampling.rescore as rescore_module
     import align.sampling.rollout as rollout_module
 
     counts = {}
@@ -151,7 +152,8 @@ def test_reuse_rollout_graph_trains_as_the_re_score_without_its_policy_forwards(
         counts[label] = counts.get(label, 0) + 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(rollout_module, "predict_in_chunks", counting)
+    monkeypatch.setattr(rollout_module, "predict_in_chunks", counting)  # rollouts
+    monkeypatch.setattr(rescore_module, "predict_in_chunks", counting)  # re-scores
     label = "reuse"
     reused = [m for m in train_flow_grpo(tmp_path / "reuse", True, "reuse_rollout_graph=true") if "train/loss" in m]
     label = "rescore"
