@@ -9,12 +9,16 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "could not install chromium: the browser test will be skipped" >&2
 fi
-# one pytest-xdist worker per core (TEST_WORKERS=1: in this process); a file's tests stay in one
-# worker, so the ones sharing a fixture or a port never run at once
+# one pytest-xdist worker per core (TEST_WORKERS=1: in this process). The default set keeps a file's
+# tests in one worker (they share module fixtures); the slow set spreads its long independent
+# tests, and a file marked with an xdist_group (shared fixture, fixed ports) stays in one worker
 workers="${TEST_WORKERS:-auto}"
-parallel=()
-[ "$workers" = "1" ] || parallel=(-n "$workers" --dist loadfile)
-if [ "${RUN_SLOW:-1}" = "1" ]; then
-  .venv/bin/python -m pytest -q -m slow "${parallel[@]}" "$@" || { rc=$?; [ "$rc" = 5 ] || exit "$rc"; }
+slow_parallel=() default_parallel=()
+if [ "$workers" != "1" ]; then
+  slow_parallel=(-n "$workers" --dist loadgroup)
+  default_parallel=(-n "$workers" --dist loadfile)
 fi
-.venv/bin/python -m pytest -q -m "not slow" "${parallel[@]}" "$@"
+if [ "${RUN_SLOW:-1}" = "1" ]; then
+  .venv/bin/python -m pytest -q -m slow "${slow_parallel[@]}" "$@" || { rc=$?; [ "$rc" = 5 ] || exit "$rc"; }
+fi
+.venv/bin/python -m pytest -q -m "not slow" "${default_parallel[@]}" "$@"

@@ -1,5 +1,6 @@
 """``align`` with one more reward, for multi-process tests: ``rank_split`` scores brightness on
-process 0 and a constant on every other process (all of their groups carry no signal)."""
+process 0 and a constant on every other process (all of their groups carry no signal). Several
+commands separated by ``+`` run one after another in the same processes (one launch for all)."""
 
 import os
 import sys
@@ -20,4 +21,11 @@ class RankSplit(Reward):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    commands, current = [], []
+    for word in sys.argv[1:] + ["+"]:
+        if word == "+":
+            commands.append(current)
+            current = []
+        else:
+            current.append(word)
+    sys.exit(next((code for code in map(main, commands) if code), 0))

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+#: one pytest-xdist worker runs them all, one after another: they launch process pairs on fixed ports
+pytestmark = pytest.mark.xdist_group("distributed")
 
 
 LAUNCHERS = {
@@ -48,22 +50,25 @@ UNEVEN = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", sorted(UNEVEN))
-def test_processes_whose_groups_are_all_dropped_keep_step_with_the_others(tmp_path, trainer):
+def test_processes_whose_groups_are_all_dropped_keep_step_with_the_others(tmp_path):
     """DDP all-reduces in every backward: a process with nothing to train must still run the same
-    forward / backward calls (with weight 0), or the other process waits forever."""
-    out = tmp_path / "run"
+    forward / backward calls (with weight 0), or the other process waits forever. Every trainer of
+    UNEVEN in turn, in one launch of two processes."""
+    commands = []
+    for trainer in sorted(UNEVEN):
+        commands += ["+", "train", trainer, "model.name=toy", "rewards=[rank_split]", "iterations=2",
+                     "prompts_per_iteration=2", "rollout.num_steps=4", "rollout.guidance_scale=1.0",
+                     "eval_prompts=['a red digit 3']", "eval.per_prompt=1", f"run.output_dir={tmp_path / trainer}",
+                     "run.resume=null", "run.progress=false", "run.log_with=none", "run.checkpoint_every=0",
+                     *UNEVEN[trainer]]
     command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29519",
-               str(ROOT / "tests" / "ddp_rank_reward.py"), "train", trainer, "model.name=toy", "rewards=[rank_split]",
-               "iterations=2", "prompts_per_iteration=2", "rollout.num_steps=4", "rollout.guidance_scale=1.0",
-               "eval_prompts=['a red digit 3']", "eval.per_prompt=1", f"run.output_dir={out}",
-               "run.resume=null", "run.progress=false", "run.log_with=none", "run.checkpoint_every=0",
-               *UNEVEN[trainer]]
+               str(ROOT / "tests" / "ddp_rank_reward.py"), *commands[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["iteration"] for m in rows if "train/grad_norm" in m] == [1, 2]
+    for trainer in sorted(UNEVEN):
+        rows = [json.loads(line) for line in (tmp_path / trainer / "metrics.jsonl").read_text().splitlines()]
+        assert [m["iteration"] for m in rows if "train/grad_norm" in m] == [1, 2], trainer
 
 
 @pytest.mark.slow

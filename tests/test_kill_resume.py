@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ITERATIONS = 6
+#: one pytest-xdist worker runs both: they share the uninterrupted run (a module fixture)
+pytestmark = pytest.mark.xdist_group("kill_resume")
 
 
 def command(out: Path, *extra: str) -> list[str]:
