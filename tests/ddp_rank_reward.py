@@ -21,6 +21,8 @@ class RankSplit(Reward):
 
 
 if __name__ == "__main__":
+    from accelerate.state import PartialState
+
     commands, current = [], []
     for word in sys.argv[1:] + ["+"]:
         if word == "+":
@@ -28,4 +30,9 @@ if __name__ == "__main__":
             current = []
         else:
             current.append(word)
-    sys.exit(next((code for code in map(main, commands) if code), 0))
+    # a finished run ends the process group (accelerate's end_training); the next command needs it
+    destroy = PartialState.destroy_process_group
+    PartialState.destroy_process_group = lambda self, group=None: None
+    code = next((code for code in map(main, commands) if code), 0)
+    destroy(PartialState())
+    sys.exit(code)
