@@ -3,6 +3,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +11,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: one pytest-xdist worker runs them all, one after another: they launch process pairs on fixed ports
-pytestmark = pytest.mark.xdist_group("distributed")
+
+
+def free_port() -> int:
+    """A port free now, for a launch's rendezvous (tests may launch at the same time)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_launcher(processes: int = 2) -> list[str]:
+    """torchrun with ``processes`` processes on a free rendezvous port."""
+    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes), "--master_port",
+            str(free_port())]
+
 
 
 LAUNCHERS = {
     "accelerate": ["accelerate", "launch", "--config_file", str(ROOT / "configs/accelerate/multi_cpu.yaml"),
-                   "--main_process_port", "29518"],
-    "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", "29517"],
+                   "--main_process_port", str(free_port())],
+    "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port())],
 }
 
 
@@ -61,7 +74,7 @@ def test_processes_whose_groups_are_all_dropped_keep_step_with_the_others(tmp_pa
                      "eval_prompts=['a red digit 3']", "eval.per_prompt=1", f"run.output_dir={tmp_path / trainer}",
                      "run.resume=null", "run.progress=false", "run.log_with=none", "run.checkpoint_every=0",
                      *UNEVEN[trainer]]
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29519",
+    command = [*torchrun_launcher(),
                str(ROOT / "tests" / "ddp_rank_reward.py"), *commands[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -75,7 +88,7 @@ def test_processes_whose_groups_are_all_dropped_keep_step_with_the_others(tmp_pa
 def test_gradient_accumulation_all_reduces_only_on_the_last_minibatch_of_a_window(tmp_path):
     """DDP's no_sync on all but the last backward of an accumulation window (run.accumulate): with
     K = 3, six minibatches all-reduce twice (each time every gradient bucket), not six times."""
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29519",
+    command = [*torchrun_launcher(),
                str(ROOT / "tests" / "ddp_allreduce_probe.py"), str(tmp_path / "run"), "3"]
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
@@ -94,8 +107,7 @@ def test_a_checkpoint_of_one_process_layout_resumes_in_the_other(tmp_path, first
     out = tmp_path / "run"
 
     def train(processes: int, iterations: int):
-        launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes),
-                    "--master_port", "29521", "-m", "align"] if processes > 1 else [sys.executable, "-m", "align"]
+        launcher = [*torchrun_launcher(processes), "-m", "align"] if processes > 1 else [sys.executable, "-m", "align"]
         command = [*launcher, "train", "flow_grpo", "--config", str(ROOT / "configs/quickstart.yaml"),
                    f"iterations={iterations}", "group_size=4", "rollout.num_steps=4", "eval.per_prompt=1",
                    f"run.output_dir={out}", "run.resume=auto", "run.progress=false", "run.checkpoint_every=1",
@@ -119,7 +131,7 @@ def test_every_trainer_runs_on_two_processes_and_keeps_the_replicas_identical(tm
     with the same weights although each trained on its own samples (every gradient all-reduced)."""
     from align.trainers import TRAINERS
 
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29523",
+    command = [*torchrun_launcher(),
                str(ROOT / "tests" / "ddp_every_trainer.py"), str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=1200)
@@ -158,7 +170,7 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
               "group_size=4", "rollout.num_steps=4", "eval.per_prompt=1", "run.resume=null", "run.progress=false",
               "run.checkpoint_every=0", "run.log_with=none", "ppo.kl_beta=0.04"]
     runs = {
-        "two": ([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29525",
+        "two": ([*torchrun_launcher(),
                  "-m", "align"], ["prompts_per_iteration=1", "run.rollout_chunks=1"]),
         "one": ([sys.executable, "-m", "align"], ["prompts_per_iteration=2", "run.rollout_chunks=2"]),
     }
@@ -183,9 +195,8 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     assert trained > 100 * moved  # the two updates moved the LoRA far more than the layouts differ
 
 
-def torchrun(port: int, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes),
-                "--master_port", str(port), "-m", "align"] if processes > 1 else [sys.executable, "-m", "align"]
+def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    launcher = [*torchrun_launcher(processes), "-m", "align"] if processes > 1 else [sys.executable, "-m", "align"]
     done = subprocess.run([*launcher, *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -208,8 +219,8 @@ def test_fsdp2_fully_shard_trains_as_ddp_saves_whole_weights_and_resumes(tmp_pat
               "run.log_with=none", "ppo.kl_beta=0.04", f"lora.enabled={lora}"] + ([] if lora else ["optim.lr=0.0002"])
     lr = 0.002 if lora else 0.0002
     sharded, ddp = tmp_path / "sharded", tmp_path / "ddp"
-    torchrun(29527, *common, "iterations=2", "run.fully_shard=true", f"run.output_dir={sharded}")
-    torchrun(29527, *common, "iterations=2", f"run.output_dir={ddp}")
+    torchrun(*common, "iterations=2", "run.fully_shard=true", f"run.output_dir={sharded}")
+    torchrun(*common, "iterations=2", f"run.output_dir={ddp}")
     assert "fully_shard: 9 modules sharded over 2 processes (FSDP2)" in (sharded / "log.txt").read_text()
     weights = {name: read_part(run / "checkpoints" / "iteration-000002", "trainable") for name, run in
                (("sharded", sharded), ("ddp", ddp))}
@@ -227,7 +238,7 @@ def test_fsdp2_fully_shard_trains_as_ddp_saves_whole_weights_and_resumes(tmp_pat
     if lora:
         exported = lora_tensors(sharded)
         assert all(t.shape == lora_tensors(ddp)[k].shape for k, t in exported.items())
-    torchrun(29527, *common, "iterations=3", "run.fully_shard=true", "run.resume=auto", f"run.output_dir={sharded}")
+    torchrun(*common, "iterations=3", "run.fully_shard=true", "run.resume=auto", f"run.output_dir={sharded}")
     assert "at iteration 2 (from iteration-000002)" in (sharded / "log.txt").read_text()
     rows = [json.loads(line) for line in (sharded / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
     assert [r["iteration"] for r in rows] == [1, 2, 3]
@@ -237,7 +248,7 @@ def test_fsdp2_fully_shard_trains_as_ddp_saves_whole_weights_and_resumes(tmp_pat
 def test_a_trainer_with_a_weight_snapshot_is_refused_on_sharded_weights(tmp_path):
     """DiffusionNFT keeps an old policy (a snapshot of the weights): on FSDP2 shards it stops in one
     line naming run.fully_shard, on both processes, before any iteration."""
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29529",
+    command = [*torchrun_launcher(),
                "-m", "align", "train", "diffusion_nft", "--config", str(ROOT / "configs/methods/diffusion_nft.yaml"),
                "iterations=1", "rollout.num_steps=4", "prompts_per_iteration=2", f"run.output_dir={tmp_path}",
                "run.log_with=none", "run.progress=false", "run.fully_shard=true"]
