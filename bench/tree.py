@@ -55,9 +55,9 @@ class Timed:
         self.calls: dict[int, int] = defaultdict(int)
         adapter.predict = self
 
-    def __call__(self, x, t, cond):
+    def __call__(self, x, t, cond, **options):  # options: predict's own (cfg_grad, ...)
         start = time.perf_counter()
-        out = self.predict(x, t, cond)
+        out = self.predict(x, t, cond, **options)
         self.seconds[x.shape[0]] += time.perf_counter() - start
         self.calls[x.shape[0]] += 1
         return out
