@@ -47,7 +47,7 @@ class B2DiffuRLConfig(TrainerConfig):
     split_span: int | None = None
     #: copies with |advantage| (in their trajectory's std) at most this are dropped
     keep_threshold: float = 0.5
-    #: the PPO update: the PPO paper's clip range 0.2, the exact KL form when kl_beta is set
+    #: the PPO update: the PPO paper's clip range 0.2, the exact KL form when ppo.kl_beta is set
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(clip_range=0.2, kl_form="exact"))
     #: trajectories per prompt (each branches into branch_factor copies)
     group_size: int = 2
@@ -104,7 +104,7 @@ def train(config: B2DiffuRLConfig, adapter=None) -> dict[str, float]:
         advantages = advantages.to(accelerator.device)
 
         # 3. PPO on the steps after the split, on the kept copies: one update per pass
-        # (every step from s on: timestep_fraction is 1, so the rng draws nothing)
+        # (every step from s on: ppo.timestep_fraction is 1, so the rng draws nothing)
         steps = ppo.ppo_steps(config.ppo, result.main_transitions(), num_steps, random.Random(iteration))
         terms = [PPOTerm(t.subset(rows.to(t.rows.device)), advantages[rows], 1 / len(steps))
                  for t in result.main_transitions(steps)]

@@ -106,7 +106,7 @@ class BranchGRPOConfig(TrainerConfig):
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(rank=8, alpha=16.0))
     #: a toy-sized learning rate, 1e-3 (the shared Flow-GRPO SD3.5-M value: 3e-4)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
-    #: the PPO update: clip range 1e-3, no KL (BranchGRPO); inner_epochs passes over the trees
+    #: the PPO update: clip range 1e-3, no KL (BranchGRPO); ppo.inner_epochs passes over the trees
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(clip_range=1e-3))
     #: trees per optimizer step (null: all trees of the iteration, one step)
     trees_per_update: int | None = None

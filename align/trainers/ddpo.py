@@ -140,7 +140,7 @@ def train(config: DDPOConfig, adapter=None) -> dict[str, float]:
         local = slice(accelerator.process_index * rows, (accelerator.process_index + 1) * rows)
         advantages = advantages[local].to(accelerator.device)
 
-        # 3. PPO-clip over the trained steps: inner_epochs x minibatches, one optimizer step each
+        # 3. PPO-clip over the trained steps: ppo.inner_epochs x minibatches, one optimizer step each
         steps = ppo.ppo_steps(config.ppo, result.main_transitions(), len(result.schedule), rng)
         transitions = {t.step: t for t in result.main_transitions(steps)}
         batch = RolloutBatch(cond, result.schedule, rollout_config)

@@ -223,7 +223,8 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         # 2. advantages from the global batch (groups = prompts, made unique across processes)
         groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration
         advantages, keep, named, valid = group_batch_advantages(run, reward, scores, groups, std=config.adv_std,
-                                                                clip=config.ppo.adv_clip, multi_reward=config.multi_reward)
+                                                                clip=config.ppo.adv_clip,
+                                                                multi_reward=config.multi_reward)
         advantages = advantages.to(accelerator.device)
         step_advantages = {}  # guided: outcome + process advantage per step
         if drift is not None and config.process_weight:
@@ -231,7 +232,7 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                                               outcome_weight=config.outcome_weight,
                                               process_weight=config.process_weight, clip=config.ppo.adv_clip)
 
-        # 3. PPO over the trained steps of the kept rows: inner_epochs x minibatches, one optimizer
+        # 3. PPO over the trained steps of the kept rows: ppo.inner_epochs x minibatches, one optimizer
         # step each (then the adversarial heads follow the generator)
         steps = ppo.ppo_steps(config.ppo, result.main_transitions(), rollout_config.num_steps, rng)
         transitions = {t.step: t for t in result.main_transitions(steps)}
