@@ -140,7 +140,8 @@ def train(config: DenseGRPOConfig, adapter=None) -> dict[str, float]:
         batch = RolloutBatch(cond, result.schedule, rollout_config)
         log = TrainLog()
         with run.phase("training"):
-            for index in ppo.epoch_minibatches(config.ppo, rows, config.train_batch_size or rows, rng):
+            batch_size = config.train_batch_size or rows
+            for index in ppo.epoch_minibatches(config.ppo.inner_epochs, rows, batch_size, rng):
                 terms = [PPOTerm(transitions[s].subset(index), advantages[index, s], 1 / len(steps)) for s in steps]
                 with run.accumulate():
                     ppo.ppo_backward(run, terms, batch, config.ppo, log)

@@ -35,9 +35,9 @@ from align.prompts import prompts_for_iteration
 from align.sampling.kernels import reduce_elements
 from align.sampling.rollout import RolloutConfig, predict_in_chunks
 from align.trainers.checks import check_common
-from align.trainers.common import (TrainLog, end_iteration, finish_run, progress, reward_metrics, shuffled_minibatches,
-                                   start_run)
+from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
+from align.trainers.ppo import epoch_minibatches
 from align.trainers.scoring import group_batch_advantages, sample_and_score
 from align.trainers.snapshot import SnapshotState, checkpointed_snapshot
 
@@ -294,16 +294,15 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
         log = TrainLog("kl", "policy_gap")
         with run.phase("training"):
             batch = config.train_batch_size or rows
-            for _ in range(config.inner_epochs):
-                for samples in shuffled_minibatches(rows, batch, rng.randrange(2**31)):
-                    with run.accumulate():
-                        for k in range(K):
-                            items = samples * K + k
-                            weights = None if sample_weights is None else sample_weights[samples]
-                            loss = draw_loss(run, config, items, x_t, t, scale, item_cond, target, v_old, r[samples],
-                                             weights, log)
-                            accelerator.backward(loss / K)
-                        log.record_update(run.optimizer_step())
+            for samples in epoch_minibatches(config.inner_epochs, rows, batch, rng):
+                with run.accumulate():
+                    for k in range(K):
+                        items = samples * K + k
+                        weights = None if sample_weights is None else sample_weights[samples]
+                        loss = draw_loss(run, config, items, x_t, t, scale, item_cond, target, v_old, r[samples],
+                                         weights, log)
+                        accelerator.backward(loss / K)
+                    log.record_update(run.optimizer_step())
 
         # 5. the sampling policy follows theta
         decay = policy_decay(config, run.state.updates)

@@ -249,7 +249,8 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         batch = RolloutBatch(cond, result.schedule, rollout_config)
         log = TrainLog()
         with run.phase("training"):
-            for index in ppo.epoch_minibatches(config.ppo, rows, minibatch_size(config, len(rows)), rng):
+            batch_size = minibatch_size(config, len(rows))
+            for index in ppo.epoch_minibatches(config.ppo.inner_epochs, rows, batch_size, rng):
                 terms = ppo_terms(transitions, steps, index, advantages, step_advantages, step_weights,
                                   row_weights, step_mask, config.outcome_weight)
                 with run.accumulate():

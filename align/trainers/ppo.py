@@ -104,10 +104,10 @@ def per_sample_steps(rows: int, num_steps: int, fraction: float, generator: torc
     return torch.zeros(rows, num_steps, dtype=torch.bool).scatter_(1, order[:, :keep], True)
 
 
-def epoch_minibatches(ppo: PPOConfig, rows, batch: int, rng: random.Random):
-    """``ppo.inner_epochs`` passes over ``rows``, each in its own shuffled minibatches of ``batch``
-    (:func:`shuffled_minibatches`, seeded from ``rng``)."""
-    for _ in range(ppo.inner_epochs):
+def epoch_minibatches(epochs: int, rows, batch: int, rng):
+    """``epochs`` passes over ``rows``, each in its own shuffled minibatches of ``batch``
+    (:func:`shuffled_minibatches`, seeded from ``rng`` as each pass starts)."""
+    for _ in range(epochs):
         yield from shuffled_minibatches(rows, batch, rng.randrange(2**31))
 
 
