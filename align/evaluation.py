@@ -48,7 +48,8 @@ class EvalConfig:
 def evaluate(adapter, reward, prompts: Sequence[str], config: EvalConfig, training: RolloutConfig, *,
              negative_prompt: str = "", heldout: dict | None = None, latent_kwargs: dict | None = None):
     """Samples of every prompt (``config.per_prompt`` each, seed ``config.seed``) and their metrics:
-    ``eval/reward`` (mean over scored samples), ``eval/heldout/<name>``, ``eval/diversity``.
+    ``eval/reward`` (mean over scored samples), ``eval/reward/<dimension>`` (each dimension's mean, for a
+    reward of several: ``motion.direction``, ``frame_digit``, ...), ``eval/heldout/<name>``, ``eval/diversity``.
     Returns (metrics, pixels, prompt of each sample). Runs without gradients; the caller sets
     autocast and the weights (EMA) to evaluate."""
     rollout_config = config.rollout_config(training)
@@ -60,16 +61,18 @@ def evaluate(adapter, reward, prompts: Sequence[str], config: EvalConfig, traini
                          **(latent_kwargs or {}))
         pixels = adapter.decode(result.samples.to(adapter.dtype)).float()
     sample_prompts = [prompts[i] for i in result.prompt_index.tolist()]
-    metrics = {"eval/reward": scored_mean(reward, pixels, sample_prompts, "the trained reward")}
+    trained = scored_output(reward, pixels, sample_prompts, "the trained reward")
+    metrics = {"eval/reward": trained.mean(),
+               **{f"eval/reward/{name}": value for name, value in dimension_means(trained).items()}}
     for name, extra in (heldout or {}).items():
         metrics[f"eval/heldout/{name}"] = scored_mean(extra, pixels, sample_prompts, f"held-out reward {name!r}")
     metrics["eval/diversity"] = float(diversity(pixels, result.prompt_index))
     return metrics, pixels, sample_prompts
 
 
-def scored_mean(reward, pixels: Tensor, prompts: Sequence[str], what: str) -> float:
-    """The reward's mean over the samples it could score; a one-line RewardError when it scored none
-    (a run must not end ``reward before=nan``)."""
+def scored_output(reward, pixels: Tensor, prompts: Sequence[str], what: str):
+    """The reward's output; a one-line RewardError when it could score none of the samples (a run
+    must not end ``reward before=nan``)."""
     from rewards.base import RewardError
 
     out = reward(pixels, prompts)
@@ -77,7 +80,24 @@ def scored_mean(reward, pixels: Tensor, prompts: Sequence[str], what: str) -> fl
         raise RewardError(f"{what} ({getattr(reward, 'name', type(reward).__name__)}) could score none of the "
                           f"{len(prompts)} evaluation samples: check the reward (e.g. OCR needs quoted text in the "
                           f"eval_prompts) or its server")
-    return out.mean()
+    return out
+
+
+def scored_mean(reward, pixels: Tensor, prompts: Sequence[str], what: str) -> float:
+    """The reward's mean over the samples it could score (:func:`scored_output`)."""
+    return scored_output(reward, pixels, prompts, what).mean()
+
+
+def dimension_means(out) -> dict[str, float]:
+    """Mean over the scored rows of every dimension of a reward output with more than one, by its
+    name in the output (``motion.direction``, ``frame_digit``; a dimension's parent total, such as
+    ``motion``, left out); {} for a reward of one dimension."""
+    names = list(out.scores)
+    leaves = [k for k in names if not any(other.startswith(k + ".") for other in names)]
+    if len(leaves) < 2:
+        return {}
+    ok = out.valid_mask()
+    return {k: float(out.scores[k][ok.to(out.scores[k].device)].float().mean()) for k in leaves}
 
 
 def diversity(pixels: Tensor, groups: Tensor) -> Tensor:

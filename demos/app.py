@@ -3,7 +3,8 @@
 - **Compare**: prompts (one per line), a model, checkpoints (the base model and the LoRAs of run
   folders), rewards. The samples side by side with every reward's scores per sample and per
   dimension (video dimensions too; videos play in the gallery), a sortable score table, a bar chart
-  per reward, and a slider between the base model's and a trained checkpoint's first sample. Seeds,
+  per reward, and the base model's and a trained checkpoint's first sample compared (images: a slider;
+  videos: both playing side by side, with their scores per dimension). Seeds,
   steps, CFG scale, step kernel and tree split steps are in "Advanced", with reward-guidance weights
   as sliders (inference-time guidance, ``align sample --guide``).
 - **Score files**: upload images or videos, score them with the selected rewards.
@@ -25,7 +26,8 @@ from pathlib import Path
 import torch
 
 #: rewards of the embedded defaults, preselected per model
-DEFAULT_REWARDS = {"toy": ["digit", "digit_judge", "colour", "stroke_thickness"], "toy_video": ["motion", "frame_digit"]}
+DEFAULT_REWARDS = {"toy": ["digit", "digit_judge", "colour", "stroke_thickness"],
+                   "toy_video": ["motion", "frame_digit", "consistency", "frame_judge"]}
 #: differentiable rewards offered as guidance sliders (weight 0: off), with the slider's maximum
 GUIDANCE_SLIDERS = {"digit": 200.0, "colour": 200.0, "stroke_thickness": 600.0}
 #: step kernels offered in "Advanced" (flow models)
@@ -177,17 +179,25 @@ class Demo:
                     for dim, values in dims.items():
                         row[f"{name}" if dim == "total" else f"{name}.{dim}"] = round(float(values[i]), 6)
                 rows.append(row)
-                caption = f"{label} | {prompt} | " + ", ".join(
-                    f"{name}={float(dims['total'][i]):.3f}" for name, dims in scores.items())
+                caption = f"{label} | {prompt} | {score_text(row)}"
                 gallery.append((media_file(pixels[i], out_dir / f"{len(gallery):04d}"), caption))
-            firsts[label] = pixels[0]
+                if i == 0:
+                    firsts[label] = (pixels[0], row)
         adapter.use_lora(None)
         table = score_table(rows)
-        slider = None
+        slider = pair_video = None
+        pair_text = ""
         labels = list(firsts)
-        if len(labels) >= 2 and firsts[labels[0]].ndim == 3:
-            slider = (display_image(firsts[labels[0]]), display_image(firsts[labels[-1]]))
-        return gallery, table, bar_chart(rows, list(reward_names or [])), slider, error_text(errors)
+        if len(labels) >= 2:
+            (base, base_row), (last, last_row) = firsts[labels[0]], firsts[labels[-1]]
+            if base.ndim == 3:
+                slider = (display_image(base), display_image(last))
+            else:
+                pair_video = media_file(side_by_side(base, last), out_dir / "side_by_side")
+                pair_text = (f"left: **{labels[0]}** ({score_text(base_row)})  \nright: **{labels[-1]}** "
+                             f"({score_text(last_row)})")
+        return (gallery, table, bar_chart(rows, list(reward_names or [])), slider, pair_video, pair_text,
+                error_text(errors))
 
     def score_files(self, files: list, prompts_text: str, reward_names: list[str]):
         """Score uploaded images (or videos) with the selected rewards; one prompt per file (or one for all)."""
@@ -220,6 +230,20 @@ class Demo:
         if not (folder / "run.json").is_file():
             raise ConfigError(f"{run_dir!r} is not a run folder (no run.json)")
         return run_table(folder), reward_curve(folder), side_by_side_image(folder)
+
+
+def score_text(row: dict) -> str:
+    """A sample's scores for a caption: every dimension (``motion.direction=0.981``) and one-dimension total."""
+    names = [k for k in row if k not in ("checkpoint", "prompt", "sample")]
+    shown = [k for k in names if not any(other.startswith(k + ".") for other in names)]
+    return ", ".join(f"{k}={row[k]:.3f}" for k in shown)
+
+
+def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 2) -> torch.Tensor:
+    """Two videos (F, C, H, W) as one, frames side by side with a grey ``gap`` between them."""
+    frames, channels, height, _ = left.shape
+    divider = torch.full((frames, channels, height, gap), 0.5, dtype=left.dtype)
+    return torch.cat([left.cpu(), divider, right.cpu()], dim=-1)
 
 
 def checkpoint_label(checkpoint: str) -> str:
@@ -416,11 +440,15 @@ def build_app(settings: DemoSettings | None = None):
                                          interactive=False, elem_id="scores")
                     chart = gr.Plot(label="Mean score per checkpoint")
                     slider = gr.ImageSlider(label="Base vs trained (first sample)")
+                    pair_video = gr.Video(label="Base vs trained videos (first sample, side by side)",
+                                          autoplay=True, loop=True, elem_id="pair_video")
+                    pair_text = gr.Markdown(elem_id="pair_scores")
             model.change(lambda name: gr.update(value=DEFAULT_REWARDS.get(name, [])), model, reward_pick,
                          api_name="default_rewards")
             run_button.click(guarded(demo.compare),
                              [prompts, model, checkpoints, reward_pick, seed, steps, cfg, kernel, per_prompt, split,
-                              *sliders], [gallery, table, chart, slider, errors], api_name="compare")
+                              *sliders], [gallery, table, chart, slider, pair_video, pair_text, errors],
+                             api_name="compare")
         with gr.Tab("Score files"):
             files = gr.File(file_count="multiple", label="Images or videos")
             file_prompts = gr.Textbox(label="Prompt (one for all, or one per file)", lines=2)

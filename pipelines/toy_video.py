@@ -33,7 +33,7 @@ from pipelines.toy import (VOCAB, Attention, AttnBlock, ResBlock, TextEncoder, T
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 #: the image vocabulary with the motion words appended (existing ids unchanged)
 VIDEO_VOCAB: tuple[str, ...] = (*VOCAB, "moving", "going", "to", "left", "right", "up", "down")
-NUM_FRAMES, CANVAS, DIGIT_SIZE = 8, 16, 10
+NUM_FRAMES, CANVAS, DIGIT_SIZE = 8, 32, 16
 #: pixels the digit travels over a clip
 TRAVEL = CANVAS - DIGIT_SIZE
 TOY_VIDEO_WEIGHTS_DIR = Path(__file__).resolve().parent / "assets" / "toy_video_flow"
@@ -114,14 +114,15 @@ class ToyVideoFlowModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     @register_to_config
     def __init__(self, sample_size: int = CANVAS, in_channels: int = 3, channels: tuple[int, ...] = (32, 64, 96),
                  text_dim: int = 96, emb_dim: int = 128, heads: int = 4, vocab_size: int = len(VIDEO_VOCAB),
-                 max_tokens: int = 12, max_frames: int = 16) -> None:
+                 max_tokens: int = 12, max_frames: int = 16, patch_size: int = 2) -> None:
         super().__init__()
         c0, c1, c2 = channels
+        patch_channels = in_channels * patch_size * patch_size
         self.text = TextEncoder(vocab_size, max_tokens, text_dim, heads)
         self.time_mlp = nn.Sequential(nn.Linear(text_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.text_proj = nn.Sequential(nn.Linear(text_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.frame_embed = nn.Embedding(max_frames, emb_dim)
-        self.conv_in = nn.Conv2d(in_channels, c0, 3, padding=1)
+        self.conv_in = nn.Conv2d(patch_channels, c0, 3, padding=1)
         self.down0 = ResBlock(c0, c0, emb_dim)
         self.pool0 = nn.Conv2d(c0, c1, 3, stride=2, padding=1)
         self.down1 = ResBlock(c1, c1, emb_dim)
@@ -138,7 +139,7 @@ class ToyVideoFlowModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.unpool0 = nn.Conv2d(c1, c0, 3, padding=1)
         self.up0 = ResBlock(2 * c0, c0, emb_dim)
         self.norm_out = nn.GroupNorm(8, c0)
-        self.conv_out = nn.Conv2d(c0, in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(c0, patch_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -150,7 +151,8 @@ class ToyVideoFlowModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         emb = F.silu(emb[:, None] + self.frame_embed.weight[None, :frames]).flatten(0, 1)  # (B F, E)
         tokens, mask = tokens.repeat_interleave(frames, 0), mask.repeat_interleave(frames, 0)
 
-        x = sample.permute(0, 2, 1, 3, 4).flatten(0, 1)  # (B F, C, H, W)
+        patch = self.config.patch_size
+        x = F.pixel_unshuffle(sample.permute(0, 2, 1, 3, 4).flatten(0, 1), patch)  # (B F, C p p, H / p, W / p)
         h0 = self.down0(self.conv_in(x), emb)
         h1 = self.down1_time(self.down1_attn(self.down1(self.pool0(h0), emb), tokens, mask), frames)
         h = self.mid_time(self.mid_attn(self.mid1(self.pool1(h1), emb), tokens, mask), frames)
@@ -158,7 +160,7 @@ class ToyVideoFlowModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         h = self.up1_time(self.up1_attn(self.up1(torch.cat([h, h1], dim=1), emb), tokens, mask), frames)
         h = self.unpool0(F.interpolate(h, scale_factor=2, mode="nearest"))
         h = self.up0(torch.cat([h, h0], dim=1), emb)
-        out = self.conv_out(F.silu(self.norm_out(h)))
+        out = F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), patch)
         return out.reshape(b, frames, c, hgt, wdt).permute(0, 2, 1, 3, 4)
 
 

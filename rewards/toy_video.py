@@ -11,6 +11,14 @@ Videos are (B, F, 3, H, W) in [0, 1]; every function is plain differentiable tor
 * ``frame_digit`` -- the mean over frames of the shipped digit classifier's probability of the
   requested digit, each frame read in a window of the digit's size centred on its centre of mass
   (the classifier was trained on digits that fill the image).
+* ``consistency`` -- the digit staying itself across the clip: dimensions ``identity``, the mean over
+  frames of the cosine similarity between the frame's window (stroke intensity, centred on the
+  digit) and the clip's mean window, and ``colour``, one minus the mean distance of each frame's
+  stroke colour from the clip's mean stroke colour (divided by sqrt 3, the largest distance).
+* ``frame_judge`` -- the held-out check of ``frame_digit``: the fraction of frames in which the
+  independent digit judge (``rewards/digit_judge.py``: another model family, trained on the digits
+  neither the video model nor the classifier saw) reads the requested digit in the same window.
+  The embedded video default's held-out reward.
 
 The frame-level dimensions of ``video_frames`` (temporal consistency, motion smoothness of CLIP
 features) apply to these videos as they are.
@@ -145,7 +153,7 @@ class FrameDigitReward(Reward):
 
         videos = _videos(videos, self.name).to(self.device)
         b, f = videos.shape[:2]
-        probs = self.classifier(centred_crops(videos.flatten(0, 1), self.window)).softmax(-1).reshape(b, f, 10)
+        probs = self.classifier(digit_windows(videos, self.window)).softmax(-1).reshape(b, f, 10)
         digits = [parse_prompt(p)[0] for p in prompts]
         idx = torch.tensor([d if d is not None else 0 for d in digits], device=probs.device)
         named = torch.tensor([d is not None for d in digits], device=probs.device)
@@ -154,3 +162,79 @@ class FrameDigitReward(Reward):
 
     def score(self, samples, prompts, **context):
         return {"score": self.frame_probabilities(samples, prompts).mean(dim=1)}
+
+
+def digit_windows(videos: Tensor, window: float | None = None) -> Tensor:
+    """(B, F, C, H, W) -> (B F, C, 16, 16): each frame's window of ``window`` pixels (the toy video's
+    digit size) centred on the digit, as ``frame_digit`` and ``frame_judge`` read it."""
+    from pipelines.toy_video import DIGIT_SIZE
+
+    return centred_crops(videos.flatten(0, 1), float(window or DIGIT_SIZE))
+
+
+@register_reward("consistency")
+class ConsistencyReward(Reward):
+    """The digit keeping its shape (``identity``) and its colour (``colour``) from frame to frame;
+    both 1 for a clip whose frames show the same glyph in the same colour."""
+
+    differentiable = True
+    handles_video = True
+    dimensions = ("identity", "colour")
+
+    def __init__(self, window: float | None = None, weights=None) -> None:
+        super().__init__(weights)
+        self.window = window
+
+    def score(self, samples, prompts, **context):
+        from rewards.digit_classifier import stroke_colour
+
+        videos = _videos(samples, self.name)
+        b, f = videos.shape[:2]
+        shapes = digit_windows(videos, self.window).amax(dim=1).reshape(b, f, -1)  # stroke intensity
+        identity = F.cosine_similarity(shapes, shapes.mean(dim=1, keepdim=True), dim=-1, eps=1e-6).mean(dim=1)
+        colours = stroke_colour(videos.flatten(0, 1)).reshape(b, f, 3)
+        spread = (colours - colours.mean(dim=1, keepdim=True)).norm(dim=-1).mean(dim=1)
+        return {"identity": identity, "colour": 1 - spread / 3 ** 0.5}
+
+
+@register_reward("frame_judge")
+class FrameJudgeReward(Reward):
+    """Fraction of frames whose window the independent digit judge reads as the requested digit (a
+    prompt naming no digit: the digit the reward classifier reads in that frame)."""
+
+    differentiable = False
+    handles_video = True
+    dimensions = ("accuracy",)
+
+    def __init__(self, window: float | None = None, judge_path=None, device: str = "cpu", weights=None) -> None:
+        super().__init__(weights)
+        from rewards.digit_judge import load_digit_judge
+
+        self.window, self.judge_path = window, judge_path
+        self.judge = load_digit_judge(judge_path, device=device)
+        self.device = torch.device(device)
+
+    def to(self, device) -> "FrameJudgeReward":
+        from rewards.digit_judge import load_digit_judge
+
+        self.judge = load_digit_judge(self.judge_path, device=device)  # the loader's shared, cached instance
+        self.device = torch.device(device)
+        return self
+
+    def frame_digits(self, videos: Tensor) -> Tensor:
+        """(B, F) the judge's digit in every frame."""
+        videos = _videos(videos, self.name).to(self.device)
+        with torch.no_grad():
+            return self.judge(digit_windows(videos, self.window)).argmax(-1).reshape(videos.shape[:2])
+
+    def score(self, samples, prompts, **context):
+        from rewards.digit_classifier import load_digit_classifier, parse_prompt, predict_digits
+
+        judged = self.frame_digits(samples)
+        wanted = torch.tensor([-1 if (d := parse_prompt(p)[0]) is None else d for p in prompts], device=judged.device)
+        wanted = wanted[:, None].expand_as(judged)
+        if bool((wanted < 0).any()):
+            windows = digit_windows(_videos(samples, self.name).to(self.device), self.window)
+            read = predict_digits(windows, load_digit_classifier(device=self.device)).reshape(judged.shape)
+            wanted = torch.where(wanted < 0, read, wanted)
+        return {"accuracy": (judged == wanted).float().mean(dim=1).to(samples.device)}

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from align.advantages import (RunningPromptStats, dense_step_gains, depth_advantages, fuse_leaf_rewards,
@@ -144,3 +145,27 @@ def test_summary_line_shows_watched_metrics_and_warns_when_they_fall_as_the_rewa
     assert len(summary_lines(0.9, 0.8, before, fell)) == 1  # the reward fell too: nothing to flag
     noise = {**fell, "eval/heldout/jpeg_compressibility": -0.83}  # 3.75% lower: within the tolerance
     assert len(summary_lines(0.8, 0.9, before, noise)) == 1
+
+
+def test_summary_line_names_each_dimension_of_the_trained_reward():
+    """A reward of several dimensions: the evaluation reports each one's mean over the scored rows
+    (a parent total such as ``motion`` left out, an unscored row ignored), and the summary line
+    names each before -> after ahead of the held-out rewards."""
+    import torch
+
+    from align.evaluation import dimension_means
+    from align.trainers.common import summary_lines
+    from rewards.base import RewardOutput
+
+    out = RewardOutput(scores={"motion": torch.tensor([1.0, 2.0, 9.0]), "motion.direction": torch.tensor([0.5, 1.0, 9.0]),
+                               "motion.smoothness": torch.tensor([0.5, 1.0, 9.0]), "frame_digit": torch.tensor([0.2, 0.4, 9.0])},
+                       total=torch.tensor([1.2, 2.4, 27.0]), valid=torch.tensor([True, True, False]))
+    assert dimension_means(out) == pytest.approx({"motion.direction": 0.75, "motion.smoothness": 0.75, "frame_digit": 0.3})
+    single = RewardOutput(scores={"score": torch.tensor([0.5, 0.7])}, total=torch.tensor([0.5, 0.7]))
+    assert dimension_means(single) == {}
+    before = {"eval/reward/motion.direction": 0.5, "eval/reward/frame_digit": 0.25, "eval/heldout/frame_judge": 0.9}
+    after = {"eval/reward": 1.1, "eval/reward/motion.direction": 0.75, "eval/reward/frame_digit": 0.3,
+             "eval/heldout/frame_judge": 0.92}
+    assert summary_lines(0.75, 1.05, before, after) == [
+        "reward before=0.7500 after=1.0500 motion.direction=0.5000->0.7500 frame_digit=0.2500->0.3000 "
+        "frame_judge=0.9000->0.9200"]

@@ -15,12 +15,12 @@ gradio_client = pytest.importorskip("gradio_client")
 PROMPTS = ["a red digit 3", "a blue digit 8"]
 
 
-def make_run_folder(root, name="trained"):
+def make_run_folder(root, name="trained", model="toy"):
     """A run folder whose lora/ export moves the toy model visibly (random LoRA weights)."""
     from align.models import ModelConfig, load_model
 
     folder = root / name
-    adapter = load_model(ModelConfig(name="toy"))
+    adapter = load_model(ModelConfig(name=model))
     adapter.add_lora(rank=4, alpha=4)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -71,7 +71,7 @@ def direct_scores(checkpoint_lora, rewards, per_prompt=2, seed=3):
 def test_compare_returns_the_rewards_own_scores_per_checkpoint(served):
     app, client, run = served
     rewards = ["digit", "digit_judge", "stroke_thickness"]
-    gallery, table, chart, slider, errors = client.predict(
+    gallery, table, chart, slider, pair_video, _, errors = client.predict(
         "\n".join(PROMPTS), "toy", ["base", str(run)], rewards, 3, 10, 1.0, "ode", 2, "", 0, 0, 0,
         api_name="/compare")
     rows = table_rows(table)
@@ -86,12 +86,12 @@ def test_compare_returns_the_rewards_own_scores_per_checkpoint(served):
     base = [r["stroke_thickness"] for r in rows if r["checkpoint"] == "base"]
     trained = [r["stroke_thickness"] for r in rows if r["checkpoint"] == run.name]
     assert base != pytest.approx(trained, abs=1e-3)  # the LoRA is active for its checkpoint only
-    assert slider is not None and len(slider) == 2
+    assert slider is not None and len(slider) == 2 and pair_video is None  # images compare on the slider
 
 
 def test_a_reward_that_cannot_load_shows_its_error_and_the_others_still_score(served):
     app, client, run = served
-    _, table, _, _, errors = client.predict(
+    _, table, _, _, _, _, errors = client.predict(
         PROMPTS[0], "toy", ["base"], ["aesthetic", "digit"], 0, 4, 1.0, "ode", 1, "", 0, 0, 0, api_name="/compare")
     assert "aesthetic" in errors and "head_path" in errors
     assert "digit" in table["headers"] and "aesthetic" not in table["headers"]
@@ -128,11 +128,26 @@ def test_run_info_shows_the_runs_before_after_table(served):
     assert str(run) in str(client.predict(api_name="/list_runs"))
 
 
-def test_videos_play_in_the_gallery_with_their_dimensions(served):
+def test_videos_play_in_the_gallery_and_side_by_side_with_their_dimensions(served, tmp_path):
+    """Base and trained videos: each plays in the gallery captioned with every dimension's score, and
+    the first of each plays side by side (one MP4 twice as wide plus the divider) above both rows of
+    scores, the same numbers as the table's."""
+    import imageio.v3 as iio
+
     app, client, run = served
-    gallery, table, _, slider, errors = client.predict(
-        "a red digit 3 moving left", "toy_video", ["base"], ["motion"], 0, 4, 1.0, "ode", 1, "", 0, 0, 0,
-        api_name="/compare")
+    trained = make_run_folder(tmp_path, "trained_video", model="toy_video")
+    gallery, table, _, slider, pair_video, pair_text, errors = client.predict(
+        "a red digit 3 moving left", "toy_video", ["base", str(trained)], ["motion", "consistency"], 0, 4, 1.0,
+        "ode", 1, "", 0, 0, 0, api_name="/compare")
     assert errors == ""
-    assert str(gallery[0]["video"]).endswith(".mp4")
-    assert {"motion.direction", "motion.smoothness", "motion"} <= set(table["headers"])
+    assert str(gallery[0]["video"]).endswith(".mp4") and "motion.direction=" in gallery[0]["caption"]
+    assert {"motion.direction", "motion.smoothness", "motion", "consistency.identity",
+            "consistency.colour"} <= set(table["headers"])
+    assert slider is None
+    path = pair_video["video"] if isinstance(pair_video, dict) else pair_video
+    frames = iio.imread(path)
+    single = iio.imread(gallery[0]["video"])
+    assert frames.shape[0] == single.shape[0] and frames.shape[2] > 2 * single.shape[2]
+    base, after = table_rows(table)
+    assert f"consistency.identity={base['consistency.identity']:.3f}" in pair_text.split("right:")[0]
+    assert f"motion.direction={after['motion.direction']:.3f}" in pair_text.split("right:")[1]

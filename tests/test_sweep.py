@@ -131,3 +131,26 @@ def test_an_optuna_search_resumes_a_trial_whose_process_died(tmp_path):
     assert trials[0].params == left.params
     info = json.loads((out / "trials" / "raft-trial0-seed0" / "trial.json").read_text())
     assert info["settings"] == left.params and trials[0].value == pytest.approx(info["summary"]["eval/reward"])
+
+
+def test_convergence_table_finds_the_evaluations_each_method_needs_to_reach_flow_grpos_final_reward():
+    """Flow-GRPO's two seeds end at 0.7 (mean), first reached at its last point (200 NFE: one seed at
+    167, two thirds of 0.6 -> 0.75, the other never); a method at
+    0.5 -> 0.8 -> 0.9 crosses 0.7 two thirds of the way to 100 NFE (ratio 1/3), one that ends at 0.6
+    never does."""
+    from align.commands.sweep_report import convergence_lines, metric_key, metric_name, nfe_to_reach
+
+    def run(*rewards):
+        return [{"nfe": 100.0 * i, "eval/reward": r} for i, r in enumerate(rewards)]
+
+    assert nfe_to_reach([0, 100, 200], [0.5, 0.8, 0.9], 0.7) == pytest.approx(200 / 3)
+    assert nfe_to_reach([0, 100], [0.5, 0.6], 0.7) is None
+    groups = {"flow_grpo": [run(0.5, 0.6, 0.65), run(0.5, 0.6, 0.75)], "fast": [run(0.5, 0.8, 0.9)],
+              "slow": [run(0.5, 0.55, 0.6)]}
+    lines = convergence_lines(groups)
+    assert "first reached at 200 model evaluations" in "\n".join(lines)
+    assert "| fast | 1 | 67 | 0.33x | 67 |" in lines and "| flow_grpo | 2 | 200 | 1.00x | not reached, 167 |" in lines
+    assert "| slow | 1 | not reached |  | not reached |" in lines
+    assert convergence_lines({"fast": groups["fast"]}) == []  # no Flow-GRPO: no table
+    for key in ("eval/reward", "eval/reward/motion.direction", "eval/heldout/frame_judge", "eval/diversity"):
+        assert metric_key(metric_name(key)) == key

@@ -113,6 +113,8 @@ def evaluate_run_folder(run_dir: str | Path, overrides: list[str] = ()) -> dict:
 def metric_label(key: str) -> str:
     if key == "eval/reward":
         return "trained reward"
+    if key.startswith("eval/reward/"):
+        return f"trained: {key.split('/', 2)[2]}"
     if key.startswith("eval/heldout/"):
         return f"held-out: {key.split('/', 2)[2]}"
     return key.split("/")[-1]

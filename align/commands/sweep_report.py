@@ -8,6 +8,9 @@ seed spread, then per trial) and plots (matplotlib PNGs):
 - ``heldout.png``: the trained reward and each held-out reward against model evaluations side by side
   (reward hacking shows as the trained one rising while a held-out one falls).
 
+When the sweep has Flow-GRPO trials, ``report.md`` also says how many model evaluations every method
+needs to reach Flow-GRPO's final reward (mean over seeds), and its ratio to Flow-GRPO's own.
+
 The numbers come from each trial's ``trial.json`` and ``metrics.jsonl`` (its evaluations, with the
 ``nfe`` and ``wall_s`` they were reached at), so a report can be written at any time, also while
 the sweep runs.
@@ -21,6 +24,8 @@ import statistics
 from pathlib import Path
 
 TRAINED = "eval/reward"
+#: the method whose final reward the convergence table measures every method against
+REFERENCE_METHOD = "flow_grpo"
 
 
 def evaluations(run_folder: Path) -> list[dict]:
@@ -57,18 +62,40 @@ def trial_rows(out: Path) -> list[dict]:
             first, last = evals[0], evals[-1]
             row.update(nfe=int(last["nfe"]), wall_s=round(last["wall_s"], 1))
             for key in sorted(k for k in last if k.startswith("eval/")):
-                name = "reward" if key == TRAINED else key.split("/")[-1]
+                name = metric_name(key)
                 row[f"{name}_before"] = first.get(key)
                 row[f"{name}_after"] = last[key]
         rows.append(row)
     return rows
 
 
+def metric_name(key: str) -> str:
+    """A report column's name for an evaluation metric: ``reward``, ``reward.<dimension>`` (a dimension of
+    the trained reward), the held-out reward's name, ``diversity``."""
+    if key == TRAINED:
+        return "reward"
+    if key.startswith(TRAINED + "/"):
+        return "reward." + key[len(TRAINED) + 1:]
+    return key.split("/")[-1]
+
+
+def metric_key(name: str) -> str:
+    """The inverse of :func:`metric_name`."""
+    if name == "reward" or name.startswith("reward."):
+        return TRAINED + name[len("reward"):].replace(".", "/", 1)
+    return "eval/diversity" if name == "diversity" else f"eval/heldout/{name}"
+
+
+def heldout_names(names: list[str]) -> list[str]:
+    """The held-out rewards among a report's metric names."""
+    return [n for n in names if n != "diversity" and n != "reward" and not n.startswith("reward.")]
+
+
 def metric_names(rows: list[dict]) -> list[str]:
-    """reward, then the held-out rewards, then diversity: the columns a report compares."""
+    """reward, its dimensions, then the held-out rewards, then diversity: the columns a report compares."""
     names = [k[:-len("_after")] for r in rows for k in r if k.endswith("_after")]
     ordered = list(dict.fromkeys(names))
-    return sorted(ordered, key=lambda n: (n != "reward", n == "diversity", n))
+    return sorted(ordered, key=lambda n: (n != "reward", not n.startswith("reward."), n == "diversity", n))
 
 
 def group_key(row: dict) -> str:
@@ -144,8 +171,50 @@ def write_report(out: Path) -> list[Path]:
         cells += [f"{r[n + '_before']:.3f} -> {r[n + '_after']:.3f}" if r.get(n + "_before") is not None
                   and n + "_after" in r else "" for n in names]
         text.append("| " + " | ".join(cells) + " |")
+    text += convergence_lines(curves(out, rows))
     (out / "report.md").write_text("\n".join(text) + "\n")
     return [out / "report.csv", out / "report.md", *write_plots(out, rows)]
+
+
+def nfe_to_reach(nfe: list[float], reward: list[float], target: float) -> float | None:
+    """The model evaluations at which a reward curve first reaches ``target`` (linear between its
+    evaluation points); None when it never does."""
+    for i, value in enumerate(reward):
+        if value >= target:
+            if i == 0:
+                return float(nfe[0])
+            low, high = reward[i - 1], value
+            return float(nfe[i - 1] + (nfe[i] - nfe[i - 1]) * (target - low) / (high - low))
+    return None
+
+
+def mean_curve(runs: list[list[dict]]) -> tuple[list[float], list[float]]:
+    """(NFE, mean trained reward over seeds) at the evaluation points every seed has."""
+    shared = sorted(set.intersection(*({p["nfe"] for p in r} for r in runs)))
+    return shared, [statistics.mean(next(p[TRAINED] for p in r if p["nfe"] == x) for r in runs) for x in shared]
+
+
+def convergence_lines(groups: dict[str, list[list[dict]]]) -> list[str]:
+    """report.md's convergence table: per method, the model evaluations its mean reward curve needs to
+    reach the final mean reward of :data:`REFERENCE_METHOD`, the ratio to the reference's own, and the
+    same per seed (the seed's curve against the reference's final mean); [] without the reference."""
+    reference = groups.get(REFERENCE_METHOD)
+    if not reference:
+        return []
+    ref_nfe, ref_reward = mean_curve(reference)
+    target, ref_need = ref_reward[-1], nfe_to_reach(ref_nfe, ref_reward, ref_reward[-1])
+    lines = ["", f"## Model evaluations to reach {REFERENCE_METHOD}'s final reward", "",
+             f"{REFERENCE_METHOD}'s final trained reward (mean over its {len(reference)} seeds): {target:.4f}, "
+             f"first reached at {ref_need:.0f} model evaluations. Per method: where its mean curve reaches it, "
+             "the ratio to that, and each seed's curve.", "",
+             "| method | seeds | NFE to reach | ratio | per seed |", "|---|---|---|---|---|"]
+    for group, runs in sorted(groups.items()):
+        need = nfe_to_reach(*mean_curve(runs), target)
+        seeds = [nfe_to_reach([p["nfe"] for p in r], [p[TRAINED] for p in r], target) for r in runs]
+        per_seed = ", ".join("not reached" if n is None else f"{n:.0f}" for n in seeds)
+        lines.append(f"| {group} | {len(runs)} | {'not reached' if need is None else f'{need:.0f}'} | "
+                     f"{'' if need is None or not ref_need else f'{need / ref_need:.2f}x'} | {per_seed} |")
+    return lines
 
 
 def curves(out: Path, rows: list[dict]) -> dict[str, list[list[dict]]]:
@@ -177,7 +246,7 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     groups = curves(out, rows)
-    names = [n for n in metric_names(rows) if n not in ("reward", "diversity")]
+    names = heldout_names(metric_names(rows))
     colours = {g: plt.cm.tab20(i % 20) for i, g in enumerate(sorted(groups))}
     paths = []
     for x, label, file in (("nfe", "model evaluations (NFE)", "reward_vs_nfe.png"),
@@ -221,7 +290,7 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
     panels = ["reward"] + names
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     for ax, name in zip(axes[0], panels):
-        key = TRAINED if name == "reward" else f"eval/heldout/{name}"
+        key = metric_key(name)
         for group, runs in sorted(groups.items()):
             grid, mean, low, high = band(runs, "nfe", key)
             ax.plot(grid, mean, color=colours[group], label=group)

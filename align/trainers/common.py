@@ -68,13 +68,15 @@ def evaluate_run(run, config: TrainerConfig, reward, heldout, grid_name: str) ->
 
 def summary_lines(before: float, after: float, watched_before: dict[str, float],
                   watched_after: dict[str, float], tolerance: float = 0.05) -> list[str]:
-    """The run's last line, ``reward before=<x> after=<y>`` followed by each watched metric (held-out
-    rewards, diversity) as ``name=<before>-><after>``; preceded by a warning line when the trained
-    reward rose while a watched metric fell by more than ``tolerance`` of its size (the mark of
-    reward hacking; smaller moves are evaluation noise)."""
+    """The run's last line, ``reward before=<x> after=<y>`` followed by each dimension of the trained
+    reward (``eval/reward/<dimension>``) and each watched metric (held-out rewards, diversity) as
+    ``name=<before>-><after>``; preceded by a warning line when the trained reward rose while a
+    watched metric fell by more than ``tolerance`` of its size (the mark of reward hacking; smaller
+    moves are evaluation noise)."""
+    dims = [k for k in watched_after if k.startswith("eval/reward/")]
     watched = [k for k in watched_after if k.startswith("eval/heldout/") or k == "eval/diversity"]
-    parts = [f"{k.split('/')[-1]}={watched_before[k]:.4f}->{watched_after[k]:.4f}" if k in watched_before
-             else f"{k.split('/')[-1]}={watched_after[k]:.4f}" for k in watched]
+    parts = [f"{k.split('/', 2)[-1]}={watched_before[k]:.4f}->{watched_after[k]:.4f}" if k in watched_before
+             else f"{k.split('/', 2)[-1]}={watched_after[k]:.4f}" for k in dims + watched]
     fell = [k.split("/")[-1] for k in watched if k in watched_before
             and watched_after[k] < watched_before[k] - tolerance * abs(watched_before[k])]
     lines = []
