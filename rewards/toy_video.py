@@ -14,7 +14,9 @@ Videos are (B, F, 3, H, W) in [0, 1]; every function is plain differentiable tor
 * ``consistency`` -- the digit staying itself across the clip: dimensions ``identity``, the mean over
   frames of the cosine similarity between the frame's window (stroke intensity, centred on the
   digit) and the clip's mean window, and ``colour``, one minus the mean distance of each frame's
-  stroke colour from the clip's mean stroke colour (divided by sqrt 3, the largest distance).
+  stroke colour from the clip's mean stroke colour in units of ``colour_tolerance`` (0.1 of the
+  colour scale: a clip whose colours spread that far scores 0, one that flickers between two
+  palette colours far below).
 * ``frame_judge`` -- the held-out check of ``frame_digit``: the fraction of frames in which the
   independent digit judge (``rewards/digit_judge.py``: another model family, trained on the digits
   neither the video model nor the classifier saw) reads the requested digit in the same window.
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from align.errors import ConfigError
 from rewards.base import Reward, RewardError, register_reward
 
 
@@ -175,15 +178,18 @@ def digit_windows(videos: Tensor, window: float | None = None) -> Tensor:
 @register_reward("consistency")
 class ConsistencyReward(Reward):
     """The digit keeping its shape (``identity``) and its colour (``colour``) from frame to frame;
-    both 1 for a clip whose frames show the same glyph in the same colour."""
+    both 1 for a clip whose frames show the same glyph in the same colour. ``colour_tolerance``: the
+    mean colour distance that scores 0 (stroke colours rescaled to a largest channel of 1)."""
 
     differentiable = True
     handles_video = True
     dimensions = ("identity", "colour")
 
-    def __init__(self, window: float | None = None, weights=None) -> None:
+    def __init__(self, window: float | None = None, colour_tolerance: float = 0.1, weights=None) -> None:
         super().__init__(weights)
-        self.window = window
+        if colour_tolerance <= 0:
+            raise ConfigError(f"consistency colour_tolerance must be > 0, got {colour_tolerance}")
+        self.window, self.colour_tolerance = window, float(colour_tolerance)
 
     def score(self, samples, prompts, **context):
         from rewards.digit_classifier import stroke_colour
@@ -194,7 +200,7 @@ class ConsistencyReward(Reward):
         identity = F.cosine_similarity(shapes, shapes.mean(dim=1, keepdim=True), dim=-1, eps=1e-6).mean(dim=1)
         colours = stroke_colour(videos.flatten(0, 1)).reshape(b, f, 3)
         spread = (colours - colours.mean(dim=1, keepdim=True)).norm(dim=-1).mean(dim=1)
-        return {"identity": identity, "colour": 1 - spread / 3 ** 0.5}
+        return {"identity": identity, "colour": 1 - spread / self.colour_tolerance}
 
 
 @register_reward("frame_judge")

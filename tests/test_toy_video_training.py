@@ -1,8 +1,12 @@
-"""Training the shipped toy video model: a short Flow-GRPO run on the video quickstart's reward of five
-dimensions (configs/quickstart_video.yaml, fewer iterations and samples) raises the trained reward
-beyond its seed noise, and the held-out frame judge does not fall below its base value minus that noise.
+"""Training the shipped toy video model: a short run of the video quickstart (configs/quickstart_video.yaml:
+reward backprop on a reward of five dimensions; fewer iterations and evaluation samples) raises the
+trained reward beyond its seed noise, and the held-out frame judge does not fall below its base value
+minus that noise.
 
-Measured over training seeds 0, 1, 2 (fixed evaluation prompts and seeds): MEASURED below.
+Measured over training seeds 0, 1, 2 (fixed evaluation prompts and seeds; 15 iterations, about 25
+seconds of training on one thread): the reward 2.905 -> +0.348 / +0.209 / +0.232 (std 0.074), the
+frame judge 0.797 -> +0.094 / +0.094 / +0.086 (std 0.005). The test trains seed 0 and asks for a gain
+above that std and above half the mean gain, and a judge no lower than its base minus its std.
 """
 
 from __future__ import annotations
@@ -23,19 +27,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"),
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart_video.yaml"
 #: the quickstart, shortened
-SHORT = ["iterations=8", "prompts_per_iteration=2", "eval.per_prompt=4", "run.log_with=none", "run.resume=null",
+SHORT = ["iterations=15", "eval.per_prompt=4", "run.log_with=none", "run.resume=null",
          "run.progress=false", "run.checkpoint_every=0"]
 #: training seed -> (trained reward gain, frame judge after - before) of this test's run
-MEASURED = {0: (0.0, 0.0), 1: (0.0, 0.0), 2: (0.0, 0.0)}
+MEASURED = {0: (0.3478, 0.0938), 1: (0.2090, 0.0938), 2: (0.2318, 0.0859)}
 
 
 def train(tmp_path, seed: int) -> dict:
-    config = load_config(trainer_module("flow_grpo").CONFIG, CONFIG,
-                         [*SHORT, f"run.seed={seed}", f"run.output_dir={tmp_path}"])
-    return trainer_module("flow_grpo").train(config)
+    module = trainer_module("reward_backprop")
+    config = load_config(module.CONFIG, CONFIG, [*SHORT, f"run.seed={seed}", f"run.output_dir={tmp_path}"])
+    return module.train(config)
 
 
-def test_flow_grpo_raises_the_video_reward_and_the_judge_holds(tmp_path):
+def test_training_raises_the_video_reward_and_the_judge_holds(tmp_path):
     gains = [g for g, _ in MEASURED.values()]
     judge_moves = [j for _, j in MEASURED.values()]
     noise, judge_noise = statistics.stdev(gains), statistics.stdev(judge_moves)
