@@ -441,11 +441,17 @@ def build_app(settings: DemoSettings | None = None):
                     chart = gr.Plot(label="Mean score per checkpoint")
                     slider = gr.ImageSlider(label="Base vs trained (first sample)")
                     pair_video = gr.Video(label="Base vs trained videos (first sample, side by side)",
-                                          autoplay=True, loop=True, elem_id="pair_video")
+                                          autoplay=True, loop=True, height=320, visible=False, elem_id="pair_video")
                     pair_text = gr.Markdown(elem_id="pair_scores")
             model.change(lambda name: gr.update(value=DEFAULT_REWARDS.get(name, [])), model, reward_pick,
                          api_name="default_rewards")
-            run_button.click(guarded(demo.compare),
+            def compare(*args):
+                """demo.compare, showing the image slider or the side-by-side video, whichever applies."""
+                gallery, table, chart, pair_images, video, text, errors = guarded(demo.compare)(*args)
+                return (gallery, table, chart, gr.update(value=pair_images, visible=video is None),
+                        gr.update(value=video, visible=video is not None), text, errors)
+
+            run_button.click(compare,
                              [prompts, model, checkpoints, reward_pick, seed, steps, cfg, kernel, per_prompt, split,
                               *sliders], [gallery, table, chart, slider, pair_video, pair_text, errors],
                              api_name="compare")

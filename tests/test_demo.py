@@ -49,6 +49,11 @@ def served(tmp_path_factory):
     app.close()
 
 
+def shown(output):
+    """(value, visible) of an output the event may show or hide (gr.update)."""
+    return output["value"], output["visible"]
+
+
 def table_rows(table: dict) -> list[dict]:
     return [dict(zip(table["headers"], row)) for row in table["data"]]
 
@@ -86,7 +91,8 @@ def test_compare_returns_the_rewards_own_scores_per_checkpoint(served):
     base = [r["stroke_thickness"] for r in rows if r["checkpoint"] == "base"]
     trained = [r["stroke_thickness"] for r in rows if r["checkpoint"] == run.name]
     assert base != pytest.approx(trained, abs=1e-3)  # the LoRA is active for its checkpoint only
-    assert slider is not None and len(slider) == 2 and pair_video is None  # images compare on the slider
+    (pair, slider_visible), (video, video_visible) = shown(slider), shown(pair_video)
+    assert len(pair) == 2 and slider_visible and video is None and not video_visible  # images: the slider
 
 
 def test_a_reward_that_cannot_load_shows_its_error_and_the_others_still_score(served):
@@ -143,9 +149,9 @@ def test_videos_play_in_the_gallery_and_side_by_side_with_their_dimensions(serve
     assert str(gallery[0]["video"]).endswith(".mp4") and "motion.direction=" in gallery[0]["caption"]
     assert {"motion.direction", "motion.smoothness", "motion", "consistency.identity",
             "consistency.colour"} <= set(table["headers"])
-    assert slider is None
-    path = pair_video["video"] if isinstance(pair_video, dict) else pair_video
-    frames = iio.imread(path)
+    (pair, slider_visible), (video, video_visible) = shown(slider), shown(pair_video)
+    assert pair is None and not slider_visible and video_visible  # videos: side by side, the slider hidden
+    frames = iio.imread(video["video"] if isinstance(video, dict) else video)
     single = iio.imread(gallery[0]["video"])
     assert frames.shape[0] == single.shape[0] and frames.shape[2] > 2 * single.shape[2]
     base, after = table_rows(table)

@@ -209,10 +209,11 @@ def test_gradient_and_preference_trainers_run_on_the_video_model(method, tiny_vi
 
 
 def test_shipped_model_draws_the_requested_digit_and_direction():
-    """At the default settings (10 Euler steps, CFG 3), over every digit x direction with rotating
-    colours (40 videos, seed 0; scripts/check_toy_video.py): the independent judge reads the requested
-    digit in JUDGE of the frames (the training data's own videos: DATA), the reward classifier in
-    CLASSIFIER, and the video moves the requested way in DIRECTION of the videos."""
+    """At the default settings (10 Euler steps, CFG 3), over every digit x direction twice with
+    rotating colours (80 videos, seed 0; scripts/check_toy_video.py): the independent judge reads the
+    requested digit in 98.3% of the frames (the training data's own videos: 100%), the reward
+    classifier in 99.4%, and the video moves the requested way in 96.2% of the videos (over 200
+    videos: 98.6%, 98.8%, 99.2%, 97.5%)."""
     import importlib.util
     from pathlib import Path
 
@@ -221,9 +222,10 @@ def test_shipped_model_draws_the_requested_digit_and_direction():
     path = Path(__file__).resolve().parents[1] / "scripts" / "check_toy_video.py"
     spec = importlib.util.spec_from_file_location("check_toy_video", path)
     check = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = check  # its dataclass looks its module up
     spec.loader.exec_module(check)
-    figures, videos, _ = check.measure(load_toy_video_adapter(), per_cell=1)
-    assert videos.shape == (40, 8, 3, 32, 32)
+    figures, videos, _ = check.measure(load_toy_video_adapter(), per_cell=2)
+    assert videos.shape == (80, 8, 3, 32, 32)
     assert figures.judge_frames >= 0.9 and figures.judge_data_frames >= 0.95, figures
     assert figures.direction >= 0.95, figures
 
