@@ -49,9 +49,22 @@ def test_the_grid_is_every_method_reward_setting_and_seed():
     assert {t.settings["optim.lr"] for t in trials} == {0.001, 0.002}
 
 
+def test_method_overrides_reach_that_methods_trials_only(tmp_path):
+    """A field only one trainer has (Flow-GRPO's window) goes to that method's trials, on top of the
+    sweep's overrides; the other method's trials validate without it."""
+    from align.commands.sweep import trial_config
+
+    config = SweepConfig(methods=["flow_grpo", "raft"], overrides={"optim": {"lr": 0.001}, "iterations": 1},
+                         method_overrides={"flow_grpo": {"window_size": 3, "optim.lr": 0.003}})
+    by_method = {t.method: trial_config(config, t, tmp_path / t.name)[1] for t in grid_trials(config)}
+    assert by_method["flow_grpo"].window_size == 3 and by_method["flow_grpo"].optim.lr == 0.003
+    assert by_method["raft"].optim.lr == 0.001 and not hasattr(by_method["raft"], "window_size")
+
+
 @pytest.mark.parametrize("line, message", [
     ("methods: [flow_grpo, flow_gpro]", "flow_grpo"),
     ("settings: {optim.lr: 0.001}", "settings.optim.lr"),
+    ("method_overrides: {flow_gpro: {window_size: 3}}", "flow_grpo"),
     ("search: {params: {optim.lr: {low: 0.1, high: 0.01}}}", "low < high"),
 ])
 def test_a_bad_sweep_file_is_one_line_naming_the_problem(tmp_path, line, message):

@@ -241,3 +241,28 @@ def test_frame_level_video_dimensions_apply_as_they_are():
 
     both = build_rewards(["motion", {"name": "video_frames", "dims": ["motion_smoothness"]}])
     assert set(both(videos, prompts).scores) == {"motion", "motion.direction", "motion.smoothness", "video_frames"}
+
+
+def test_euphonium_video_preset_guides_with_a_latent_prm_that_learns(tiny_video_dir, tmp_path):
+    """configs/methods/euphonium_video.yaml for two iterations on a tiny random video model: the
+    latent PRM guides on (B, 3, F, H, W) latents and fits each iteration's rollouts (its Bradley-Terry
+    loss logged each time), the guided rollouts train the LoRA, and each iteration checkpoints."""
+    import json
+    from pathlib import Path
+
+    from align.config import load_config
+    from align.trainers import trainer_module
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "methods" / "euphonium_video.yaml"
+    module = trainer_module("flow_grpo")
+    config = load_config(module.CONFIG, preset, [
+        f"model.path={tiny_video_dir}", "iterations=2", "group_size=2", "rollout.num_steps=4", "eval.per_prompt=1",
+        "eval.num_steps=2", "lora.rank=2", "run.log_with=none", "run.resume=null", "run.progress=false",
+        "run.checkpoint_every=1", f"run.output_dir={tmp_path}"])
+    module.train(config)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["guidance.latent_prm/loss"] for r in rows if "guidance.latent_prm/loss" in r]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    assert all(r["train/grad_norm"] > 0 for r in rows if "train/grad_norm" in r)
+    states = sorted((tmp_path / "checkpoints").glob("iteration-*"))
+    assert len(states) == 2

@@ -11,6 +11,7 @@ A sweep file (YAML, :class:`SweepConfig`)::
     settings: {optim.lr: [0.001, 0.002]}  # optional: a grid of config values
     seeds: [0, 1]
     overrides: {prompts: [...]}           # config values every trial gets
+    method_overrides: {flow_grpo: {window_size: 3}}  # config values one method's trials get on top
     search:                               # optional: Optuna over continuous values instead of the grid
       trials: 8
       params: {optim.lr: {low: 1.0e-4, high: 1.0e-2, log: true}}
@@ -69,6 +70,8 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     #: config values every trial gets (prompts, eval, rollout, ...)
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: method -> config values its trials get on top of ``overrides`` (a field only its trainer has)
+    method_overrides: dict[str, Any] = field(default_factory=dict)
     #: an evaluation every N model evaluations: the points of the reward-vs-compute curves
     eval_every_nfe: int = 800
     checkpoint_every: int = 5
@@ -100,6 +103,8 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
     if not config.seeds:
         raise ConfigError("seeds is empty: give at least one seed")
     for method in config.methods:
+        preset_path(method)
+    for method in config.method_overrides:  # a typo names no preset
         preset_path(method)
     for key, values in config.settings.items():
         if not isinstance(values, (list, tuple)) or not values:
@@ -156,9 +161,10 @@ def grid_trials(config: SweepConfig) -> list[Trial]:
 
 
 def trial_overrides(config: SweepConfig, trial: Trial, folder: Path) -> list[str]:
-    """The trial's ``key=value`` layers on top of its preset: the sweep's overrides, its reward, its
-    settings, then the budget, seed, evaluation points and run folder."""
+    """The trial's ``key=value`` layers on top of its preset: the sweep's overrides, its method's, its
+    reward, its settings, then the budget, seed, evaluation points and run folder."""
     values: dict[str, Any] = dict(config.overrides)
+    values.update(config.method_overrides.get(trial.method, {}))
     if trial.reward is not None:
         values["rewards"] = config.rewards[trial.reward]
     values.update(trial.settings)
