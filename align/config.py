@@ -24,6 +24,9 @@ def _check_keys(schema_cls, data: dict, prefix: str = "") -> None:
     whose value is not a mapping where the field is a config block."""
     hints = typing.get_type_hints(schema_cls)
     for key, value in data.items():
+        if isinstance(key, bool) and ("on" if key else "off") in hints:  # YAML reads a bare on / off as a boolean
+            raise ConfigError(f"config key {prefix}{key}: YAML reads a bare on / off as true / false; quote the key: "
+                              f"\"{'on' if key else 'off'}\": ...")
         if key not in hints:
             nested = {f"{block}.{f.name}": f.name for block, hint in hints.items() if dataclasses.is_dataclass(hint)
                       for f in dataclasses.fields(hint)}

@@ -145,12 +145,13 @@ def test_an_unavailable_device_is_one_line(tmp_path, capsys, no_model_load):
     ("a: [1, 2\nb: 3\n", "malformed YAML at line 2"),
     ("- rollout\n- rewards\n", "expected a mapping of config keys, got a list"),
     ("rollout: [1, 2]\n", "rollout: expected a mapping of RolloutConfig keys, got list"),
+    ("guidance: {on: latents}\n", 'config key guidance.True: YAML reads a bare on / off as true / false; quote the key: "on"'),
 ])
 def test_bad_config_files_name_the_file(text, expected, tmp_path, capsys, no_model_load):
     path = write(tmp_path, "config.yaml", text)
     code, err, _ = run_cli(["train", "flow_grpo", "--config", path], tmp_path, capsys)
     assert code == 2 and expected in err and "\n" not in err, err
-    if "YAML" in expected or "got a list" in expected:
+    if "malformed YAML" in expected or "got a list" in expected:
         assert path in err
 
 
