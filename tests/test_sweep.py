@@ -165,5 +165,7 @@ def test_convergence_table_finds_the_evaluations_each_method_needs_to_reach_flow
     assert "| fast | 1 | 67 | 0.33x | 67 |" in lines and "| flow_grpo | 2 | 200 | 1.00x | not reached, 167 |" in lines
     assert "| slow | 1 | not reached |  | not reached |" in lines
     assert convergence_lines({"fast": groups["fast"]}) == []  # no Flow-GRPO: no table
+    falling = convergence_lines({"flow_grpo": [run(0.5, 0.45, 0.4)], "fast": groups["fast"]})
+    assert any("ends no higher than it starts (0.5000)" in line for line in falling)
     for key in ("eval/reward", "eval/reward/motion.direction", "eval/heldout/frame_judge", "eval/diversity"):
         assert metric_key(metric_name(key)) == key

@@ -206,8 +206,11 @@ def convergence_lines(groups: dict[str, list[list[dict]]]) -> list[str]:
     lines = ["", f"## Model evaluations to reach {REFERENCE_METHOD}'s final reward", "",
              f"{REFERENCE_METHOD}'s final trained reward (mean over its {len(reference)} seeds): {target:.4f}, "
              f"first reached at {ref_need:.0f} model evaluations. Per method: where its mean curve reaches it, "
-             "the ratio to that, and each seed's curve.", "",
-             "| method | seeds | NFE to reach | ratio | per seed |", "|---|---|---|---|---|"]
+             "the ratio to that, and each seed's curve.", ""]
+    if not ref_need:
+        lines += [f"{REFERENCE_METHOD} ends no higher than it starts ({ref_reward[0]:.4f}): every method reaches its "
+                  "final reward before training, so the ratios below measure nothing.", ""]
+    lines += ["| method | seeds | NFE to reach | ratio | per seed |", "|---|---|---|---|---|"]
     for group, runs in sorted(groups.items()):
         need = nfe_to_reach(*mean_curve(runs), target)
         seeds = [nfe_to_reach([p["nfe"] for p in r], [p[TRAINED] for p in r], target) for r in runs]
