@@ -24,7 +24,8 @@ class TrainerConfig:
     #: trained reward(s): names or {name, weight, normalize, **options}
     rewards: list[Any] = field(default_factory=lambda: ["digit"])
     #: rewards only watched on the evaluation samples (reward hacking shows as these falling); null:
-    #: the model's default (the embedded toy model's is the independent digit judge, ``digit_judge``)
+    #: the model's default (the embedded toy models' are the independent digit judge, ``digit_judge``,
+    #: and per frame, ``frame_judge``)
     heldout_rewards: list[Any] | None = None
     #: training prompts, each iteration a seeded draw of prompts_per_iteration of them (the default: the toy
     #: model's 40 "a <colour> digit <d>" prompts); prompt_file, when set, replaces them
