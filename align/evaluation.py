@@ -92,8 +92,9 @@ def dimension_means(out) -> dict[str, float]:
     """Mean over the scored rows of every dimension of a reward output with more than one, by its
     name in the output (``motion.direction``, ``frame_digit``; a dimension's parent total, such as
     ``motion``, left out); {} for a reward of one dimension."""
-    names = list(out.scores)
-    leaves = [k for k in names if not any(other.startswith(k + ".") for other in names)]
+    from rewards.base import leaf_dimensions
+
+    leaves = leaf_dimensions(list(out.scores))
     if len(leaves) < 2:
         return {}
     ok = out.valid_mask()

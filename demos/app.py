@@ -234,8 +234,9 @@ class Demo:
 
 def score_text(row: dict) -> str:
     """A sample's scores for a caption: every dimension (``motion.direction=0.981``) and one-dimension total."""
-    names = [k for k in row if k not in ("checkpoint", "prompt", "sample")]
-    shown = [k for k in names if not any(other.startswith(k + ".") for other in names)]
+    from rewards.base import leaf_dimensions
+
+    shown = leaf_dimensions([k for k in row if k not in ("checkpoint", "prompt", "sample")])
     return ", ".join(f"{k}={row[k]:.3f}" for k in shown)
 
 

@@ -46,6 +46,13 @@ class RewardOutput:
         return float(self.total[ok].float().mean()) if bool(ok.any()) else float("nan")
 
 
+def leaf_dimensions(names: Sequence[str]) -> list[str]:
+    """The names among ``names`` that no other one extends as ``<name>.<dimension>``: a combined
+    reward's dimensions (``motion.direction``) and its one-dimension rewards (``frame_digit``), not the
+    parent totals (``motion``)."""
+    return [k for k in names if not any(other.startswith(k + ".") for other in names)]
+
+
 def check_samples(samples: Tensor, prompts: Sequence[str], who: str) -> None:
     """Shape, finiteness and prompt count, checked before any model runs."""
     if not isinstance(samples, Tensor) or samples.ndim not in (4, 5):
