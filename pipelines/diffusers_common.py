@@ -153,3 +153,28 @@ def vae_encode(vae, images: Tensor) -> Tensor:
     pixels = (images.to(vae.device, vae.dtype) * 2 - 1).clamp(-1, 1)
     with torch.no_grad():
         return vae.encode(pixels).latent_dist.mean
+
+
+def open_image(image):
+    """A conditioning image as a diffusers image processor takes it: a path -> the RGB PIL image (a
+    missing file is a FileNotFoundError naming it), a (3, H, W) / (H, W, 3) tensor in [0, 1] -> a
+    (1, 3, H, W) float tensor; a PIL image as it is."""
+    from pathlib import Path
+
+    from pipelines.base import load_image
+
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"conditioning image not found: {image}")
+        return Image.open(image).convert("RGB")
+    if isinstance(image, Tensor):
+        image = image.permute(2, 0, 1) if image.ndim == 3 and image.shape[0] != 3 else image
+        return load_image(image, image.shape[-2], image.shape[-1])[None]
+    return image.convert("RGB") if hasattr(image, "convert") else image
+
+
+def image_size(image) -> tuple[int, int]:
+    """(height, width) of a PIL image or a (1, 3, H, W) tensor."""
+    return (image.height, image.width) if hasattr(image, "height") else tuple(image.shape[-2:])

@@ -105,25 +105,31 @@ class FluxAdapter(PackedLatentGrid, ModelAdapter):
                             float(true_cfg_scale), extra)
 
     def forward(self, x: Tensor, t: Tensor, tensors: dict[str, Tensor], extra: dict) -> Tensor:
-        dtype, batch = self.dtype, x.shape[0]
+        rows, cols = self._grid_for(x.shape[1], extra)
+        return self.call_transformer(x, self.image_ids(rows, cols, x.device, x.dtype), t, tensors, extra)
+
+    def call_transformer(self, hidden: Tensor, img_ids: Tensor, t: Tensor, tensors: dict[str, Tensor],
+                         extra: dict) -> Tensor:
+        """One transformer call on the packed tokens ``hidden`` with their positional ids, as
+        ``FluxPipeline`` makes it (FLUX.1 Kontext appends its source tokens to ``hidden``)."""
+        dtype, batch = self.dtype, hidden.shape[0]
         embeds = tensors["prompt_embeds"].to(dtype)
         txt_ids = extra.get("txt_ids")
         if txt_ids is None or txt_ids.shape[0] != embeds.shape[1]:
-            txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype)
+            txt_ids = torch.zeros(embeds.shape[1], 3, device=hidden.device, dtype=dtype)
         guidance = None
         if self.guidance_embeds:
             value = extra.get("guidance")
             value = self.default_guidance if value is None else value
-            guidance = torch.full((batch,), float(value), device=x.device, dtype=torch.float32)
-        rows, cols = self._grid_for(x.shape[1], extra)
+            guidance = torch.full((batch,), float(value), device=hidden.device, dtype=torch.float32)
         return self.denoiser(
-            hidden_states=x,
-            timestep=t.to(x.dtype) / 1000,
+            hidden_states=hidden,
+            timestep=t.to(hidden.dtype) / 1000,
             guidance=guidance,
             pooled_projections=tensors["pooled_prompt_embeds"].to(dtype),
             encoder_hidden_states=embeds,
-            txt_ids=txt_ids.to(x.device),
-            img_ids=self.image_ids(rows, cols, x.device, x.dtype),
+            txt_ids=txt_ids.to(hidden.device),
+            img_ids=img_ids,
             joint_attention_kwargs=extra.get("joint_attention_kwargs"),
             return_dict=False,
         )[0]

@@ -15,8 +15,12 @@ Schedule: linear sigmas 1 -> 1/T shifted by FLUX.2's empirical mu (``compute_emp
 function of the image token count and of the number of steps); timesteps are ``sigma * 1000`` and
 the transformer receives ``t / 1000``, as the pipelines pass them.
 
-Reference images (editing) are not covered yet; they would travel as per-row tensors of the
-Conditioning (their packed latents and position ids), concatenated after the image tokens.
+Reference images (editing, multi-reference generation): each is VAE-encoded at its own size (the
+pipeline's rule: brought under 1024^2 pixels, cropped to a multiple of 16), packed, and its tokens
+follow the image tokens in every transformer call, with position ids (10 + 10 i, row, col, 0) for
+the i-th reference; the prediction is read from the image tokens. They travel in the
+Conditioning's rows (``reference_latents``), so they follow every row selection of the rollout,
+re-scoring and trees; every row of one batch needs references of the same sizes.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from pipelines.base import Conditioning, ModelAdapter, Schedule
+from pipelines.base import Conditioning, ModelAdapter, Schedule, prompt_images
 from pipelines.diffusers_common import (PackedLatentGrid, flow_schedule, freeze_except, load_pipeline,
-                                        negative_list, prompt_list)
+                                        negative_list, open_image, prompt_list)
 
 
 class _Flux2Base(PackedLatentGrid, ModelAdapter):
@@ -47,7 +51,7 @@ class _Flux2Base(PackedLatentGrid, ModelAdapter):
     """
 
     prediction_type = "flow"
-    tasks = ("t2i",)
+    tasks = ("t2i", "edit")
     default_height = 1024
     default_width = 1024
     # double-stream blocks: image and text attention projections; single-stream blocks: the fused
@@ -115,6 +119,49 @@ class _Flux2Base(PackedLatentGrid, ModelAdapter):
             extra["latent_grid"] = self._grid_of(height or self.default_height, width or self.default_width)
         return extra
 
+    def _with_references(self, cond: Conditioning, prompts: list[str], images: Sequence | None) -> Conditioning:
+        """``cond`` with the reference images of each prompt (``images``, one entry per prompt: an
+        image or a list of them; or each :class:`~pipelines.base.Prompt`'s ``.image``), when any."""
+        found = prompt_images(prompts, images)
+        if found is not None:
+            latents, ids = self.encode_references(found)
+            cond.tensors["reference_latents"] = latents
+            if cond.negative is not None:
+                cond.negative["reference_latents"] = latents
+            cond.extra["reference_ids"] = ids
+        return cond
+
+    def encode_references(self, images: Sequence) -> tuple[Tensor, Tensor]:
+        """Per row, one reference image or a list of them (paths, PIL images, (3, H, W) tensors in
+        [0, 1]) -> (packed latents (B, tokens, 4C), position ids (tokens, 4)), as the pipelines
+        make them: each image under 1024^2 pixels, cropped to a multiple of 16 by the pipeline's
+        image processor, the VAE's mode, patchified and batch-norm normalised."""
+        from torchvision.transforms.functional import to_pil_image
+
+        processor, multiple = self.pipe.image_processor, self.vae_scale_factor * 2
+        rows, shapes = [], None
+        for entry in images:
+            pixels = []
+            for image in entry if isinstance(entry, (list, tuple)) else [entry]:
+                image = open_image(image)
+                image = to_pil_image(image[0].clamp(0, 1)) if isinstance(image, Tensor) else image
+                processor.check_image_input(image)
+                if image.width * image.height > 1024 * 1024:
+                    image = processor._resize_to_target_area(image, 1024 * 1024)
+                width, height = image.width // multiple * multiple, image.height // multiple * multiple
+                pixels.append(processor.preprocess(image, height=height, width=width, resize_mode="crop"))
+            row_shapes = [tuple(p.shape[-2:]) for p in pixels]
+            if shapes is not None and row_shapes != shapes:
+                raise ValueError(f"every row of a batch needs reference images of the same sizes: {shapes} and "
+                                 f"{row_shapes}")
+            shapes = row_shapes
+            with torch.no_grad():
+                latents = [self.pipe._encode_vae_image(p.to(self.vae.device, self.vae.dtype), generator=None)
+                           for p in pixels]
+            rows.append(torch.cat([self.pipe._pack_latents(latent) for latent in latents], dim=1))
+            ids = self.pipe._prepare_image_ids(latents)[0]
+        return torch.cat(rows).to(self.device), ids.to(self.device)
+
     # --- interface --------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, tensors: dict[str, Tensor], extra: dict) -> Tensor:
         dtype, batch = self.dtype, x.shape[0]
@@ -125,17 +172,22 @@ class _Flux2Base(PackedLatentGrid, ModelAdapter):
             value = extra.get("guidance")
             value = self.default_guidance if value is None else value
             guidance = torch.full((batch,), float(value), device=x.device, dtype=torch.float32)
+        hidden, ids = x, self.image_ids(rows, cols, x.device)
+        references = tensors.get("reference_latents")
+        if references is not None:
+            hidden = torch.cat([x, references.to(x.dtype)], dim=1)
+            ids = torch.cat([ids, extra["reference_ids"].to(ids.device, ids.dtype)])
         out = self.denoiser(
-            hidden_states=x,
+            hidden_states=hidden,
             timestep=t.to(x.dtype) / 1000,
             guidance=guidance,
             encoder_hidden_states=embeds,
             txt_ids=self.text_ids(embeds.shape[1], x.device),
-            img_ids=self.image_ids(rows, cols, x.device),
+            img_ids=ids,
             joint_attention_kwargs=extra.get("joint_attention_kwargs"),
             return_dict=False,
         )[0]
-        return out[:, : x.shape[1]]  # the image tokens (reference-image tokens would follow them)
+        return out[:, : x.shape[1]]  # the image tokens (reference tokens follow them)
 
     def decode(self, latents: Tensor, *, height: int | None = None, width: int | None = None) -> Tensor:
         """Packed latents (B, seq, 4C) -> images (B, 3, H, W) in [0, 1]. The image size is the one
@@ -218,14 +270,16 @@ class Flux2Adapter(_Flux2Base):
 
     def encode(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = "",
                guidance_scale: float | None = None, *, height: int | None = None,
-               width: int | None = None) -> Conditioning:
+               width: int | None = None, images: Sequence | None = None) -> Conditioning:
         """``guidance_scale`` is the transformer's embedded guidance; [dev] has no negative branch, so
-        ``negative_prompt`` is not used."""
+        ``negative_prompt`` is not used. ``images``: reference images, one entry (an image or a list)
+        per prompt."""
         prompts = prompt_list(prompts)
         guidance = self.default_guidance if guidance_scale is None else float(guidance_scale)
         extra = self._extra(height, width)
         extra["guidance"] = guidance
-        return Conditioning({"prompt_embeds": self._encode_text(prompts)}, None, 1.0, extra)
+        return self._with_references(Conditioning({"prompt_embeds": self._encode_text(prompts)}, None, 1.0, extra),
+                                     prompts, images)
 
 
 class Flux2KleinAdapter(_Flux2Base):
@@ -255,16 +309,19 @@ class Flux2KleinAdapter(_Flux2Base):
 
     def encode(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = "",
                guidance_scale: float | None = None, *, height: int | None = None,
-               width: int | None = None) -> Conditioning:
+               width: int | None = None, images: Sequence | None = None) -> Conditioning:
         """CFG against ``negative_prompt`` when ``guidance_scale`` > 1 on a base checkpoint (as the
-        pipeline decides); otherwise a single branch and a Conditioning guidance scale of 1."""
+        pipeline decides); otherwise a single branch and a Conditioning guidance scale of 1.
+        ``images``: reference images, one entry (an image or a list) per prompt; the negative
+        branch sees them too, as in the pipeline."""
         prompts = prompt_list(prompts)
         scale = self.default_guidance if guidance_scale is None else float(guidance_scale)
         use_cfg = scale > 1.0 and not self.is_distilled
         negatives = negative_list(negative_prompt, len(prompts)) if use_cfg else None
         tensors = {"prompt_embeds": self._encode_text(prompts)}
         negative = {"prompt_embeds": self._encode_text(negatives)} if use_cfg else None
-        return Conditioning(tensors, negative, scale if use_cfg else 1.0, self._extra(height, width))
+        return self._with_references(Conditioning(tensors, negative, scale if use_cfg else 1.0, self._extra(height, width)),
+                                     prompts, images)
 
     @staticmethod
     def _empirical_mu(image_seq_len: int, num_steps: int) -> float:

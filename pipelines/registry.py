@@ -15,8 +15,10 @@ from pipelines.base import ModelAdapter
 ADAPTERS: dict[str, str] = {
     "toy": "pipelines.toy:ToyAdapter",
     "toy_video": "pipelines.toy_video:ToyVideoAdapter",
+    "toy_edit": "pipelines.toy_edit:ToyEditAdapter",
     "sd3": "pipelines.sd3:SD3Adapter",
     "flux": "pipelines.flux:FluxAdapter",
+    "flux_kontext": "pipelines.flux_kontext:FluxKontextAdapter",
     "wan": "pipelines.wan:WanAdapter",
     "sd": "pipelines.sd_unet:SDAdapter",
     "sdxl": "pipelines.sd_unet:SDXLAdapter",
@@ -30,7 +32,7 @@ ADAPTERS: dict[str, str] = {
 }
 
 #: adapters of flow-matching (velocity) models; the others are DDPM-family UNets
-FLOW_ADAPTERS = ("toy", "toy_video", "sd3", "flux", "wan", "qwen_image", "flux2", "flux2_klein", "z_image", "wan22",
+FLOW_ADAPTERS = ("toy", "toy_video", "toy_edit", "sd3", "flux", "flux_kontext", "wan", "qwen_image", "flux2", "flux2_klein", "z_image", "wan22",
                  "hunyuan_video15", "hunyuan_video15_i2v")
 #: held-out rewards a run watches when its config names none (``heldout_rewards: null``): the toy
 #: model's digits are read by an independent judge, so hacking the digit classifier shows
@@ -40,6 +42,7 @@ DEFAULT_HELDOUT_REWARDS: dict[str, list] = {"toy": ["digit_judge"], "toy_video":
 DEFAULT_CHECKPOINTS: dict[str, str] = {
     "sd3": "stabilityai/stable-diffusion-3.5-medium",
     "flux": "black-forest-labs/FLUX.1-dev",
+    "flux_kontext": "black-forest-labs/FLUX.1-Kontext-dev",
     "wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     "sd": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
@@ -57,6 +60,7 @@ DEFAULT_CHECKPOINTS: dict[str, str] = {
 PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {
     "sd3": ("StableDiffusion3Pipeline",),
     "flux": ("FluxPipeline",),
+    "flux_kontext": ("FluxKontextPipeline",),
     "wan": ("WanPipeline",),
     "sd": ("StableDiffusionPipeline",),
     "sdxl": ("StableDiffusionXLPipeline",),

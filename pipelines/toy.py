@@ -275,6 +275,8 @@ class ToyFlowModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     ``forward(sample, timestep, input_ids)`` -> velocity (B, 3, S, S); ``timestep`` (B,) is sigma * 1000
     and ``input_ids`` (B, L) come from :class:`ToyTokenizer`. The embedding that drives every FiLM layer
     is time MLP + projected pooled prompt; the 8x8 and 4x4 levels also cross-attend to the prompt tokens.
+    ``condition_channels`` > 0 makes it image-conditioned (the editing toy, ``pipelines.toy_edit``):
+    ``condition`` (B, condition_channels, S, S) is concatenated to ``sample`` along the channels.
     """
 
     _supports_gradient_checkpointing = False
@@ -284,13 +286,13 @@ class ToyFlowModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     @register_to_config
     def __init__(self, sample_size: int = 16, in_channels: int = 3, channels: tuple[int, ...] = (32, 64, 128),
                  text_dim: int = 128, emb_dim: int = 128, heads: int = 4, vocab_size: int = len(VOCAB),
-                 max_tokens: int = 12) -> None:
+                 max_tokens: int = 12, condition_channels: int = 0) -> None:
         super().__init__()
         c0, c1, c2 = channels
         self.text = TextEncoder(vocab_size, max_tokens, text_dim, heads)
         self.time_mlp = nn.Sequential(nn.Linear(text_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.text_proj = nn.Sequential(nn.Linear(text_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.conv_in = nn.Conv2d(in_channels, c0, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels + condition_channels, c0, 3, padding=1)
         # down: S -> S/2 -> S/4
         self.down0 = ResBlock(c0, c0, emb_dim)
         self.pool0 = nn.Conv2d(c0, c1, 3, stride=2, padding=1)
@@ -311,12 +313,15 @@ class ToyFlowModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, sample: Tensor, timestep: Tensor, input_ids: Tensor) -> Tensor:
+    def forward(self, sample: Tensor, timestep: Tensor, input_ids: Tensor, condition: Tensor | None = None) -> Tensor:
+        if (condition is None) != (self.config.condition_channels == 0):
+            raise ValueError(f"this model takes {self.config.condition_channels} condition channels, got "
+                             f"{'none' if condition is None else tuple(condition.shape)}")
         tokens, mask, pooled = self.text(input_ids)
         t_emb = timestep_embedding(timestep.reshape(-1).expand(sample.shape[0]), self.config.text_dim)
         emb = F.silu(self.time_mlp(t_emb.to(sample.dtype)) + self.text_proj(pooled))
 
-        h0 = self.down0(self.conv_in(sample), emb)
+        h0 = self.down0(self.conv_in(sample if condition is None else torch.cat([sample, condition], 1)), emb)
         h1 = self.down1_attn(self.down1(self.pool0(h0), emb), tokens, mask)
         h = self.mid_attn(self.mid1(self.pool1(h1), emb), tokens, mask)
         h = self.unpool1(F.interpolate(h, scale_factor=2, mode="nearest"))

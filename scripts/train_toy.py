@@ -57,14 +57,15 @@ def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup: int = 200) -> 
 
 
 def flow_matching_step(model, ema, opt, sched, x0: torch.Tensor, ids: torch.Tensor, step: int, ema_decay: float,
-                       generator: torch.Generator) -> float:
+                       generator: torch.Generator, condition: torch.Tensor | None = None) -> float:
     """One rectified-flow update, |v(x_sigma, 1000 sigma) - (eps - x0)|^2 with logit-normal sigma and
     x_sigma = (1 - sigma) x0 + sigma eps (gradient clipped at 1), then the EMA (decay warming up to
-    ``ema_decay``). Returns the loss."""
+    ``ema_decay``). ``condition``: the image-conditioned model's input image. Returns the loss."""
     sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
     eps = torch.randn(x0.shape, generator=generator)
     s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
-    loss = (model((1 - s) * x0 + s * eps, sigma * 1000, ids) - (eps - x0)).pow(2).mean()
+    kwargs = {} if condition is None else {"condition": condition}
+    loss = (model((1 - s) * x0 + s * eps, sigma * 1000, ids, **kwargs) - (eps - x0)).pow(2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -166,9 +166,10 @@ def build_sd3(directory, *, with_t5: bool = False, seed: int = 0, dual_attention
     return _save(pipe, directory)
 
 
-def build_flux(directory, *, guidance_embeds: bool = True, seed: int = 0) -> Path:
-    """FluxPipeline: CLIP (pooled) + T5, FLUX transformer over packed 2x2 latents, 32 px images."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+def build_flux(directory, *, guidance_embeds: bool = True, seed: int = 0, kontext: bool = False) -> Path:
+    """FluxPipeline (``kontext``: FluxKontextPipeline, the same components): CLIP (pooled) + T5, FLUX
+    transformer over packed 2x2 latents, 32 px images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
 
     tok, tok2 = clip_tokenizer(), t5_tokenizer()
     te = clip_text_encoder(tok, projection=False, seed=seed + 1)
@@ -184,8 +185,9 @@ def build_flux(directory, *, guidance_embeds: bool = True, seed: int = 0) -> Pat
         shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
         base_shift=0.5, max_shift=1.15,
     )
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
-                        tokenizer_2=tok2, transformer=transformer)
+    pipeline_class = FluxKontextPipeline if kontext else FluxPipeline
+    pipe = pipeline_class(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+                          tokenizer_2=tok2, transformer=transformer)
     return _save(pipe, directory)
 
 
