@@ -49,11 +49,17 @@ class ModelConfig:
     #: the CFG scale of Wan 2.2 A14B's low-noise expert (null: the pipeline's rule, 3.0 beside the
     #: default 4.0, else rollout.guidance_scale)
     guidance_scale_2: float | None = None
+    #: editing models (qwen_image_edit, flux_kontext): the side in pixels of the square area each source
+    #: image is brought to, its aspect kept (null: the pipeline's: 1024 for Qwen-Image-Edit, FLUX.1
+    #: Kontext's preferred resolutions); smaller sources train faster
+    source_size: int | None = None
 
     def __post_init__(self) -> None:
         check_train_experts(self)
 
 
+#: the editing models whose sources model.source_size sizes
+SOURCE_SIZE_MODELS = ("qwen_image_edit", "flux_kontext")
 #: model.train_experts values
 TRAIN_EXPERTS = ("both", "high_noise", "low_noise")
 
@@ -138,6 +144,13 @@ def load_model(config: ModelConfig):
     check_train_experts(config)
     if config.name.strip().lower() == "wan22":
         options.update(train_experts=config.train_experts, guidance_scale_2=config.guidance_scale_2)
+    if config.source_size is not None:
+        if config.name.strip().lower() not in SOURCE_SIZE_MODELS:
+            raise ConfigError(f"model.source_size: sizes the sources of an editing model "
+                              f"({', '.join(SOURCE_SIZE_MODELS)}); the {config.name!r} model has none")
+        if config.source_size < 16:
+            raise ConfigError(f"model.source_size: must be at least 16 pixels, got {config.source_size}")
+        options["source_size"] = int(config.source_size)
     try:
         adapter = load_adapter(config.name, config.path, device=device,
                                torch_dtype=resolve_dtype(config.dtype, device), **options)

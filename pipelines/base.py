@@ -81,18 +81,31 @@ class Conditioning:
 class Prompt(str):
     """A prompt that names a conditioning image (image-to-video, editing): a plain ``str`` everywhere
     prompts go (rewards, logs, lists), with the image's path (or a PIL image / (3, H, W) tensor in
-    [0, 1]) as ``.image``. Adapters that take images read it in ``encode`` when no ``images`` are
-    passed; the JSONL prompt file (``{"prompt": ..., "image": ...}``) yields these."""
+    [0, 1]; a list of several for multi-image editing) as ``.image``. Adapters that take images read
+    it in ``encode`` when no ``images`` are passed; the JSONL prompt file (``{"prompt": ...,
+    "image": ...}``) yields these. Editing data may add what rewards read: ``.mask`` (the region the
+    edit may change, a greyscale image: white = editable) and ``.target`` (a reference edited image)."""
 
     image: object = None
+    mask: object = None
+    target: object = None
 
-    def __new__(cls, text: str, image: object = None) -> "Prompt":
+    def __new__(cls, text: str, image: object = None, mask: object = None, target: object = None) -> "Prompt":
         prompt = super().__new__(cls, text)
-        prompt.image = image
+        prompt.image, prompt.mask, prompt.target = image, mask, target
         return prompt
 
-    def __reduce__(self):  # keeps the image through pickling (Ray workers, multiprocessing)
-        return (Prompt, (str(self), self.image))
+    def __reduce__(self):  # keeps the images through pickling (Ray workers, multiprocessing)
+        return (Prompt, (str(self), self.image, self.mask, self.target))
+
+    @property
+    def source(self) -> object:
+        """The image an edit starts from: ``.image``, or the first of several."""
+        return self.image[0] if isinstance(self.image, (list, tuple)) else self.image
+
+
+#: the tasks whose prompts carry an image
+IMAGE_TASKS = ("i2v", "edit")
 
 
 def prompt_images(prompts: Sequence[str], images: Sequence | None = None) -> list | None:

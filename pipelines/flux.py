@@ -47,6 +47,7 @@ class FluxAdapter(PackedLatentGrid, ModelAdapter):
     default_width = 1024
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0",
                             "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    text_encoder_names = ("text_encoder", "text_encoder_2")
 
     def __init__(self, pipe, *, max_sequence_length: int | None = None) -> None:
         super().__init__()

@@ -15,7 +15,9 @@ Sizes: the pipeline resizes its output to ``max_area`` (1024^2 by default) keepi
 ratio; the adapter samples at the size it is given (``model.height`` / ``model.width``), which is
 the pipeline's with ``max_area = height * width``. The source is resized as the pipeline resizes it:
 to the preferred Kontext resolution of its aspect ratio (``auto_resize``, the default) or its own
-size rounded down to a multiple of 16. Every source of one batch is brought to the first one's size.
+size rounded down to a multiple of 16; ``source_size`` (``model.source_size``) brings it to about
+``source_size``^2 pixels at its aspect instead. Every source of one batch is brought to the first
+one's size.
 """
 
 from __future__ import annotations
@@ -42,19 +44,22 @@ class FluxKontextAdapter(FluxAdapter):
     tasks = ("t2i", "edit")
     default_guidance = 2.5  # the pipeline's default
 
-    def __init__(self, pipe, *, max_sequence_length: int | None = None, auto_resize: bool = True) -> None:
+    def __init__(self, pipe, *, max_sequence_length: int | None = None, auto_resize: bool = True,
+                 source_size: int | None = None) -> None:
         super().__init__(pipe, max_sequence_length=max_sequence_length)
-        self.auto_resize = bool(auto_resize)
+        self.auto_resize = bool(auto_resize) and source_size is None
+        self.source_pixels = None if source_size is None else int(source_size) ** 2
 
     @classmethod
     def from_pretrained(cls, path: str, *, torch_dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, max_sequence_length: int | None = None,
-                        auto_resize: bool = True, **pipeline_kwargs: Any) -> "FluxKontextAdapter":
+                        auto_resize: bool = True, source_size: int | None = None,
+                        **pipeline_kwargs: Any) -> "FluxKontextAdapter":
         """Load with ``FluxKontextPipeline.from_pretrained`` (hub name or local directory)."""
         from diffusers import FluxKontextPipeline
 
         pipe = load_pipeline(FluxKontextPipeline, path, torch_dtype=torch_dtype, device=device, **pipeline_kwargs)
-        return cls(pipe, max_sequence_length=max_sequence_length, auto_resize=auto_resize)
+        return cls(pipe, max_sequence_length=max_sequence_length, auto_resize=auto_resize, source_size=source_size)
 
     def encode(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = "",
                guidance_scale: float | None = None, *, true_cfg_scale: float = 1.0,
@@ -78,6 +83,9 @@ class FluxKontextAdapter(FluxAdapter):
 
         multiple = self.vae_scale_factor * 2
         height, width = image_size(image)
+        if self.source_pixels is not None:  # about source_pixels at the image's aspect
+            ratio = width / height
+            height, width = round((self.source_pixels / ratio) ** 0.5), round((self.source_pixels * ratio) ** 0.5)
         height, width = height - height % self.vae_scale_factor, width - width % self.vae_scale_factor
         if self.auto_resize:
             ratio = width / height

@@ -23,6 +23,7 @@ ADAPTERS: dict[str, str] = {
     "sd": "pipelines.sd_unet:SDAdapter",
     "sdxl": "pipelines.sd_unet:SDXLAdapter",
     "qwen_image": "pipelines.qwen_image:QwenImageAdapter",
+    "qwen_image_edit": "pipelines.qwen_image_edit:QwenImageEditAdapter",
     "flux2": "pipelines.flux2:Flux2Adapter",
     "flux2_klein": "pipelines.flux2:Flux2KleinAdapter",
     "z_image": "pipelines.z_image:ZImageAdapter",
@@ -32,7 +33,8 @@ ADAPTERS: dict[str, str] = {
 }
 
 #: adapters of flow-matching (velocity) models; the others are DDPM-family UNets
-FLOW_ADAPTERS = ("toy", "toy_video", "toy_edit", "sd3", "flux", "flux_kontext", "wan", "qwen_image", "flux2", "flux2_klein", "z_image", "wan22",
+FLOW_ADAPTERS = ("toy", "toy_video", "toy_edit", "sd3", "flux", "flux_kontext", "wan", "qwen_image", "qwen_image_edit",
+                 "flux2", "flux2_klein", "z_image", "wan22",
                  "hunyuan_video15", "hunyuan_video15_i2v")
 #: held-out rewards a run watches when its config names none (``heldout_rewards: null``): the toy
 #: model's digits are read by an independent judge, so hacking the digit classifier shows
@@ -47,6 +49,7 @@ DEFAULT_CHECKPOINTS: dict[str, str] = {
     "sd": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "qwen_image": "Qwen/Qwen-Image",
+    "qwen_image_edit": "Qwen/Qwen-Image-Edit-2509",
     "flux2": "black-forest-labs/FLUX.2-dev",
     "flux2_klein": "black-forest-labs/FLUX.2-klein-4B",
     "z_image": "Tongyi-MAI/Z-Image-Turbo",
@@ -65,6 +68,7 @@ PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {
     "sd": ("StableDiffusionPipeline",),
     "sdxl": ("StableDiffusionXLPipeline",),
     "qwen_image": ("QwenImagePipeline",),
+    "qwen_image_edit": ("QwenImageEditPipeline", "QwenImageEditPlusPipeline"),
     "flux2": ("Flux2Pipeline",),
     "flux2_klein": ("Flux2KleinPipeline",),
     "z_image": ("ZImagePipeline",),

@@ -13,10 +13,12 @@ try:
     from tests.tiny_models import (assert_lora_attaches_and_disables, assert_stock_pipeline_loads_the_lora, build_flux,
                                    euler, load_quietly, model_dir_cache)
     from tests.tiny_models_flux2 import build_flux2, build_flux2_klein
+    from tests.tiny_models_qwen_image import build_qwen_image_edit
 except ImportError:  # tests/ on sys.path (pytest's default rootdir-less import mode)
     from tiny_models import (assert_lora_attaches_and_disables, assert_stock_pipeline_loads_the_lora, build_flux, euler,
                              load_quietly, model_dir_cache)
     from tiny_models_flux2 import build_flux2, build_flux2_klein
+    from tiny_models_qwen_image import build_qwen_image_edit
 
 from pipelines.base import Prompt
 
@@ -38,7 +40,8 @@ def _sources(size=(32, 32), seed=0):
 @pytest.fixture(scope="module")
 def saved_dirs(tmp_path_factory):
     return model_dir_cache(tmp_path_factory.mktemp("tiny_edit"), {
-        "flux_kontext": lambda d: build_flux(d, kontext=True), "flux2": build_flux2, "flux2_klein": build_flux2_klein})
+        "flux_kontext": lambda d: build_flux(d, kontext=True), "flux2": build_flux2, "flux2_klein": build_flux2_klein,
+        "qwen_image_edit": build_qwen_image_edit, "qwen_image_edit_plus": lambda d: build_qwen_image_edit(d, plus=True)})
 
 
 # --- FLUX.1 Kontext -------------------------------------------------------------------------------
@@ -176,5 +179,87 @@ def test_flux2_references_follow_their_rows_and_lora_loads_in_the_pipeline(saved
     _, base, tuned = assert_lora_attaches_and_disables(adapter, x, t, cond)
     export = adapter.export_lora(tmp_path / "lora")
     stock = Flux2Adapter(Flux2Pipeline.from_pretrained(saved_dirs("flux2")), max_sequence_length=SEQ)
+    stock.default_height = stock.default_width = 32
+    assert_stock_pipeline_loads_the_lora(stock, export, x, t, cond, tuned, base=base)
+
+
+# --- Qwen-Image-Edit and Edit Plus -----------------------------------------------------------------
+#: the tiny stand-ins see sources at 64^2 pixels through the VAE (the pipelines' 1024^2) and at 32^2
+#: through the text encoder (Plus; its 384^2)
+VAE_AREA, CONDITION_AREA = 64 * 64, 32 * 32
+
+
+@pytest.fixture
+def small_qwen_areas(monkeypatch):
+    """The pipelines' source areas scaled down for the tiny models, the same on both sides."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+
+    original = pipeline_qwenimage_edit.calculate_dimensions
+    monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions",
+                        lambda area, ratio: original(VAE_AREA if area == 1024 * 1024 else area, ratio))
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", VAE_AREA)
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "CONDITION_IMAGE_SIZE", CONDITION_AREA)
+
+
+def _qwen_edit(saved_dirs, key):
+    adapter = load_quietly("qwen_image_edit", saved_dirs(key), max_sequence_length=SEQ * 8)
+    adapter.default_height = adapter.default_width = 32
+    adapter.vae_image_area, adapter.condition_image_area = VAE_AREA, CONDITION_AREA
+    return adapter
+
+
+@pytest.mark.parametrize("key", ["qwen_image_edit", "qwen_image_edit_plus"])
+def test_qwen_image_edit_matches_pipeline(saved_dirs, small_qwen_areas, key):
+    """Edit (one source, seen by the text encoder in the template) and Plus (two sources, "Picture 1:
+    ... Picture 2: ..."): true CFG with the norm rescale, the sources' latents beside the noisy
+    tokens; the adapter's loop is the stock pipeline's."""
+    adapter, steps = _qwen_edit(saved_dirs, key), 3
+    assert adapter.plus == (key == "qwen_image_edit_plus") and adapter.tasks == ("edit",)
+    x = adapter.initial_noise(1, torch.Generator().manual_seed(2), height=32, width=32)
+    sources = [_sources((32, 64), seed=3)[0]] + ([_sources((64, 64), seed=4)[0]] if adapter.plus else [])
+    image = sources if adapter.plus else sources[0]
+    ref = adapter.pipe(prompt=PROMPTS[:1], negative_prompt="blurry", image=image, latents=x.clone(), height=32,
+                       width=32, num_inference_steps=steps, true_cfg_scale=4.0, max_sequence_length=SEQ * 8,
+                       output_type="latent").images
+    cond = adapter.encode([Prompt(PROMPTS[0], image)], negative_prompt="blurry", guidance_scale=4.0)
+    assert cond.uses_cfg and torch.equal(cond.tensors["image_latents"], cond.negative["image_latents"])
+    # at 64^2 pixels, a 32 x 64 source is 32 x 96 (sides rounded to 32), 4 x 12 tokens at the tiny 4x VAE
+    assert cond.extra["source_grids"] == [(1, 4, 12), (1, 8, 8)][:len(sources)]
+    ours = euler(adapter, cond, x, adapter.schedule(steps, latent_shape=tuple(x.shape[1:])))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    images = adapter.pipe(prompt=PROMPTS[:1], negative_prompt="blurry", image=image, latents=x.clone(), height=32,
+                          width=32, num_inference_steps=steps, true_cfg_scale=4.0, max_sequence_length=SEQ * 8,
+                          output_type="pt").images
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.decode(ours), images, atol=1e-5, rtol=0)
+
+
+def test_qwen_image_edit_rows_and_lora(saved_dirs, small_qwen_areas, tmp_path):
+    """The source enters the text embedding and the image tokens of its own row: selecting rows
+    selects both, another source changes the prediction; the LoRA loads in the stock pipeline."""
+    from diffusers import QwenImageEditPipeline
+
+    from pipelines.qwen_image_edit import QwenImageEditAdapter
+
+    adapter = _qwen_edit(saved_dirs, "qwen_image_edit")
+    sources = _sources((64, 64), seed=5)
+    cond = adapter.encode(PROMPTS, negative_prompt=" ", guidance_scale=4.0, images=sources)
+    x, t = adapter.initial_noise(2, torch.Generator().manual_seed(6), height=32, width=32), torch.tensor(500.0)
+    with torch.no_grad():
+        both = adapter.predict(x, t, cond)
+        swapped = adapter.predict(x.flip(0), t, cond.select([1, 0]))
+        other = adapter.predict(x, t, adapter.encode(PROMPTS, negative_prompt=" ", guidance_scale=4.0,
+                                                     images=sources[::-1]))
+    torch.testing.assert_close(swapped, both.flip(0), atol=1e-6, rtol=0)
+    assert not torch.allclose(other, both, atol=1e-4), "the source image must matter"
+    with pytest.raises(ValueError, match="source image"):
+        adapter.encode(PROMPTS)
+    with pytest.raises(ValueError, match="one source image a prompt"):
+        adapter.encode(PROMPTS[:1], images=[sources])
+
+    _, base, tuned = assert_lora_attaches_and_disables(adapter, x, t, cond)
+    export = adapter.export_lora(tmp_path / "lora")
+    stock = QwenImageEditAdapter(QwenImageEditPipeline.from_pretrained(saved_dirs("qwen_image_edit")),
+                                 max_sequence_length=SEQ * 8)
     stock.default_height = stock.default_width = 32
     assert_stock_pipeline_loads_the_lora(stock, export, x, t, cond, tuned, base=base)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 try:
-    from tests.tiny_models import FAMILY_CASES, build_family, model_dir_cache
+    from tests.tiny_models import EDIT_SOURCE_SIZE, FAMILY_CASES, build_family, model_dir_cache
 except ImportError:  # tests/ on sys.path
-    from tiny_models import FAMILY_CASES, build_family, model_dir_cache
+    from tiny_models import EDIT_SOURCE_SIZE, FAMILY_CASES, build_family, model_dir_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,9 +23,11 @@ def family_dirs(tmp_path_factory):
 
 
 def _load(case, path, **options):
-    from align.models import ModelConfig, load_model
+    from align.models import SOURCE_SIZE_MODELS, ModelConfig, load_model
 
     height, width, frames = FAMILY_CASES[case][3]
+    if FAMILY_CASES[case][0] in SOURCE_SIZE_MODELS:
+        options["source_size"] = EDIT_SOURCE_SIZE
     return load_model(ModelConfig(name=FAMILY_CASES[case][0], path=path, device="cpu", dtype="float32",
                                   height=height, width=width, num_frames=frames, **options))
 
@@ -34,9 +36,10 @@ def _prediction(adapter, case, prompts=("a red digit 3",)):
     from pipelines.base import Prompt
 
     height, width, frames = FAMILY_CASES[case][3]
-    if FAMILY_CASES[case][5] == "i2v":
-        prompts = [Prompt(p, torch.rand(3, height, width, generator=torch.Generator().manual_seed(1)))
-                   for p in prompts]
+    task = FAMILY_CASES[case][5]
+    if task in ("i2v", "edit"):  # the first frame, or the edit's source
+        side = (height, width) if task == "i2v" else (EDIT_SOURCE_SIZE, EDIT_SOURCE_SIZE)
+        prompts = [Prompt(p, torch.rand(3, *side, generator=torch.Generator().manual_seed(1))) for p in prompts]
     cond = adapter.encode(list(prompts), "", FAMILY_CASES[case][4])
     x = adapter.initial_noise(len(prompts), torch.Generator().manual_seed(0), height=height, width=width,
                               num_frames=frames)

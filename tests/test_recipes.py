@@ -20,9 +20,10 @@ from rewards.tiny import save_random_aesthetic_head, tiny_hf_clip, tiny_open_cli
 
 try:
     from tests.tiny_models import (FAMILY_CASES, build_family, build_flux, build_sd, build_sd3, build_wan,
-                                   family_overrides)
+                                   family_overrides, write_family_prompts)
 except ImportError:  # tests/ on sys.path
-    from tiny_models import FAMILY_CASES, build_family, build_flux, build_sd, build_sd3, build_wan, family_overrides
+    from tiny_models import (FAMILY_CASES, build_family, build_flux, build_sd, build_sd3, build_wan, family_overrides,
+                             write_family_prompts)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -107,13 +108,10 @@ def test_recipe_runs_an_iteration(recipe, tmp_path, tmp_path_factory):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('a sign that says "hello"\na red car\n')
     size = family_overrides(family) if family else ["model.height=32", "model.width=32"]
-    if family and FAMILY_CASES[family][5] == "i2v":  # image-to-video recipes read JSONL prompt files
-        from PIL import Image
-
-        Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "first.png")
+    if family and FAMILY_CASES[family][5] in ("i2v", "edit"):  # image-to-video and editing read JSONL prompts
+        image_prompts = write_family_prompts(family, ["a red car"], tmp_path)
         prompts = tmp_path / "prompts.jsonl"
-        prompts.write_text('{"prompt": "a red car", "image": "first.png"}\n')
-        size.append(f"eval_prompt_file={prompts}")
+        size.append(image_prompts[1])
     module = trainer_module(raw.get("trainer", "flow_grpo"))
     trained = [with_stand_ins(s, root) for f, s in recipe_rewards(recipe) if f == "rewards"]
     heldout = [with_stand_ins(s, root) for f, s in recipe_rewards(recipe) if f == "heldout_rewards"]

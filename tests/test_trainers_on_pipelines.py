@@ -4,11 +4,13 @@ transitions to a ratio of exactly 1, the LoRA gets a gradient, and the trained L
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from align.config import load_config
+from align.models import load_model
 from align.trainers import trainer_module
 from pipelines.registry import load_adapter
 
@@ -100,9 +102,9 @@ def test_gradient_checkpointing_gives_the_same_update(pipeline_dirs, tmp_path):
 
 # --- the families of FAMILY_CASES: every trainer family runs an iteration on each --------------
 try:
-    from tests.tiny_models import FAMILY_CASES, build_family, family_overrides
+    from tests.tiny_models import FAMILY_CASES, build_family, family_overrides, write_family_prompts
 except ImportError:  # tests/ on sys.path
-    from tiny_models import FAMILY_CASES, build_family, family_overrides
+    from tiny_models import FAMILY_CASES, build_family, family_overrides, write_family_prompts
 
 #: trainer family -> its overrides (the digit classifier is differentiable: reward backprop trains on it)
 FAMILY_TRAINERS = {
@@ -132,14 +134,8 @@ def test_every_trainer_family_runs_on_each_family_stand_in(case, trainer, family
     adapter_name, _, _, _, guidance, task = FAMILY_CASES[case]
     overrides = FAMILY_TRAINERS[trainer]
     prompts = ["a red digit 3", "a blue digit 5"]
-    extra = []
-    if task == "i2v":  # the conditioning image travels with each prompt (a JSONL prompt file)
-        from PIL import Image
-
-        Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "first.png")
-        file = tmp_path / "prompts.jsonl"
-        file.write_text("".join(json.dumps({"prompt": p, "image": "first.png"}) + "\n" for p in prompts))
-        extra = [f"prompt_file={file}", f"eval_prompt_file={file}"]
+    # the first frame or the edit's source travels with each prompt (a JSONL prompt file)
+    extra = write_family_prompts(case, prompts, tmp_path)
     module = trainer_module(overrides[0].split("=", 1)[1])
     config = load_config(module.CONFIG, None, [
         f"model.name={adapter_name}", "model.device=cpu", *family_overrides(case), "rewards=[digit]",
@@ -148,7 +144,7 @@ def test_every_trainer_family_runs_on_each_family_stand_in(case, trainer, family
         "lora.rank=4", "lora.alpha=4", "eval.per_prompt=1", "eval.num_steps=2", "eval.kernel=ode",
         "run.log_with=none", "run.resume=null", "run.progress=false", "run.checkpoint_every=0",
         f"run.output_dir={tmp_path / 'run'}", *overrides[1:], *extra])
-    adapter = load_adapter(adapter_name, family_dirs(case))
+    adapter = load_model(dataclasses.replace(config.model, path=family_dirs(case)))
     adapter.pipe.set_progress_bar_config(disable=True)
     module.train(config, adapter=adapter)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

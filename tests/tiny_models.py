@@ -306,7 +306,16 @@ FAMILY_CASES: dict[str, tuple] = {
                         "t2v"),
     "hunyuan_video15_i2v": ("hunyuan_video15_i2v", "tiny_models_hunyuan_video15:build_hunyuan_video15_i2v", {},
                             (32, 32, 5), 3.0, "i2v"),
+    "flux_kontext": ("flux_kontext", "tiny_models:build_flux", {"kontext": True}, (32, 32, None), 2.5, "edit"),
+    "flux2_edit": ("flux2", "tiny_models_flux2:build_flux2", {}, (32, 32, None), 4.0, "edit"),
+    "qwen_image_edit": ("qwen_image_edit", "tiny_models_qwen_image:build_qwen_image_edit", {}, (32, 32, None), 4.0,
+                        "edit"),
+    "qwen_image_edit_plus": ("qwen_image_edit", "tiny_models_qwen_image:build_qwen_image_edit", {"plus": True},
+                             (32, 32, None), 4.0, "edit"),
 }
+#: the side of the sources the tiny editing stand-ins see (64 px: FLUX.2's pipeline takes no smaller
+#: reference; the released editing models bring theirs to about 1024^2 pixels)
+EDIT_SOURCE_SIZE = 64
 
 
 def build_family(case: str, root) -> Path:
@@ -323,9 +332,31 @@ def build_family(case: str, root) -> Path:
 
 
 def family_overrides(case: str) -> list[str]:
-    """The config overrides a tiny stand-in needs: its size (and frames)."""
+    """The config overrides a tiny stand-in needs: its size (and frames; an editing model's source size)."""
+    from align.models import SOURCE_SIZE_MODELS
+
     height, width, frames = FAMILY_CASES[case][3]
-    return [f"model.height={height}", f"model.width={width}"] + ([f"model.num_frames={frames}"] if frames else [])
+    sources = [f"model.source_size={EDIT_SOURCE_SIZE}"] if FAMILY_CASES[case][0] in SOURCE_SIZE_MODELS else []
+    return [f"model.height={height}", f"model.width={width}"] + ([f"model.num_frames={frames}"] if frames else []) \
+        + sources
+
+
+def write_family_prompts(case: str, prompts, folder) -> list[str]:
+    """For a case whose task takes an image (i2v, edit): a JSONL prompt file in ``folder`` giving each
+    prompt one image (the first frame, or the source: 64 x 64 for editing), and the overrides that
+    read it as the run's prompts and evaluation prompts; [] for text-only cases."""
+    import json
+
+    from PIL import Image
+
+    task = FAMILY_CASES[case][5]
+    if task not in ("i2v", "edit"):
+        return []
+    side = EDIT_SOURCE_SIZE if task == "edit" else FAMILY_CASES[case][3][0]
+    Image.new("RGB", (side, side), (200, 40, 40)).save(Path(folder) / "first.png")
+    file = Path(folder) / "prompts.jsonl"
+    file.write_text("".join(json.dumps({"prompt": p, "image": "first.png"}) + "\n" for p in prompts))
+    return [f"prompt_file={file}", f"eval_prompt_file={file}"]
 
 
 # --- shared checks of the adapter tests ---------------------------------------------------------

@@ -33,12 +33,15 @@ QWEN_IMAGE_SCHEDULER_CONFIG = {
 #: tokens the pipeline drops from the front of every encoded prompt (its template's system prompt)
 TEMPLATE_DROP = 34
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+#: the vision tokens of the editing pipelines' templates (the image placeholder and its brackets)
+VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 VOCAB_SIZE = 600
 
 
-def qwen2_tokenizer(template: str):
+def qwen2_tokenizer(template: str, *, vision: bool = False):
     """A real ``Qwen2Tokenizer`` (byte-level BPE, Qwen2's pre-tokenizer regex) whose merges are learnt
-    from ``template`` (with its special tokens removed) and the shared test words."""
+    from ``template`` (with its special tokens removed) and the shared test words; ``vision`` adds
+    the vision tokens as special tokens (the editing pipelines' templates hold them)."""
     import json
 
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -52,7 +55,7 @@ def qwen2_tokenizer(template: str):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     text = template.format("")
-    for special in SPECIAL_TOKENS:
+    for special in SPECIAL_TOKENS + VISION_TOKENS:
         text = text.replace(special, "\n")
     corpus = [text] * 8 + [" ".join(_WORDS)] * 2
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -61,7 +64,8 @@ def qwen2_tokenizer(template: str):
     model = json.loads(learner.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     vocab = model["vocab"]
-    return Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=list(SPECIAL_TOKENS[1:]),
+    specials = list(SPECIAL_TOKENS[1:]) + (list(VISION_TOKENS) if vision else [])
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=specials,
                           model_max_length=2048)
 
 
@@ -84,11 +88,17 @@ def qwen25_vl_text_encoder(tokenizer, *, hidden: int = HIDDEN, seed: int = 0):
             "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
             "fullatt_block_indexes": [0],
         },
-        # vision token ids past the tokenizer's vocabulary: text prompts never contain them
-        image_token_id=len(tokenizer), video_token_id=len(tokenizer) + 1, vision_start_token_id=len(tokenizer) + 2,
+        # the tokenizer's vision tokens, else ids past its vocabulary (text prompts never contain them)
+        image_token_id=_token_id(tokenizer, "<|image_pad|>", len(tokenizer)), video_token_id=len(tokenizer) + 1,
+        vision_start_token_id=_token_id(tokenizer, "<|vision_start|>", len(tokenizer) + 2),
     )
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _token_id(tokenizer, token: str, default: int) -> int:
+    found = tokenizer.convert_tokens_to_ids(token)
+    return default if found is None or found == tokenizer.unk_token_id else int(found)
 
 
 def tiny_qwen_vae(z_dim: int = 4, *, seed: int = 0):
@@ -119,4 +129,31 @@ def build_qwen_image(directory, *, seed: int = 0, guidance_embeds: bool = False)
     # the tokenizer learns its merges from the template this diffusers version encodes with
     tokenizer = qwen2_tokenizer(pipe.prompt_template_encode)
     pipe.register_modules(tokenizer=tokenizer, text_encoder=qwen25_vl_text_encoder(tokenizer, seed=seed + 1))
+    return _save(pipe, directory)
+
+
+def build_qwen_image_edit(directory, *, plus: bool = False, seed: int = 0) -> Path:
+    """QwenImageEditPipeline (``plus``: QwenImageEditPlusPipeline, several source images): the Qwen-Image
+    parts of :func:`build_qwen_image` with a ``Qwen2VLProcessor`` (the stock Qwen2-VL image processor:
+    14 px patches merged 2 x 2, at least 56 x 56 pixels) whose tokenizer knows the vision tokens, so the
+    Qwen2.5-VL encoder sees the source image."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageEditPlusPipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    pipeline_class = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    vae = tiny_qwen_vae(seed=seed + 2)
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=HIDDEN, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER_CONFIG)
+    pipe = pipeline_class(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, processor=None,
+                          transformer=transformer)
+    tokenizer = qwen2_tokenizer(pipe.prompt_template_encode, vision=True)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor())
+    pipe.register_modules(tokenizer=tokenizer, processor=processor,
+                          text_encoder=qwen25_vl_text_encoder(tokenizer, seed=seed + 1))
     return _save(pipe, directory)

@@ -88,6 +88,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     """``align search``: best-of-N or pruned (TTSnap) search over start noises (align/commands/search.py)."""
     from align.models import check_device, check_model_source, load_model
     from align.commands.search import SearchConfig, search, write_search
+    from align.prompts import needs_images
     from pipelines.registry import check_adapter_name, model_tasks
 
     overrides = _flag_overrides(args, {
@@ -103,9 +104,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_adapter_name(config.model.name)
     check_device(config.model.device)
     check_model_source(config.model)
-    if model_tasks(config.model.name, config.model.path) == ("i2v",):
-        raise ConfigError(f"model.name: the {config.model.name!r} model animates an image; align search takes text "
-                          f"prompts only")
+    if needs_images(model_tasks(config.model.name, config.model.path)):
+        raise ConfigError(f"model.name: the {config.model.name!r} model takes an image with every prompt; align "
+                          f"search takes text prompts only")
     from align.training.run_folder import check_writable_folder
 
     check_writable_folder(Path(config.out), "--out")

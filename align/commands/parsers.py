@@ -23,7 +23,8 @@ def add_sample(sub) -> argparse.ArgumentParser:
     sample.add_argument("--lora", help="a trained LoRA folder (a run's lora/ export) to sample from")
     sample.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     sample.add_argument("--image", action="append",
-                        help="image-to-video: the first frame (one for every prompt, or repeat: one per prompt)")
+                        help="image-to-video's first frame or an edit's source (one for every prompt, or repeat: "
+                             "one per prompt; a,b: several sources of one prompt)")
     sample.add_argument("--num", type=int, help="samples per prompt")
     sample.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")

@@ -21,7 +21,8 @@ class SampleConfig:
     prompts: list[str] = field(default_factory=lambda: ["a red digit 7"])
     #: prompts from a file instead (one a line, or JSONL entries naming images: docs/prompt_files.md)
     prompt_file: str | None = None
-    #: the conditioning image of image-to-video: one for every prompt, or one per prompt (paths)
+    #: the conditioning image of image-to-video or the source of an edit: one for every prompt, or
+    #: one per prompt (paths; "a.png,b.png" gives one prompt several sources: multi-image editing)
     images: list[str] | None = None
     negative_prompt: str = ""
     #: samples per prompt (for a tree: root trajectories per prompt; each yields its leaves)
@@ -74,10 +75,14 @@ def sample_prompts(config: SampleConfig) -> list[str]:
     if len(config.images) not in (1, len(prompts)):
         raise ConfigError(f"images: {len(config.images)} images for {len(prompts)} prompts (give one, or one each)")
     images = config.images * len(prompts) if len(config.images) == 1 else config.images
+    entries = []
     for image in images:
-        if not Path(image).is_file():
-            raise ConfigError(f"images: {image} not found")
-    return [Prompt(p, image) for p, image in zip(prompts, images)]
+        paths = [part.strip() for part in str(image).split(",")]
+        for path in paths:
+            if not Path(path).is_file():
+                raise ConfigError(f"images: {path} not found")
+        entries.append(paths if len(paths) > 1 else paths[0])
+    return [Prompt(p, image) for p, image in zip(prompts, entries)]
 
 
 def check_sample_config(config: SampleConfig) -> None:
