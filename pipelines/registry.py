@@ -38,7 +38,8 @@ FLOW_ADAPTERS = ("toy", "toy_video", "toy_edit", "sd3", "flux", "flux_kontext", 
                  "hunyuan_video15", "hunyuan_video15_i2v")
 #: held-out rewards a run watches when its config names none (``heldout_rewards: null``): the toy
 #: model's digits are read by an independent judge, so hacking the digit classifier shows
-DEFAULT_HELDOUT_REWARDS: dict[str, list] = {"toy": ["digit_judge"], "toy_video": ["frame_judge"]}
+DEFAULT_HELDOUT_REWARDS: dict[str, list] = {"toy": ["digit_judge"], "toy_video": ["frame_judge"],
+                                            "toy_edit": ["edit_judge"]}
 
 #: the checkpoint each adapter loads when no path is given (hub names)
 DEFAULT_CHECKPOINTS: dict[str, str] = {

@@ -47,6 +47,16 @@ _AFTER_NAME = (r"\s+score\s*(?:\(\s*" + NUMBER + r"\s*(?:-|–|to|~)\s*" + NUMBE
                r"\s*\**\s*[:=]\s*\**\s*" + NUMBER)
 OVERALL_NAMES = ("overall", "final", "total")
 
+DEFAULT_EDIT_INSTRUCTION = (
+    "You are an expert judge of image edits. The first image is the source; the last image is the result "
+    "of editing it with the instruction:\n\"{prompt}\"\n"
+    "First write a short critique of how well the result follows the instruction and keeps everything of "
+    "the source that the instruction does not ask to change, with respect to {dimension_list}. Then give "
+    "each score on its own line in exactly this form:\n{score_lines}"
+)
+#: critique modes: a generated image against its prompt, or an edit against its source and instruction
+CRITIQUE_MODES = ("generate", "edit")
+
 DEFAULT_INSTRUCTION = (
     "You are an expert judge of generated images and videos. The generation prompt was:\n"
     "\"{prompt}\"\n"
@@ -216,7 +226,9 @@ class CritiqueReward(Reward):
     {score_lines}), ``score_range`` (stated in the requested lines, default [1, 5]), ``normalize``,
     ``timeout`` (s per request), ``max_retries``, ``retry_backoff`` (s, doubled per retry), ``on_failure``
     ("skip" or "stop"), ``concurrency`` (parallel requests), ``max_frames`` (frames sent per video),
-    ``max_tokens``; ``client`` takes any callable ``messages -> text``."""
+    ``max_tokens``; ``client`` takes any callable ``messages -> text``. ``mode: edit`` judges edits: each
+    request shows the prompt's source image(s) before the edited sample, and the default instruction
+    asks how well the edit follows its instruction and keeps the rest of the source."""
 
     differentiable = False
     handles_video = True
@@ -224,7 +236,7 @@ class CritiqueReward(Reward):
 
     def __init__(self, dims: Sequence[str] = ("overall",), backend: str = "openai", base_url: str | None = None,
                  model: str | None = None, api_key_env: str | None = None, model_path: str | None = None,
-                 instruction: str = DEFAULT_INSTRUCTION, score_range: Sequence[float] = (1, 5),
+                 instruction: str | None = None, mode: str = "generate", score_range: Sequence[float] = (1, 5),
                  normalize: bool = False, timeout: float = 60.0, max_retries: int = 2, retry_backoff: float = 1.0,
                  on_failure: str = "skip", concurrency: int = 4, max_frames: int = 4, max_tokens: int = 512,
                  device: str = "cpu", client: Callable[[list[dict]], str] | None = None, weights=None) -> None:
@@ -251,7 +263,11 @@ class CritiqueReward(Reward):
             else:
                 raise ConfigError(f"critique backend must be 'openai' or 'transformers', got {backend!r}")
         self.client = client
-        self.instruction = instruction
+        from align.errors import check_choice
+
+        check_choice("critique mode", mode, CRITIQUE_MODES, "critique mode")
+        self.mode = mode
+        self.instruction = instruction or (DEFAULT_EDIT_INSTRUCTION if mode == "edit" else DEFAULT_INSTRUCTION)
         self.score_range = tuple(float(v) for v in score_range)
         self.normalize = bool(normalize)
         self.max_retries, self.retry_backoff = int(max_retries), float(retry_backoff)
@@ -291,8 +307,22 @@ class CritiqueReward(Reward):
                 time.sleep(self.retry_backoff * (2 ** attempt))
         return None, error, self.max_retries, timed_out
 
+    def _shown(self, sample: Tensor, prompt: str, index: int) -> Tensor:
+        """The images of one request: the sample's frames, after the prompt's sources in edit mode."""
+        frames = self._frames(sample)
+        if self.mode != "edit":
+            return frames
+        from rewards.edit import _as_image
+
+        image = getattr(prompt, "image", None)
+        if image is None:
+            raise RewardError(f"reward 'critique' (mode: edit): prompt {index} ({str(prompt)!r}) has no source image")
+        sources = [_as_image(s, *frames.shape[-2:]) for s in (image if isinstance(image, (list, tuple)) else [image])]
+        return torch.cat([torch.stack(sources).to(frames), frames])
+
     def score(self, samples: Tensor, prompts: Sequence[str], **context):
-        requests = [build_messages(self._frames(s), self.render_instruction(p)) for s, p in zip(samples, prompts)]
+        requests = [build_messages(self._shown(s, p, i), self.render_instruction(p))
+                    for i, (s, p) in enumerate(zip(samples, prompts))]
         if self.concurrency > 1 and len(requests) > 1:
             with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests))) as pool:
                 answers = list(pool.map(self._ask, requests))

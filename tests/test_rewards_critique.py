@@ -145,3 +145,28 @@ def test_backend_errors_are_one_line(server):
         OpenAIChatBackend("http://127.0.0.1:9/v1", "critic", timeout=5)([{"role": "user", "content": "hi"}])
     with pytest.raises(ConfigError, match="ALIGN_TEST_NO_SUCH_KEY"):
         OpenAIChatBackend(server, "critic", api_key_env="ALIGN_TEST_NO_SUCH_KEY")
+
+
+def test_edit_mode_shows_the_source_before_the_edit(server, tmp_path):
+    """mode: edit sends each prompt's source image(s) and then the edited sample, with the edit
+    instruction: the scripted critic's brightness score averages all the images it was shown."""
+    from PIL import Image
+
+    from pipelines.base import Prompt
+
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(tmp_path / "black.png")
+    edit = build_reward({"name": "critique", "base_url": server, "model": "critic", "mode": "edit",
+                         "dims": ["instruction following"], "timeout": 30})
+    plain = build_reward({"name": "critique", "base_url": server, "model": "critic",
+                          "dims": ["instruction following"], "timeout": 30})
+    white = _grey([1.0, 1.0])
+    prompts = [Prompt("make it white", str(tmp_path / "black.png")),
+               Prompt("make it white", [str(tmp_path / "black.png")] * 2)]
+    # one black source beside the white edit: brightness 1/2; two black sources: 1/3; no source: 1
+    torch.testing.assert_close(edit(white, prompts).total, torch.tensor([1 + 4 / 2, 1 + 4 / 3]), atol=0.01, rtol=0)
+    torch.testing.assert_close(plain(white, prompts).total, torch.tensor([5.0, 5.0]), atol=0.01, rtol=0)
+    assert "The first image is the source" in edit.render_instruction("make it white")
+    with pytest.raises(RewardError, match="prompt 0 .* has no source image"):
+        edit(white[:1], ["make it white"])
+    with pytest.raises(ConfigError, match="critique mode"):
+        build_reward({"name": "critique", "base_url": server, "model": "critic", "mode": "judge"})
