@@ -13,6 +13,7 @@ TRAINER_OF = {"quickstart": "flow_grpo", "quickstart_video": "reward_backprop", 
               "wan_video_frames": "flow_grpo", "sd15_aesthetic_alignprop": "reward_backprop",
               "sd35_pickscore_draft_lv": "reward_backprop", "sd15_dpo_pickapic": "dpo", "sd35_flow_dpo_online": "dpo",
               "wan_video_backprop": "reward_backprop", "qwen_image_pickscore": "flow_grpo",
+              "kontext_edit_grpo": "flow_grpo", "qwen_image_edit_grpo": "flow_grpo",
               "flux2_pickscore": "flow_grpo", "flux2_klein_pickscore": "flow_grpo",
               "z_image_turbo_pickscore": "flow_grpo", "wan22_t2v_pickscore": "flow_grpo", "wan22_ti2v_i2v": "flow_grpo",
               "hunyuan_video15_t2v": "flow_grpo", "hunyuan_video15_i2v": "flow_grpo"}

@@ -38,7 +38,8 @@ BUILDERS = {"sd3": build_sd3, "wan": build_wan, "flux": build_flux, "sd": build_
 FAMILY_OF_RECIPE = {"z_image_turbo_pickscore": "z_image_turbo", "wan22_t2v_pickscore": "wan22_a14b",
                     "wan22_ti2v_i2v": "wan22_i2v"}
 FAMILY_OF_MODEL = {"qwen_image": "qwen_image", "flux2": "flux2", "flux2_klein": "flux2_klein",
-                   "hunyuan_video15": "hunyuan_video15", "hunyuan_video15_i2v": "hunyuan_video15_i2v"}
+                   "hunyuan_video15": "hunyuan_video15", "hunyuan_video15_i2v": "hunyuan_video15_i2v",
+                   "flux_kontext": "flux_kontext", "qwen_image_edit": "qwen_image_edit"}
 #: rewards that embed images with a CLIP backbone taken from the hub (clip_model / clip_pretrained)
 OPEN_CLIP_REWARDS = {"aesthetic", "video_frames", "clip_score"}
 #: option -> what it names: a file or model the user provides (the recipe must name these keys)
@@ -53,12 +54,41 @@ def stand_ins(root: str) -> dict:
             "model_path": str(tiny_hf_clip(root / "hf_clip"))}
 
 
+@lru_cache(maxsize=None)
+def scripted_chat_server() -> str:
+    """The URL of a scripted critic (``python -m rewards.chat_server --scripted``) on 127.0.0.1, started
+    on first use and stopped with the test process (or after 600 s)."""
+    import atexit
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "rewards.chat_server", "--scripted", "--host", "127.0.0.1",
+                             "--port", "0", "--max-seconds", "600"], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    atexit.register(proc.kill)
+    line = proc.stdout.readline()
+    assert line.startswith("READY "), f"the scripted chat server did not start: {line!r}"
+    return f"http://127.0.0.1:{int(line.split()[1])}/v1"
+
+
 def with_stand_ins(spec, root) -> dict:
     """The reward spec as the recipe writes it, its weights swapped for tiny ones: a weight key keeps
     its place (a missing one stays missing, so the reward fails to build), a hub backbone is swapped,
-    and the reward runs on the CPU."""
+    and the reward runs on the CPU; a VLM critique asks the scripted critic in process, and the specs
+    inside a combined edit score are swapped the same way."""
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
     models = stand_ins(str(root))
+    if spec["name"] == "edit_score":
+        for part in ("instruction", "preservation"):
+            if part in spec:
+                spec[part] = with_stand_ins(spec[part], root)
+    if spec["name"] == "critique":  # the scripted stand-in of an OpenAI-compatible VLM server
+        spec["base_url"] = scripted_chat_server()
+    if spec["name"] == "preservation" and spec.get("features") == "clip":
+        spec.update(clip_model=models["clip_model"], clip_pretrained=models["clip_pretrained"])
     for key in WEIGHT_KEYS:
         if key in spec:
             spec[key] = models[key] if key in models else spec[key]
