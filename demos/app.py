@@ -7,6 +7,10 @@
   videos: both playing side by side, with their scores per dimension). Seeds,
   steps, CFG scale, step kernel and tree split steps are in "Advanced", with reward-guidance weights
   as sliders (inference-time guidance, ``align sample --guide``).
+- **Edit**: a source image (uploaded, or one of the embedded editing default's examples) and
+  instructions (one per line), an editing model (``toy_edit``, ``flux_kontext``, ``qwen_image_edit``,
+  ``flux2``) and checkpoints: the source beside each checkpoint's edits, every reward's scores (the
+  edit rewards read the source), and the base model's and a trained checkpoint's first edit on a slider.
 - **Score files**: upload images or videos, score them with the selected rewards.
 - **Runs**: pick a run folder: its before / after table (``align eval``'s ``eval.md`` when it was
   written, else the run's own first and last evaluation) and its reward curve.
@@ -27,7 +31,12 @@ import torch
 
 #: rewards of the embedded defaults, preselected per model
 DEFAULT_REWARDS = {"toy": ["digit", "digit_judge", "colour", "stroke_thickness"],
-                   "toy_video": ["motion", "frame_digit", "consistency", "frame_judge"]}
+                   "toy_video": ["motion", "frame_digit", "consistency", "frame_judge"],
+                   "toy_edit": ["edit_instruction", "edit_judge", "preservation"]}
+#: the models the Edit tab offers (their task list holds "edit")
+EDIT_MODELS = ["toy_edit", "flux_kontext", "qwen_image_edit", "flux2"]
+#: the embedded editing default's example sources and instructions (configs/prompts/toy_edit)
+EDIT_EXAMPLES = Path(__file__).resolve().parents[1] / "configs" / "prompts" / "toy_edit"
 #: differentiable rewards offered as guidance sliders (weight 0: off), with the slider's maximum
 GUIDANCE_SLIDERS = {"digit": 200.0, "colour": 200.0, "stroke_thickness": 600.0}
 #: step kernels offered in "Advanced" (flow models)
@@ -148,7 +157,7 @@ class Demo:
                 *guide_weights: float):
         """Sample every prompt with every checkpoint (same seeds) and score the samples."""
         from align.errors import ConfigError
-        from align.commands.sample import SampleConfig, generate
+        from align.commands.sample import SampleConfig
 
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
         if not prompts:
@@ -165,7 +174,15 @@ class Demo:
         guides = {name: float(w) for name, w in zip(GUIDANCE_SLIDERS, guide_weights) if w}
         config.guidance.rewards = [{"name": name, "weight": w} for name, w in guides.items()]
         config.rollout.validate(config.rollout.num_steps or 1)
-        gallery, rows, errors, firsts = [], [], {}, {}
+        return self.sample_and_score(adapter, config, checkpoints, reward_names)
+
+    def sample_and_score(self, adapter, config, checkpoints: list[str], reward_names: list[str],
+                         lead: list | None = None):
+        """Sample ``config``'s prompts with every checkpoint (same seeds), score them; the page's outputs
+        (``lead``: gallery entries shown first, e.g. an edit's source)."""
+        from align.commands.sample import generate
+
+        gallery, rows, errors, firsts = list(lead or []), [], {}, {}
         out_dir = Path(tempfile.mkdtemp(prefix="align-demo-"))
         for checkpoint in checkpoints:
             self.use_checkpoint(adapter, checkpoint)
@@ -174,7 +191,7 @@ class Demo:
             errors.update(failed)
             label = checkpoint_label(checkpoint)
             for i, prompt in enumerate(sample_prompts):
-                row = {"checkpoint": label, "prompt": prompt, "sample": i}
+                row = {"checkpoint": label, "prompt": str(prompt), "sample": i}
                 for name, dims in scores.items():
                     for dim, values in dims.items():
                         row[f"{name}" if dim == "total" else f"{name}.{dim}"] = round(float(values[i]), 6)
@@ -198,6 +215,34 @@ class Demo:
                              f"({score_text(last_row)})")
         return (gallery, table, bar_chart(rows, list(reward_names or [])), slider, pair_video, pair_text,
                 error_text(errors))
+
+    def edit(self, source, instructions_text: str, model: str, checkpoints: list[str], reward_names: list[str],
+             seed: float, steps: float, guidance_scale: float, per_prompt: float):
+        """Edit the source image with every instruction and checkpoint (same seeds), score the edits
+        (the edit rewards read the source): gallery (the source first), table, chart, slider, errors."""
+        from align.commands.sample import SampleConfig
+        from align.errors import ConfigError
+        from pipelines.base import Prompt
+
+        if source is None:
+            raise ConfigError("give a source image: upload one or pick an example")
+        instructions = [p.strip() for p in (instructions_text or "").splitlines() if p.strip()]
+        if not instructions:
+            raise ConfigError("give at least one instruction (one per line)")
+        adapter = self.model(model)
+        if "edit" not in adapter.tasks:
+            raise ConfigError(f"the {model!r} model does not edit images (tasks: {', '.join(adapter.tasks)})")
+        image = source_tensor(source)
+        config = SampleConfig(prompts=[Prompt(text, image) for text in instructions], num_per_prompt=int(per_prompt),
+                              seed=int(seed))
+        config.model.name = model
+        config.rollout.num_steps = int(steps) if steps else None
+        config.rollout.guidance_scale = float(guidance_scale)
+        out_dir = Path(tempfile.mkdtemp(prefix="align-demo-source-"))
+        lead = [(media_file(image, out_dir / "source"), "source")]
+        gallery, table, chart, slider, _, _, errors = self.sample_and_score(
+            adapter, config, list(checkpoints or [BASE]), reward_names, lead)
+        return gallery, table, chart, slider, errors
 
     def score_files(self, files: list, prompts_text: str, reward_names: list[str]):
         """Score uploaded images (or videos) with the selected rewards; one prompt per file (or one for all)."""
@@ -230,6 +275,31 @@ class Demo:
         if not (folder / "run.json").is_file():
             raise ConfigError(f"{run_dir!r} is not a run folder (no run.json)")
         return run_table(folder), reward_curve(folder), side_by_side_image(folder)
+
+
+def source_tensor(source) -> torch.Tensor:
+    """An uploaded or picked source (a PIL image, a numpy array or a path) -> (3, H, W) in [0, 1]."""
+    import numpy as np
+
+    from pipelines.base import load_image
+
+    if isinstance(source, (str, Path)):
+        from PIL import Image
+
+        source = Image.open(source)
+    if isinstance(source, np.ndarray):
+        return torch.from_numpy(source[..., :3].copy()).permute(2, 0, 1).float() / 255
+    rgb = source.convert("RGB")
+    return load_image(rgb, rgb.height, rgb.width)
+
+
+def edit_examples() -> list[list[str]]:
+    """[source path, instruction] rows of the embedded editing default's evaluation edits."""
+    file = EDIT_EXAMPLES / "eval.jsonl"
+    if not file.is_file():
+        return []
+    rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    return [[str(EDIT_EXAMPLES / row["image"]), row["prompt"]] for row in rows]
 
 
 def score_text(row: dict) -> str:
@@ -456,6 +526,37 @@ def build_app(settings: DemoSettings | None = None):
                              [prompts, model, checkpoints, reward_pick, seed, steps, cfg, kernel, per_prompt, split,
                               *sliders], [gallery, table, chart, slider, pair_video, pair_text, errors],
                              api_name="compare")
+        with gr.Tab("Edit"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    source = gr.Image(label="Source image", type="pil", height=160, elem_id="edit_source")
+                    instructions = gr.Textbox(label="Instructions (one per line)", lines=3,
+                                              value="make it blue\nmake it thicker", elem_id="edit_instructions")
+                    gr.Examples(edit_examples()[:8], [source, instructions], label="Examples (held-out digits)")
+                    edit_model = gr.Dropdown(EDIT_MODELS, value="toy_edit", label="Editing model")
+                    edit_checkpoints = gr.Dropdown([BASE, *demo.runs()], value=[BASE], multiselect=True,
+                                                   allow_custom_value=True, label="Checkpoints (base, run folders)")
+                    edit_rewards = gr.Dropdown(rewards, value=DEFAULT_REWARDS["toy_edit"], multiselect=True,
+                                               label="Rewards")
+                    with gr.Accordion("Advanced", open=False):
+                        edit_seed = gr.Number(value=0, precision=0, label="Seed")
+                        edit_steps = gr.Number(value=10, precision=0, label="Steps")
+                        edit_cfg = gr.Slider(0.0, 10.0, value=3.0, step=0.5, label="CFG scale")
+                        edit_per = gr.Slider(1, 16, value=2, step=1, label="Edits per instruction")
+                    edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
+                with gr.Column(scale=2):
+                    edit_errors = gr.Markdown(elem_id="edit_errors")
+                    edit_gallery = gr.Gallery(label="Source, then each checkpoint's edits (checkpoint | instruction | "
+                                              "scores)", columns=8, height="auto")
+                    edit_table = gr.Dataframe(label="Scores per edit and dimension", interactive=False,
+                                              elem_id="edit_scores")
+                    edit_chart = gr.Plot(label="Mean score per checkpoint")
+                    edit_slider = gr.ImageSlider(label="Base vs trained (first edit)")
+            edit_model.change(lambda name: gr.update(value=DEFAULT_REWARDS.get(name, [])), edit_model, edit_rewards,
+                              api_name="default_edit_rewards")
+            edit_button.click(guarded(demo.edit), [source, instructions, edit_model, edit_checkpoints, edit_rewards,
+                                                   edit_seed, edit_steps, edit_cfg, edit_per],
+                              [edit_gallery, edit_table, edit_chart, edit_slider, edit_errors], api_name="edit")
         with gr.Tab("Score files"):
             files = gr.File(file_count="multiple", label="Images or videos")
             file_prompts = gr.Textbox(label="Prompt (one for all, or one per file)", lines=2)

@@ -157,3 +157,39 @@ def test_videos_play_in_the_gallery_and_side_by_side_with_their_dimensions(serve
     base, after = table_rows(table)
     assert f"consistency.identity={base['consistency.identity']:.3f}" in pair_text.split("right:")[0]
     assert f"motion.direction={after['motion.direction']:.3f}" in pair_text.split("right:")[1]
+
+
+def test_edit_tab_shows_the_source_then_each_checkpoints_edits_scored_like_the_rewards(served, tmp_path):
+    """An uploaded source edited by the base toy_edit model and a trained LoRA: the gallery opens with
+    the source, every edit's scores are the edit rewards called on the same edits and source, and
+    the base and trained first edits face each other on the slider."""
+    from gradio_client import handle_file
+
+    from align.commands.sample import SampleConfig, generate
+    from align.models import ModelConfig, load_model
+    from demos.app import edit_examples, source_tensor
+    from pipelines.base import Prompt
+    from rewards import build_reward
+
+    app, client, _ = served
+    run = make_run_folder(tmp_path, "edit_trained", model="toy_edit")
+    source_path, _ = edit_examples()[0]
+    instructions = ["make it blue", "make it thicker"]
+    rewards = ["edit_instruction", "preservation"]
+    gallery, table, _, slider, errors = client.predict(
+        handle_file(source_path), "\n".join(instructions), "toy_edit", ["base", str(run)], rewards, 3, 10, 3.0, 1,
+        api_name="/edit")
+    rows = table_rows(table)
+    assert errors == "" and len(rows) == 2 * len(instructions) and len(gallery) == 1 + len(rows)
+    assert gallery[0]["caption"] == "source"
+    adapter = load_model(ModelConfig(name="toy_edit"))
+    source = source_tensor(source_path)
+    config = SampleConfig(prompts=[Prompt(i, source) for i in instructions], num_per_prompt=1, seed=3)
+    config.rollout.num_steps, config.rollout.guidance_scale, config.rollout.kernel = 10, 3.0, "ode"
+    pixels, prompts, _ = generate(adapter, config)
+    for name in rewards:
+        expected = build_reward(name)(pixels, prompts).total.tolist()
+        assert [r[name] for r in rows if r["checkpoint"] == "base"] == pytest.approx(expected, abs=2e-5), name
+    assert len(slider) == 2
+    with pytest.raises(Exception, match="give a source image"):
+        client.predict(None, "make it blue", "toy_edit", ["base"], rewards, 0, 4, 3.0, 1, api_name="/edit")
