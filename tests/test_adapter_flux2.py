@@ -59,7 +59,7 @@ def _as_pipeline_latents(adapter, x):
 # --- interface ----------------------------------------------------------------------------------
 def test_attributes_and_latent_shape(load):
     dev, klein, distilled = load("flux2"), load("flux2_klein"), load("flux2_klein_distilled")
-    assert (dev.name, dev.guidance_kind, dev.tasks, dev.prediction_type) == ("flux2", "embedded", ("t2i",), "flow")
+    assert (dev.name, dev.guidance_kind, dev.tasks, dev.prediction_type) == ("flux2", "embedded", ("t2i", "edit"), "flow")
     assert (dev.default_steps, dev.default_guidance, dev.text_encoder_out_layers) == (50, 4.0, (10, 20, 30))
     assert (klein.guidance_kind, klein.default_steps, klein.default_guidance) == ("cfg", 50, 4.0)
     assert (distilled.guidance_kind, distilled.default_steps, distilled.default_guidance) == ("none", 4, 1.0)

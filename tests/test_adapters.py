@@ -224,9 +224,9 @@ def test_encode_images_inverts_the_decoders_latent_normalisation(load, key):
 
 
 def test_registry(saved_dirs):
-    assert set(list_adapters()) == {"toy", "toy_video", "sd3", "flux", "wan", "sd", "sdxl", "qwen_image", "flux2",
-                                    "flux2_klein", "z_image", "wan22", "hunyuan_video15",
-                                    "hunyuan_video15_i2v"} == set(ADAPTERS)
+    assert set(list_adapters()) == {"toy", "toy_video", "toy_edit", "sd3", "flux", "flux_kontext", "wan", "sd", "sdxl",
+                                    "qwen_image", "qwen_image_edit", "flux2", "flux2_klein", "z_image", "wan22",
+                                    "hunyuan_video15", "hunyuan_video15_i2v"} == set(ADAPTERS)
     adapter = load_adapter("SD", saved_dirs("sd"), dtype=torch.float32)  # dtype or torch_dtype alike
     assert type(adapter).__name__ == "SDAdapter" and adapter.dtype == torch.float32
     with pytest.raises(ValueError, match="did you mean 'sd3'"):
