@@ -49,7 +49,8 @@ def evaluate(adapter, reward, prompts: Sequence[str], config: EvalConfig, traini
              negative_prompt: str = "", heldout: dict | None = None, latent_kwargs: dict | None = None):
     """Samples of every prompt (``config.per_prompt`` each, seed ``config.seed``) and their metrics:
     ``eval/reward`` (mean over scored samples), ``eval/reward/<dimension>`` (each dimension's mean, for a
-    reward of several: ``motion.direction``, ``frame_digit``, ...), ``eval/heldout/<name>``, ``eval/diversity``.
+    reward of several: ``motion.direction``, ``frame_digit``, ...), ``eval/heldout/<name>`` (and
+    ``eval/heldout/<name>.<dimension>`` for a held-out reward of several), ``eval/diversity``.
     Returns (metrics, pixels, prompt of each sample). Runs without gradients; the caller sets
     autocast and the weights (EMA) to evaluate."""
     rollout_config = config.rollout_config(training)
@@ -65,7 +66,9 @@ def evaluate(adapter, reward, prompts: Sequence[str], config: EvalConfig, traini
     metrics = {"eval/reward": trained.mean(),
                **{f"eval/reward/{name}": value for name, value in dimension_means(trained).items()}}
     for name, extra in (heldout or {}).items():
-        metrics[f"eval/heldout/{name}"] = scored_mean(extra, pixels, sample_prompts, f"held-out reward {name!r}")
+        out = scored_output(extra, pixels, sample_prompts, f"held-out reward {name!r}")
+        metrics[f"eval/heldout/{name}"] = out.mean()
+        metrics.update({f"eval/heldout/{name}.{dim}": value for dim, value in dimension_means(out).items()})
     metrics["eval/diversity"] = float(diversity(pixels, result.prompt_index))
     return metrics, pixels, sample_prompts
 
@@ -81,11 +84,6 @@ def scored_output(reward, pixels: Tensor, prompts: Sequence[str], what: str):
                           f"{len(prompts)} evaluation samples: check the reward (e.g. OCR needs quoted text in the "
                           f"eval_prompts) or its server")
     return out
-
-
-def scored_mean(reward, pixels: Tensor, prompts: Sequence[str], what: str) -> float:
-    """The reward's mean over the samples it could score (:func:`scored_output`)."""
-    return scored_output(reward, pixels, prompts, what).mean()
 
 
 def dimension_means(out) -> dict[str, float]:

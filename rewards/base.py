@@ -88,6 +88,12 @@ class Reward(abc.ABC):
             self.weights[key] = float(value)
         self.device = torch.device("cpu")
 
+    @classmethod
+    def spec_differentiable(cls, spec: dict) -> bool:
+        """Whether the reward built from ``spec`` (its config options) is differentiable, known before
+        it is built: the class's ``differentiable`` unless the options decide it."""
+        return cls.differentiable
+
     @abc.abstractmethod
     def score(self, samples: Tensor, prompts: Sequence[str], **context) -> dict[str, Tensor]:
         """Named (B,) scores of images in [0, 1] (videos when ``handles_video``)."""

@@ -156,6 +156,15 @@ class EditScore(CombinedReward):
 
     name = "edit_score"
 
+    @classmethod
+    def spec_differentiable(cls, spec: dict) -> bool:
+        """Differentiable when both parts are (the default instruction, a VLM critique, is not)."""
+        from rewards.registry import reward_class
+
+        parts = [spec.get("instruction") or "critique", spec.get("preservation") or "preservation"]
+        parts = [{"name": part} if isinstance(part, str) else dict(part) for part in parts]
+        return all(reward_class(part["name"]).spec_differentiable(part) for part in parts)
+
     def __init__(self, instruction: str | dict | None = None, preservation: str | dict | None = None,
                  weights: dict[str, float] | None = None) -> None:
         from rewards.registry import build_reward

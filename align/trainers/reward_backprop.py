@@ -121,8 +121,9 @@ def check_config(config: RewardBackpropConfig, adapter=None) -> None:
     if config.regularizer_data is not None and not Path(config.regularizer_data).is_file():
         raise ConfigError(f"regularizer_data: file not found: {config.regularizer_data}")
     for i, spec in enumerate(config.rewards):
-        name = spec if isinstance(spec, str) else dict(spec)["name"]
-        if not reward_class(name).differentiable:
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+        name = spec["name"]
+        if not reward_class(name).spec_differentiable(spec):
             raise ConfigError(f"rewards[{i}]: reward {name!r} is not differentiable; reward_backprop needs "
                               f"gradients of the reward (`align rewards list` marks the differentiable ones; "
                               f"black-box rewards train with flow_grpo)")
