@@ -9,7 +9,7 @@ from align.config import ConfigError, load_config
 from align.trainers import trainer_module
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TRAINER_OF = {"quickstart": "flow_grpo", "quickstart_video": "reward_backprop", "sd35_pickscore": "flow_grpo", "sd35_ocr_fast": "flow_grpo",
+TRAINER_OF = {"quickstart": "flow_grpo", "quickstart_video": "reward_backprop", "quickstart_edit": "reward_backprop", "sd35_pickscore": "flow_grpo", "sd35_ocr_fast": "flow_grpo",
               "wan_video_frames": "flow_grpo", "sd15_aesthetic_alignprop": "reward_backprop",
               "sd35_pickscore_draft_lv": "reward_backprop", "sd15_dpo_pickapic": "dpo", "sd35_flow_dpo_online": "dpo",
               "wan_video_backprop": "reward_backprop", "qwen_image_pickscore": "flow_grpo",

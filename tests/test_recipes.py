@@ -31,7 +31,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 #: presets (configs/reference/*.yaml)
 RECIPES = sorted(str(p.relative_to(CONFIGS).with_suffix("")) for p in [*CONFIGS.glob("*.yaml"),
                                                                         *CONFIGS.glob("reference/*.yaml")]
-                 if OmegaConf.load(p).get("model", {}).get("name") not in ("toy", "toy_video"))
+                 if OmegaConf.load(p).get("model", {}).get("name") not in ("toy", "toy_video", "toy_edit"))
 BUILDERS = {"sd3": build_sd3, "wan": build_wan, "flux": build_flux, "sd": build_sd}
 #: the recipes of FAMILY_CASES' families run on the tiny stand-in of FAMILY_CASES named here (by recipe, else by
 #: model name)

@@ -169,3 +169,35 @@ def test_convergence_table_finds_the_evaluations_each_method_needs_to_reach_flow
     assert any("ends no higher than it starts (0.5000)" in line for line in falling)
     for key in ("eval/reward", "eval/reward/motion.direction", "eval/heldout/frame_judge", "eval/diversity"):
         assert metric_key(metric_name(key)) == key
+
+
+def test_a_sweep_of_edit_runs_reports_the_edit_dimensions(tmp_path):
+    """Methods on the embedded editing default (edit prompt files carrying their sources): every trial
+    completes and the report holds the trained edit score's dimensions and the held-out judge's."""
+    prompts = ROOT / "configs" / "prompts" / "toy_edit"
+    path = write_sweep(tmp_path, """
+out: {out}
+max_nfe: 160
+eval_every_nfe: 160
+methods: [flow_grpo, reward_backprop]
+seeds: [0]
+threads: 1
+overrides:
+  model: {{name: toy_edit}}
+  rewards: [{{name: edit_score, instruction: edit_instruction, preservation: {{name: preservation, greyscale: true}}}}]
+  prompt_file: {train}
+  eval_prompt_file: {eval}
+  prompts_per_iteration: 2
+  group_size: 4
+  eval: {{per_prompt: 1}}
+""", train=prompts / "train.jsonl", eval=prompts / "eval.jsonl")
+    run_sweep(path)
+    out = tmp_path / "out"
+    infos = [json.loads(p.read_text()) for p in sorted(out.glob("trials/*/trial.json"))]
+    assert [(i["name"], i["status"]) for i in infos] == [("flow_grpo-seed0", "complete"),
+                                                         ("reward_backprop-seed0", "complete")]
+    write_report(out)
+    markdown = (out / "report.md").read_text()
+    for column in ("reward.instruction before -> after", "reward.preservation before -> after",
+                   "edit_judge.instruction before -> after", "edit_judge.preservation before -> after"):
+        assert column in markdown, column
