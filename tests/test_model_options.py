@@ -192,3 +192,32 @@ def test_align_label_keeps_each_prompts_image(family_dirs, tmp_path):
     assert labels.prompts == ["a red ball rolls"] and labels.prompts[0].image == str(tmp_path / "first.png")
     a, b = Image.open(out / "pair-0000-a.png"), Image.open(out / "pair-0000-b.png")
     assert a.tobytes() != b.tobytes(), "the two sides show different frames (not the shared first one)"
+
+
+def test_align_sample_edits_the_given_sources(family_dirs, tmp_path, capsys):
+    """``align sample --image`` on editing models: the toy edit model redraws its source (a black source
+    and a red one give other edits), ``a,b`` gives one prompt two sources (Qwen-Image-Edit Plus), and an
+    editing-only model without a source is one line."""
+    from PIL import Image
+
+    from align.commands.cli import main
+
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    Image.new("RGB", (64, 64), (220, 30, 30)).save(red)
+    Image.new("RGB", (64, 64), (30, 30, 220)).save(blue)
+    outs = []
+    for image in (red, blue):
+        out = tmp_path / f"toy_{image.stem}"
+        assert main(["sample", "--model", "toy_edit", "--prompt", "make it thinner", "--image", str(image), "--num",
+                     "1", "--steps", "4", "--out", str(out)]) == 0
+        outs.append((out / "0000.png").read_bytes())
+    assert outs[0] != outs[1]
+    plus = ["sample", "--model", "qwen_image_edit", "--model-path", family_dirs("qwen_image_edit_plus"), "--prompt",
+            "put them together", "--num", "1", "--steps", "2", "--device", "cpu", "model.height=32", "model.width=32",
+            "model.source_size=64"]
+    assert main([*plus, "--image", f"{red},{blue}", "--out", str(tmp_path / "plus")]) == 0
+    assert (tmp_path / "plus" / "0000.png").is_file()
+    capsys.readouterr()
+    assert main([*plus, "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the 'qwen_image_edit' model edits an image" in err, err
