@@ -61,8 +61,9 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, std: str = "group", 
 def mixed_advantages(rewards: dict[str, Tensor], weights: dict[str, float], group_ids: Tensor,
                      mode: str = "sum_rewards", valid: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
     """Several rewards -> one advantage. "sum_rewards": normalise sum_k w_k r_k;
-    "sum_advantages" (MixGRPO): sum_k w_k A_k with each reward normalised on its own. A row is kept
-    when any reward's advantage carries signal for it."""
+    "sum_advantages" (MixGRPO): sum_k w_k A_k with each reward normalised on its own; "gdpo"
+    (:func:`gdpo_advantages`): each reward normalised within its group, the weighted sum normalised
+    again over the batch. A row is kept when any reward's advantage carries signal for it."""
     if mode == "sum_rewards":
         total = sum(weights.get(k, 1.0) * r.float() for k, r in rewards.items())
         return group_advantages(total, group_ids, valid=valid, **kwargs)
@@ -73,7 +74,33 @@ def mixed_advantages(rewards: dict[str, Tensor], weights: dict[str, float], grou
             total = total + weights.get(key, 1.0) * adv
             keep = k if keep is None else keep | k
         return total, keep
-    raise ValueError(f"mode must be 'sum_rewards' or 'sum_advantages', got {mode!r}")
+    if mode == "gdpo":
+        return gdpo_advantages(rewards, weights, group_ids, valid=valid, eps=kwargs.get("eps", GRPO_EPS),
+                               clip=kwargs.get("clip", 5.0))
+    raise ValueError(f"mode must be 'sum_rewards', 'sum_advantages' or 'gdpo', got {mode!r}")
+
+
+def gdpo_advantages(rewards: dict[str, Tensor], weights: dict[str, float], group_ids: Tensor, *,
+                    valid: Tensor | None = None, eps: float = GRPO_EPS,
+                    clip: float | None = 5.0) -> tuple[Tensor, Tensor]:
+    """GDPO's group reward-decoupled normalisation: per reward k, a_k = (r_k - mean_g r_k) /
+    (std_g r_k + eps) within each group g (population std); c = sum_k w_k a_k; then
+    A = (c - mean c) / (std c + eps) over the whole batch's rows with signal, clipped to +-clip.
+    Every reward enters on one scale whatever its spread; a reward constant within a group gives 0
+    there. Rows where no reward carries signal get A = 0 and ``keep = False``."""
+    combined, keep = 0.0, None
+    for key, r in rewards.items():
+        adv, k = group_advantages(r, group_ids, std="group", eps=eps, clip=None, valid=valid)
+        combined = combined + weights.get(key, 1.0) * adv
+        keep = k if keep is None else keep | k
+    combined = torch.as_tensor(combined, dtype=torch.float32)
+    if int(keep.sum()) == 0:
+        return torch.zeros_like(combined), keep
+    rows = combined[keep]
+    advantages = (combined - rows.mean()) / (rows.std(unbiased=False) + eps)
+    if clip is not None:
+        advantages = advantages.clamp(-clip, clip)
+    return torch.where(keep, advantages, torch.zeros_like(advantages)), keep
 
 
 # --- trees (BranchGRPO / TreeGRPO) ----------------------------------------------------------------

@@ -164,3 +164,64 @@ def rwr_weights(rewards: Tensor, temperature: float, valid: Tensor | None = None
         logits = logits.masked_fill(~valid.bool(), float("-inf"))
     count = int(valid.sum()) if valid is not None else len(rewards)
     return torch.softmax(logits, dim=0) * max(count, 1)
+
+
+#: AWM's weightings w(sigma) phi(m) of a sample's flow-matching error m
+AWM_WEIGHTINGS = ("ghuber", "uniform", "t", "t2", "huber")
+
+
+def awm_weighted_error(mse: Tensor, sigma: Tensor, weighting: str = "ghuber", power: float = 0.25) -> Tensor:
+    """AWM's per-item error w(sigma) phi(m), m = the mean over elements of (v_theta - (eps - x0))^2:
+    "uniform" m, "t" sigma m, "t2" sigma^2 m, "huber" sigma sqrt(m), "ghuber" (the reference's)
+    sigma ((m + 1e-10)^p - (1e-10)^p) / p, whose gradient sigma m^(p - 1) dm gives samples with a
+    large error less weight."""
+    mse, sigma = mse.double(), sigma.double().reshape(mse.shape)
+    if weighting == "uniform":
+        return mse
+    if weighting == "t":
+        return sigma * mse
+    if weighting == "t2":
+        return sigma**2 * mse
+    if weighting == "huber":
+        return sigma * torch.sqrt(mse + 1e-10)
+    if weighting == "ghuber":
+        return sigma * ((mse + 1e-10) ** power - 1e-10**power) / power
+    raise ValueError(f"weighting must be one of {AWM_WEIGHTINGS}, got {weighting!r}")
+
+
+def awm_loss(mse: Tensor, sigma: Tensor, advantages: Tensor, weighting: str = "ghuber", power: float = 0.25,
+             weights: Tensor | None = None) -> Tensor:
+    """Advantage Weighted Matching: mean_i A_i w(sigma_i) phi(m_i) (:func:`awm_weighted_error`) over the
+    re-noised final samples. Minimising it lowers the flow-matching error of samples with A > 0 (raises
+    their likelihood) and raises it on A < 0; A = 0 contributes nothing, a uniform A = c is c times
+    the (weighted) pretraining loss."""
+    return weighted_mean(advantages.double() * awm_weighted_error(mse, sigma, weighting, power), weights).float()
+
+
+def dgpo_group_logits(d_theta: Tensor, d_ref: Tensor, advantages: Tensor, group_ids: Tensor, beta: float,
+                      group_size: int) -> Tensor:
+    """DGPO's group logit of each row's group: S_g = (beta / G) sum_{i in g} A_i (d_theta,i - d_ref,i),
+    d the flow-matching error (a likelihood surrogate: log p_theta / p_ref ~ -(d_theta - d_ref)), G the
+    nominal group size. S_g < 0 when the group's good samples are more likely under theta than under
+    the reference and its bad ones less."""
+    terms = advantages.float() * (d_theta.float() - d_ref.float())
+    groups, inverse = torch.unique(group_ids, return_inverse=True)
+    sums = torch.zeros(len(groups), dtype=terms.dtype, device=terms.device).index_add_(0, inverse, terms)
+    return (beta / group_size) * sums[inverse]
+
+
+def dgpo_loss(d_theta: Tensor, d_ref: Tensor, advantages: Tensor, group_ids: Tensor, beta: float, group_size: int,
+              form: str = "surrogate") -> Tensor:
+    """DGPO's group preference loss, -log sigmoid(-S_g) (:func:`dgpo_group_logits`), a Bradley-Terry
+    likelihood between a group's positive and negative halves (sum A = 0). "literal": its mean over
+    groups (ln 2 at the reference policy, where S_g = 0); "surrogate" (the reference code's):
+    mean_i sg(sigmoid(S_g(i))) A_i d_theta,i over the rows, whose gradient is the literal loss's divided
+    by beta (the gate sigmoid(S_g) -> 0 once a group is ranked right against the reference)."""
+    logits = dgpo_group_logits(d_theta, d_ref, advantages, group_ids, beta, group_size)
+    if form == "literal":  # each group once: its rows share S_g, each weighted 1 / (its group's rows)
+        _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+        per_row = -torch.nn.functional.logsigmoid(-logits) / counts[inverse].to(logits.dtype)
+        return per_row.sum() / len(counts)
+    if form == "surrogate":
+        return (torch.sigmoid(logits.detach()) * advantages.float() * d_theta.float()).mean()
+    raise ValueError(f"form must be 'surrogate' or 'literal', got {form!r}")

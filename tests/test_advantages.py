@@ -35,6 +35,29 @@ def test_mixed_advantages_sum_of_advantages_vs_sum_of_rewards():
     torch.testing.assert_close(sum_r, torch.tensor([-1.0, 1.0]))
 
 
+def test_gdpo_normalises_each_reward_in_its_group_then_the_sum_over_the_batch():
+    """Two groups; reward b has a hundred times a's spread. In group 1 both prefer the second sample,
+    in group 2 they disagree. sum_rewards follows b alone (its spread drowns a); GDPO puts both on one
+    scale: group 1's advantages are a's +-1 plus b's +-1, group 2's cancel to 0, and the sum is divided
+    by its batch std sqrt((4 + 4 + 0 + 0) / 4) = sqrt(2)."""
+    groups = torch.tensor([0, 0, 1, 1])
+    r = {"a": torch.tensor([0.0, 1.0, 0.0, 1.0]), "b": torch.tensor([0.0, 100.0, 100.0, 0.0])}
+    weights = {"a": 1.0, "b": 1.0}
+    sum_r, _ = mixed_advantages(r, weights, groups, mode="sum_rewards", eps=0.0, clip=None)
+    torch.testing.assert_close(sum_r, torch.tensor([-1.0, 1.0, 1.0, -1.0]))
+    sum_adv, _ = mixed_advantages(r, weights, groups, mode="sum_advantages", eps=0.0, clip=None)
+    torch.testing.assert_close(sum_adv, torch.tensor([-2.0, 2.0, 0.0, 0.0]))
+    gdpo, keep = mixed_advantages(r, weights, groups, mode="gdpo", eps=0.0, clip=None)
+    root2 = math.sqrt(2.0)
+    torch.testing.assert_close(gdpo, torch.tensor([-root2, root2, 0.0, 0.0]))
+    assert keep.all()
+    # a reward constant in a group adds nothing there; a group where every reward is constant has no signal
+    flat = {"a": torch.tensor([0.0, 1.0, 5.0, 5.0]), "b": torch.tensor([3.0, 3.0, 7.0, 7.0])}
+    adv, keep = mixed_advantages(flat, weights, groups, mode="gdpo", eps=0.0, clip=None)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+    assert keep.tolist() == [True, True, False, False]
+
+
 def test_tree_fusion_mean_and_logp_weighting():
     leaves = torch.tensor([1.0, 3.0, 10.0, 20.0])
     node = torch.tensor([0, 0, 1, 1])

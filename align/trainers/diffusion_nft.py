@@ -38,7 +38,7 @@ from align.trainers.checks import check_common
 from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
 from align.trainers.ppo import epoch_minibatches
-from align.trainers.scoring import group_batch_advantages, sample_and_score
+from align.trainers.scoring import MULTI_REWARD_MODES, group_batch_advantages, sample_and_score
 from align.trainers.snapshot import SnapshotState, checkpointed_snapshot
 
 
@@ -75,7 +75,8 @@ class DiffusionNFTConfig(TrainerConfig):
     adv_std: str = "global"
     #: advantages are clipped to +-adv_clip and mapped to r = clip(A / adv_clip, -1, 1) / 2 + 1/2
     adv_clip: float = 5.0
-    #: several rewards: "sum_rewards" (weighted sum, then normalise) or "sum_advantages"
+    #: several rewards: "sum_rewards" (weighted sum, then normalise), "sum_advantages" or "gdpo" (each
+    #: reward normalised within its group, the weighted sum again over the batch)
     multi_reward: str = "sum_rewards"
     #: the sampling ("old") policy follows theta after each iteration, old <- d old + (1 - d) theta: the cap
     #: of the decay d (0.5: the reference's; with a null policy_ema_rate, d itself; 0: old = theta)
@@ -102,7 +103,7 @@ class DiffusionNFTConfig(TrainerConfig):
 
 def check_config(config: DiffusionNFTConfig, adapter=None) -> None:
     check_common(config, adapter)
-    choices = {"adv_std": ("group", "global"), "multi_reward": ("sum_rewards", "sum_advantages"),
+    choices = {"adv_std": ("group", "global"), "multi_reward": MULTI_REWARD_MODES,
                "t_distribution": ("uniform", "logit_normal", "schedule", "schedule_permutation"),
                "loss_weighting": ("velocity", "adaptive"), "policy_ema_schedule": ("linear", "flat_warmup")}
     for key, valid in choices.items():

@@ -44,8 +44,8 @@ from align.trainers.checks import check_common, require_stochastic_kernel, steps
 from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
 from align.trainers.ppo import PPOConfig, PPOTerm, RolloutBatch
-from align.trainers.scoring import (group_batch_advantages, learning_rewards, restore_reward_states, sample_and_score,
-                                    store_reward_states)
+from align.trainers.scoring import (MULTI_REWARD_MODES, group_batch_advantages, learning_rewards,
+                                    restore_reward_states, sample_and_score, store_reward_states)
 from rewards.dense import prm_rows_from_rollout
 
 
@@ -63,7 +63,8 @@ class FlowGRPOConfig(TrainerConfig):
     #: advantages (r - prompt mean) / std with the std of the whole gathered batch ("global", as every
     #: paper config of the reference) or of the prompt's group ("group")
     adv_std: str = "global"
-    #: several rewards: "sum_rewards" (weighted sum, then normalise) or "sum_advantages" (MixGRPO)
+    #: several rewards: "sum_rewards" (weighted sum, then normalise), "sum_advantages" (MixGRPO) or
+    #: "gdpo" (each reward normalised within its group, the weighted sum again over the batch)
     multi_reward: str = "sum_rewards"
     #: Fast / Mix: an SDE window of this many steps inside an ODE run (null: SDE everywhere)
     window_size: int | None = None
@@ -115,7 +116,7 @@ def check_config(config: FlowGRPOConfig, adapter=None) -> None:
         raise ConfigError("rollout.cfg_split needs ppo.cfg_grad: cond_only (a 'full' gradient differentiates the "
                           "unconditional branch: set rollout.cfg_split: false)")
     check_choice("adv_std", config.adv_std, ("group", "global"))
-    check_choice("multi_reward", config.multi_reward, ("sum_rewards", "sum_advantages"))
+    check_choice("multi_reward", config.multi_reward, MULTI_REWARD_MODES)
     check_choice("window_mode", config.window_mode, ("random", "sliding"))
     if config.window_size is not None and not 1 <= config.window_size < config.rollout.num_steps:
         raise ConfigError(f"window_size must be in 1..{config.rollout.num_steps - 1}, got {config.window_size}")

@@ -110,11 +110,17 @@ def check_unscored(run, reward, valid, iteration: int) -> None:
                           f"run.max_unscored_fraction={limit}): is its server down? the last checkpoint is intact")
 
 
+#: the ways several rewards make one advantage (a trainer's ``multi_reward``)
+MULTI_REWARD_MODES = ("sum_rewards", "sum_advantages", "gdpo")
+
+
 def group_batch_advantages(run, reward, scores, groups, *, std: str, clip: float, multi_reward: str = "sum_rewards"):
     """Group advantages from the gathered batch (``groups``: this process's group ids, unique
     across processes). ``sum_rewards`` trains exactly the reward's total (a combination's weighted,
     normalised total); ``sum_advantages`` (MixGRPO) sums the advantages of the combination's
-    top-level rewards, each normalised on its own, with their configured weights. Unscored rows
+    top-level rewards, each normalised on its own, with their configured weights; ``gdpo``
+    normalises each top-level reward within its group, then the weighted sum over the batch (one
+    reward: its group advantage, normalised again over the batch). Unscored rows
     (the reward's valid flag) are dropped from their groups. Returns this process's (advantages,
     keep), the gathered named scores and the gathered valid mask."""
     from align.advantages import group_advantages, mixed_advantages
@@ -124,10 +130,13 @@ def group_batch_advantages(run, reward, scores, groups, *, std: str, clip: float
     all_groups = run.gather(groups)
     valid = run.gather(scores.valid_mask())
     named = {k: run.gather(v.float()) for k, v in scores.scores.items()}
-    if multi_reward == "sum_advantages" and isinstance(reward, CombinedReward):
+    if multi_reward in ("sum_advantages", "gdpo") and isinstance(reward, CombinedReward):
         top = {k: named[k] for k in reward.rewards}
-        advantages, keep = mixed_advantages(top, reward.weights, all_groups, "sum_advantages", valid=valid,
+        advantages, keep = mixed_advantages(top, reward.weights, all_groups, multi_reward, valid=valid,
                                             std=std, clip=clip)
+    elif multi_reward == "gdpo":
+        advantages, keep = mixed_advantages({"total": run.gather(scores.total.float())}, {}, all_groups, "gdpo",
+                                            valid=valid, clip=clip)
     else:
         advantages, keep = group_advantages(run.gather(scores.total.float()), all_groups, std=std, clip=clip,
                                             valid=valid)
