@@ -1,6 +1,6 @@
 """Rewards -> advantages through real trainer runs: a combination of a one-dimension and a
 multi-dimension reward trains exactly its total (``sum_rewards``) or the weighted sum of its
-top-level rewards' advantages (``sum_advantages``); unscored samples (the reward's valid flag)
+top-level rewards' advantages (``sum_advantages``), or GDPO's (``gdpo``); unscored samples (the reward's valid flag)
 are dropped from their groups and NaN never reaches advantages, losses or the summary."""
 
 from __future__ import annotations
@@ -127,6 +127,22 @@ def test_sum_advantages_sums_the_top_level_rewards_with_their_weights(trainer, s
     a_bright, _ = group_advantages(bright, GROUPS)
     a_multi, _ = group_advantages(two["red"] + two["contrast"], GROUPS)
     expected = 2.0 * a_bright + 0.5 * a_multi
+    got = torch.tensor([seen[r] for r in range(8)])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trainer, spy_on", [("flow_grpo", "ppo_transition_loss"), ("diffusion_nft", "optimality")])
+def test_gdpo_normalises_each_top_level_reward_in_its_group_then_the_sum(trainer, spy_on, tmp_path, monkeypatch):
+    """multi_reward: gdpo -- each top-level reward's group advantage (the combination's own dimension
+    totals), their weighted sum, then that sum normalised over the batch."""
+    seen, _, _ = run(trainer, tmp_path, COMBINATION, "multi_reward=gdpo",
+                     *(["ppo.kl_beta=0"] if trainer == "flow_grpo" else []), spy_on=spy_on, monkeypatch=monkeypatch)
+    bright = training_scores("bright")["score"]
+    two = training_scores("two_dims")
+    a_bright, _ = group_advantages(bright, GROUPS, clip=None)
+    a_multi, _ = group_advantages(two["red"] + two["contrast"], GROUPS, clip=None)
+    combined = 2.0 * a_bright + 0.5 * a_multi
+    expected = (combined - combined.mean()) / (combined.std(unbiased=False) + 1e-4)
     got = torch.tensor([seen[r] for r in range(8)])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

@@ -54,6 +54,9 @@ TRAINER_OVERRIDES = {
     # the reference's adaptive loss carries adv_clip / beta = 5: half the learning rate; each sample
     # at 5 of the 6 sampler levels (the reference's all-but-one)
     "diffusion_nft": ["group_size=16", "optim.lr=1.5e-3"],
+    # 6 sampler steps: AWM's strata cover steps 1-4, DGPO's trained steps 0-4
+    "awm": ["t_per_sample=4"],
+    "dgpo": ["trunc_steps=4", "steps_per_iteration=4"],
     # the gradient and preference methods: their presets' settings
     "reward_backprop": [], "alignprop": [], "draft_lv": [], "refl": [], "dpo": [], "d3po": [], "prdp": [],
     # fitting its own samples with the ordinary loss: the preset's smaller step

@@ -111,6 +111,9 @@ FAMILY_TRAINERS = {
     "flow_grpo": ["trainer=flow_grpo", "group_size=2", "ppo.kl_beta=0.01"],
     "branch_grpo": ["trainer=branch_grpo", "rollout.split_steps=[0,2]", "trees_per_prompt=1", "ppo.kl_beta=0.01"],
     "diffusion_nft": ["trainer=diffusion_nft", "group_size=2", "t_per_sample=1"],
+    # 4 rollout steps: AWM's strata cover steps 1-2, DGPO trains steps 0-2
+    "awm": ["trainer=awm", "group_size=2", "t_per_sample=2"],
+    "dgpo": ["trainer=dgpo", "group_size=2", "trunc_steps=2", "steps_per_iteration=2"],
     "reward_backprop": ["trainer=reward_backprop", "mode=draft", "truncation_steps=1", "rollout.kernel=ode",
                         "group_size=1"],
     "dpo": ["trainer=dpo", "group_size=2", "rollout.kernel=ode"],

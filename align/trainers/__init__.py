@@ -12,6 +12,8 @@ TRAINERS: dict[str, str] = {
     "dense_grpo": "align.trainers.dense_grpo",
     "tempflow_grpo": "align.trainers.tempflow_grpo",
     "diffusion_nft": "align.trainers.diffusion_nft",
+    "awm": "align.trainers.awm",
+    "dgpo": "align.trainers.dgpo",
     "ddpo": "align.trainers.ddpo",
     "reward_backprop": "align.trainers.reward_backprop",
     "dpo": "align.trainers.dpo",
