@@ -84,3 +84,20 @@ def test_dgpo_surrogate_gradient_is_the_literal_one_over_beta():
         return d_theta.grad
 
     torch.testing.assert_close(grad("surrogate") * beta, grad("literal"), atol=1e-6, rtol=1e-5)
+
+
+def test_awm_draws_one_level_from_each_stratum_the_smaller_strata_first():
+    """The reference's 'discrete_wo_init' on 14 steps: steps 1..11 in 6 strata {1}, {2, 3}, ..., {10, 11}."""
+    from align.trainers.awm import AWMConfig, level_steps, stratified_steps
+
+    config = AWMConfig(t_per_sample=6)
+    config.rollout.num_steps = 14
+    steps = level_steps(config)
+    assert list(steps) == list(range(1, 12))
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([stratified_steps(steps, 6, generator) for _ in range(200)])
+    strata = [{1}, {2, 3}, {4, 5}, {6, 7}, {8, 9}, {10, 11}]
+    for column, stratum in zip(draws.T, strata):
+        assert set(column.tolist()) == stratum  # every member drawn, nothing outside
+    config.t_distribution = "discrete"
+    assert list(level_steps(config)) == list(range(0, 12))

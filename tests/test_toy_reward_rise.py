@@ -83,6 +83,11 @@ MEASURED: dict[tuple[str, str], tuple[float, ...]] = {
     # DiffusionNFT with the reference's loss, noise levels, KL, policy EMA and DPM-Solver++ sampler
     ("diffusion_nft", "digit"): (0.0518, 0.0421, 0.0486, 0.0543, 0.0400),
     ("diffusion_nft", "jpeg"): (0.1017, 0.1530, 0.1436, 0.0355, 0.1162),
+    # the ODE-rollout methods: AWM (ghuber weighting, KL to the base and to an EMA) and DGPO (beta 100,
+    # the gated surrogate); on JPEG they gained (0.132, 0.179, 0.147, 0.164, 0.159) and (0.104, 0.037,
+    # 0.111, 0.086, 0.096), not run here to keep the slow set short
+    ("awm", "digit"): (0.0534, 0.0560, 0.0412, 0.0570, 0.0552),
+    ("dgpo", "digit"): (0.0462, 0.0467, 0.0297, 0.0544, 0.0327),
     # reward backprop: DRaFT-1, AlignProp (one gaussian cut), DRaFT-LV (2 re-noised copies), ReFL
     ("reward_backprop", "digit"): (0.0568, 0.0598, 0.0614, 0.0719, 0.0343),
     ("alignprop", "digit"): (0.0635, 0.0624, 0.0675, 0.0769, 0.0610),
