@@ -25,6 +25,9 @@ sys.path.insert(0, str(ROOT))
 #: trainer -> overrides on top of the common ones (settings that refer to the preset's 10 steps)
 EXTRA = {
     "branch_grpo": ["rollout.split_steps=[0,2]"],
+    # 4 steps: AWM's strata cover steps 1-2, DGPO trains steps 0-2
+    "awm": ["t_per_sample=2"],
+    "dgpo": ["trunc_steps=2", "steps_per_iteration=2"],
     "ddpo": ["model.name=sd", "model.height=32", "model.width=32", "rewards=[jpeg_compressibility]",
              "prompts=['a cat', 'a dog', 'a red car']", "lora.rank=4"],
 }
