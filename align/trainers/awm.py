@@ -38,7 +38,7 @@ from align.trainers.common import TrainLog, end_iteration, finish_run, progress,
 from align.trainers.config import TrainerConfig
 from align.trainers.ppo import epoch_minibatches
 from align.trainers.scoring import MULTI_REWARD_MODES, group_batch_advantages, sample_and_score
-from align.trainers.snapshot import SnapshotState, checkpointed_snapshot
+from align.trainers.snapshot import SnapshotState, checkpointed_snapshot, growing_decay
 
 #: how the re-noising levels are drawn: stratified over the sampler's steps 1 .. t_fraction T
 #: ("discrete_wo_init": the reference's GenEval / OCR) or 0 .. t_fraction T ("discrete": its PickScore)
@@ -129,11 +129,6 @@ def stratified_steps(steps: range, count: int, generator: torch.Generator) -> Te
     return torch.tensor([steps[int(s + o)] for s, o in zip(starts, offsets)])
 
 
-def ema_decay(config: AWMConfig, updates: int) -> float:
-    """The EMA's decay after ``updates`` optimizer updates: min(ema_decay_cap, ema_decay_rate * updates)."""
-    return min(config.ema_decay_cap, config.ema_decay_rate * updates)
-
-
 # --- the loop --------------------------------------------------------------------------------------
 
 
@@ -221,7 +216,7 @@ def train(config: AWMConfig, adapter=None) -> dict[str, float]:
                 extra_nfe += calls
 
         # 4. the EMA follows theta
-        decay = ema_decay(config, run.state.updates)
+        decay = growing_decay(config.ema_decay_cap, config.ema_decay_rate, run.state.updates)
         ema.update(decay)
 
         # 5. bookkeeping (NFE: sampling plus the reference and EMA evaluations)

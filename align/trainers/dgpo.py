@@ -38,7 +38,7 @@ from align.trainers.checks import check_common
 from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
 from align.trainers.scoring import MULTI_REWARD_MODES, group_batch_advantages, sample_and_score
-from align.trainers.snapshot import SnapshotState, checkpointed_snapshot
+from align.trainers.snapshot import SnapshotState, checkpointed_snapshot, growing_decay
 
 
 @dataclass
@@ -184,7 +184,7 @@ def train(config: DGPOConfig, adapter=None) -> dict[str, float]:
             log.record_update(run.optimizer_step())
 
         # 5. reference: ema follows theta
-        decay = min(config.ema_decay_cap, config.ema_decay_rate * run.state.updates)
+        decay = growing_decay(config.ema_decay_cap, config.ema_decay_rate, run.state.updates)
         if config.reference == "ema":
             ema.update(decay)
 

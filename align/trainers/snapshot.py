@@ -65,6 +65,12 @@ class WeightSnapshot:
                 s.copy_(value.to(s.device, s.dtype))
 
 
+def growing_decay(cap: float, rate: float, updates: int) -> float:
+    """An EMA decay that grows with training: d = min(cap, rate * updates) after ``updates`` optimizer
+    updates (AWM's and DGPO's EMA of the weights: cap 0.3, rate 0.001)."""
+    return min(cap, rate * updates)
+
+
 @dataclass
 class SnapshotState:
     """The trainer state of the trainers that keep a second copy of the trained weights (DPO's
