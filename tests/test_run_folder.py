@@ -138,3 +138,29 @@ def test_no_trainer_opens_a_run_without_the_validation_pass(name, tmp_path, monk
         with pytest.raises(ConfigError, match=expected):
             start_run(config)
         assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_start_writes_nothing(tmp_path, monkeypatch):
+    """A start that fails leaves no folder: the next run would take it for a run to continue. A
+    missing checkpoint is refused before the run opens; a failure after the folder is made (here the
+    first evaluation's reward) removes it; a folder that held a run before keeps what it had."""
+    import align.trainers.common as common
+
+    with pytest.raises(ConfigError, match=r"^run.resume: checkpoint folder not found: .*nowhere$"):
+        train(tmp_path / "run", "iterations=1", f"run.resume={tmp_path / 'nowhere'}")
+    assert not (tmp_path / "run").exists()
+
+    def broken_evaluation(*args, **kwargs):
+        raise RuntimeError("the reward failed")
+
+    monkeypatch.setattr(common, "evaluate_run", broken_evaluation)
+    with pytest.raises(RuntimeError, match="the reward failed"):
+        train(tmp_path / "run", "iterations=1")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.undo()
+    train(tmp_path / "kept", "iterations=1")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "kept").rglob("*"))
+    monkeypatch.setattr(common, "evaluate_run", broken_evaluation)
+    with pytest.raises(RuntimeError, match="the reward failed"):
+        train(tmp_path / "kept", "iterations=2", "run.resume=null")
+    assert (tmp_path / "kept" / "run.json").is_file() and (tmp_path / "kept" / "metrics.jsonl").is_file()

@@ -5,6 +5,9 @@ finish (final evaluation, LoRA export, the summary line)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from align.prompts import check_prompt_images, prompt_list
 from align.trainers.checks import check_trained_steps
 from align.trainers.config import TrainerConfig
@@ -35,21 +38,29 @@ def start_run(config: TrainerConfig, adapter=None, state=None):
                    (config.model.name, model_tasks(config.model.name, config.model.path)))
     check_prompt_images(prompts, name, tasks)
     check_prompt_images(eval_prompt_list(config), name, tasks, field="eval_prompt_file")
-    run = Run(config, model=config.model, lora=config.lora, optim=config.optim, run=config.run, adapter=adapter,
-              trainer_state=state)
-    check_prompt_images(prompts, run.adapter.name, run.adapter.tasks)  # a hub checkpoint's tasks, known now
-    check_trained_steps(run, config)
-    device = run.accelerator.device
-    reward.to(device)
-    for extra in heldout.values():
-        extra.to(device)
-    checkpointing.resume(run)
-    checkpointing.describe_run(run)
-    if run.state.reward_before is None:
-        before = evaluate_run(run, config, reward, heldout, "before")
-        run.state.reward_before = before["eval/reward"]
-        run.state.heldout_before = {k: v for k, v in before.items() if k != "eval/reward"}
-        log_evaluation(run, before)
+    folder = Path(config.run.output_dir)
+    fresh_folder = not folder.exists()
+    try:
+        run = Run(config, model=config.model, lora=config.lora, optim=config.optim, run=config.run, adapter=adapter,
+                  trainer_state=state)
+        check_prompt_images(prompts, run.adapter.name, run.adapter.tasks)  # a hub checkpoint's tasks, known now
+        check_trained_steps(run, config)
+        device = run.accelerator.device
+        reward.to(device)
+        for extra in heldout.values():
+            extra.to(device)
+        checkpointing.resume(run)
+        checkpointing.describe_run(run)
+        if run.state.reward_before is None:
+            before = evaluate_run(run, config, reward, heldout, "before")
+            run.state.reward_before = before["eval/reward"]
+            run.state.heldout_before = {k: v for k, v in before.items() if k != "eval/reward"}
+            log_evaluation(run, before)
+    except BaseException:
+        # a start that fails writes nothing: a folder left behind would look like a run to continue
+        if fresh_folder:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     run.start_clock()  # training wall time (run.state.seconds) counts from here
     return run, reward, heldout, prompts
 

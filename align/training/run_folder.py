@@ -103,6 +103,15 @@ def check_run_folder(config: Any) -> None:
     resolve_output_dir(config)
     folder = Path(config.run.output_dir)
     check_writable_folder(folder, "run.output_dir")
+    if config.run.resume and not continues_a_run(config.run.resume):
+        from align.training.checkpoint_files import checkpoint_problem
+
+        checkpoint = Path(config.run.resume)
+        if not checkpoint.is_dir():
+            raise ConfigError(f"run.resume: checkpoint folder not found: {checkpoint}")
+        problem = checkpoint_problem(checkpoint)
+        if problem is not None:
+            raise ConfigError(f"run.resume: checkpoint {checkpoint} is unusable: {problem}")
     if not continues_a_run(config.run.resume) or not (folder / "run.json").is_file():
         return
     try:
