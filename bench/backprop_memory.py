@@ -76,15 +76,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ks", default=",".join(map(str, KS)), help="kept steps to measure (20 among them)")
     parser.add_argument("--worker", nargs=2, metavar=("K", "CHECKPOINTED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         k, checkpointed = int(args.worker[0]), args.worker[1] == "1"
         print(json.dumps(worker(k, checkpointed, args.batch, args.device)))
         return
+    ks = [int(k) for k in args.ks.split(",")]
     results = {}
     for checkpointed in (False, True):
-        for k in KS:
+        for k in ks:
             out = subprocess.run([sys.executable, __file__, "--worker", str(k), str(int(checkpointed)),
                                   "--batch", str(args.batch), "--device", args.device],
                                  capture_output=True, text=True, check=True)
@@ -92,11 +94,11 @@ def main() -> None:
     print(f"reward backprop, toy model, batch {args.batch}, {STEPS}-step ODE rollouts, {args.device}: "
           f"memory added by the gradient step (MiB)")
     print(f"{'K':>4s} {'plain':>9s} {'checkpointed':>13s} {'ratio':>7s}")
-    for k in KS:
+    for k in ks:
         plain, ckpt = results[(k, False)], results[(k, True)]
         print(f"{k:4d} {plain:9.1f} {ckpt:13.1f} {ckpt / plain:7.3f}")
-    for label, flag in (("plain", False), ("checkpointed", True)):
-        print(f"per_kept_step_{label}_mib={slope([(k, results[(k, flag)]) for k in KS]):.2f}")
+    for label, flag in (("plain", False), ("checkpointed", True)) if len(ks) > 1 else ():
+        print(f"per_kept_step_{label}_mib={slope([(k, results[(k, flag)]) for k in ks]):.2f}")
     print(f"ckpt_vs_plain_at_20={results[(20, True)] / results[(20, False)]:.3f}")
 
 

@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=4, help="per side, the first a warm-up")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="ours with run.compile (inductor)")
+    parser.add_argument("--compile-backend", default="inductor", help="with --compile: torch.compile's backend")
     parser.add_argument("--no-split", action="store_true", help="ours without rollout.cfg_split (the lever off)")
     parser.add_argument("--reuse-graph", action="store_true",
                         help="ours with reuse_rollout_graph (the rollout's graphs train the first pass)")
@@ -187,6 +188,7 @@ def main() -> None:
             f"rollout.guidance_scale={GUIDANCE}", f"model.height={args.size}", f"model.width={args.size}",
             f"ppo.kl_beta={BETA}", f"ppo.clip_range={CLIP}", "adv_std=global", "run.log_with=none", "run.progress=false",
             "run.checkpoint_every=0", f"run.output_dir={tmp}/run", f"run.compile={args.compile}",
+            f"run.compile_options={{backend: {args.compile_backend}}}",
             f"rollout.cfg_split={not args.no_split}", f"reuse_rollout_graph={args.reuse_graph}"]
         start = time.perf_counter()
         module.train(load_config(module.CONFIG, None, overrides), adapter=adapter)

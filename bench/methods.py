@@ -101,7 +101,7 @@ def main() -> None:
         print(f"{name:19s} {before:7.3f} {after:7.3f} {gain:+7.3f} {spread:6.3f} {per_nfe:+11.4f} {per_s:+8.4f} "
               f"{seconds:7.1f} {backward:9.0f} {recomputed:7.0f}")
     if rows:
-        print(f"best_per_1k_nfe={rows[0][0]}")
+        print(f"best_gain_per_1k_nfe={rows[0][5]:.4f} ({rows[0][0]})")
     if args.match:
         target = next(r[2] for r in rows if r[0] == args.match)
         budget = int(args.fraction * args.nfe)

@@ -159,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         rewards = build_all(Path(tmp), server.url)
         if args.only:
             rewards = {k: v for k, v in rewards.items() if k in args.only}
-        rows = []
+        rows, rates = [], {}
         for name, (reward, kind) in rewards.items():
             rate, per_batch = time_reward(reward, kind, args.batch, args.size, args.frames, args.seconds)
             unit = "frames/s" if kind == "video" else "images/s"
             rows.append((name, "yes" if reward.differentiable else "no", ",".join(reward.dimensions), f"{rate:,.1f}",
                          unit, f"{per_batch * 1000:,.1f}"))
+            rates[name] = rate
     header = ("reward", "diff", "dimensions", "rate", "unit", "ms/batch")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     print(f"CPU, torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, {args.size} px"
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join("-" * w for w in widths))
     for row in rows:
         print(fmt.format(*row))
+    slowest = min(rates, key=rates.get)
+    print(f"slowest_reward_items_per_second={rates[slowest]:.1f} ({slowest})")
     return 0
 
 

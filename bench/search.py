@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=32)
     parser.add_argument("--steps", default="[3,5,7]", help="pruning steps of the 10-step sampler")
     parser.add_argument("--keep", default="[0.25,0.5,0.5]", help="keep fraction at each pruning step")
+    parser.add_argument("--prompts", type=int, default=None, help="the first N of the toy prompts (default: all)")
     args = parser.parse_args()
 
     import torch
@@ -59,7 +60,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     adapter = load_toy_adapter()
-    prompts = list(TOY_PROMPTS)
+    prompts = list(TOY_PROMPTS)[:args.prompts]
     print(f"{len(prompts)} prompts, reward {args.reward}, {adapter.default_steps}-step ODE sampler")
     default = gains(adapter, args.reward, prompts, args.seeds, args.candidates, None, "[0.4,0.4,0.5]", "ttsnap")
     print(f"TTSnap default schedule (steps 1, 3, 6 of 10; keep 0.4, 0.4, 0.5): gain ratio {default:.3f}")

@@ -17,7 +17,8 @@ def test_group_advantages_closed_form_and_zero_std_groups_dropped():
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0, -1.0, 1.0]))
     assert keep.tolist() == [True, True, False, False, True, True]
     glob, _ = group_advantages(rewards, groups, std="global", eps=0.0)
-    torch.testing.assert_close(glob[:2], torch.tensor([-1.0, 1.0]) / rewards.std(unbiased=False))
+    # "global": each group's own mean, the batch's spread: mean 10/3, population variance 80/6 - 100/9 = 20/9
+    torch.testing.assert_close(glob[:2], torch.tensor([-3.0, 3.0]) / math.sqrt(20))
 
 
 def test_group_advantages_are_clipped():
@@ -133,8 +134,8 @@ def test_flow_matching_target():
 def test_running_prompt_stats_switch_from_batch_to_prompt_statistics():
     stats = RunningPromptStats(buffer_size=4, min_count=4)
     first = stats.advantages(["a", "a", "b", "b"], torch.tensor([1.0, 3.0, 10.0, 30.0]))
-    batch = torch.tensor([1.0, 3.0, 10.0, 30.0])
-    torch.testing.assert_close(first, (batch - batch.mean()) / (batch.std(unbiased=False) + 1e-6))
+    # too few rewards per prompt yet: the batch's statistics, mean 11, population variance 526 / 4
+    torch.testing.assert_close(first, torch.tensor([-10.0, -8.0, -1.0, 19.0]) / (math.sqrt(131.5) + 1e-6))
     second = stats.advantages(["a", "a"], torch.tensor([1.0, 3.0]))
     torch.testing.assert_close(second, torch.tensor([-1.0, 1.0]), rtol=1e-5, atol=1e-5)
     copy = RunningPromptStats(4, 4)

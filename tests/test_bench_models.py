@@ -1,5 +1,5 @@
-"""The benchmarks of the model families (FAMILY_CASES) run at a tiny size: their last lines name their figures, and the
-parameter counts come from the released configs (built on the meta device)."""
+"""The parameter counts of bench/real_models.py come from the released configs (built on the meta device).
+Every benchmark's tiny run is in tests/test_bench_suite.py."""
 
 from __future__ import annotations
 
@@ -28,10 +28,3 @@ def test_real_models_counts_the_released_configs():
     assert lora - lora_offload == pytest.approx(4.02e9 * 2 / 2**30, abs=0.1)
     assert full > lora
     assert lines[-1] == "lora_offload_fits_80gib=2/2"
-
-
-@pytest.mark.parametrize("family", ["qwen_image", "wan22_i2v"])
-def test_rollout_against_the_stock_pipeline_runs_tiny(family):
-    lines = _run("bench/rollout.py", "--model", family, "--repeats", "1", "--steps", "2", "--batch", "1")
-    assert lines[-1].startswith(f"rollout_vs_diffusers_{family}=")
-    assert float(lines[-1].split("=")[1]) > 0

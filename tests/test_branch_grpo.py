@@ -52,14 +52,13 @@ def test_node_rewards_and_depth_advantages_on_a_hand_checkable_tree(gaussian_ada
     torch.testing.assert_close(tree[0].advantage, torch.stack([leaf_adv[:2].mean(), leaf_adv[2:].mean()]))
     torch.testing.assert_close(tree[1].advantage, leaf_adv)
 
-    # log-prob fusion: node 0's reward weights leaves 0, 1 by softmax of their path log-probs below it
+    # log-prob fusion: node 0's reward weights leaves 0, 1 by their path probabilities below it; for two
+    # leaves that is r0 + (r1 - r0) sigmoid((l1 - l0) / temperature)
     below = result.transitions[1].log_prob + result.transitions[2].log_prob
-    w0 = torch.softmax(below[:2], 0)
-    w1 = torch.softmax(below[2:] / 0.5, 0)
     fused = node_targets(result, rewards, fusion="logp")
-    torch.testing.assert_close(fused[0].reward[0], (w0 * rewards[:2]).sum())
+    torch.testing.assert_close(fused[0].reward[0], 1.0 + (2.0 - 1.0) * torch.sigmoid(below[1] - below[0]))
     hot = node_targets(result, rewards, fusion="logp", temperature=0.5)
-    torch.testing.assert_close(hot[0].reward[1], (w1 * rewards[2:]).sum())
+    torch.testing.assert_close(hot[0].reward[1], 3.0 + (6.0 - 3.0) * torch.sigmoid((below[3] - below[2]) / 0.5))
     torch.testing.assert_close(fused[2].reward, rewards)  # a leaf's own reward
 
 
@@ -72,14 +71,14 @@ def test_each_tree_is_normalised_alone_or_with_the_trees_of_its_prompt(gaussian_
     assert torch.equal(per_tree[1].keep, torch.tensor([True] * 4 + [False] * 4))
     assert torch.equal(per_tree[1].advantage[4:], torch.zeros(4))
     pooled = node_targets(result, rewards, group_of_tree=torch.tensor([0, 0]))
-    mean, std = rewards.mean(), rewards.std(unbiased=False)
-    torch.testing.assert_close(pooled[1].advantage, (rewards - mean) / (std + 1e-4))
-    nodes = torch.tensor([1.5, 4.5, 0.0, 0.0])
-    torch.testing.assert_close(pooled[0].advantage, (nodes - nodes.mean()) / (nodes.std(unbiased=False) + 1e-4))
-    # "global" std: each tree's own mean, the spread of the whole depth
+    # the 8 leaves pooled: mean 1.5, population variance (0.25 + 0.25 + 2.25 + 20.25 + 4 x 2.25) / 8 = 4
+    torch.testing.assert_close(pooled[1].advantage, torch.tensor([-0.5, 0.5, 1.5, 4.5] + [-1.5] * 4) / (2 + 1e-4))
+    # the 4 nodes of depth 1 (1.5, 4.5, 0, 0) pooled: mean 1.5, population variance (9 + 2.25 + 2.25) / 4 = 3.375
+    torch.testing.assert_close(pooled[0].advantage, torch.tensor([0.0, 3.0, -1.5, -1.5]) / (math.sqrt(3.375) + 1e-4))
+    # "global" std: each tree's own mean (3 and 0), the spread of the whole depth (2); the second tree,
+    # without signal, stays at 0
     spread = node_targets(result, rewards, std="global")
-    expected = (rewards - torch.tensor([3.0] * 4 + [0.0] * 4)) / (rewards.std(unbiased=False) + 1e-4)
-    torch.testing.assert_close(spread[1].advantage, expected * torch.tensor([1.0] * 4 + [0.0] * 4))
+    torch.testing.assert_close(spread[1].advantage, torch.tensor([-2.0, -1.0, 0.0, 3.0] + [0.0] * 4) / (2 + 1e-4))
 
 
 def test_width_pruning_keeps_the_best_and_worst_leaves_of_each_tree():

@@ -230,6 +230,6 @@ def test_dual_advantages_add_the_group_normalised_process_reward():
     groups = torch.tensor([0, 0, 1, 1])
     process = {2: torch.tensor([1.0, 2.0, 5.0, 3.0])}
     out = dual_advantages(outcome, process, groups, outcome_weight=2.0, process_weight=0.5)
-    # each group's two values sit one std from their mean: std 0.5 in group 0, 1 in group 1
-    z0, z1 = 0.5 / (0.5 + 1e-4), 1 / (1 + 1e-4)
-    torch.testing.assert_close(out[2], 2.0 * outcome + 0.5 * torch.tensor([-z0, z0, z1, -z1]))
+    # each group's two values sit one std from their mean: std 0.5 in group 0, 1 in group 1, so the
+    # process terms are -+0.5 x 0.5 / 0.5001 = -+0.49990 and +-0.5 x 1 / 1.0001 = +-0.49995
+    torch.testing.assert_close(out[2], torch.tensor([1.50010, -1.50010, 1.49995, -1.49995]), rtol=0, atol=1e-5)

@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-from align.advantages import group_advantages
 from align.config import load_config
 from align.trainers import ppo, trainer_module
 from rewards.base import Reward, register_reward
@@ -19,28 +18,6 @@ from tests.conftest import GaussianAdapter, GaussianDDPMAdapter
 
 #: every call of the test rewards, in order: (samples' brightness, output dict)
 CALLS: list[dict] = []
-
-
-@register_reward("test_adv_bright")
-class Bright(Reward):
-    """One dimension: mean brightness."""
-
-    def score(self, samples, prompts, **context):
-        out = {"score": samples.mean(dim=(1, 2, 3))}
-        CALLS.append({"reward": "bright", **out})
-        return out
-
-
-@register_reward("test_adv_two_dims")
-class TwoDims(Reward):
-    """Two dimensions: brightness of the first channel and contrast (std) of the image."""
-
-    dimensions = ("red", "contrast")
-
-    def score(self, samples, prompts, **context):
-        out = {"red": samples[:, 0].mean(dim=(1, 2)), "contrast": samples.flatten(1).std(1)}
-        CALLS.append({"reward": "two_dims", **out})
-        return out
 
 
 #: rows of every scored batch of 8 that the partial reward cannot score (group 0 keeps one member)
@@ -98,8 +75,29 @@ def training_scores(reward_name):
     return calls[1]
 
 
-GROUPS = torch.arange(2).repeat_interleave(4)
-COMBINATION = "[{name: test_adv_bright, weight: 2.0}, {name: test_adv_two_dims, weight: 0.5, normalize: batch}]"
+
+
+@register_reward("test_adv_table_a")
+class TableA(Reward):
+    """One dimension, a fixed value per row of a batch of 8 (training and evaluation batches alike)."""
+
+    def score(self, samples, prompts, **context):
+        return {"score": torch.tensor([0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0])[:len(prompts)]}
+
+
+@register_reward("test_adv_table_b")
+class TableB(Reward):
+    """Two dimensions whose total is +1, -1, +1, ... (mean 0, population std 1: batch normalisation keeps it)."""
+
+    dimensions = ("red", "contrast")
+
+    def score(self, samples, prompts, **context):
+        red = torch.tensor([2.0, 0.0] * 4)[:len(prompts)]
+        return {"red": red, "contrast": torch.full_like(red, -1.0)}
+
+
+#: A = (0, 1, 2, 3 | 0, 0, 0, 0) with weight 2, B = (+1, -1, +1, -1 | +1, -1, +1, -1) with weight 0.5
+TABLES = "[{name: test_adv_table_a, weight: 2.0}, {name: test_adv_table_b, weight: 0.5, normalize: batch}]"
 
 
 @pytest.mark.parametrize("trainer, spy_on, options", [
@@ -107,44 +105,35 @@ COMBINATION = "[{name: test_adv_bright, weight: 2.0}, {name: test_adv_two_dims, 
     ("diffusion_nft", "optimality", ["adv_std=group"]),
 ])
 def test_sum_rewards_trains_exactly_the_combinations_total(trainer, spy_on, options, tmp_path, monkeypatch):
-    seen, _, _ = run(trainer, tmp_path, COMBINATION, "multi_reward=sum_rewards", *options, spy_on=spy_on,
+    """The total 2 A + 0.5 B, then one group advantage (population std + 1e-4)."""
+    seen, _, _ = run(trainer, tmp_path, TABLES, "multi_reward=sum_rewards", *options, spy_on=spy_on,
                      monkeypatch=monkeypatch)
-    bright = training_scores("bright")["score"]
-    two = training_scores("two_dims")
-    multi_total = two["red"] + two["contrast"]
-    normalised = (multi_total - multi_total.mean()) / (multi_total.std(unbiased=False) + 1e-6)
-    expected, _ = group_advantages(2.0 * bright + 0.5 * normalised, GROUPS, std="group")
-    got = torch.tensor([seen[r] for r in range(8)])
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # group 0: totals 0.5, 1.5, 4.5, 5.5, mean 3, variance (6.25 + 2.25 + 2.25 + 6.25) / 4 = 4.25;
+    # group 1: totals +-0.5, std 0.5, so +-0.5 / 0.5001
+    expected = [-1.2126, -0.7276, 0.7276, 1.2126, 0.9998, -0.9998, 0.9998, -0.9998]
+    torch.testing.assert_close(torch.tensor([seen[r] for r in range(8)]), torch.tensor(expected), rtol=0, atol=2e-4)
 
 
 @pytest.mark.parametrize("trainer, spy_on", [("flow_grpo", "ppo_transition_loss"), ("diffusion_nft", "optimality")])
 def test_sum_advantages_sums_the_top_level_rewards_with_their_weights(trainer, spy_on, tmp_path, monkeypatch):
-    seen, _, _ = run(trainer, tmp_path, COMBINATION, "multi_reward=sum_advantages", "adv_std=group",
+    """2 A_group(A) + 0.5 A_group(B)."""
+    seen, _, _ = run(trainer, tmp_path, TABLES, "multi_reward=sum_advantages", "adv_std=group",
                      *(["ppo.kl_beta=0"] if trainer == "flow_grpo" else []), spy_on=spy_on, monkeypatch=monkeypatch)
-    bright = training_scores("bright")["score"]
-    two = training_scores("two_dims")
-    a_bright, _ = group_advantages(bright, GROUPS)
-    a_multi, _ = group_advantages(two["red"] + two["contrast"], GROUPS)
-    expected = 2.0 * a_bright + 0.5 * a_multi
-    got = torch.tensor([seen[r] for r in range(8)])
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # A's group 0 (0, 1, 2, 3): mean 1.5, variance 1.25, so 2 x (-1.5, -0.5, 0.5, 1.5) / 1.1181; its
+    # group 1 has no signal (0); B's advantages are +-1 / 1.0001 in both groups
+    expected = [-2.1831, -1.3943, 1.3943, 2.1831, 0.5, -0.5, 0.5, -0.5]
+    torch.testing.assert_close(torch.tensor([seen[r] for r in range(8)]), torch.tensor(expected), rtol=0, atol=2e-4)
 
 
 @pytest.mark.parametrize("trainer, spy_on", [("flow_grpo", "ppo_transition_loss"), ("diffusion_nft", "optimality")])
 def test_gdpo_normalises_each_top_level_reward_in_its_group_then_the_sum(trainer, spy_on, tmp_path, monkeypatch):
-    """multi_reward: gdpo -- each top-level reward's group advantage (the combination's own dimension
-    totals), their weighted sum, then that sum normalised over the batch."""
-    seen, _, _ = run(trainer, tmp_path, COMBINATION, "multi_reward=gdpo",
+    """multi_reward: gdpo -- each top-level reward's group advantage, their weighted sum, then that sum
+    normalised over the batch."""
+    seen, _, _ = run(trainer, tmp_path, TABLES, "multi_reward=gdpo",
                      *(["ppo.kl_beta=0"] if trainer == "flow_grpo" else []), spy_on=spy_on, monkeypatch=monkeypatch)
-    bright = training_scores("bright")["score"]
-    two = training_scores("two_dims")
-    a_bright, _ = group_advantages(bright, GROUPS, clip=None)
-    a_multi, _ = group_advantages(two["red"] + two["contrast"], GROUPS, clip=None)
-    combined = 2.0 * a_bright + 0.5 * a_multi
-    expected = (combined - combined.mean()) / (combined.std(unbiased=False) + 1e-4)
-    got = torch.tensor([seen[r] for r in range(8)])
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # the sum above, mean 0, population variance (2 x 2.1831^2 + 2 x 1.3943^2 + 4 x 0.25) / 8 = 1.8025
+    expected = [-1.6259, -1.0385, 1.0385, 1.6259, 0.3724, -0.3724, 0.3724, -0.3724]
+    torch.testing.assert_close(torch.tensor([seen[r] for r in range(8)]), torch.tensor(expected), rtol=0, atol=2e-4)
 
 
 def test_unscored_rows_are_dropped_from_their_groups(tmp_path, monkeypatch):
