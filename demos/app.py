@@ -81,6 +81,10 @@ def parse_reward_options(texts: list[str]) -> dict[str, dict]:
         if not sep:
             raise ConfigError(f"--reward-option: expected REWARD.KEY=VALUE, got {dotted}={value}")
         options.setdefault(reward, {})[key] = yaml.safe_load(value)
+    from rewards.registry import check_reward_options
+
+    for reward, values in options.items():  # a mistyped name, option or missing file: before the demo starts
+        check_reward_options(reward, values, field="--reward-option")
     return options
 
 

@@ -168,9 +168,10 @@ def format_table(files: list[Path], prompts: list[str], rows: list[dict], valid:
 def cmd_score(args: argparse.Namespace) -> int:
     from align.errors import ConfigError
     from rewards.base import RewardError
-    from rewards.registry import build_rewards
+    from rewards.registry import build_rewards, check_reward_specs
 
     specs = reward_specs(args.reward, args.option, args.config)
+    check_reward_specs(specs, "--reward")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     files, prompts = read_prompts(Path(args.images), args.prompts, args.prompt)
@@ -199,9 +200,27 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_port(port: int, field: str = "--port") -> None:
+    """A one-line ConfigError unless ``port`` is a TCP port a server can listen on (1-65535)."""
+    from align.errors import ConfigError
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{field} must be in 1..65535, got {port}")
+
+
 def cmd_serve_reward(args: argparse.Namespace) -> int:
+    from align.errors import ConfigError
     from rewards.server import serve
 
+    check_port(args.port)
+    for flag, value, least in (("--max-batch", args.max_batch, 1), ("--max-wait-ms", args.max_wait_ms, 0),
+                               ("--replicas", args.replicas, 1), ("--gpus-per-replica", args.gpus_per_replica, 0)):
+        if value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    if args.device:
+        from align.models import check_device
+
+        check_device(args.device, field="--device")
     specs = reward_specs([args.name], args.option, None)
     options = {k: v for k, v in specs[0].items() if k != "name"}
     from rewards import build_reward  # the name and options are checked before the server starts

@@ -46,14 +46,37 @@ def reward_class(name: str, field: str | None = None):
     return target
 
 
+#: option values that look like a local file (a hub name such as "org/model" does not)
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def check_reward_options(name: str, options: dict, field: str | None = None) -> None:
+    """A one-line ConfigError for an option the reward ``name`` does not take, or for a ``*_path``
+    option that names a local file or folder that does not exist (checked before any model loads)."""
+    import inspect
+    import os
+
+    params = inspect.signature(reward_class(name, field=field).__init__).parameters
+    accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    for key, value in options.items():
+        if key not in params and not accepts_any:
+            raise unknown_name_error(f"option of reward {name!r}", key, [p for p in params if p != "self"], field=field)
+        if (key.endswith("path") and isinstance(value, str) and value.startswith(LOCAL_PATH_PREFIXES)
+                and not os.path.exists(os.path.expanduser(value))):
+            raise ConfigError(f"{field + ': ' if field else ''}{name}.{key}: file not found: {value}")
+
+
 def check_reward_specs(specs, field: str) -> None:
-    """A one-line ConfigError for a reward spec without a name or with an unknown one (``field``:
-    the config key of the list, e.g. ``rewards``), checked before anything loads."""
+    """A one-line ConfigError for a reward spec without a name or with an unknown one, an unknown
+    option or a missing local file (``field``: the config key of the list, e.g. ``rewards``), checked
+    before anything loads."""
     for i, spec in enumerate(specs):
         name = spec if isinstance(spec, str) else dict(spec).get("name")
         if name is None:
             raise ConfigError(f"{field}[{i}]: a reward needs a 'name'")
-        reward_class(name, field=f"{field}[{i}]")
+        options = {} if isinstance(spec, str) else {k: v for k, v in dict(spec).items()
+                                                     if k not in ("name", "weight", "normalize", "key")}
+        check_reward_options(name, options, field=f"{field}[{i}]")
 
 
 def build_reward(spec: str | dict) -> Reward:
@@ -66,15 +89,8 @@ def build_reward(spec: str | dict) -> Reward:
         raise ConfigError(f"reward config {spec} has no 'name'")
     name = spec.pop("name")
     spec.pop("weight", None), spec.pop("normalize", None)
-    cls = reward_class(name)
-    import inspect
-
-    params = inspect.signature(cls.__init__).parameters
-    accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    for key in spec:
-        if key not in params and not accepts_any:
-            raise unknown_name_error(f"option of reward {name!r}", key, [p for p in params if p != "self"])
-    return cls(**spec)
+    check_reward_options(name, spec)
+    return reward_class(name)(**spec)
 
 
 def build_rewards(specs: Sequence[str | dict]) -> Reward:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import rewards.registry
+
 from align.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +97,45 @@ CASES = [
      "unknown config key 'seed' (did you mean 'seeds'"),
     ("sweep: mistyped trial setting", ["sweep", str(ROOT / "configs" / "sweeps" / "methods.yaml"),
                                        "overrides={optim.lrr: 0.1}"], "optim.lrr"),
+    ("reward: local file not found", ["train", "flow_grpo", "rewards=[{name: aesthetic, head_path: /nowhere/head.pth}]"],
+     "rewards[0]: aesthetic.head_path: file not found: /nowhere/head.pth"),
+    ("reward: mistyped option", ["train", "flow_grpo", "rewards=[{name: digit, weigths: x}]"],
+     "rewards[0]: unknown option of reward 'digit' 'weigths' (did you mean 'weights'"),
+]
+
+#: the other commands' bad input: (id, argv with {tmp} for a scratch folder, what the line must name)
+COMMAND_CASES = [
+    ("label: zero pairs", ["label", "--out", "{tmp}/labels", "--pairs", "0"], "--pairs must be >= 1, got 0"),
+    ("label: mistyped model", ["label", "--out", "{tmp}/labels", "model.name=toyy"],
+     "model.name: unknown model 'toyy' (did you mean 'toy'"),
+    ("label: --out is a file", ["label", "--out", "{tmp}/notes.txt"], "--out: {tmp}/notes.txt is a file, not a folder"),
+    ("serve-reward: mistyped reward", ["serve-reward", "digt"], "unknown reward 'digt' (did you mean 'digit'"),
+    ("serve-reward: mistyped option", ["serve-reward", "digit", "-o", "weigths=x"],
+     "unknown option of reward 'digit' 'weigths'"),
+    ("serve-reward: port out of range", ["serve-reward", "digit", "--port", "70000"],
+     "--port must be in 1..65535, got 70000"),
+    ("serve-reward: zero batch", ["serve-reward", "digit", "--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+    ("launch: mistyped preset", ["launch", "multi_gpuu", "train", "flow_grpo"],
+     "launch: unknown accelerate preset 'multi_gpuu' (did you mean 'multi_gpu'"),
+    ("launch: mistyped command", ["launch", "multi_cpu", "trian", "flow_grpo"],
+     "launch: unknown command 'trian' (did you mean 'train'"),
+    ("launch: no command", ["launch", "multi_cpu"], "launch: give the command to run"),
+    ("launch: a bad training value", ["launch", "multi_cpu", "train", "flow_grpo", "optim.lr=-1"],
+     "optim.lr must be > 0"),
+    ("score: mistyped reward", ["score", "--reward", "digt", "--images", "{tmp}/images", "--prompt", "a red digit 7"],
+     "unknown reward 'digt' (did you mean 'digit'"),
+    ("score: no images folder", ["score", "--reward", "digit", "--images", "{tmp}/nowhere", "--prompt", "x"],
+     "no images folder at {tmp}/nowhere"),
+    ("score: no prompts", ["score", "--reward", "digit", "--images", "{tmp}/images"],
+     "no prompts: give --prompts FILE or --prompt TEXT"),
+    ("demo: port out of range", ["demo", "--port", "0"], "--port must be in 1..65535, got 0"),
+    ("demo: --runs not a folder", ["demo", "--runs", "{tmp}/nowhere"], "--runs: {tmp}/nowhere is not a folder"),
+    ("demo: mistyped reward option", ["demo", "--reward-option", "aesthetic.hed_path=x"],
+     "--reward-option: unknown option of reward 'aesthetic' 'hed_path' (did you mean 'head_path'"),
+    ("demo: reward file not found", ["demo", "--reward-option", "aesthetic.head_path=/nowhere/head.pth"],
+     "--reward-option: aesthetic.head_path: file not found: /nowhere/head.pth"),
+    ("eval: not a run folder", ["eval", "{tmp}/nowhere"], "align eval: {tmp}/nowhere is not a run folder (no run.json)"),
+    ("sweep report: no finished trial", ["sweep", "report", "{tmp}"], "holds no finished trial"),
 ]
 
 
@@ -127,6 +168,34 @@ def test_bad_value_is_one_line_before_loading(case, args, expected, tmp_path, ca
     assert code == 2 and "\n" not in err and "Traceback" not in err, err
     assert expected in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case, args, expected", COMMAND_CASES, ids=[c[0] for c in COMMAND_CASES])
+def test_every_command_says_bad_input_in_one_line(case, args, expected, tmp_path, capsys, no_model_load, monkeypatch):
+    """label, serve-reward, launch, score, demo, eval and sweep report: exit 2 and one line, before any
+    model, server, demo or process starts."""
+    import subprocess
+
+    import demos.app
+    import rewards.server
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("it started anyway")
+
+    for module, name in ((rewards.server, "serve"), (rewards.server, "serve_on_ray"), (demos.app, "launch"),
+                         (subprocess, "call"), (rewards.registry, "build_rewards")):
+        monkeypatch.setattr(module, name, refuse)
+    (tmp_path / "notes.txt").write_text("notes")
+    (tmp_path / "images").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "0.png")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert expected.replace("{tmp}", str(tmp_path)) in err, err
+    assert not (tmp_path / "labels").exists()
 
 
 def test_print_config_runs_the_same_validation(tmp_path, capsys, no_model_load):
@@ -179,7 +248,7 @@ def test_a_reward_that_scores_nothing_stops_with_one_line(tmp_path, capsys):
 
 def test_errors_doc_lists_every_case():
     doc = (ROOT / "docs" / "errors.md").read_text()
-    for case, _, expected in CASES:
+    for case, _, expected in CASES + COMMAND_CASES:
         assert case in doc, case
 
 

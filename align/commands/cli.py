@@ -199,6 +199,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
     command = list(args.command) + list(getattr(args, "overrides", []) or [])
     if not command:
         raise ConfigError("launch: give the command to run, e.g. align launch multi_gpu train flow_grpo --config ...")
+    commands = build_parser().command_choices
+    if command[0] not in commands:
+        raise unknown_name_error("command", command[0], commands, field="launch")
     if command[0] == "train":  # validate the whole config in this process first
         train_args, extra = build_parser().parse_known_args(command)
         if "=" in (train_args.method or ""):  # no method named, only overrides
@@ -239,11 +242,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from rewards.cli import check_port
+
+    check_port(args.port)
+    if args.runs is not None and not Path(args.runs).is_dir():
+        raise ConfigError(f"--runs: {args.runs} is not a folder (the folder whose run folders the demo lists)")
     try:
-        from demos.app import launch
+        from demos.app import launch, parse_assignments, parse_reward_options
     except ImportError as err:
         raise ConfigError(f"align demo needs gradio ({err}): pip install -e '.[demo]'") from None
-    launch(host=args.host, port=args.port, runs=args.runs, model_paths=args.model_path,
+    parse_assignments(args.model_path, "--model-path")
+    parse_reward_options(args.reward_option)  # a mistyped reward, option or missing file: before the demo starts
+    launch(host=args.host, port=args.port, runs=args.runs or "runs", model_paths=args.model_path,
            reward_options=args.reward_option, share=args.share)
     return 0
 
@@ -294,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rewards.cli import register_commands  # `align rewards list`, `align score`
 
     register_commands(sub)
+    parser.command_choices = sub.choices  # name -> parser of every command (align launch checks the name)
     return parser
 
 

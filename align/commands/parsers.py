@@ -118,7 +118,7 @@ def add_demo(sub) -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the Gradio demo: compare rewards, checkpoints and runs in a browser")
     demo.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     demo.add_argument("--port", type=int, default=7860)
-    demo.add_argument("--runs", default="runs", help="the folder whose run folders the demo lists")
+    demo.add_argument("--runs", default=None, help="the folder whose run folders the demo lists (default: runs)")
     demo.add_argument("--model-path", action="append", default=[], metavar="NAME=PATH",
                       help="a real model's local folder, e.g. sd3=/models/sd3.5-medium (repeat for several)")
     demo.add_argument("--reward-option", action="append", default=[], metavar="REWARD.KEY=VALUE",
