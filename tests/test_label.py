@@ -71,3 +71,44 @@ def test_a_label_file_of_other_settings_or_a_bad_line_is_one_line(label_folder, 
     bad = fill(label_folder, ["a", "maybe", "a"])
     with pytest.raises(ConfigError, match="line 2: preferred must be one of a, b, tie or null, got 'maybe'"):
         read_labels(bad)
+
+
+CHROMIUM = __import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (scripts/test.sh installs Debian's as root)")
+def test_choices_on_the_judging_page_download_a_file_dpo_trains_on(label_folder, tmp_path):
+    """The page's script in headless Chromium: choose b, tie, a; the downloaded pairs.jsonl holds exactly
+    those choices; `align train dpo pairs=` trains on its two judged pairs, the first loss at ln 2 (the
+    policy is the reference before its first update)."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(accept_downloads=True)
+        page.goto((label_folder / "index.html").as_uri())
+        for pair, choice in enumerate(["b", "tie", "a"]):
+            page.locator(f'input[name="pair{pair}"][value="{choice}"]').check()
+        assert page.locator("#count").text_content() == "3 of 3 judged"
+        with page.expect_download() as download:
+            page.locator("#download").click()
+        assert download.value.suggested_filename == "pairs.jsonl"
+        judged = label_folder / "judged.jsonl"  # beside the images, as the page asks
+        download.value.save_as(judged)
+        browser.close()
+    original = [json.loads(line) for line in (label_folder / "pairs.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in judged.read_text().splitlines()]
+    assert [r["preferred"] for r in rows] == ["b", "tie", "a"]
+    assert [{k: v for k, v in r.items() if k != "preferred"} for r in rows] == \
+        [{k: v for k, v in r.items() if k != "preferred"} for r in original]
+
+    from align.trainers.dpo import read_pairs
+
+    pairs = read_pairs(str(judged))  # the tie is dropped; b won pair 0, a won pair 2
+    assert [(q.chosen.name, q.rejected.name) for q in pairs] == [(rows[0]["b"], rows[0]["a"]), (rows[2]["a"], rows[2]["b"])]
+    code = main(["train", "dpo", "model.name=toy", f"pairs={judged}", "iterations=1", "pairs_per_iteration=2",
+                 "eval.per_prompt=1", "eval_prompts=['a red digit 3']", f"run.output_dir={tmp_path}",
+                 "run.log_with=none", "run.progress=false", "run.checkpoint_every=0"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "train/loss" in r)
+    assert abs(first["train/loss"] - math.log(2)) < 1e-5 and first["train/grad_norm"] > 0

@@ -75,11 +75,24 @@ class Pair:
     rejected: Path
 
 
+def label_row_as_pair(row: dict) -> dict | None:
+    """A judged row of ``align label``'s pairs.jsonl ({"prompt", "a", "b", "preferred"}) as a pair row
+    ({"prompt", "chosen", "rejected"}); None for a tie or an unjudged pair (dropped, as ties are)."""
+    preferred = row["preferred"]
+    if preferred not in ("a", "b", "tie", None):
+        raise ValueError(f"preferred must be one of a, b, tie or null, got {preferred!r}")
+    if preferred in ("tie", None):
+        return None
+    other = "b" if preferred == "a" else "a"
+    return {"prompt": row["prompt"], "chosen": row[preferred], "rejected": row[other]}
+
+
 def read_pairs(path: str) -> list[Pair]:
     """The pairs of a JSONL file: one {"prompt", "chosen", "rejected", "label"?} object per line;
     image paths are relative to the file's folder; label 1 (default) prefers chosen, 0 prefers
-    rejected, 0.5 is a tie (dropped). A bad line or a missing image is a ConfigError naming the
-    file, the line and what is wrong."""
+    rejected, 0.5 is a tie (dropped). The pairs.jsonl of an ``align label`` folder, judged, reads
+    too: {"prompt", "a", "b", "preferred"} rows (ties and unjudged pairs dropped). A bad line or a
+    missing image is a ConfigError naming the file, the line and what is wrong."""
     pairs = []
     folder = Path(path).parent
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
@@ -88,6 +101,10 @@ def read_pairs(path: str) -> list[Pair]:
         where = f"{path} line {number}"
         try:
             row = json.loads(line)
+            if "preferred" in row and "chosen" not in row:  # align label's row
+                row = label_row_as_pair(row)
+                if row is None:
+                    continue
             prompt, chosen, rejected = str(row["prompt"]), folder / row["chosen"], folder / row["rejected"]
             label = float(row.get("label", 1))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -103,7 +120,7 @@ def read_pairs(path: str) -> list[Pair]:
             continue
         pairs.append(Pair(prompt, chosen, rejected) if label == 1 else Pair(prompt, rejected, chosen))
     if not pairs:
-        raise ConfigError(f"{path}: no preference pairs (ties are dropped)")
+        raise ConfigError(f"{path}: no preference pairs (ties and unjudged pairs are dropped)")
     return pairs
 
 
