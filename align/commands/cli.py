@@ -151,7 +151,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     adapter = load_model(config.model)
     write_label_set(adapter, config, out, args.pairs)
     print(f"wrote {args.pairs} pairs to {out}: open {out / 'index.html'}, choose, save pairs.jsonl there, then "
-          f"align train d3po --config ... labels={out / 'pairs.jsonl'}")
+          f"align train d3po --config ... labels={out / 'pairs.jsonl'} (or align train dpo pairs={out / 'pairs.jsonl'})")
     return 0
 
 

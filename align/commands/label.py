@@ -106,7 +106,8 @@ h2 {{ font-size: 1.1em; }}
 </style></head><body>
 <h1>Which image fits its prompt better?</h1>
 <p>Choose a, b or tie for each pair, then download <code>pairs.jsonl</code> into this folder (replacing
-the unfilled one) and train with <code>align train d3po labels=&lt;this folder&gt;/pairs.jsonl</code>.</p>
+the unfilled one) and train with <code>align train d3po labels=&lt;this folder&gt;/pairs.jsonl</code> (or
+<code>align train dpo pairs=&lt;this folder&gt;/pairs.jsonl</code>).</p>
 {''.join(rows)}
 <p><button id="download">download pairs.jsonl</button> <span id="count"></span></p>
 <script>

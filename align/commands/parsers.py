@@ -86,7 +86,7 @@ def add_launch(sub) -> argparse.ArgumentParser:
 def add_label(sub) -> argparse.ArgumentParser:
     """``align label``."""
     label = sub.add_parser("label", help="sample preference pairs for a person to judge (then align train d3po "
-                                         "labels=OUT/pairs.jsonl)")
+                                         "labels=OUT/pairs.jsonl, or align train dpo pairs=OUT/pairs.jsonl)")
     label.add_argument("--config", help="a d3po config (model, rollout, prompts, seed)")
     label.add_argument("--out", required=True, help="the label folder to write")
     label.add_argument("--pairs", type=int, default=16, help="pairs to judge")
