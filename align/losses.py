@@ -63,6 +63,20 @@ def normalize_log_ratio(log_ratio: Tensor, target_std: Tensor | float, eps: floa
     return centred / std * target
 
 
+def guard_step_weights(stds: Tensor) -> Tensor:
+    """GRPO-Guard's step reweighting: w_s = std_s^2 / mean_s(std_s^2) for the trained steps' noise
+    levels std_s, so the low-noise steps, whose log-prob gradients scale as 1 / std_s^2, do not drown
+    the high-noise ones; the weights average to 1."""
+    return stds**2 / (stds**2).mean()
+
+
+def proximal_log_ratio(log_prob: Tensor, old_log_prob: Tensor, ref_log_prob: Tensor, clip_range: float) -> Tensor:
+    """PRDP's per-step log-ratio to the reference with the proximal clip:
+    l = log pi_old + clip(log pi_theta - log pi_old, -c, c) - log pi_ref. Outside the clip l is
+    constant in theta (no gradient); inside it is log pi_theta - log pi_ref."""
+    return old_log_prob + (log_prob - old_log_prob).clamp(-clip_range, clip_range) - ref_log_prob
+
+
 def flow_matching_target(x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
     """x_sigma = (1 - sigma) x0 + sigma eps and the velocity target eps - x0."""
     s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))

@@ -193,3 +193,53 @@ def test_summary_line_names_each_dimension_of_the_trained_reward():
     assert summary_lines(0.75, 1.05, before, after) == [
         "reward before=0.7500 after=1.0500 motion.direction=0.5000->0.7500 frame_digit=0.2500->0.3000 "
         "frame_judge=0.9000->0.9200"]
+
+
+def test_grpo_guard_on_two_steps_makes_the_clip_two_sided_and_weights_the_steps():
+    """Two steps, advantages (1, -1), clip 0.2. The low-noise step's log-ratios drift below 0 (-0.3,
+    -0.1); the other's are (-0.02, 0.02). Guard centres each and scales it to the pooled spread 0.05:
+    both become (-0.05, 0.05), and each PPO term is (e^0.05 - e^-0.05) / 2 = sinh 0.05. Without it the
+    drifted step's term is (e^-0.1 - e^-0.3) / 2 = 0.08201: its first ratio e^-0.3 = 0.74 is outside
+    [0.8, 1.2], yet with A = 1 the pessimistic bound keeps the unclipped term, so it trains on at full
+    gradient -e^-0.3 / 2 (the clip is one-sided once the ratios drift below 1). Step weights
+    std^2 / mean(std^2) for stds (1, 3): 0.2 and 1.8."""
+    from align.losses import guard_step_weights
+
+    adv = torch.tensor([1.0, -1.0])
+    drifted, centred = torch.tensor([-0.3, -0.1]), torch.tensor([-0.02, 0.02])
+    for d in (drifted, centred):
+        normalised = normalize_log_ratio(d, target_std=0.05)
+        torch.testing.assert_close(normalised, torch.tensor([-0.05, 0.05]))
+        loss, stats = ppo_clip_loss(normalised, torch.zeros(2), adv, clip_range=0.2)
+        torch.testing.assert_close(loss, torch.tensor(math.sinh(0.05)))
+        assert stats["clip_fraction"] == 0.0
+    plain = drifted.clone().requires_grad_(True)
+    loss, stats = ppo_clip_loss(plain, torch.zeros(2), adv, clip_range=0.2)
+    torch.testing.assert_close(loss, torch.tensor(0.0820095), rtol=0, atol=1e-6)
+    loss.backward()
+    assert stats["clip_fraction"] == 0.5  # the first ratio is out of range, and nothing holds it back
+    torch.testing.assert_close(plain.grad, torch.tensor([-math.exp(-0.3) / 2, math.exp(-0.1) / 2]))
+    weights = guard_step_weights(torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(weights, torch.tensor([0.2, 1.8]))
+
+
+def test_prdp_proximal_clip_binds_and_cuts_the_gradient_of_that_step():
+    """l = log pi_old + clip(log pi - log pi_old, +-c) - log pi_ref with c = 0.01. A step moved by 0.05
+    from the snapshot is held at +0.01 (l = 0.01 - ref) and passes no gradient; one moved by 0.005
+    passes it whole. PRDP's pair loss (rhat_a - rhat_b - dr / beta)^2 over those two steps then gets
+    gradient only through the unclipped step: 2 x residual."""
+    from align.losses import proximal_log_ratio
+
+    old, ref = torch.tensor([-1.0, -1.0]), torch.tensor([-1.2, -1.2])
+    new = torch.tensor([-0.95, -0.995], requires_grad=True)  # step 0 moved 0.05, step 1 moved 0.005
+    l = proximal_log_ratio(new, old, ref, clip_range=0.01)
+    torch.testing.assert_close(l, torch.tensor([0.21, 0.205]))
+    # trajectory a's steps are these two, trajectory b's have l = 0; reward difference 0.1, beta 1
+    rhat_a = l.sum()
+    loss = (rhat_a - 0.0 - 0.1) ** 2
+    loss.backward()
+    residual = 0.415 - 0.1
+    torch.testing.assert_close(new.grad, torch.tensor([0.0, 2 * residual]))
+    unclipped = new.detach().clone().requires_grad_(True)
+    ((proximal_log_ratio(unclipped, old, ref, clip_range=1.0).sum() - 0.1) ** 2).backward()
+    torch.testing.assert_close(unclipped.grad, torch.full((2,), 2 * (0.455 - 0.1)))

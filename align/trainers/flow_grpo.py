@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from align.advantages import dual_advantages
+from align.losses import guard_step_weights
 from align.config import ConfigError, check_choice
 from align.guidance import GuidanceConfig, build_guidance
 from align.prompts import prompts_for_iteration
@@ -241,7 +242,7 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
             if t.step not in transitions:
                 t.policy_out = None
         stds = torch.stack([transitions[s].std.mean() for s in steps]) if steps else torch.ones(1)
-        step_weights = stds**2 / (stds**2).mean() if config.guard else torch.ones_like(stds)
+        step_weights = guard_step_weights(stds) if config.guard else torch.ones_like(stds)
         rows, row_weights = ppo.train_rows(run, keep)
         step_mask = None
         if config.ppo.timestep_selection == "per_sample" and config.ppo.timestep_fraction < 1 and steps:

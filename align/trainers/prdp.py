@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from align.config import ConfigError, check_choice
-from align.losses import CFG_GRADS, prdp_loss
+from align.losses import CFG_GRADS, prdp_loss, proximal_log_ratio
 from align.prompts import prompts_for_iteration
 from align.sampling.rescore import rescore
 from align.sampling.rollout import RolloutConfig
@@ -78,9 +78,7 @@ def step_log_ratios(run, config, part, ref, cond, schedule, rollout_config, grad
     sampling snapshot (the recorded log-prob) clipped to +-clip_range."""
     with torch.set_grad_enabled(grad), run.accelerator.autocast():
         new = rescore(run.adapter, part, cond, schedule, rollout_config, cfg_grad=config.cfg_grad).log_prob
-    old = part.log_prob.to(new.device)
-    proximal = old + (new - old).clamp(-config.clip_range, config.clip_range)
-    return proximal - ref.to(new.device)
+    return proximal_log_ratio(new, part.log_prob.to(new.device), ref.to(new.device), config.clip_range)
 
 
 def train(config: PRDPConfig, adapter=None) -> dict[str, float]:
