@@ -201,3 +201,29 @@ overrides:
     for column in ("reward.instruction before -> after", "reward.preservation before -> after",
                    "edit_judge.instruction before -> after", "edit_judge.preservation before -> after"):
         assert column in markdown, column
+
+
+def test_processes_sharing_a_search_draw_different_points(tmp_path):
+    """Two processes join one study at once (the first has asked its point, not told it): each seeds
+    its sampler apart (trial count + worker index), so the second does not train the first's point
+    again; a lone sweep from scratch is seeded 0 and reproducible."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from align.commands.sweep import study_sampler
+
+    lr = {"optim.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    for kind in ("tpe", "random"):
+        first = optuna.create_study(study_name=kind, storage=storage, direction="maximize", load_if_exists=True)
+        first.sampler = study_sampler(kind, len(first.get_trials()), 0)
+        a = first.ask(lr)
+        second = optuna.create_study(study_name=kind, storage=storage, direction="maximize", load_if_exists=True)
+        second.sampler = study_sampler(kind, len(second.get_trials()), 1)
+        b = second.ask(lr)
+        assert a.params != b.params
+        # the same two processes with one seed each (the old way) would have drawn one point twice
+        again = optuna.create_study(study_name=f"{kind}-alone", storage=storage, direction="maximize")
+        again.sampler = study_sampler(kind, 0, 0)
+        assert again.ask(lr).params == a.params

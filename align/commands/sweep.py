@@ -289,6 +289,23 @@ def distribution(key: str, spec: Any):
     return optuna.distributions.FloatDistribution(float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
 
 
+#: the index of a ``--workers`` process (0 for a sweep run alone)
+WORKER_ENV = "ALIGN_SWEEP_WORKER"
+
+
+def study_sampler(kind: str, trials_so_far: int, worker: int):
+    """The Optuna sampler of one process of a search. Processes sharing a study must not draw the same
+    points: each seeds its sampler with the study's trial count when it joins plus its worker index (a
+    lone sweep from scratch: seed 0, reproducible), and TPE counts the trials other processes are
+    still running as lies (``constant_liar``), so it does not ask for their points again."""
+    import optuna
+
+    seed = trials_so_far + worker
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
 def run_search(config: SweepConfig, out: Path) -> None:
     """Per method and reward, an Optuna study in the journal ``out/optuna.journal``: ask a point, train
     every seed at it, tell the mean objective. A trial left running by a process that died is
@@ -304,9 +321,9 @@ def run_search(config: SweepConfig, out: Path) -> None:
     host = socket.gethostname()
     for method, reward in itertools.product(config.methods, list(config.rewards) if config.rewards else [None]):
         name = "-".join([method_name(method)] + ([reward] if reward else []))
-        sampler = optuna.samplers.TPESampler(seed=0) if search.sampler == "tpe" else optuna.samplers.RandomSampler(seed=0)
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
-                                    load_if_exists=True)
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+        study.sampler = study_sampler(search.sampler, len(study.get_trials(deepcopy=False)),
+                                      int(os.environ.get(WORKER_ENV, "0")))
         for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             attrs = stale.user_attrs
             if attrs.get("host") == host and not process_alive(int(attrs.get("pid", 0))):
@@ -372,8 +389,8 @@ def run_sweep(path: str | Path, overrides: list[str] = (), workers: int = 1) -> 
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         command = [sys.executable, "-m", "align", "sweep", str(path), "--no-report", *overrides]
         procs = []
-        for _ in range(workers):
-            procs.append(subprocess.Popen(command, env=env))
+        for worker in range(workers):
+            procs.append(subprocess.Popen(command, env={**env, WORKER_ENV: str(worker)}))
             time.sleep(2)  # staggered, so the first claims differ
         codes = [p.wait() for p in procs]
         if any(codes):
