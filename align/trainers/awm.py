@@ -37,7 +37,8 @@ from align.trainers.checks import check_common
 from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
 from align.trainers.ppo import epoch_minibatches
-from align.trainers.scoring import MULTI_REWARD_MODES, group_batch_advantages, sample_and_score
+from align.trainers.scoring import (MULTI_REWARD_MODES, conditional_training_cond, group_batch_advantages,
+                                    sample_and_score)
 from align.trainers.snapshot import SnapshotState, checkpointed_snapshot, growing_decay
 
 #: how the re-noising levels are drawn: stratified over the sampler's steps 1 .. t_fraction T
@@ -200,7 +201,7 @@ def train(config: AWMConfig, adapter=None) -> dict[str, float]:
         rows = len(advantages)
 
         # 3. the weighted flow-matching loss on the re-noised final samples (conditional predictions)
-        train_cond = cond if not cond.uses_cfg else adapter.encode(batch_prompts, config.negative_prompt, 1.0)
+        train_cond = conditional_training_cond(adapter, cond, batch_prompts, config.negative_prompt)
         train_cond = train_cond.select(result.prompt_index)
         x0 = result.samples.float().to(device)
         log = TrainLog("kl", "ema_kl", "fm_error", "sigma")

@@ -37,7 +37,8 @@ from align.sampling.rollout import RolloutConfig
 from align.trainers.checks import check_common
 from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
-from align.trainers.scoring import MULTI_REWARD_MODES, group_batch_advantages, sample_and_score
+from align.trainers.scoring import (MULTI_REWARD_MODES, conditional_training_cond, group_batch_advantages,
+                                    sample_and_score)
 from align.trainers.snapshot import SnapshotState, checkpointed_snapshot, growing_decay
 
 
@@ -165,7 +166,7 @@ def train(config: DGPOConfig, adapter=None) -> dict[str, float]:
         levels, timesteps = result.schedule.levels.cpu(), result.schedule.timesteps.cpu()
 
         # 4. the group preference loss at each step, minibatches of whole groups, one optimizer step
-        train_cond = cond if not cond.uses_cfg else adapter.encode(batch_prompts, config.negative_prompt, 1.0)
+        train_cond = conditional_training_cond(adapter, cond, batch_prompts, config.negative_prompt)
         train_cond = train_cond.select(result.prompt_index)
         x0 = result.samples.float().to(device)
         prompt_ids = list(range(len(batch_prompts)))

@@ -38,7 +38,8 @@ from align.trainers.checks import check_common
 from align.trainers.common import TrainLog, end_iteration, finish_run, progress, reward_metrics, start_run
 from align.trainers.config import TrainerConfig
 from align.trainers.ppo import epoch_minibatches
-from align.trainers.scoring import MULTI_REWARD_MODES, group_batch_advantages, sample_and_score
+from align.trainers.scoring import (MULTI_REWARD_MODES, conditional_training_cond, group_batch_advantages,
+                                    sample_and_score)
 from align.trainers.snapshot import SnapshotState, checkpointed_snapshot
 
 
@@ -281,7 +282,7 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
 
         # 3. re-noise: item j = sample j // K at its (j % K)-th t; v_old with the old weights
         with run.phase("renoise"), torch.no_grad():
-            train_cond = cond if not cond.uses_cfg else adapter.encode(batch_prompts, config.negative_prompt, 1.0)
+            train_cond = conditional_training_cond(adapter, cond, batch_prompts, config.negative_prompt)
             item_sample = torch.arange(rows).repeat_interleave(K)
             item_cond = train_cond.select(result.prompt_index[item_sample])
             t = draw_t(config, rows * K, noise_gen, result.schedule.levels, per_sample=K).to(device)

@@ -85,6 +85,13 @@ def sample_and_score(run, config: TrainerConfig, reward, batch_prompts, rollout_
     return cond, result, scores, branch_scores
 
 
+def conditional_training_cond(adapter, cond, batch_prompts, negative_prompt: str):
+    """The conditioning the CFG-free trainers (DiffusionNFT, AWM, DGPO) train on: the rollout's own
+    when it sampled without CFG, else the prompts encoded again at guidance 1 (conditional
+    predictions only, one row per prompt)."""
+    return cond if not cond.uses_cfg else adapter.encode(batch_prompts, negative_prompt, 1.0)
+
+
 def trained_transitions(adapter, transitions: list) -> list:
     """The transitions whose network trains: with one expert of Wan 2.2 A14B frozen
     (``model.train_experts``), its steps have a ratio of exactly 1 and no gradient, so they would
