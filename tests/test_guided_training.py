@@ -20,7 +20,8 @@ PRESETS = Path(__file__).resolve().parents[1] / "configs" / "methods"
 QUIET = ["run.log_with=none", "run.resume=null", "run.progress=false", "run.checkpoint_every=0"]
 
 #: configs/methods/euphonium.yaml, 30 iterations, seeds 0-2: unguided evaluation reward 0.8786 before,
-#: 0.9401 / 0.9412 / 0.9466 after (plain flow_grpo on the same setting: 0.9425 / 0.9485 / 0.9504)
+#: 0.9401 / 0.9412 / 0.9466 after (plain flow_grpo on the same setting: 0.9425 / 0.9485 / 0.9504: near
+#: the digit reward's ceiling the guidance does not help; on stroke thickness it does, docs/guided_sampling.md)
 EUPHONIUM_GAINS = (0.0615, 0.0626, 0.0680)
 #: configs/methods/adv_grpo.yaml, 30 iterations, seeds 0-2, before -> after: the samples' blueness (the
 #: colour reward of "blue") 0.150 -> 0.916 / 1.000 / 0.645 and their mean ink 0.290 -> 0.475 / 0.563 /
