@@ -139,7 +139,7 @@ class _Flux2Base(PackedLatentGrid, ModelAdapter):
         from torchvision.transforms.functional import to_pil_image
 
         processor, multiple = self.pipe.image_processor, self.vae_scale_factor * 2
-        rows, shapes = [], None
+        rows, shapes, ids = [], None, None
         for entry in images:
             pixels = []
             for image in entry if isinstance(entry, (list, tuple)) else [entry]:
@@ -159,7 +159,8 @@ class _Flux2Base(PackedLatentGrid, ModelAdapter):
                 latents = [self.pipe._encode_vae_image(p.to(self.vae.device, self.vae.dtype), generator=None)
                            for p in pixels]
             rows.append(torch.cat([self.pipe._pack_latents(latent) for latent in latents], dim=1))
-            ids = self.pipe._prepare_image_ids(latents)[0]
+            if ids is None:  # every row has the same sizes, so the same ids
+                ids = self.pipe._prepare_image_ids(latents)[0]
         return torch.cat(rows).to(self.device), ids.to(self.device)
 
     # --- interface --------------------------------------------------------------------------------
