@@ -224,6 +224,15 @@ def dgpo_group_logits(d_theta: Tensor, d_ref: Tensor, advantages: Tensor, group_
     return (beta / group_size) * sums[inverse]
 
 
+def dgpo_clipped(d_old: Tensor, d_theta: Tensor, advantages: Tensor, clip_range: float) -> Tensor:
+    """DGPO's PPO-style clip against the old policy (a fast EMA of theta): with the likelihood ratio
+    rho_i = exp(d_old,i - d_theta,i) (d the flow-matching error), row i stops training (its d_theta is
+    detached) once it has moved far enough the way its advantage asks: A_i > 0 and rho_i > 1 + c, or
+    A_i <= 0 and rho_i < 1 - c. Returns the mask of clipped rows."""
+    ratio = torch.exp(d_old.float() - d_theta.detach().float())
+    return ((advantages > 0) & (ratio > 1 + clip_range)) | ((advantages <= 0) & (ratio < 1 - clip_range))
+
+
 def dgpo_loss(d_theta: Tensor, d_ref: Tensor, advantages: Tensor, group_ids: Tensor, beta: float, group_size: int,
               form: str = "surrogate") -> Tensor:
     """DGPO's group preference loss, -log sigmoid(-S_g) (:func:`dgpo_group_logits`), a Bradley-Terry

@@ -101,3 +101,38 @@ def test_awm_draws_one_level_from_each_stratum_the_smaller_strata_first():
         assert set(column.tolist()) == stratum  # every member drawn, nothing outside
     config.t_distribution = "discrete"
     assert list(level_steps(config)) == list(range(0, 12))
+
+
+def test_dgpo_clip_stops_rows_that_moved_far_enough_their_advantages_way():
+    """rho = exp(d_old - d_theta), c = 0.2: a good row (A > 0) whose error fell by 0.3 (rho = e^0.3 =
+    1.35 > 1.2) stops; one whose error fell by 0.1 (1.105) trains on; a bad row (A < 0) whose error rose by
+    0.3 (rho = e^-0.3 = 0.74 < 0.8) stops, one that rose 0.1 (0.905) trains on, and a good row whose
+    error rose (0.74) is not clipped: it still has to move."""
+    from align.losses import dgpo_clipped
+
+    d_old = torch.ones(5)
+    d_theta = torch.tensor([0.7, 0.9, 1.3, 1.1, 1.3])
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0])
+    assert dgpo_clipped(d_old, d_theta, advantages, 0.2).tolist() == [True, False, True, False, False]
+
+
+def test_dgpo_clip_and_ema_rollouts_in_a_run(tmp_path):
+    """With clip_range the old policy (the EMA) is evaluated once more per row and step (counted in NFE)
+    and the clipped share is logged; with ema_rollouts_after 1 the second iteration samples with the EMA."""
+    import json
+
+    from tests.conftest import GaussianAdapter, gaussian_trainer
+
+    def rows(out, *extra):
+        module, config = gaussian_trainer("dgpo", out, "group_size=4", "trunc_steps=2", "steps_per_iteration=2",
+                                          "optim.lr=0.5", *extra)
+        module.train(config, adapter=GaussianAdapter(shape=(3, 4, 4)))
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+
+    plain = rows(tmp_path / "plain")
+    clipped = rows(tmp_path / "clip", "clip_range=0.01", "ema_rollouts_after=1")
+    # 4 rows x 6 sampling steps, plus 2 steps x 4 rows of reference evaluations (and as many of the EMA)
+    assert [r["nfe"] for r in plain] == [24 + 8, 2 * (24 + 8)]
+    assert [r["nfe"] for r in clipped] == [24 + 16, 2 * (24 + 16)]
+    assert "train/clipped_fraction" not in plain[0] and 0 <= clipped[1]["train/clipped_fraction"] <= 1
+    assert [r["policy/ema_rollouts"] for r in clipped] == [0.0, 1.0]

@@ -13,24 +13,28 @@ for theta and for the reference (the base with its LoRA off, or ``reference: ema
 (``loss_form``; the reference code's surrogate has the same gradient over beta) + kl_beta
 ||v_theta - v_ref||^2 -> one optimizer step for all steps and minibatches -> ``reference: ema``: the
 reference follows theta, ema <- d ema + (1 - d) theta, d = min(ema_decay_cap, ema_decay_rate * updates).
+With ``clip_range`` (the reference's PPO-style clip) a row whose ratio exp(d_ema - d_theta) has moved
+past 1 +- c the way its advantage asks stops training; ``ema_rollouts_after`` samples with the EMA
+after that many updates (the reference's switch_ema_ref).
 
 Lowering d on a group's good samples and raising it on its bad ones raises the likelihood of the
 positive half over the negative half relative to the reference; each group is gated by
 sigmoid(S_g), which goes to 0 once the group is ranked right. Training predictions are conditional
 only (no CFG), while the rollouts may guide (the reference's mode 1). Flow-matching models only.
-NFE counts the sampling and the reference evaluations.
+NFE counts the sampling, the reference and the old-policy evaluations.
 """
 
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from align.config import ConfigError
 from align.errors import check_choice
-from align.losses import dgpo_group_logits, dgpo_loss, flow_matching_target
+from align.losses import dgpo_clipped, dgpo_group_logits, dgpo_loss, flow_matching_target
 from align.prompts import prompts_for_iteration
 from align.sampling.kernels import reduce_elements
 from align.sampling.rollout import RolloutConfig
@@ -78,6 +82,13 @@ class DGPOConfig(TrainerConfig):
     multi_reward: str = "sum_rewards"
     #: prompts (whole groups) per minibatch (null: all the iteration's); gradients accumulate into one step
     groups_per_minibatch: int | None = None
+    #: the PPO-style clip c against the old policy, a fast EMA of theta (its decay as above): a row whose
+    #: likelihood ratio exp(d_old - d_theta) has passed 1 + c (A > 0) or 1 - c (A <= 0) stops training
+    #: (the reference's clip_dsm; one more model evaluation per row and step; null: off)
+    clip_range: float | None = None
+    #: sample the rollouts with that EMA after this many optimizer updates (the reference's switch_ema_ref:
+    #: 200 OCR / PickScore, 500 GenEval; null: always theta)
+    ema_rollouts_after: int | None = None
 
 
 def check_config(config: DGPOConfig, adapter=None) -> None:
@@ -100,11 +111,21 @@ def check_config(config: DGPOConfig, adapter=None) -> None:
         raise ConfigError("ema_decay_cap must be in [0, 1) and ema_decay_rate >= 0")
     if config.groups_per_minibatch is not None and config.groups_per_minibatch < 1:
         raise ConfigError(f"groups_per_minibatch must be >= 1, got {config.groups_per_minibatch}")
+    if config.clip_range is not None and config.clip_range <= 0:
+        raise ConfigError(f"clip_range must be > 0 (or null: no clip), got {config.clip_range}")
+    if config.ema_rollouts_after is not None and config.ema_rollouts_after < 0:
+        raise ConfigError(f"ema_rollouts_after must be >= 0 (or null), got {config.ema_rollouts_after}")
+
+
+def uses_ema(config: DGPOConfig) -> bool:
+    """Whether the run keeps the fast EMA of theta: the DPO reference, the clip's old policy or the rollouts'."""
+    return config.reference == "ema" or config.clip_range is not None or config.ema_rollouts_after is not None
 
 
 def step_loss(run, config: DGPOConfig, rows, groups, x0, advantages, cond, sigma: float, timestep: float,
-              noise_gen: torch.Generator, reference, log):
-    """DGPO's loss of the whole groups ``rows`` at one noise level, and the reference evaluations made."""
+              noise_gen: torch.Generator, reference, old_policy, log):
+    """DGPO's loss of the whole groups ``rows`` at one noise level, and the reference (and, with the
+    clip, old-policy) evaluations made."""
     adapter, accelerator = run.adapter, run.accelerator
     device = accelerator.device
     batch_groups = groups[rows]
@@ -123,6 +144,17 @@ def step_loss(run, config: DGPOConfig, rows, groups, x0, advantages, cond, sigma
         v_theta = adapter.predict(x_sigma, t, row_cond).float()
     d_theta = reduce_elements((v_theta - target.float()) ** 2)
     d_ref = reduce_elements((v_ref - target.float()) ** 2)
+    calls = len(rows)
+    if config.clip_range is not None:
+        if config.reference == "ema":  # the reference is the old policy itself
+            d_old = d_ref
+        else:
+            with torch.no_grad(), accelerator.autocast(), old_policy():
+                d_old = reduce_elements((adapter.predict(x_sigma, t, row_cond).float() - target.float()) ** 2)
+            calls += len(rows)
+        clipped = dgpo_clipped(d_old, d_theta, advantages[rows], config.clip_range)
+        d_theta = torch.where(clipped, d_theta.detach(), d_theta)
+        log.add(clipped_fraction=clipped.float().mean())
     loss = dgpo_loss(d_theta, d_ref, advantages[rows], batch_groups, config.beta, config.group_size, config.loss_form)
     if config.kl_beta > 0:
         kl = reduce_elements((v_theta - v_ref) ** 2).mean()
@@ -131,7 +163,7 @@ def step_loss(run, config: DGPOConfig, rows, groups, x0, advantages, cond, sigma
     gate = torch.sigmoid(dgpo_group_logits(d_theta.detach(), d_ref, advantages[rows], batch_groups, config.beta,
                                            config.group_size))
     log.add(loss, gate=gate.mean(), error_gap=(d_theta.detach() - d_ref).mean())
-    return loss, len(rows)
+    return loss, calls
 
 
 def train(config: DGPOConfig, adapter=None) -> dict[str, float]:
@@ -139,7 +171,7 @@ def train(config: DGPOConfig, adapter=None) -> dict[str, float]:
     run, reward, heldout, prompts = start_run(config, adapter, SnapshotState())
     adapter, accelerator = run.adapter, run.accelerator
     device = accelerator.device
-    ema = checkpointed_snapshot(run)  # reference: ema's policy
+    ema = checkpointed_snapshot(run)  # the fast EMA of theta: reference: ema, the clip's old policy, EMA rollouts
     reference = ema.swapped if config.reference == "ema" else adapter.disable_adapter
 
     bar = progress(run, config, "dgpo")
@@ -149,8 +181,10 @@ def train(config: DGPOConfig, adapter=None) -> dict[str, float]:
         batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
                                               accelerator.process_index, accelerator.num_processes)
 
-        # 1. clean samples of the current policy (deterministic solver), decode, score
-        cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, config.rollout, iteration)
+        # 1. clean samples of the current policy (or, after ema_rollouts_after updates, of its EMA), decode, score
+        ema_rollouts = config.ema_rollouts_after is not None and run.state.updates >= config.ema_rollouts_after
+        with ema.swapped() if ema_rollouts else nullcontext():
+            cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, config.rollout, iteration)
         if result.schedule.kind != "flow":
             raise ConfigError(f"DGPO trains flow-matching (velocity) models; {adapter.name!r} has a "
                               f"{result.schedule.kind} schedule")
@@ -172,29 +206,31 @@ def train(config: DGPOConfig, adapter=None) -> dict[str, float]:
         prompt_ids = list(range(len(batch_prompts)))
         per_minibatch = config.groups_per_minibatch or len(prompt_ids)
         chunks = [prompt_ids[i:i + per_minibatch] for i in range(0, len(prompt_ids), per_minibatch)]
-        log = TrainLog("kl", "gate", "error_gap")
+        log = TrainLog("kl", "gate", "error_gap", "clipped_fraction")
         calls = 0
         with run.phase("training"), run.accumulate():
             for step in steps:
                 for chunk in chunks:
                     rows = torch.nonzero(torch.isin(result.prompt_index, torch.tensor(chunk))).flatten().to(device)
                     loss, made = step_loss(run, config, rows, groups, x0, advantages, train_cond,
-                                           float(levels[step]), float(timesteps[step]), noise_gen, reference, log)
+                                           float(levels[step]), float(timesteps[step]), noise_gen, reference,
+                                           ema.swapped, log)
                     accelerator.backward(loss / (len(steps) * len(chunks)))
                     calls += made
             log.record_update(run.optimizer_step())
 
-        # 5. reference: ema follows theta
+        # 5. the EMA follows theta
         decay = growing_decay(config.ema_decay_cap, config.ema_decay_rate, run.state.updates)
-        if config.reference == "ema":
+        if uses_ema(config):
             ema.update(decay)
 
         # 6. bookkeeping (NFE: sampling plus the reference evaluations)
         metrics = reward_metrics(named, valid)
         metrics.update({"advantage/abs_mean": float(advantages.abs().mean()),
                         "dgpo/steps": float(sum(steps) / len(steps))})
-        if config.reference == "ema":
-            metrics.update({"policy/ema_decay": decay, "policy/ema_distance": ema.distance()})
+        if uses_ema(config):
+            metrics.update({"policy/ema_decay": decay, "policy/ema_distance": ema.distance(),
+                            "policy/ema_rollouts": float(ema_rollouts)})
         metrics.update(log.metrics())
         end_iteration(run, config, reward, heldout, metrics, result.nfe + calls)
     return finish_run(config, run, reward, heldout)
