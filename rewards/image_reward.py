@@ -3,9 +3,10 @@ cross-attend to the image tokens, and an MLP head on the text encoder's first-to
 the score is normalised as in the paper, (r - 0.16717) / 1.03334 (about 0 on average, higher is
 preferred). Built from transformers parts (``BlipVisionModel``, ``BlipTextModel``) and loaded from
 the public checkpoint (``ImageReward.pt``: keys ``blip.visual_encoder.*`` in the timm ViT layout,
-``blip.text_encoder.*``, ``mlp.layers.*``), every key and shape checked (a one-line error names
-what does not fit). Differentiable in the pixels (torch preprocessing: bicubic resize to 224,
-centre crop, CLIP normalisation).
+``blip.text_encoder.*``, ``mlp.layers.*``; BLIP's contrastive ``blip.vision_proj`` / ``blip.text_proj``,
+which the score does not read, are skipped), every key and shape checked (a one-line error names what
+does not fit); the layout and the score are checked against the published ``image-reward`` package.
+Differentiable in the pixels (torch preprocessing: bicubic resize to 224, centre crop, CLIP normalisation).
 
 Reward ``image_reward``. Options: ``checkpoint`` (the ``.pt`` / ``.safetensors`` file),
 ``tokenizer_path`` (a BERT tokenizer folder or hub name, default ``bert-base-uncased``; BLIP's
@@ -52,8 +53,10 @@ KEY_PREFIXES = [
     ("blip.visual_encoder.norm.", "visual_encoder.post_layernorm."),
     ("blip.text_encoder.", "text_encoder."),
 ]
-#: checkpoint keys the reward does not use (the text encoder's pooler, position-id buffers)
-UNUSED = re.compile(r"(^text_encoder\.pooler\.|position_ids$)")
+#: checkpoint keys the reward does not use: the text encoder's pooler, position-id buffers, and BLIP's
+#: image-text contrastive projections (``blip.vision_proj`` / ``blip.text_proj``), which the reference
+#: model holds (and saves) but its score never reads
+UNUSED = re.compile(r"(^text_encoder\.pooler\.|position_ids$|^blip\.(vision|text)_proj\.)")
 
 
 def _renamed(key: str, pairs) -> str:

@@ -7,7 +7,8 @@
   ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``); about 18-24, with logit_scale.exp() = 100.
 * ``hpsv2`` -- HPSv2 / v2.1 (Wu et al. 2023): ``cos`` of an open_clip ViT-H-14 whose weights are the
   HPS checkpoint (``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``, a ``{"state_dict": ...}``);
-  preprocessing resizes the longest side to 224 and pads (as HPS does); about 0.2-0.35.
+  preprocessing resizes the longest side to 224 and pads (as HPS does); about 0.2-0.35. Layout and score
+  are checked against the published ``hpsv2`` package's model and ``score``.
 
 All three are differentiable in the pixels (torch preprocessing, frozen models); text embeddings are
 cached per prompt.

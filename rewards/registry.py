@@ -14,8 +14,8 @@ from rewards.base import REWARDS, CombinedReward, Reward
 
 ENTRY_POINT_GROUP = "align.rewards"
 #: the modules that register the built-in rewards
-BUILTIN_REWARD_MODULES = ("aesthetic", "critique", "dense", "dino", "edit", "image_reward", "jpeg", "ocr", "preference",
-                          "remote", "toy", "toy_edit", "toy_video", "video", "video_reward")
+BUILTIN_REWARD_MODULES = ("aesthetic", "critique", "dense", "dino", "edit", "hpsv3", "image_reward", "jpeg", "ocr",
+                          "preference", "remote", "toy", "toy_edit", "toy_video", "video", "video_reward")
 
 
 def _load_builtins() -> None:

@@ -216,12 +216,40 @@ def tiny_bert_tokenizer(directory: str | Path) -> Path:
 
 def save_random_image_reward(path: str | Path, seed: int = 0, config: dict | None = None) -> Path:
     """A random :class:`rewards.image_reward.ImageRewardModel` saved in the public checkpoint's
-    layout (``blip.visual_encoder.*`` timm-style keys, ``blip.text_encoder.*``, ``mlp.layers.*``)."""
+    layout (``blip.visual_encoder.*`` timm-style keys, ``blip.text_encoder.*``, ``mlp.layers.*``), with
+    the BLIP contrastive projections the reference model also saves (``blip.vision_proj`` /
+    ``blip.text_proj``, 16 wide here; the score does not read them)."""
     from rewards.image_reward import ImageRewardModel, to_checkpoint_key
 
     torch.manual_seed(seed)
     model = ImageRewardModel(config or TINY_IMAGE_REWARD)
     state = {to_checkpoint_key(k): v.contiguous() for k, v in model.state_dict().items()}
+    for name in ("vision", "text"):
+        width = model.config[name]["hidden_size"]
+        state[f"blip.{name}_proj.weight"] = torch.randn(16, width) * width ** -0.5
+        state[f"blip.{name}_proj.bias"] = torch.zeros(16)
     path = Path(path)
     torch.save(state, path)
+    return path
+
+
+def save_random_hpsv3(path: str | Path, base_dir: str | Path, seed: int = 0) -> Path:
+    """A random HPSv3 reward model over the Qwen2-VL config and processor in ``base_dir`` (e.g. from
+    :func:`tiny_qwen2_vl`), saved as ``.safetensors`` in the release's layout (``visual.*``, ``model.*``,
+    ``lm_head.weight``, ``rm_head.*``); loadable by :func:`rewards.hpsv3.load_hpsv3_model`."""
+    from safetensors.torch import save_file
+
+    from rewards.hpsv3 import build_hpsv3_model, to_release_key
+
+    torch.manual_seed(seed)
+    model = build_hpsv3_model(base_dir)
+    with torch.no_grad():  # unit-scale weights: the head's output is of order one, not 1e-3
+        for param in model.head.parameters():
+            param.normal_(0.0, param.shape[-1] ** -0.5 if param.ndim > 1 else 0.1)
+    state = {to_release_key(k): v.contiguous() for k, v in model.state_dict().items()}
+    embed = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = torch.randn_like(embed) * 0.02
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
     return path

@@ -100,6 +100,15 @@ def with_stand_ins(spec, root) -> dict:
             spec["checkpoint"] = models["clip_pretrained"]
     if spec["name"] == "pickscore":
         spec["processor_path"] = None  # the tiny model directory holds its own processor
+    if spec["name"] == "hpsv3":  # a tiny Qwen2-VL base and a random release-layout checkpoint over it
+        from rewards.tiny import save_random_hpsv3, tiny_qwen2_vl
+
+        base = Path(root) / "hpsv3_base"
+        if not base.exists():
+            tiny_qwen2_vl(base)
+            save_random_hpsv3(Path(root) / "HPSv3.safetensors", base)
+        spec.update(checkpoint=str(Path(root) / "HPSv3.safetensors"), base_path=str(base), pixels=56 * 56,
+                    dtype="float32")
     if "device" in spec:
         spec["device"] = "cpu"
     return spec

@@ -71,6 +71,17 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(files, tmp_path):
         build_reward({"name": "image_reward"})
 
 
+def test_the_blip_projections_of_the_checkpoint_are_not_read(files):
+    """The reference model saves BLIP's contrastive projections (``blip.vision_proj`` / ``blip.text_proj``)
+    with the weights its score reads; the loader accepts them and leaves them out (the full layout is
+    compared with the published package in test_reward_reference_packages.py)."""
+    checkpoint, _ = files
+    state = torch.load(checkpoint, weights_only=True)
+    assert {"blip.vision_proj.weight", "blip.text_proj.weight"} <= set(state)
+    model = load_image_reward_model(checkpoint, TINY_IMAGE_REWARD)
+    assert not any(k.startswith(("blip.", "vision_proj", "text_proj")) for k in model.state_dict())
+
+
 def test_the_enc_token_replaces_cls(files):
     r = reward(files, first_token="enc")
     ids, _ = r.tokens(["a cat"])
