@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs the project with its test extras. Idempotent.
-# --no-compile: a module is byte-compiled when first imported, not all of torch at install (about a minute less).
 # TORCH_SPEC pins torch/torchvision (the CPU-tested pair by default); set it empty to let pip choose.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 # shellcheck disable=SC2086
-.venv/bin/python -m pip install -q --no-compile --disable-pip-version-check $TORCH_SPEC -e ".[dev]" 2>&1 \
+.venv/bin/python -m pip install -q --disable-pip-version-check $TORCH_SPEC -e ".[dev]" 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" || true
 .venv/bin/python -c "import align, pipelines, rewards, torch, diffusers" \
   || { echo "setup failed: the project does not import" >&2; exit 1; }
@@ -22,7 +21,7 @@ REFERENCE=.venv/reference
 if [ ! -f "$REFERENCE/complete" ]; then
   rm -rf "$REFERENCE"
   pip_ref() {
-    .venv/bin/python -m pip install -q --no-compile --disable-pip-version-check --no-deps --no-build-isolation \
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
       "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
   }
   pip_ref --target "$REFERENCE/packages" image-reward==1.5 hpsv2==1.2.0 hpsv3==1.0.0 fairscale==0.4.13 clint==0.5.1
