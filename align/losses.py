@@ -70,6 +70,13 @@ def guard_step_weights(stds: Tensor) -> Tensor:
     return stds**2 / (stds**2).mean()
 
 
+def truncated_importance(log_prob_now: Tensor, log_prob_sampled: Tensor, max_weight: float) -> tuple[Tensor, Tensor]:
+    """The truncated importance weight of a stale sample's step, min(pi_now / pi_sampled, c) =
+    min(exp(log pi_now - log pi_sampled), c) (pass detached log-probs), and whether it was truncated."""
+    weight = torch.exp(log_prob_now - log_prob_sampled)
+    return weight.clamp(max=max_weight), weight > max_weight
+
+
 def proximal_log_ratio(log_prob: Tensor, old_log_prob: Tensor, ref_log_prob: Tensor, clip_range: float) -> Tensor:
     """PRDP's per-step log-ratio to the reference with the proximal clip:
     l = log pi_old + clip(log pi_theta - log pi_old, -c, c) - log pi_ref. Outside the clip l is

@@ -70,6 +70,8 @@ SUITE = {
     "soak": Benchmark("soak.py", "--iterations 4 --checkpoint-every 1", "soak_rss_slope_mib_per_100_iterations"),
     "methods": Benchmark("methods.py --nfe 6400", "--nfe 200 --methods flow_grpo,reward_backprop",
                          "best_gain_per_1k_nfe"),
+    "async_rollout": Benchmark("async_rollout.py", "--iterations 3 --group 2 --steps 2",
+                               "async_vs_sync_wall_per_iteration"),
     "attention": Benchmark(f"attention.py --config {TINY_FLUX}", "--tokens 64 --text 8 --repeats 1",
                            "attention_backends_run"),
     **{f"rollout_{family}": Benchmark(f"rollout.py --model {family}", "--repeats 1 --steps 2 --batch 1",

@@ -10,7 +10,7 @@ from align.models import ModelConfig
 from align.sampling.rollout import RolloutConfig
 from align.training.model_setup import LoraSettings
 from align.training.optim import OptimConfig
-from align.training.run import TOY_EVAL_PROMPTS, TOY_PROMPTS, RunConfig
+from align.training.run import TOY_EVAL_PROMPTS, TOY_PROMPTS, RayConfig, RunConfig
 
 
 @dataclass
@@ -60,3 +60,5 @@ class TrainerConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     #: the run: folder, seed, resume, checkpoints, logging, precision, accumulation, compile, sharding
     run: RunConfig = field(default_factory=RunConfig)
+    #: the Ray cluster of run.async_rollout's workers
+    ray: RayConfig = field(default_factory=RayConfig)

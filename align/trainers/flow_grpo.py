@@ -24,6 +24,10 @@ Features and the fields that turn them on:
 - Adv-GRPO: an ``adv_dino`` reward in ``rewards`` with ``reference_dir``; ``reward_updates`` (on)
   updates its head after every generator update (``updates_per_step`` / ``update_every`` of the
   reward), and the head's weights and optimiser state are checkpointed and resumed.
+- Asynchronous rollouts: ``run.async_rollout`` with ``run.rollout_workers`` and ``run.max_staleness``
+  (Ray actors sample while the trainer trains; a stale batch is re-scored once by the current policy,
+  its rows weighted by truncated importance weights, ``run.max_importance_weight``;
+  align/training/async_rollout.py).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from align.advantages import dual_advantages
-from align.losses import guard_step_weights
+from align.losses import guard_step_weights, truncated_importance
+from align.training.async_rollout import AsyncRollouts
 from align.config import ConfigError, check_choice
 from align.guidance import GuidanceConfig, build_guidance
 from align.prompts import prompts_for_iteration
@@ -138,6 +143,20 @@ def check_config(config: FlowGRPOConfig, adapter=None) -> None:
                    or config.run.gradient_accumulation_steps > 1 else None)
         if problem:
             raise ConfigError(f"reuse_rollout_graph: {problem}")
+    if config.run.async_rollout:
+        import os
+
+        problem = ("it runs in one training process" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else
+                   "guided rollouts are not sampled by the workers yet" if config.guidance.enabled else
+                   "reuse_rollout_graph keeps the rollout's graphs in the sampling process" if config.reuse_rollout_graph
+                   else "a reward that learns during the run (adv_dino) keeps its head in the trainer, the workers score "
+                   "with their own copy" if config.reward_updates and any(
+                       (spec if isinstance(spec, str) else spec.get("name")) == "adv_dino" for spec in config.rewards)
+                   else "the workers load the model from model.name / model.path; a model passed in cannot be "
+                   "copied to them" if adapter is not None and not config.model.path and adapter.name != config.model.name
+                   else None)
+        if problem:
+            raise ConfigError(f"run.async_rollout: {problem}")
     config.guidance.validate(config.rollout.num_steps)
     if config.process_weight and not config.guidance.enabled:
         raise ConfigError("process_weight needs guidance.rewards: the process reward is the guiding reward per step")
@@ -174,12 +193,13 @@ def minibatch_size(config: FlowGRPOConfig, rows: int) -> int:
 
 def ppo_terms(transitions: dict, steps: list[int], index: torch.Tensor, advantages: torch.Tensor,
               step_advantages: dict, step_weights: torch.Tensor, row_weights, step_mask,
-              outcome_weight: float) -> list[PPOTerm]:
+              outcome_weight: float, importance: dict | None = None) -> list[PPOTerm]:
     """A minibatch's terms, one per trained step: the step's rows of ``index``, their advantages
     (guided rollouts: outcome + process advantage of the step), and the term's share of the loss
     (GRPO-Guard's step weight over the step count). With per-sample steps (``step_mask``) each row
     trains its own steps, averaged per row; under DDP (``row_weights``) every process keeps every
-    row, the unpicked ones weighing 0."""
+    row, the unpicked ones weighing 0. ``importance``: a stale batch's truncated importance weight of
+    each row, per step (:func:`stale_importance`), multiplied into the rows' weights."""
     terms = []
     steps_per_row = int(step_mask[0].sum()) if step_mask is not None else 0
     for j, step in enumerate(steps):
@@ -195,8 +215,33 @@ def ppo_terms(transitions: dict, steps: list[int], index: torch.Tensor, advantag
             rows_in_batch = float(row_weights[index].sum())
             scale = step_weights[j] * (float(weights.sum()) / max(rows_in_batch * steps_per_row, 1e-12))
         step_adv = step_advantages.get(step, outcome_weight * advantages if step_advantages else advantages)
+        if importance:
+            w = importance[step][chosen]
+            weights = w if weights is None else weights * w.to(weights.device)
         terms.append(PPOTerm(transitions[step].subset(chosen), step_adv[chosen], scale, weights))
     return terms
+
+
+def stale_importance(run, transitions: dict, batch: RolloutBatch, max_weight: float) -> tuple[dict, dict]:
+    """A batch sampled with older weights (run.async_rollout): each trained step is re-scored without
+    gradients by the current policy; its truncated importance weight corrects for the sampling policy
+    (the loss's self-normalised weighted mean), and the PPO ratio then starts from the current policy
+    (the recorded log-prob becomes the current one, so the clip bounds the update from here).
+    Returns (weights per step, stats)."""
+    from align.sampling.rescore import rescore
+
+    cond, schedule, rollout_config = batch
+    weights, truncated, values = {}, [], []
+    with torch.no_grad(), run.accelerator.autocast():
+        for step, t in transitions.items():
+            now = rescore(run.adapter, t, cond, schedule, rollout_config).log_prob
+            weights[step], cut = truncated_importance(now, t.log_prob.to(now.device), max_weight)
+            t.log_prob = now
+            truncated.append(cut.float())
+            values.append(weights[step])
+    stats = {"train/importance_weight": float(torch.cat(values).mean()) if values else 1.0,
+             "train/clipped_fraction": float(torch.cat(truncated).mean()) if truncated else 0.0}
+    return weights, stats
 
 
 def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
@@ -207,20 +252,33 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
     restore_reward_states(run, learning)
     bar = progress(run, config, "flow_grpo")
     trained = steps_of_trained_networks(adapter, config.rollout.num_steps, run.latent_kwargs)
-    for iteration in bar:
+
+    def iteration_inputs(iteration: int):
+        """The iteration's prompts and rollout settings (its window): the seed and the iteration decide them."""
         rng = random.Random(f"{config.run.seed}-{iteration}")
         batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
                                               accelerator.process_index, accelerator.num_processes)
-        rollout_config = rollout_for_iteration(config, iteration, rng, trained)
+        return batch_prompts, rollout_for_iteration(config, iteration, rng, trained), rng
 
-        # 1. sample (guided: the drift hook steers the rows), decode, score
-        drift = None
+    rollouts = (AsyncRollouts(run, config, lambda it: iteration_inputs(it)[:2]) if config.run.async_rollout
+                else None)
+    for iteration in bar:
+        batch_prompts, rollout_config, rng = iteration_inputs(iteration)
+
+        # 1. sample (guided: the drift hook steers the rows), decode, score; asynchronous: a rollout
+        # worker's batch, sampled at most run.max_staleness weight versions ago
+        drift, staleness = None, 0
         if guide is not None:
             drift = build_guidance(config.guidance, adapter, batch_prompts, rollout_config, reward=guide)
-        cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration,
-                                                   drift=drift,
-                                                   keep_policy_graph=config.ppo.cfg_grad if config.reuse_rollout_graph
-                                                   else None)
+        if rollouts is not None:
+            done = rollouts.take(iteration)
+            result, scores, staleness = done["result"], done["scores"], done["staleness"]
+            with run.sampling():
+                cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
+        else:
+            cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration,
+                                                       drift=drift, keep_policy_graph=config.ppo.cfg_grad
+                                                       if config.reuse_rollout_graph else None)
 
         # 2. advantages from the global batch (groups = prompts, made unique across processes)
         groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration
@@ -250,14 +308,21 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                                              torch.Generator().manual_seed(rng.randrange(2**31)))
         batch = RolloutBatch(cond, result.schedule, rollout_config)
         log = TrainLog()
+        importance, stale, cap = None, {}, None
         with run.phase("training"):
             batch_size = minibatch_size(config, len(rows))
+            if staleness > 0:  # sampled by older weights: truncated importance weights, ratios from now
+                if config.ppo.inner_epochs == 1 and batch_size >= len(rows):  # one update: its own re-score
+                    cap = config.run.max_importance_weight
+                else:  # several updates: the current policy's log-probs first, one forward per step
+                    importance, stale = stale_importance(run, transitions, batch, config.run.max_importance_weight)
             for index in ppo.epoch_minibatches(config.ppo.inner_epochs, rows, batch_size, rng):
                 terms = ppo_terms(transitions, steps, index, advantages, step_advantages, step_weights,
-                                  row_weights, step_mask, config.outcome_weight)
+                                  row_weights, step_mask, config.outcome_weight, importance)
                 with run.accumulate():
                     ppo.ppo_backward(run, terms, batch, config.ppo, log, guard=config.guard,
-                                     guard_std=run.state.trainer.guard_std, reuse_uncond=log.updates == 0)
+                                     guard_std=run.state.trainer.guard_std,
+                                     reuse_uncond=log.updates == 0 and staleness == 0, importance_cap=cap)
                     if log.record_update(run.optimizer_step()):
                         log.add(**update_heads(run, learning, result.pixels))  # Adv-GRPO: heads follow
         if config.guard and log.get("log_ratio_std"):
@@ -278,7 +343,11 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                         "advantage/abs_mean": float(advantages.abs().mean()),
                         "advantage/kept_fraction": float(keep.float().mean())})
         metrics.update(log.metrics())
+        if rollouts is not None:
+            metrics.update({"train/staleness": float(staleness), **stale})
         end_iteration(run, config, reward, heldout, metrics, result.nfe)
+    if rollouts is not None:
+        rollouts.close()
     return finish_run(config, run, reward, heldout)
 
 

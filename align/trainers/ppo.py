@@ -15,6 +15,8 @@ parents). Its recipe then reads::
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
@@ -156,7 +158,7 @@ def ppo_backward(run, terms: Sequence[PPOTerm], batch: RolloutBatch, ppo: PPOCon
 
 def ppo_transition_loss(run, part, batch: RolloutBatch, advantages: Tensor, ppo: PPOConfig, *, weights=None,
                         guard: bool = False, guard_std: float | None = None, share_parents: bool = False,
-                        reuse_uncond: bool = False):
+                        reuse_uncond: bool = False, importance_cap: float | None = None):
     """The policy loss of one batch of stored transitions: re-score with the current weights,
     PPO-clip against the recorded log-probs, plus kl_beta * KL(mean, mean_ref) with the reference
     (LoRA disabled), in ``kl_form`` "exact" (:func:`align.losses.mean_kl`) or "flow_grpo" (the
@@ -164,7 +166,12 @@ def ppo_transition_loss(run, part, batch: RolloutBatch, advantages: Tensor, ppo:
     log-ratio normalisation, rescaled to ``guard_std`` (null: the step's own spread, i.e. centring
     only). ``share_parents``: siblings of a tree share one model evaluation, as in the rollout.
     ``reuse_uncond``: no update since the rollout, so the policy's re-score takes the unconditional
-    prediction the rollout kept (:func:`align.sampling.rescore.rescore`). Returns (loss, stats)."""
+    prediction the rollout kept (:func:`align.sampling.rescore.rescore`). ``importance_cap``: the
+    transitions were sampled by older weights and this is the iteration's only update: the re-score is
+    the current policy, so each row is weighted by its truncated importance weight
+    min(pi_now / pi_sampled, cap) and the ratio starts from pi_now (no extra forward; several updates
+    per iteration re-score the current policy first, ``flow_grpo.stale_importance``). Returns (loss,
+    stats)."""
     from align.losses import flow_grpo_kl, mean_kl, normalize_log_ratio, ppo_clip_loss, weighted_mean
     from align.sampling.rescore import rescore
 
@@ -174,6 +181,14 @@ def ppo_transition_loss(run, part, batch: RolloutBatch, advantages: Tensor, ppo:
         new = rescore(adapter, part, cond, schedule, rollout_config, share_parents=share_parents,
                       cfg_grad=ppo.cfg_grad, reuse_uncond=reuse_uncond)
     log_prob = new.log_prob
+    stale = {}
+    if importance_cap is not None:
+        from align.losses import truncated_importance
+
+        w, cut = truncated_importance(log_prob.detach(), part.log_prob.to(log_prob.device), importance_cap)
+        stale = {"importance_weight": w.mean(), "clipped_fraction": cut.float().mean()}
+        weights = w if weights is None else weights * w
+        part = dataclasses.replace(part, log_prob=log_prob.detach())
     log_ratio = (log_prob - part.log_prob).detach()
     if guard:
         target = guard_std if guard_std is not None else log_ratio.std(unbiased=False)
@@ -190,4 +205,4 @@ def ppo_transition_loss(run, part, batch: RolloutBatch, advantages: Tensor, ppo:
             kl = weighted_mean(mean_kl(new.mean, ref.mean, new.std), weights)
         loss = loss + ppo.kl_beta * kl
         stats["kl"] = kl.detach()
-    return loss, stats
+    return loss, {**stats, **stale}

@@ -72,6 +72,17 @@ class RunConfig:
     #: stop the run when more than this fraction of an iteration's samples is unscored (the
     #: reward's valid flag: a server down, OCR with no text); below it they are dropped and counted
     max_unscored_fraction: float = 0.5
+    #: sample on Ray actors while the trainer trains (align/training/async_rollout.py; ray.address: a
+    #: cluster); the trainer consumes batches at most max_staleness weight versions old
+    async_rollout: bool = False
+    #: run.async_rollout: rollout workers (Ray actors), each with a copy of the model and the reward
+    rollout_workers: int = 1
+    #: run.async_rollout: how many iterations' weight versions a batch may lag the trainer (0: each batch is
+    #: sampled with the weights it trains; with one worker that is the synchronous run, bit for bit)
+    max_staleness: int = 1
+    #: run.async_rollout: a stale batch's importance weights pi_now / pi_sampled per trained step are
+    #: truncated at this value (trainers with log-probs; the PPO ratio then starts from the current policy)
+    max_importance_weight: float = 2.0
 
     def __post_init__(self) -> None:
         if self.mixed_precision in (False, "False", "false"):  # YAML reads a bare `no` as false
@@ -82,6 +93,16 @@ class RunConfig:
         check_choice("run.log_with", self.log_with, TRACKERS, "tracker")
         if not 0 <= self.max_unscored_fraction <= 1:
             raise ConfigError(f"run.max_unscored_fraction must be in [0, 1], got {self.max_unscored_fraction}")
+        if self.rollout_workers < 1 or self.max_staleness < 0 or self.max_importance_weight < 1:
+            raise ConfigError(f"run.rollout_workers must be >= 1, run.max_staleness >= 0 and run.max_importance_weight "
+                              f">= 1, got {self.rollout_workers}, {self.max_staleness}, {self.max_importance_weight}")
+
+
+@dataclass
+class RayConfig:
+    #: the Ray cluster of run.async_rollout's workers: its address (e.g. ray://head:10001 or auto); null: the
+    #: cluster of RAY_ADDRESS, else a Ray instance started on this machine
+    address: str | None = None
 
 
 @dataclass

@@ -31,7 +31,7 @@ RESUMABLE_CHANGES = (
     "run.resume", "run.output_dir", "run.checkpoint_every", "run.checkpoint_limit", "run.log_with",
     "run.progress", "run.sample_every", "run.eval_every_nfe", "run.mixed_precision", "run.max_unscored_fraction",
     "run.overlap_scoring", "run.compile", "run.compile_options", "rollout.fused_step", "model.attention_backend",
-    "model.vae_dtype", "model.offload_text_encoders",
+    "model.vae_dtype", "model.offload_text_encoders", "run.rollout_workers", "ray.",
 )
 
 

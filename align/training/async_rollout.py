@@ -1,0 +1,174 @@
+"""``run.async_rollout``: rollouts on Ray actors that never wait for training, with bounded staleness.
+
+``run.rollout_workers`` actors (:class:`RolloutWorker`) each hold a copy of the model and its reward. The
+trainer keeps up to ``run.max_staleness`` + 1 iterations in flight: while it trains iteration i on a batch
+that the policy of version v sampled, the workers already sample iterations i + 1 .. i + k with the
+newest weights they were given. A version is the number of iterations trained when the batch was
+asked for, so a batch is at most ``max_staleness`` versions behind the weights that train on it
+(``train/staleness``). After each iteration only the trainable weights (the LoRA, a few MB) go to the
+workers, once, through Ray's object store.
+
+An iteration's inputs (its prompts, its rollout settings, its noise) depend on the run's seed and the
+iteration alone, so a batch is the same whichever worker samples it and whenever: a worker that dies
+is restarted by Ray (``max_restarts``) and its task is run again (``max_task_retries``), which redoes the
+batch instead of losing or repeating it, and the run's sample and NFE counters stay exact. With
+``max_staleness: 0`` and one worker the run is the synchronous one, bit for bit.
+
+``ray.address`` joins an existing cluster (null: a Ray instance on this machine, or the cluster of
+``RAY_ADDRESS``). Scoring runs in the worker, beside the sampler; a reward server (the ``remote``
+reward) is called from there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+
+#: the trainers that train on asynchronous rollouts (the others refuse run.async_rollout before loading)
+ASYNC_TRAINERS = ("flow_grpo",)
+
+
+def trainable_state(adapter) -> dict[str, torch.Tensor]:
+    """The trained weights by name (the LoRA, or the whole denoiser when fully fine-tuned), on the CPU:
+    what a worker needs to sample with the trainer's policy."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in adapter.base_denoiser.named_parameters()
+            if p.requires_grad}
+
+
+class WorkerSession:
+    """What :func:`align.trainers.scoring.sample_and_score` asks of a run, in a rollout worker: the
+    model, one process, sampling without gradients."""
+
+    def __init__(self, adapter, config) -> None:
+        self.adapter, self.config, self.run_config = adapter, config, config.run
+        self.latent_kwargs = {"height": config.model.height, "width": config.model.width,
+                              "num_frames": config.model.num_frames}
+        self.accelerator = SimpleNamespace(process_index=0, num_processes=1, device=adapter.device,
+                                           autocast=nullcontext)
+
+    @contextmanager
+    def sampling(self):
+        with torch.no_grad():
+            yield
+
+    def phase(self, name: str):
+        return nullcontext()
+
+    def gather(self, tensor):
+        return tensor
+
+
+class RolloutWorker:
+    """One rollout worker (a Ray actor): the model with the run's LoRA, the trained reward, and the
+    version of the weights it samples with."""
+
+    def __init__(self, config, threads: int) -> None:
+        from align.models import load_model
+        from align.trainers.scoring import build_reward_set
+
+        torch.set_num_threads(threads)
+        self.config = config
+        self.adapter = load_model(config.model)
+        base = self.adapter.base_denoiser
+        if config.lora.enabled:
+            base.requires_grad_(False)
+            self.adapter.add_lora(config.lora.rank, config.lora.alpha, config.lora.target_modules)
+            for param in base.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+        else:
+            base.requires_grad_(True)
+        self.session = WorkerSession(self.adapter, config)
+        self.reward, _ = build_reward_set(config)
+        self.version = -1
+
+    def sample(self, iteration: int, batch_prompts: list, rollout_config, version: int, weights: dict) -> dict:
+        """Sample and score one iteration's batch with the weights of ``version`` (loaded when newer)."""
+        from align.trainers.scoring import sample_and_score
+
+        if version != self.version:
+            params = dict(self.adapter.base_denoiser.named_parameters())
+            with torch.no_grad():
+                for name, value in weights.items():
+                    params[name].copy_(value)
+            self.version = version
+        kill_hook(iteration)
+        start = time.perf_counter()
+        _, result, scores, _ = sample_and_score(self.session, self.config, self.reward, batch_prompts, rollout_config,
+                                                iteration)
+        result.pixels = None  # the trainer does not need the decoded images (a few MB per batch)
+        return {"iteration": iteration, "version": version, "result": result, "scores": scores, "pid": os.getpid(),
+                "busy": (start, time.perf_counter())}
+
+
+#: test hook (as the kill-and-resume tests' ALIGN_KILL_AT): a worker exits at this iteration the first
+#: time (a marker file beside it records that it did), so the restart and the redone batch can be checked
+KILL_ENV = "ALIGN_ROLLOUT_WORKER_EXIT_AT"
+
+
+def kill_hook(iteration: int) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    at, marker = spec.split(":", 1)
+    if int(at) == iteration and not Path(marker).exists():
+        Path(marker).write_text(str(os.getpid()))
+        os._exit(1)
+
+
+class AsyncRollouts:
+    """The trainer's side: the Ray actors, the batches in flight, the weights of each version.
+    ``inputs(iteration)`` gives (prompts, rollout settings) of an iteration."""
+
+    def __init__(self, run, config, inputs: Callable[[int], tuple[list, Any]]) -> None:
+        import ray
+
+        root = str(Path(__file__).resolve().parents[2])  # the actors import the project from here
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        if not ray.is_initialized():
+            ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": path, **{k: v for k, v in os.environ.items()
+                                                                       if k == KILL_ENV}}})
+        worker = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(RolloutWorker)
+        threads = torch.get_num_threads()
+        self.ray, self.run, self.config, self.inputs = ray, run, config, inputs
+        self.workers = [worker.remote(config, threads) for _ in range(config.run.rollout_workers)]
+        self.in_flight: deque = deque()  # (iteration, object ref), oldest first
+        self.next_iteration = run.state.iteration
+        self.weights = None  # (version, object ref) of the newest weights
+
+    def publish(self) -> None:
+        """Put the trainer's weights of the current version into the object store (once per version)."""
+        version = self.run.state.iteration
+        if self.weights is None or self.weights[0] != version:
+            self.weights = (version, self.ray.put(trainable_state(self.run.adapter)))
+
+    def take(self, iteration: int) -> dict:
+        """The batch of ``iteration``: asks for the iterations up to iteration + max_staleness that are not
+        asked for yet (with the newest weights), then waits for this one."""
+        self.publish()
+        last = min(iteration + self.config.run.max_staleness, self.config.iterations - 1)
+        while self.next_iteration <= last:
+            it = self.next_iteration
+            prompts, rollout_config = self.inputs(it)
+            actor = self.workers[it % len(self.workers)]
+            version, weights = self.weights
+            self.in_flight.append((it, actor.sample.remote(it, prompts, rollout_config, version, weights)))
+            self.next_iteration += 1
+        it, ref = self.in_flight.popleft()
+        assert it == iteration, f"batches are consumed in order: expected {iteration}, got {it}"
+        batch = self.ray.get(ref)
+        batch["staleness"] = self.run.state.iteration - batch["version"]
+        return batch
+
+    def close(self) -> None:
+        for worker in self.workers:
+            self.ray.kill(worker)
+        self.workers = []

@@ -1,0 +1,101 @@
+"""run.async_rollout (align/training/async_rollout.py): rollouts on Ray actors with bounded staleness. With
+max_staleness 0 and one worker a run is the synchronous run bit for bit; with staleness 1 the batches lag
+one weight version and carry truncated importance weights; a worker killed mid-run is restarted and its
+batch redone (the weights still equal the synchronous run's: no batch lost or counted twice); every
+trainer without support refuses the setting in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from align.config import ConfigError, load_config
+from align.trainers import TRAINERS, trainer_module
+from pipelines.toy import TOY_WEIGHTS_DIR
+
+pytestmark = [pytest.mark.skipif(not (TOY_WEIGHTS_DIR / "config.json").exists(), reason="toy weights not built"),
+              pytest.mark.xdist_group("ray")]
+SETTINGS = ["model.name=toy", "rollout.num_steps=4", "rollout.guidance_scale=1.0", "group_size=4",
+            "prompts_per_iteration=2", "iterations=3", "lora.rank=4", "lora.alpha=8", "optim.lr=0.002",
+            "eval.per_prompt=1", "eval_prompts=['a red digit 3']", "heldout_rewards=[]", "run.log_with=none",
+            "run.progress=false", "run.checkpoint_every=0"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    yield ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def train(out, *extra):
+    module = trainer_module("flow_grpo")
+    config = load_config(module.CONFIG, None, [*SETTINGS, f"run.output_dir={out}", *extra])
+    summary = module.train(config)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return summary, [r for r in rows if "train/loss" in r]
+
+
+def lora_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "lora" / "lora.safetensors"))
+
+
+def test_staleness_zero_with_one_worker_is_the_synchronous_run(tmp_path, ray_session):
+    sync_summary, sync_rows = train(tmp_path / "sync")
+    async_summary, async_rows = train(tmp_path / "async", "run.async_rollout=true", "run.max_staleness=0")
+    for key in ("train/loss", "reward/score/mean", "nfe", "train/grad_norm"):
+        assert [r[key] for r in async_rows] == [r[key] for r in sync_rows], key
+    assert [r["train/staleness"] for r in async_rows] == [0.0, 0.0, 0.0]
+    same, other = lora_weights(tmp_path / "sync"), lora_weights(tmp_path / "async")
+    assert same.keys() == other.keys() and all(torch.equal(same[k], other[k]) for k in same)
+    assert async_summary["reward_after"] == sync_summary["reward_after"]
+
+
+def test_staleness_one_trains_on_batches_one_version_old_with_importance_weights(tmp_path, ray_session):
+    _, rows = train(tmp_path / "stale", "run.async_rollout=true", "run.max_staleness=1", "run.rollout_workers=2",
+                       "iterations=4")
+    # iteration 0 is asked for with version 0 and 1 with version 0 too (one ahead); from then on each batch
+    # lags the trainer by one version
+    assert [r["train/staleness"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+    assert [r["nfe"] for r in rows] == [32, 64, 96, 128]  # 8 samples x 4 steps an iteration, each counted once
+    weights = [r["train/importance_weight"] for r in rows[1:]]
+    assert all(0 < w <= 2.0 for w in weights) and any(w != 1.0 for w in weights)
+    assert all(0 <= r["train/clipped_fraction"] <= 1 for r in rows[1:])
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_its_batch_redone(tmp_path, ray_session, monkeypatch):
+    """The worker exits as it starts iteration 1; Ray restarts it and runs the task again. The run ends
+    with the synchronous run's weights: the batch was redone, not lost or counted twice."""
+    from align.training.async_rollout import KILL_ENV
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, f"1:{marker}")
+    if ray_session.is_initialized():  # the hook travels to the workers in the runtime environment
+        ray_session.shutdown()
+    _, sync_rows = train(tmp_path / "sync")
+    _, rows = train(tmp_path / "killed_run", "run.async_rollout=true", "run.max_staleness=0")
+    assert marker.exists()  # a worker did exit
+    assert [r["iteration"] for r in rows] == [1, 2, 3] and [r["nfe"] for r in rows] == [r["nfe"] for r in sync_rows]
+    same, other = lora_weights(tmp_path / "sync"), lora_weights(tmp_path / "killed_run")
+    assert all(torch.equal(same[k], other[k]) for k in same)
+    ray_session.shutdown()
+
+
+@pytest.mark.parametrize("name", sorted(set(TRAINERS) - {"flow_grpo"}))
+def test_every_other_trainer_refuses_async_rollouts_before_loading(name, tmp_path, monkeypatch):
+    import pipelines.registry
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pipelines.registry, "load_adapter", refuse)
+    module = trainer_module(name)
+    config = load_config(module.CONFIG, None, ["run.async_rollout=true", f"run.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=rf"^run.async_rollout: {name} does not train on asynchronous rollouts yet"):
+        module.train(config)
+    assert not (tmp_path / "run").exists()
