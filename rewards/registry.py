@@ -63,7 +63,9 @@ def check_reward_options(name: str, options: dict, field: str | None = None) -> 
             raise unknown_name_error(f"option of reward {name!r}", key, [p for p in params if p != "self"], field=field)
         if (key.endswith("path") and isinstance(value, str) and value.startswith(LOCAL_PATH_PREFIXES)
                 and not os.path.exists(os.path.expanduser(value))):
-            raise ConfigError(f"{field + ': ' if field else ''}{name}.{key}: file not found: {value}")
+            from rewards.loading import CheckpointError
+
+            raise CheckpointError(f"{field + ': ' if field else ''}{name}.{key}: file not found: {value}")
 
 
 def check_reward_specs(specs, field: str) -> None:

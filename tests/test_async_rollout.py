@@ -24,6 +24,14 @@ SETTINGS = ["model.name=toy", "rollout.num_steps=4", "rollout.guidance_scale=1.0
 
 
 @pytest.fixture(scope="module")
+def synchronous(tmp_path_factory):
+    """The synchronous run both exactness checks compare with: (folder, summary, trained rows)."""
+    out = tmp_path_factory.mktemp("async") / "sync"
+    summary, rows = train(out)
+    return out, summary, rows
+
+
+@pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
     yield ray
@@ -45,13 +53,13 @@ def lora_weights(out):
     return load_file(str(out / "lora" / "lora.safetensors"))
 
 
-def test_staleness_zero_with_one_worker_is_the_synchronous_run(tmp_path, ray_session):
-    sync_summary, sync_rows = train(tmp_path / "sync")
+def test_staleness_zero_with_one_worker_is_the_synchronous_run(tmp_path, ray_session, synchronous):
+    sync_dir, sync_summary, sync_rows = synchronous
     async_summary, async_rows = train(tmp_path / "async", "run.async_rollout=true", "run.max_staleness=0")
     for key in ("train/loss", "reward/score/mean", "nfe", "train/grad_norm"):
         assert [r[key] for r in async_rows] == [r[key] for r in sync_rows], key
     assert [r["train/staleness"] for r in async_rows] == [0.0, 0.0, 0.0]
-    same, other = lora_weights(tmp_path / "sync"), lora_weights(tmp_path / "async")
+    same, other = lora_weights(sync_dir), lora_weights(tmp_path / "async")
     assert same.keys() == other.keys() and all(torch.equal(same[k], other[k]) for k in same)
     assert async_summary["reward_after"] == sync_summary["reward_after"]
 
@@ -68,7 +76,7 @@ def test_staleness_one_trains_on_batches_one_version_old_with_importance_weights
     assert all(0 <= r["train/clipped_fraction"] <= 1 for r in rows[1:])
 
 
-def test_a_worker_killed_mid_run_is_restarted_and_its_batch_redone(tmp_path, ray_session, monkeypatch):
+def test_a_worker_killed_mid_run_is_restarted_and_its_batch_redone(tmp_path, ray_session, synchronous, monkeypatch):
     """The worker exits as it starts iteration 1; Ray restarts it and runs the task again. The run ends
     with the synchronous run's weights: the batch was redone, not lost or counted twice."""
     from align.training.async_rollout import KILL_ENV
@@ -77,11 +85,11 @@ def test_a_worker_killed_mid_run_is_restarted_and_its_batch_redone(tmp_path, ray
     monkeypatch.setenv(KILL_ENV, f"1:{marker}")
     if ray_session.is_initialized():  # the hook travels to the workers in the runtime environment
         ray_session.shutdown()
-    _, sync_rows = train(tmp_path / "sync")
+    sync_dir, _, sync_rows = synchronous
     _, rows = train(tmp_path / "killed_run", "run.async_rollout=true", "run.max_staleness=0")
     assert marker.exists()  # a worker did exit
     assert [r["iteration"] for r in rows] == [1, 2, 3] and [r["nfe"] for r in rows] == [r["nfe"] for r in sync_rows]
-    same, other = lora_weights(tmp_path / "sync"), lora_weights(tmp_path / "killed_run")
+    same, other = lora_weights(sync_dir), lora_weights(tmp_path / "killed_run")
     assert all(torch.equal(same[k], other[k]) for k in same)
     ray_session.shutdown()
 

@@ -66,7 +66,8 @@ def test_load_score_and_round_trip(vlm_dir, trained_dir, tmp_path):
     # errors name the file
     with pytest.raises(CheckpointError, match=rf"no head at .*{HEAD_FILE}"):
         build_reward({"name": "video_reward", "model_path": str(vlm_dir)})
-    with pytest.raises(CheckpointError, match="no model directory at"):
+    # a missing local folder is refused before the reward's constructor runs (rewards.registry)
+    with pytest.raises(CheckpointError, match=r"^video_reward.model_path: file not found: .*missing$"):
         build_reward({"name": "video_reward", "model_path": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match="needs model_path"):
         build_reward({"name": "video_reward"})
