@@ -72,19 +72,15 @@ class RolloutWorker:
     def __init__(self, config, threads: int) -> None:
         from align.models import load_model
         from align.trainers.scoring import build_reward_set
+        from align.training.model_setup import attach_lora
 
         torch.set_num_threads(threads)
         self.config = config
         self.adapter = load_model(config.model)
-        base = self.adapter.base_denoiser
-        if config.lora.enabled:
-            base.requires_grad_(False)
-            self.adapter.add_lora(config.lora.rank, config.lora.alpha, config.lora.target_modules)
-            for param in base.parameters():
-                if param.requires_grad:
-                    param.data = param.data.float()
+        if config.lora.enabled:  # the run's trained parameters, as align.training.model_setup makes them
+            attach_lora(self.adapter, config.lora)
         else:
-            base.requires_grad_(True)
+            self.adapter.base_denoiser.requires_grad_(True)
         self.session = WorkerSession(self.adapter, config)
         self.reward, _ = build_reward_set(config)
         self.version = -1

@@ -61,6 +61,24 @@ def setup_model(run, model, lora: LoraSettings, adapter=None) -> bool:
     return shard_here
 
 
+def attach_lora(adapter, lora: LoraSettings) -> None:
+    """The denoiser frozen and a LoRA (peft) attached to it, its weights in fp32: the trained
+    parameters of a LoRA run (and of an asynchronous rollout worker's copy of the model)."""
+    base = adapter.base_denoiser
+    base.requires_grad_(False)
+    try:
+        adapter.add_lora(lora.rank, lora.alpha, lora.target_modules)
+    except ValueError as err:  # peft: no module matches a target name
+        layers = sorted({name.rsplit(".", 1)[-1] for name, module in base.named_modules()
+                         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+                         and not name.rsplit(".", 1)[-1].isdigit()})
+        raise ConfigError(f"lora.target_modules {lora.target_modules}: {str(err).splitlines()[0]} "
+                          f"(layer names in this model: {', '.join(layers[:20])})") from None
+    for param in base.parameters():  # peft leaves only LoRA weights trainable
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
 def setup_parameters(run, lora: LoraSettings) -> None:
     """LoRA (peft, fp32 adapter weights) or full fine-tuning (a frozen reference copy first), the
     trained experts and low-noise CFG scale of Wan 2.2 A14B, DDP's unused-parameter mode when a call
@@ -79,18 +97,7 @@ def setup_parameters(run, lora: LoraSettings) -> None:
     if scale_2 is not None:  # an adapter passed in takes the config's low-noise CFG scale too
         run.adapter.guidance_scale_2 = scale_2
     if lora.enabled:
-        base.requires_grad_(False)
-        try:
-            run.adapter.add_lora(lora.rank, lora.alpha, lora.target_modules)
-        except ValueError as err:  # peft: no module matches a target name
-            layers = sorted({name.rsplit(".", 1)[-1] for name, module in base.named_modules()
-                             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
-                             and not name.rsplit(".", 1)[-1].isdigit()})
-            raise ConfigError(f"lora.target_modules {lora.target_modules}: {str(err).splitlines()[0]} "
-                              f"(layer names in this model: {', '.join(layers[:20])})") from None
-        for param in base.parameters():  # peft leaves only LoRA weights trainable
-            if param.requires_grad:
-                param.data = param.data.float()
+        attach_lora(run.adapter, lora)
     else:
         run.adapter.keep_reference_copy()
         base.requires_grad_(False)
