@@ -39,8 +39,8 @@ def ray_session():
         ray.shutdown()
 
 
-def train(out, *extra):
-    module = trainer_module("flow_grpo")
+def train(out, *extra, trainer="flow_grpo"):
+    module = trainer_module(trainer)
     config = load_config(module.CONFIG, None, [*SETTINGS, f"run.output_dir={out}", *extra])
     summary = module.train(config)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -64,9 +64,17 @@ def test_staleness_zero_with_one_worker_is_the_synchronous_run(tmp_path, ray_ses
     assert async_summary["reward_after"] == sync_summary["reward_after"]
 
 
-def test_staleness_one_trains_on_batches_one_version_old_with_importance_weights(tmp_path, ray_session):
-    _, rows = train(tmp_path / "stale", "run.async_rollout=true", "run.max_staleness=1", "run.rollout_workers=2",
-                       "iterations=4")
+@pytest.fixture(scope="module")
+def stale_run(tmp_path_factory, ray_session):
+    """max_staleness 1, 2 workers, 4 iterations, a checkpoint after each: (folder, trained rows)."""
+    out = tmp_path_factory.mktemp("async") / "stale"
+    _, rows = train(out, "run.async_rollout=true", "run.max_staleness=1", "run.rollout_workers=2", "iterations=4",
+                    "run.checkpoint_every=1", "run.checkpoint_limit=10")
+    return out, rows
+
+
+def test_staleness_one_trains_on_batches_one_version_old_with_importance_weights(stale_run):
+    _, rows = stale_run
     # iteration 0 is asked for with version 0 and 1 with version 0 too (one ahead); from then on each batch
     # lags the trainer by one version
     assert [r["train/staleness"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
@@ -74,6 +82,27 @@ def test_staleness_one_trains_on_batches_one_version_old_with_importance_weights
     weights = [r["train/importance_weight"] for r in rows[1:]]
     assert all(0 < w <= 2.0 for w in weights) and any(w != 1.0 for w in weights)
     assert all(0 <= r["train/clipped_fraction"] <= 1 for r in rows[1:])
+
+
+def test_a_run_killed_and_resumed_continues_with_the_same_weight_versions(tmp_path, stale_run):
+    """The run as a kill after iteration 2's checkpoint leaves it (the later checkpoints and the export
+    gone), resumed: batch 2 is asked for again with version 1's weights, which the checkpoint holds, so
+    the run ends with the uninterrupted run's weights and metrics, bit for bit."""
+    import shutil
+
+    full, rows = stale_run
+    killed = tmp_path / "killed"
+    shutil.copytree(full, killed)
+    shutil.rmtree(killed / "lora")
+    for later in ("iteration-000003", "iteration-000004"):
+        shutil.rmtree(killed / "checkpoints" / later)
+    _, resumed_rows = train(killed, "run.async_rollout=true", "run.max_staleness=1", "run.rollout_workers=2",
+                            "iterations=4", "run.checkpoint_every=1", "run.checkpoint_limit=10", "run.resume=latest")
+    assert [r["iteration"] for r in resumed_rows] == [1, 2, 3, 4]  # no iteration lost or logged twice
+    for key in ("train/loss", "train/staleness", "train/importance_weight", "nfe"):
+        assert [r.get(key) for r in resumed_rows] == [r.get(key) for r in rows], key
+    same, other = lora_weights(full), lora_weights(killed)
+    assert same.keys() == other.keys() and all(torch.equal(same[k], other[k]) for k in same)
 
 
 def test_a_worker_killed_mid_run_is_restarted_and_its_batch_redone(tmp_path, ray_session, synchronous, monkeypatch):
@@ -94,7 +123,29 @@ def test_a_worker_killed_mid_run_is_restarted_and_its_batch_redone(tmp_path, ray
     ray_session.shutdown()
 
 
-@pytest.mark.parametrize("name", sorted(set(TRAINERS) - {"flow_grpo"}))
+#: trainers without log-probs, each with the setting that picks its sampling weights: DiffusionNFT's old
+#: policy (an EMA of theta), DGPO's EMA rollouts after one update
+WITHOUT_LOG_PROBS = {"diffusion_nft": ["policy_ema_rate=0.5"], "awm": ["t_per_sample=2"],
+                     "dgpo": ["ema_rollouts_after=1", "steps_per_iteration=2", "trunc_steps=2"]}
+
+
+@pytest.mark.parametrize("name", sorted(WITHOUT_LOG_PROBS))
+def test_trainers_without_log_probs_sample_on_the_workers_with_the_weights_they_sample_with(name, tmp_path,
+                                                                                           ray_session):
+    """At staleness 0 with one worker, the run is the synchronous one bit for bit: the workers sampled with
+    the trainer's sampling weights (the old policy, the EMA after the switch), not merely the trained ones."""
+    settings = ["iterations=2", *WITHOUT_LOG_PROBS[name]]
+    sync_summary, sync_rows = train(tmp_path / "sync", *settings, trainer=name)
+    summary, rows = train(tmp_path / "async", *settings, "run.async_rollout=true", "run.max_staleness=0", trainer=name)
+    for key in ("train/loss", "reward/score/mean", "nfe"):
+        assert [r[key] for r in rows] == [r[key] for r in sync_rows], key
+    assert [r["train/staleness"] for r in rows] == [0.0, 0.0]
+    same, other = lora_weights(tmp_path / "sync"), lora_weights(tmp_path / "async")
+    assert all(torch.equal(same[k], other[k]) for k in same)
+    assert summary["reward_after"] == sync_summary["reward_after"]
+
+
+@pytest.mark.parametrize("name", sorted(set(TRAINERS) - {"flow_grpo", *WITHOUT_LOG_PROBS}))
 def test_every_other_trainer_refuses_async_rollouts_before_loading(name, tmp_path, monkeypatch):
     import pipelines.registry
 

@@ -17,6 +17,8 @@ A > 0 lowers the flow-matching error of a good sample (raises its likelihood), A
 one's; A = 0 trains nothing and a uniform A is the plain pretraining loss scaled. Training predictions
 are conditional only (no CFG): the trained policy is CFG-free, as the reference's; the sampler may still
 guide. Flow-matching models only. NFE counts the sampling and the reference / EMA evaluations.
+``run.async_rollout`` samples on Ray workers with weights at most ``run.max_staleness`` versions old
+(older data: the loss weighs no sampler likelihood, so there is no correction).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from align.trainers.ppo import epoch_minibatches
 from align.trainers.scoring import (MULTI_REWARD_MODES, conditional_training_cond, group_batch_advantages,
                                     sample_and_score)
 from align.trainers.snapshot import SnapshotState, checkpointed_snapshot, growing_decay
+from align.training.async_rollout import AsyncRollouts
 
 #: how the re-noising levels are drawn: stratified over the sampler's steps 1 .. t_fraction T
 #: ("discrete_wo_init": the reference's GenEval / OCR) or 0 .. t_fraction T ("discrete": its PickScore)
@@ -180,15 +183,25 @@ def train(config: AWMConfig, adapter=None) -> dict[str, float]:
     ema = checkpointed_snapshot(run)  # the EMA of the trained weights (ema_kl_beta's policy)
     steps_range = level_steps(config)
 
+    def batch_prompts_of(iteration: int) -> list:
+        return prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
+                                     accelerator.process_index, accelerator.num_processes)
+
+    # run.async_rollout: the workers sample with the trained weights of a version (older data: no correction)
+    rollouts = (AsyncRollouts(run, config, lambda it: (batch_prompts_of(it), config.rollout),
+                              run.state.trainer.rollout_weights) if config.run.async_rollout else None)
     bar = progress(run, config, "awm")
     for iteration in bar:
         rng = random.Random(f"{config.run.seed}-{iteration}-awm")
         noise_gen = torch.Generator().manual_seed(rng.randrange(2**62) + accelerator.process_index)
-        batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
-                                              accelerator.process_index, accelerator.num_processes)
+        batch_prompts = batch_prompts_of(iteration)
 
-        # 1. clean samples of the current policy, decode, score
-        cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, config.rollout, iteration)
+        # 1. clean samples of the current policy, decode, score (asynchronous: a worker's batch, sampled at
+        # most run.max_staleness versions ago)
+        if rollouts is not None:
+            cond, result, scores, staleness = rollouts.take_scored(iteration, batch_prompts, config.rollout)
+        else:
+            cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, config.rollout, iteration)
         if result.schedule.kind != "flow":
             raise ConfigError(f"AWM trains flow-matching (velocity) models; {adapter.name!r} has a "
                               f"{result.schedule.kind} schedule (use ddpo for UNet models)")
@@ -225,7 +238,11 @@ def train(config: AWMConfig, adapter=None) -> dict[str, float]:
         metrics.update({"advantage/abs_mean": float(advantages.abs().mean()), "policy/ema_decay": decay,
                         "policy/ema_distance": ema.distance()})
         metrics.update(log.metrics())
+        if rollouts is not None:
+            metrics["train/staleness"] = float(staleness)
         end_iteration(run, config, reward, heldout, metrics, result.nfe + extra_nfe)
+    if rollouts is not None:
+        rollouts.close()
     return finish_run(config, run, reward, heldout)
 
 

@@ -29,12 +29,9 @@ def check_common(config: TrainerConfig, adapter=None) -> None:
 
     if config.trainer not in TRAINERS:
         raise unknown_name_error("trainer", config.trainer, TRAINERS, field="trainer")
-    if config.run.async_rollout:
-        from align.training.async_rollout import ASYNC_TRAINERS
+    from align.training.async_rollout import check_async_rollout
 
-        if config.trainer not in ASYNC_TRAINERS:
-            raise ConfigError(f"run.async_rollout: {config.trainer} does not train on asynchronous rollouts yet "
-                              f"(supported: {', '.join(ASYNC_TRAINERS)})")
+    check_async_rollout(config, adapter)
     check_adapter_name(config.model.name)
     check_ranges(config)
     config.rollout.validate()

@@ -21,7 +21,9 @@ Lowering d on a group's good samples and raising it on its bad ones raises the l
 positive half over the negative half relative to the reference; each group is gated by
 sigmoid(S_g), which goes to 0 once the group is ranked right. Training predictions are conditional
 only (no CFG), while the rollouts may guide (the reference's mode 1). Flow-matching models only.
-NFE counts the sampling, the reference and the old-policy evaluations.
+NFE counts the sampling, the reference and the old-policy evaluations. ``run.async_rollout`` samples
+on Ray workers with the rollout policy of a version at most ``run.max_staleness`` behind (older data:
+the loss compares theta with its reference at the samples, not with the sampler; no correction).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from align.trainers.config import TrainerConfig
 from align.trainers.scoring import (MULTI_REWARD_MODES, conditional_training_cond, group_batch_advantages,
                                     sample_and_score)
 from align.trainers.snapshot import SnapshotState, checkpointed_snapshot, growing_decay
+from align.training.async_rollout import AsyncRollouts
 
 
 @dataclass
@@ -174,17 +177,34 @@ def train(config: DGPOConfig, adapter=None) -> dict[str, float]:
     ema = checkpointed_snapshot(run)  # the fast EMA of theta: reference: ema, the clip's old policy, EMA rollouts
     reference = ema.swapped if config.reference == "ema" else adapter.disable_adapter
 
+    def batch_prompts_of(iteration: int) -> list:
+        return prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
+                                     accelerator.process_index, accelerator.num_processes)
+
+    def rollout_policy():
+        """The weights the rollouts sample with: theta, or its EMA after ema_rollouts_after updates."""
+        ema_rollouts = config.ema_rollouts_after is not None and run.state.updates >= config.ema_rollouts_after
+        return ema.swapped() if ema_rollouts else nullcontext()
+
+    # run.async_rollout: the workers sample with a version's rollout policy (older data: no correction)
+    rollouts = (AsyncRollouts(run, config, lambda it: (batch_prompts_of(it), config.rollout),
+                              run.state.trainer.rollout_weights, policy=rollout_policy)
+                if config.run.async_rollout else None)
     bar = progress(run, config, "dgpo")
     for iteration in bar:
         rng = random.Random(f"{config.run.seed}-{iteration}-dgpo")
         noise_gen = torch.Generator().manual_seed(rng.randrange(2**62) + accelerator.process_index)
-        batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
-                                              accelerator.process_index, accelerator.num_processes)
+        batch_prompts = batch_prompts_of(iteration)
 
-        # 1. clean samples of the current policy (or, after ema_rollouts_after updates, of its EMA), decode, score
+        # 1. clean samples of the current policy (or, after ema_rollouts_after updates, of its EMA), decode,
+        # score (asynchronous: a worker's batch, sampled at most run.max_staleness versions ago)
         ema_rollouts = config.ema_rollouts_after is not None and run.state.updates >= config.ema_rollouts_after
-        with ema.swapped() if ema_rollouts else nullcontext():
-            cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, config.rollout, iteration)
+        if rollouts is not None:
+            cond, result, scores, staleness = rollouts.take_scored(iteration, batch_prompts, config.rollout)
+        else:
+            with rollout_policy():
+                cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, config.rollout,
+                                                           iteration)
         if result.schedule.kind != "flow":
             raise ConfigError(f"DGPO trains flow-matching (velocity) models; {adapter.name!r} has a "
                               f"{result.schedule.kind} schedule")
@@ -232,7 +252,11 @@ def train(config: DGPOConfig, adapter=None) -> dict[str, float]:
             metrics.update({"policy/ema_decay": decay, "policy/ema_distance": ema.distance(),
                             "policy/ema_rollouts": float(ema_rollouts)})
         metrics.update(log.metrics())
+        if rollouts is not None:
+            metrics["train/staleness"] = float(staleness)
         end_iteration(run, config, reward, heldout, metrics, result.nfe + calls)
+    if rollouts is not None:
+        rollouts.close()
     return finish_run(config, run, reward, heldout)
 
 

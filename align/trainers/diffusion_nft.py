@@ -18,7 +18,9 @@ v_old. Training predictions are conditional only (no CFG): the trained policy is
 paper. The sampler may still use CFG (``rollout.guidance_scale``) or an SDE kernel: the loss needs
 clean samples only. Flow-matching models only (velocity prediction). The "old" policy is the EMA
 copy of the trainable (LoRA) weights, not the LoRA-off model, which only serves the optional
-``kl_beta`` term. NFE counts the sampling and the v_old evaluations.
+``kl_beta`` term. NFE counts the sampling and the v_old evaluations. ``run.async_rollout`` samples
+on Ray workers with the old policy of a version at most ``run.max_staleness`` behind (older data: the
+loss needs no likelihood of the sampler, so there is no correction; align/training/async_rollout.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from align.trainers.ppo import epoch_minibatches
 from align.trainers.scoring import (MULTI_REWARD_MODES, conditional_training_cond, group_batch_advantages,
                                     sample_and_score)
 from align.trainers.snapshot import SnapshotState, checkpointed_snapshot
+from align.training.async_rollout import AsyncRollouts
 
 
 @dataclass
@@ -259,16 +262,27 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
     old = checkpointed_snapshot(run)  # the sampling (old) policy, an EMA of theta
     K = draws_per_sample(config)
 
+    def batch_prompts_of(iteration: int) -> list:
+        return prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
+                                     accelerator.process_index, accelerator.num_processes)
+
+    # run.async_rollout: the workers sample with the old policy's weights (older data: no correction)
+    rollouts = (AsyncRollouts(run, config, lambda it: (batch_prompts_of(it), config.rollout),
+                              run.state.trainer.rollout_weights, policy=old.swapped) if config.run.async_rollout else None)
     bar = progress(run, config, "diffusion_nft")
     for iteration in bar:
         rng = random.Random(f"{config.run.seed}-{iteration}-nft")
         noise_gen = torch.Generator().manual_seed(rng.randrange(2**62) + accelerator.process_index)
-        batch_prompts = prompts_for_iteration(prompts, config.prompts_per_iteration, config.run.seed, iteration,
-                                              accelerator.process_index, accelerator.num_processes)
+        batch_prompts = batch_prompts_of(iteration)
 
-        # 1. clean samples from the sampling (old) policy, decode, score
-        with old.swapped():
-            cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, config.rollout, iteration)
+        # 1. clean samples from the sampling (old) policy, decode, score (asynchronous: a worker's batch,
+        # sampled at most run.max_staleness versions ago)
+        if rollouts is not None:
+            cond, result, scores, staleness = rollouts.take_scored(iteration, batch_prompts, config.rollout)
+        else:
+            with old.swapped():
+                cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, config.rollout,
+                                                           iteration)
 
         # 2. advantages over the gathered batch -> optimality r in [0, 1]
         groups = result.prompt_index + accelerator.process_index * config.prompts_per_iteration
@@ -315,7 +329,11 @@ def train(config: DiffusionNFTConfig, adapter=None) -> dict[str, float]:
         metrics.update({"optimality/mean": float(r.mean()), "optimality/abs_dev": float((r - 0.5).abs().mean()),
                         "policy/ema_decay": decay, "policy/weight_distance": old.distance()})
         metrics.update(log.metrics())
+        if rollouts is not None:
+            metrics["train/staleness"] = float(staleness)
         end_iteration(run, config, reward, heldout, metrics, result.nfe + rows * K)
+    if rollouts is not None:
+        rollouts.close()
     return finish_run(config, run, reward, heldout)
 
 

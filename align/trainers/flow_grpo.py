@@ -113,6 +113,9 @@ class FlowGRPOState:
     guard_std: float | None = None
     #: the learning rewards' weights and optimiser states (adv_dino's head, a latent PRM), by key
     reward_states: dict = field(default_factory=dict)
+    #: run.async_rollout: the weights of the versions that batches in flight were asked with ({version: weights}),
+    #: so a resumed run asks for them again with the same weights
+    rollout_weights: dict = field(default_factory=dict)
 
 
 def check_config(config: FlowGRPOConfig, adapter=None) -> None:
@@ -143,20 +146,10 @@ def check_config(config: FlowGRPOConfig, adapter=None) -> None:
                    or config.run.gradient_accumulation_steps > 1 else None)
         if problem:
             raise ConfigError(f"reuse_rollout_graph: {problem}")
-    if config.run.async_rollout:
-        import os
-
-        problem = ("it runs in one training process" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else
-                   "guided rollouts are not sampled by the workers yet" if config.guidance.enabled else
-                   "reuse_rollout_graph keeps the rollout's graphs in the sampling process" if config.reuse_rollout_graph
-                   else "a reward that learns during the run (adv_dino) keeps its head in the trainer, the workers score "
-                   "with their own copy" if config.reward_updates and any(
-                       (spec if isinstance(spec, str) else spec.get("name")) == "adv_dino" for spec in config.rewards)
-                   else "the workers load the model from model.name / model.path; a model passed in cannot be "
-                   "copied to them" if adapter is not None and not config.model.path and adapter.name != config.model.name
-                   else None)
-        if problem:
-            raise ConfigError(f"run.async_rollout: {problem}")
+    if config.run.async_rollout and (config.guidance.enabled or config.reuse_rollout_graph):
+        raise ConfigError("run.async_rollout: " + ("guided rollouts are not sampled by the workers yet"
+                                                   if config.guidance.enabled else
+                                                   "reuse_rollout_graph keeps the rollout's graphs in the sampling process"))
     config.guidance.validate(config.rollout.num_steps)
     if config.process_weight and not config.guidance.enabled:
         raise ConfigError("process_weight needs guidance.rewards: the process reward is the guiding reward per step")
@@ -260,8 +253,8 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
                                               accelerator.process_index, accelerator.num_processes)
         return batch_prompts, rollout_for_iteration(config, iteration, rng, trained), rng
 
-    rollouts = (AsyncRollouts(run, config, lambda it: iteration_inputs(it)[:2]) if config.run.async_rollout
-                else None)
+    rollouts = (AsyncRollouts(run, config, lambda it: iteration_inputs(it)[:2], run.state.trainer.rollout_weights)
+                if config.run.async_rollout else None)
     for iteration in bar:
         batch_prompts, rollout_config, rng = iteration_inputs(iteration)
 
@@ -271,10 +264,7 @@ def train(config: FlowGRPOConfig, adapter=None) -> dict[str, float]:
         if guide is not None:
             drift = build_guidance(config.guidance, adapter, batch_prompts, rollout_config, reward=guide)
         if rollouts is not None:
-            done = rollouts.take(iteration)
-            result, scores, staleness = done["result"], done["scores"], done["staleness"]
-            with run.sampling():
-                cond = adapter.encode(batch_prompts, config.negative_prompt, rollout_config.guidance_scale)
+            cond, result, scores, staleness = rollouts.take_scored(iteration, batch_prompts, rollout_config)
         else:
             cond, result, scores, _ = sample_and_score(run, config, reward, batch_prompts, rollout_config, iteration,
                                                        drift=drift, keep_policy_graph=config.ppo.cfg_grad

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import math
 from contextlib import contextmanager
@@ -78,6 +78,9 @@ class SnapshotState:
 
     #: the snapshot's weights (null: not taken yet)
     snapshot: dict | None = None
+    #: run.async_rollout: the weights of the versions that batches in flight were asked with ({version: weights}),
+    #: so a resumed run asks for them again with the same weights
+    rollout_weights: dict = field(default_factory=dict)
 
 
 def checkpointed_snapshot(run) -> WeightSnapshot:

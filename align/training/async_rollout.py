@@ -1,12 +1,14 @@
 """``run.async_rollout``: rollouts on Ray actors that never wait for training, with bounded staleness.
 
 ``run.rollout_workers`` actors (:class:`RolloutWorker`) each hold a copy of the model and its reward. The
-trainer keeps up to ``run.max_staleness`` + 1 iterations in flight: while it trains iteration i on a batch
-that the policy of version v sampled, the workers already sample iterations i + 1 .. i + k with the
-newest weights they were given. A version is the number of iterations trained when the batch was
-asked for, so a batch is at most ``max_staleness`` versions behind the weights that train on it
-(``train/staleness``). After each iteration only the trainable weights (the LoRA, a few MB) go to the
-workers, once, through Ray's object store.
+trainer keeps up to ``run.max_staleness`` + 1 iterations in flight: while it trains iteration i, the
+workers already sample iterations i + 1 .. i + k. A version is the number of iterations trained; batch j
+is sampled with the weights of version max(0, j - k), the newest the trainer has when it asks for it, so
+it is at most ``max_staleness`` versions behind the weights that train on it (``train/staleness``). After
+each iteration only the trainable weights (the LoRA, a few MB) go to the workers, once, through Ray's
+object store. The weights of the versions that batches still in flight were asked with are kept in the
+trainer's state (``history``, saved with each checkpoint), so a resumed run asks for those batches again
+with the same versions and continues exactly as the run that was killed.
 
 An iteration's inputs (its prompts, its rollout settings, its noise) depend on the run's seed and the
 iteration alone, so a batch is the same whichever worker samples it and whenever: a worker that dies
@@ -31,8 +33,29 @@ from typing import Any, Callable
 
 import torch
 
-#: the trainers that train on asynchronous rollouts (the others refuse run.async_rollout before loading)
-ASYNC_TRAINERS = ("flow_grpo",)
+#: the trainers that train on asynchronous rollouts (the others refuse run.async_rollout before loading):
+#: Flow-GRPO with importance weights from its log-probs; DiffusionNFT, AWM and DGPO on older data
+ASYNC_TRAINERS = ("flow_grpo", "diffusion_nft", "awm", "dgpo")
+
+
+def check_async_rollout(config, adapter=None) -> None:
+    """run.async_rollout's one-line refusals before anything loads: a trainer without support, several
+    training processes, a reward that learns during the run, a model passed in (the workers load their own)."""
+    if not config.run.async_rollout:
+        return
+    from align.errors import ConfigError
+
+    learning = getattr(config, "reward_updates", False) and any(
+        (spec if isinstance(spec, str) else spec.get("name")) == "adv_dino" for spec in config.rewards)
+    problem = (f"{config.trainer} does not train on asynchronous rollouts yet (supported: {', '.join(ASYNC_TRAINERS)})"
+               if config.trainer not in ASYNC_TRAINERS else
+               "it runs in one training process" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else
+               "a reward that learns during the run (adv_dino) keeps its head in the trainer, the workers score "
+               "with their own copy" if learning else
+               "the workers load the model from model.name / model.path; a model passed in cannot be copied to them"
+               if adapter is not None and not config.model.path and adapter.name != config.model.name else None)
+    if problem:
+        raise ConfigError(f"run.async_rollout: {problem}")
 
 
 def trainable_state(adapter) -> dict[str, torch.Tensor]:
@@ -121,9 +144,13 @@ def kill_hook(iteration: int) -> None:
 
 class AsyncRollouts:
     """The trainer's side: the Ray actors, the batches in flight, the weights of each version.
-    ``inputs(iteration)`` gives (prompts, rollout settings) of an iteration."""
+    ``inputs(iteration)`` gives (prompts, rollout settings) of an iteration; ``history`` is the trainer
+    state's {version: weights} (checkpointed: filled and pruned in place); ``policy()`` is the context in
+    which the adapter holds the weights the workers sample with (the trained weights by default; an
+    EMA's swap for a trainer that samples with its EMA)."""
 
-    def __init__(self, run, config, inputs: Callable[[int], tuple[list, Any]]) -> None:
+    def __init__(self, run, config, inputs: Callable[[int], tuple[list, Any]], history: dict,
+                 policy: Callable[[], Any] = nullcontext) -> None:
         import ray
 
         root = str(Path(__file__).resolve().parents[2])  # the actors import the project from here
@@ -132,37 +159,69 @@ class AsyncRollouts:
             ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"PYTHONPATH": path, **{k: v for k, v in os.environ.items()
                                                                        if k == KILL_ENV}}})
-        worker = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(RolloutWorker)
+        worker = ray.remote(num_cpus=0, num_gpus=config.run.rollout_worker_gpus, max_restarts=-1,
+                            max_task_retries=-1)(RolloutWorker)
         threads = torch.get_num_threads()
         self.ray, self.run, self.config, self.inputs = ray, run, config, inputs
+        self.history, self.policy = history, policy
         self.workers = [worker.remote(config, threads) for _ in range(config.run.rollout_workers)]
         self.in_flight: deque = deque()  # (iteration, object ref), oldest first
         self.next_iteration = run.state.iteration
-        self.weights = None  # (version, object ref) of the newest weights
+        self.refs: dict[int, Any] = {}  # version -> its weights in the object store
 
-    def publish(self) -> None:
-        """Put the trainer's weights of the current version into the object store (once per version)."""
-        version = self.run.state.iteration
-        if self.weights is None or self.weights[0] != version:
-            self.weights = (version, self.ray.put(trainable_state(self.run.adapter)))
+    def version_for(self, iteration: int) -> int:
+        """The weights batch ``iteration`` is sampled with: version iteration - max_staleness (0 at the
+        start). A resumed run without them in its history (made with a smaller max_staleness) uses its
+        current weights."""
+        version = max(0, iteration - self.config.run.max_staleness)
+        current = self.run.state.iteration
+        return version if version == current or version in self.history else current
+
+    def weights(self, version: int):
+        """The object-store reference of a version's weights (put once); the current version's are
+        taken now, and kept in the history while a later request may still need them."""
+        if version not in self.refs:
+            if version == self.run.state.iteration:
+                with self.policy():
+                    state = trainable_state(self.run.adapter)
+                if self.config.run.max_staleness:
+                    self.history[version] = state
+            else:
+                state = self.history[version]
+            self.refs[version] = self.ray.put(state)
+        return self.refs[version]
 
     def take(self, iteration: int) -> dict:
         """The batch of ``iteration``: asks for the iterations up to iteration + max_staleness that are not
-        asked for yet (with the newest weights), then waits for this one."""
-        self.publish()
+        asked for yet, then waits for this one."""
         last = min(iteration + self.config.run.max_staleness, self.config.iterations - 1)
         while self.next_iteration <= last:
             it = self.next_iteration
             prompts, rollout_config = self.inputs(it)
             actor = self.workers[it % len(self.workers)]
-            version, weights = self.weights
-            self.in_flight.append((it, actor.sample.remote(it, prompts, rollout_config, version, weights)))
+            version = self.version_for(it)
+            self.in_flight.append((it, actor.sample.remote(it, prompts, rollout_config, version, self.weights(version))))
             self.next_iteration += 1
+        # later requests (iterations > last) use versions > last - max_staleness = iteration
+        oldest_needed = iteration + 1 - self.config.run.max_staleness
+        for version in [v for v in self.history if v < oldest_needed]:
+            del self.history[version]
+        for version in [v for v in self.refs if v < oldest_needed]:
+            del self.refs[version]
         it, ref = self.in_flight.popleft()
         assert it == iteration, f"batches are consumed in order: expected {iteration}, got {it}"
         batch = self.ray.get(ref)
         batch["staleness"] = self.run.state.iteration - batch["version"]
         return batch
+
+    def take_scored(self, iteration: int, batch_prompts: list, rollout_config) -> tuple[Any, Any, Any, int]:
+        """What :func:`align.trainers.scoring.sample_and_score` gives a synchronous trainer, from the batch of
+        ``iteration``: (the prompts' conditioning, encoded here for the loss; the rollout; its scores), and
+        the batch's staleness."""
+        done = self.take(iteration)
+        with self.run.sampling():
+            cond = self.run.adapter.encode(batch_prompts, self.config.negative_prompt, rollout_config.guidance_scale)
+        return cond, done["result"], done["scores"], done["staleness"]
 
     def close(self) -> None:
         for worker in self.workers:

@@ -83,6 +83,9 @@ class RunConfig:
     #: run.async_rollout: a stale batch's importance weights pi_now / pi_sampled per trained step are
     #: truncated at this value (trainers with log-probs; the PPO ratio then starts from the current policy)
     max_importance_weight: float = 2.0
+    #: run.async_rollout: the GPUs each rollout worker asks Ray for (1: a GPU of its own, 0.5: two workers a
+    #: GPU; Ray then shows the worker only those); 0: none, the workers load on model.device as they see it
+    rollout_worker_gpus: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mixed_precision in (False, "False", "false"):  # YAML reads a bare `no` as false
@@ -96,6 +99,8 @@ class RunConfig:
         if self.rollout_workers < 1 or self.max_staleness < 0 or self.max_importance_weight < 1:
             raise ConfigError(f"run.rollout_workers must be >= 1, run.max_staleness >= 0 and run.max_importance_weight "
                               f">= 1, got {self.rollout_workers}, {self.max_staleness}, {self.max_importance_weight}")
+        if self.rollout_worker_gpus < 0:
+            raise ConfigError(f"run.rollout_worker_gpus must be >= 0, got {self.rollout_worker_gpus}")
 
 
 @dataclass
