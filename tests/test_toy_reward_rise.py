@@ -104,12 +104,14 @@ MEASURED: dict[tuple[str, str], tuple[float, ...]] = {
 }
 
 
-def toy_run_config(method: str, reward: str, seed: int, out) -> object:
+def toy_run_config(method: str, reward: str, seed: int, out, extra: tuple[str, ...] = ()) -> object:
+    """This test's run of ``method`` on ``reward`` (``extra``: overrides on top, e.g. tests/test_async_rollout.py's)."""
     trainer = method
     module = trainer_module(read_yaml(PRESETS / f"{method}.yaml")["trainer"])
     return load_config(module.CONFIG, PRESETS / f"{method}.yaml",
                        COMMON + TRAINER_OVERRIDES[trainer] + [REWARDS[reward]]
-                       + PAIR_OVERRIDES.get((trainer, reward), []) + [f"run.seed={seed}", f"run.output_dir={out}"])
+                       + PAIR_OVERRIDES.get((trainer, reward), []) + [f"run.seed={seed}", f"run.output_dir={out}",
+                                                                     *extra])
 
 
 def required_gain(gains) -> float:

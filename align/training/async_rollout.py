@@ -159,6 +159,13 @@ class AsyncRollouts:
             ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"PYTHONPATH": path, **{k: v for k, v in os.environ.items()
                                                                        if k == KILL_ENV}}})
+        gpus = config.run.rollout_workers * config.run.rollout_worker_gpus
+        if gpus > ray.cluster_resources().get("GPU", 0):  # Ray would keep the workers pending forever
+            from align.errors import ConfigError
+
+            raise ConfigError(f"run.rollout_worker_gpus: {config.run.rollout_workers} workers x "
+                              f"{config.run.rollout_worker_gpus:g} GPU need {gpus:g} GPUs; the Ray cluster has "
+                              f"{ray.cluster_resources().get('GPU', 0):g}")
         worker = ray.remote(num_cpus=0, num_gpus=config.run.rollout_worker_gpus, max_restarts=-1,
                             max_task_retries=-1)(RolloutWorker)
         threads = torch.get_num_threads()
