@@ -115,6 +115,21 @@ def _forked(script: Path, argv: list[str]) -> tuple[int, str, str]:
         return status, out.read(), err.read()
 
 
+#: set in the benchmarks a quick run forks: one that measures in worker processes of its own (bench/memory.py,
+#: bench/backprop_memory.py: a clean memory peak each) forks them too, instead of importing everything again
+FORK_WORKERS_ENV = "ALIGN_BENCH_FORK_WORKERS"
+
+
+def run_worker(script: str, argv: list[str]) -> tuple[int, str, str]:
+    """A benchmark's worker process, ``script argv``: a fresh interpreter (its own memory peak), or in a quick
+    run a child forked from the benchmark (its peak then starts at the parent's: a smoke figure). Returns
+    (exit status, stdout, stderr)."""
+    if os.environ.get(FORK_WORKERS_ENV) and hasattr(os, "fork"):
+        return _forked(Path(script), argv)
+    done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=HERE.parent)
+    return done.returncode, done.stdout, done.stderr
+
+
 def run_benchmark(name: str, quick: bool) -> tuple[str, float]:
     """Run one benchmark in its own process (a fresh interpreter; a quick run forks one that has the
     common modules imported): (its last line, or ``failed (...)``, and its seconds)."""
@@ -148,6 +163,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown benchmark {unknown[0]!r} (valid: {', '.join(SUITE)})")
     if args.quick and hasattr(os, "fork"):
+        os.environ[FORK_WORKERS_ENV] = "1"
         sys.path.insert(0, str(HERE.parent))
         for module in PRELOAD:
             importlib.import_module(module)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -83,14 +82,18 @@ def main() -> None:
         k, checkpointed = int(args.worker[0]), args.worker[1] == "1"
         print(json.dumps(worker(k, checkpointed, args.batch, args.device)))
         return
+    sys.path.insert(0, str(ROOT))
+    from bench.__main__ import run_worker
+
     ks = [int(k) for k in args.ks.split(",")]
     results = {}
     for checkpointed in (False, True):
         for k in ks:
-            out = subprocess.run([sys.executable, __file__, "--worker", str(k), str(int(checkpointed)),
-                                  "--batch", str(args.batch), "--device", args.device],
-                                 capture_output=True, text=True, check=True)
-            results[(k, checkpointed)] = json.loads(out.stdout.strip().splitlines()[-1])["added_mib"]
+            code, stdout, stderr = run_worker(__file__, ["--worker", str(k), str(int(checkpointed)), "--batch",
+                                                         str(args.batch), "--device", args.device])
+            if code != 0:
+                raise SystemExit(f"the worker for K={k} failed: {stderr.strip().splitlines()[-1:]}")
+            results[(k, checkpointed)] = json.loads(stdout.strip().splitlines()[-1])["added_mib"]
     print(f"reward backprop, toy model, batch {args.batch}, {STEPS}-step ODE rollouts, {args.device}: "
           f"memory added by the gradient step (MiB)")
     print(f"{'K':>4s} {'plain':>9s} {'checkpointed':>13s} {'ratio':>7s}")

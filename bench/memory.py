@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import threading
@@ -173,15 +172,17 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             print("RESULT " + json.dumps(worker(model, method, recipe, args.device, tmp)), flush=True)
         return
+    sys.path.insert(0, str(ROOT))
+    from bench.__main__ import run_worker
+
     rows = []
     for model in args.models.split(","):
         for method in args.methods.split(","):
             for recipe in RECIPES[method]:
-                done = subprocess.run([sys.executable, __file__, "--device", args.device, "--worker", model, method,
-                                       recipe], capture_output=True, text=True, cwd=ROOT)
-                line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+                _, stdout, stderr = run_worker(__file__, ["--device", args.device, "--worker", model, method, recipe])
+                line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
-                    print(f"{model} {method} {recipe}: failed\n{done.stderr[-1500:]}", file=sys.stderr)
+                    print(f"{model} {method} {recipe}: failed\n{stderr[-1500:]}", file=sys.stderr)
                     continue
                 result = json.loads(line[len("RESULT "):])
                 rows.append((model, method, recipe, result))

@@ -21,27 +21,17 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 from pipelines.base import Conditioning, ModelAdapter, Schedule  # noqa: E402
 
-#: the longest files start first (scripts/test.sh runs one session over the cores): the workers then
+#: the longest files start first (scripts/test.sh hands the work out in this order): the workers then
 #: finish together instead of one running a long file alone at the end
-START_FIRST = ("test_bench_suite.py", "test_gpu_bench.py", "test_toy_reward_rise.py", "test_guided_training.py",
-               "test_distributed.py")
+START_FIRST = ("test_bench_suite.py", "test_gpu_bench.py", "test_guided_training.py", "test_reward_server.py",
+               "test_distributed.py", "test_toy_reward_rise.py", "test_async_rollout.py")
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Under ``--dist loadgroup`` (scripts/test.sh) a default-set file's tests share a worker (an
-    xdist_group of their file: its module fixtures are built once) while each slow test goes to whichever
-    worker is free; the work is handed out in this order: START_FIRST's files, the slow tests, the rest."""
-    for item in items:
-        if not item.get_closest_marker("slow") and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-
-    def rank(item):
-        name = item.path.name
-        return (START_FIRST.index(name) if name in START_FIRST else len(START_FIRST) + (
-            0 if item.get_closest_marker("slow") else 1))
-
-    items.sort(key=rank)
+    """START_FIRST's files first, the others in their order (scripts/test.sh runs pytest-xdist with
+    --no-loadscope-reorder, so this is the order the workers get them)."""
+    items.sort(key=lambda item: START_FIRST.index(item.path.name) if item.path.name in START_FIRST
+               else len(START_FIRST))
 
 SHARED_ASSETS = ROOT.parent / "shared" / "assets"
 
