@@ -155,10 +155,10 @@ class AsyncRollouts:
 
         root = str(Path(__file__).resolve().parents[2])  # the actors import the project from here
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        # the workers' environment goes with the actors, so it holds in a Ray instance started before this run
+        env = {"PYTHONPATH": path, **{k: v for k, v in os.environ.items() if k == KILL_ENV}}
         if not ray.is_initialized():
-            ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": path, **{k: v for k, v in os.environ.items()
-                                                                       if k == KILL_ENV}}})
+            ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=False)
         gpus = config.run.rollout_workers * config.run.rollout_worker_gpus
         if gpus > ray.cluster_resources().get("GPU", 0):  # Ray would keep the workers pending forever
             from align.errors import ConfigError
@@ -167,7 +167,7 @@ class AsyncRollouts:
                               f"{config.run.rollout_worker_gpus:g} GPU need {gpus:g} GPUs; the Ray cluster has "
                               f"{ray.cluster_resources().get('GPU', 0):g}")
         worker = ray.remote(num_cpus=0, num_gpus=config.run.rollout_worker_gpus, max_restarts=-1,
-                            max_task_retries=-1)(RolloutWorker)
+                            max_task_retries=-1, runtime_env={"env_vars": env})(RolloutWorker)
         threads = torch.get_num_threads()
         self.ray, self.run, self.config, self.inputs = ray, run, config, inputs
         self.history, self.policy = history, policy
