@@ -25,9 +25,9 @@ Features and the fields that turn them on:
   updates its head after every generator update (``updates_per_step`` / ``update_every`` of the
   reward), and the head's weights and optimiser state are checkpointed and resumed.
 - Asynchronous rollouts: ``run.async_rollout`` with ``run.rollout_workers`` and ``run.max_staleness``
-  (Ray actors sample while the trainer trains; a stale batch is re-scored once by the current policy,
-  its rows weighted by truncated importance weights, ``run.max_importance_weight``;
-  align/training/async_rollout.py).
+  (Ray actors sample while the trainer trains; a stale batch's rows are weighted by truncated importance
+  weights, ``run.max_importance_weight``, against the current policy's log-probs: the single update's own
+  forward, or with several updates a re-score once per step first; align/training/async_rollout.py).
 """
 
 from __future__ import annotations

@@ -160,12 +160,13 @@ class AsyncRollouts:
         if not ray.is_initialized():
             ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=False)
         gpus = config.run.rollout_workers * config.run.rollout_worker_gpus
-        if gpus > ray.cluster_resources().get("GPU", 0):  # Ray would keep the workers pending forever
+        available = ray.cluster_resources().get("GPU", 0)
+        if gpus > available:  # Ray would keep the workers pending forever
             from align.errors import ConfigError
 
             raise ConfigError(f"run.rollout_worker_gpus: {config.run.rollout_workers} workers x "
                               f"{config.run.rollout_worker_gpus:g} GPU need {gpus:g} GPUs; the Ray cluster has "
-                              f"{ray.cluster_resources().get('GPU', 0):g}")
+                              f"{available:g}")
         worker = ray.remote(num_cpus=0, num_gpus=config.run.rollout_worker_gpus, max_restarts=-1,
                             max_task_retries=-1, runtime_env={"env_vars": env})(RolloutWorker)
         threads = torch.get_num_threads()
@@ -207,7 +208,8 @@ class AsyncRollouts:
             prompts, rollout_config = self.inputs(it)
             actor = self.workers[it % len(self.workers)]
             version = self.version_for(it)
-            self.in_flight.append((it, actor.sample.remote(it, prompts, rollout_config, version, self.weights(version))))
+            ref = actor.sample.remote(it, prompts, rollout_config, version, self.weights(version))
+            self.in_flight.append((it, ref))
             self.next_iteration += 1
         # later requests (iterations > last) use versions > last - max_staleness = iteration
         oldest_needed = iteration + 1 - self.config.run.max_staleness
