@@ -87,28 +87,44 @@ PRELOAD = ("torch", "diffusers", "transformers", "peft", "accelerate", "align.tr
            "pipelines.toy", "rewards.registry")
 
 
+def run_in_child(script: str | Path, argv: list[str], fds: list[int], cwd: str | None = None, close=()) -> int:
+    """Fork a child that runs ``script`` (``-``: the program on its standard input) as ``__main__`` with
+    ``argv`` and ``fds`` as its standard input, output and error (or output and error), its modules already
+    imported; ``close``: sockets the child must not hold. Returns the child's pid."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            for sock in close:
+                sock.close()
+            for target, fd in zip((0, 1, 2) if len(fds) == 3 else (1, 2), fds):
+                os.dup2(fd, target)
+            if cwd:
+                os.chdir(cwd)
+            sys.argv = [str(script), *argv]
+            if str(script) == "-":
+                sys.path[0] = ""
+                exec(compile(sys.stdin.read(), "<stdin>", "exec"), {"__name__": "__main__"})
+            else:
+                sys.path[0] = str(Path(script).resolve().parent)
+                runpy.run_path(str(script), run_name="__main__")
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
 def _forked(script: Path, argv: list[str]) -> tuple[int, str, str]:
     """Run ``script`` as ``__main__`` in a child forked from this process (its modules already
     imported): (exit status, stdout, stderr)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        pid = os.fork()
-        if pid == 0:  # the child: never returns
-            code = 1
-            try:
-                os.dup2(out.fileno(), 1)
-                os.dup2(err.fileno(), 2)
-                sys.argv = [str(script), *argv]
-                sys.path[0] = str(script.parent)
-                runpy.run_path(str(script), run_name="__main__")
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        pid = run_in_child(script, argv, [out.fileno(), err.fileno()])
         status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         out.seek(0)
         err.seek(0)

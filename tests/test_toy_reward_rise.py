@@ -1,5 +1,5 @@
-"""Every method raises the shipped digit-classifier reward (and the online-RL trainers the
-weight-free JPEG compressibility too) on the embedded toy model in a short CPU run, against fixed
+"""Every method raises the shipped digit-classifier reward (and Flow-GRPO the weight-free JPEG
+compressibility too) on the embedded toy model in a short CPU run, against fixed
 evaluation prompts and seeds.
 
 All runs share one setting: the four prompts the base model draws least reliably without guidance,
@@ -75,14 +75,10 @@ MEASURED: dict[tuple[str, str], tuple[float, ...]] = {
     ("flow_grpo", "digit"): (0.0213, 0.0361, 0.0362, 0.0219, 0.0330),
     ("flow_grpo", "jpeg"): (0.1763, 0.1194, 0.1125, 0.1319, 0.1305),
     ("branch_grpo", "digit"): (0.0615, 0.0493, 0.0525, 0.0588, 0.0550),
-    ("branch_grpo", "jpeg"): (0.1495, 0.1753, 0.1709, 0.1322, 0.1579),
     ("dense_grpo", "digit"): (0.0556, 0.0647, 0.0622, 0.0538, 0.0566),
-    ("dense_grpo", "jpeg"): (0.1702, 0.1786, 0.1758, 0.1648, 0.1644),
     ("tempflow_grpo", "digit"): (0.0489, 0.0573, 0.0645, 0.0518, 0.0620),
-    ("tempflow_grpo", "jpeg"): (0.1647, 0.1576, 0.1679, 0.1622, 0.1774),
     # DiffusionNFT with the reference's loss, noise levels, KL, policy EMA and DPM-Solver++ sampler
     ("diffusion_nft", "digit"): (0.0518, 0.0421, 0.0486, 0.0543, 0.0400),
-    ("diffusion_nft", "jpeg"): (0.1017, 0.1530, 0.1436, 0.0355, 0.1162),
     # the ODE-rollout methods: AWM (ghuber weighting, KL to the base and to an EMA) and DGPO (beta 100,
     # the gated surrogate); on JPEG they gained (0.132, 0.179, 0.147, 0.164, 0.159) and (0.104, 0.037,
     # 0.111, 0.086, 0.096), not run here to keep the slow set short
@@ -102,6 +98,13 @@ MEASURED: dict[tuple[str, str], tuple[float, ...]] = {
     # B2-DiffuRL: the split moving from step 4 back to 0 over the 20 iterations
     ("b2_diffurl", "digit"): (0.0336, 0.0245, 0.0296, 0.0285, 0.0299),
 }
+
+
+# Measured like MEASURED (seeds 0-4) but not run, to keep the slow set inside its budget (each method's
+# learning is tested on the digit reward above; JPEG on Flow-GRPO itself and on asynchronous rollouts,
+# tests/test_async_rollout.py), JPEG gains: BranchGRPO (0.150, 0.175, 0.171, 0.132, 0.158), DenseGRPO
+# (0.170, 0.179, 0.176, 0.165, 0.164), TempFlow-GRPO (0.165, 0.158, 0.168, 0.162, 0.177), DiffusionNFT
+# (0.102, 0.153, 0.144, 0.036, 0.116).
 
 
 def toy_run_config(method: str, reward: str, seed: int, out, extra: tuple[str, ...] = ()) -> object:
