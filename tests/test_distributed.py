@@ -219,8 +219,15 @@ def test_fsdp2_fully_shard_trains_as_ddp_saves_whole_weights_and_resumes(tmp_pat
               "run.log_with=none", "ppo.kl_beta=0.04", f"lora.enabled={lora}"] + ([] if lora else ["optim.lr=0.0002"])
     lr = 0.002 if lora else 0.0002
     sharded, ddp = tmp_path / "sharded", tmp_path / "ddp"
-    torchrun(*common, "iterations=2", "run.fully_shard=true", f"run.output_dir={sharded}")
-    torchrun(*common, "iterations=2", f"run.output_dir={ddp}")
+    # one launch of two processes: the sharded run, the same under DDP, then the sharded run resumed
+    # for a third iteration (its checkpoint of iteration 2 stays: checkpoint_limit 2)
+    command = [*torchrun_launcher(), str(ROOT / "tests" / "ddp_rank_reward.py"),
+               *common, "iterations=2", "run.fully_shard=true", f"run.output_dir={sharded}",
+               "+", *common, "iterations=2", f"run.output_dir={ddp}",
+               "+", *common, "iterations=3", "run.fully_shard=true", "run.resume=auto", f"run.output_dir={sharded}"]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
     assert "fully_shard: 9 modules sharded over 2 processes (FSDP2)" in (sharded / "log.txt").read_text()
     weights = {name: read_part(run / "checkpoints" / "iteration-000002", "trainable") for name, run in
                (("sharded", sharded), ("ddp", ddp))}
@@ -238,7 +245,6 @@ def test_fsdp2_fully_shard_trains_as_ddp_saves_whole_weights_and_resumes(tmp_pat
     if lora:
         exported = lora_tensors(sharded)
         assert all(t.shape == lora_tensors(ddp)[k].shape for k, t in exported.items())
-    torchrun(*common, "iterations=3", "run.fully_shard=true", "run.resume=auto", f"run.output_dir={sharded}")
     assert "at iteration 2 (from iteration-000002)" in (sharded / "log.txt").read_text()
     rows = [json.loads(line) for line in (sharded / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
     assert [r["iteration"] for r in rows] == [1, 2, 3]
