@@ -81,6 +81,9 @@ SUITE = {
 }
 
 
+#: scripts of bench/ that are not benchmarks
+HELPERS = ("fork_server.py",)
+
 #: what every benchmark imports (about 8 s of a tiny run): a quick run imports it once and forks a
 #: process per benchmark from there
 PRELOAD = ("torch", "diffusers", "transformers", "peft", "accelerate", "align.trainers", "pipelines.registry",
