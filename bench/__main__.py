@@ -90,6 +90,13 @@ PRELOAD = ("torch", "diffusers", "transformers", "peft", "accelerate", "align.tr
            "pipelines.toy", "rewards.registry")
 
 
+def preload() -> None:
+    """Import :data:`PRELOAD` (the project's root on the path): what the children forked from here share."""
+    sys.path.insert(0, str(HERE.parent))
+    for module in PRELOAD:
+        importlib.import_module(module)
+
+
 def run_in_child(script: str | Path, argv: list[str], fds: list[int], cwd: str | None = None, close=()) -> int:
     """Fork a child that runs ``script`` (``-``: the program on its standard input) as ``__main__`` with
     ``argv`` and ``fds`` as its standard input, output and error (or output and error), its modules already
@@ -183,9 +190,7 @@ def main() -> int:
         parser.error(f"unknown benchmark {unknown[0]!r} (valid: {', '.join(SUITE)})")
     if args.quick and hasattr(os, "fork"):
         os.environ[FORK_WORKERS_ENV] = "1"
-        sys.path.insert(0, str(HERE.parent))
-        for module in PRELOAD:
-            importlib.import_module(module)
+        preload()
     results = []
     for name in chosen:
         last, seconds = run_benchmark(name, args.quick)

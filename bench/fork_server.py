@@ -27,12 +27,9 @@ def serve(path: str) -> None:
     """Import the benchmarks' common modules, then run every script sent to ``path`` in a forked child,
     one at a time: reply the child's pid, then its exit status."""
     sys.path.insert(0, str(HERE.parent))
-    from bench.__main__ import PRELOAD, run_in_child
+    from bench.__main__ import preload, run_in_child
 
-    import importlib
-
-    for module in PRELOAD:
-        importlib.import_module(module)
+    preload()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     ready = path + ".binding"
     listener.bind(ready)

@@ -26,6 +26,25 @@ def torchrun_launcher(processes: int = 2) -> list[str]:
             str(free_port())]
 
 
+def launch(command: list[str]) -> subprocess.CompletedProcess:
+    """Run ``command`` (one thread per process) and assert it succeeded."""
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    launcher = [*torchrun_launcher(processes), "-m", "align"] if processes > 1 else [sys.executable, "-m", "align"]
+    return launch([*launcher, *args])
+
+
+def torchrun_commands(*commands: list[str]) -> subprocess.CompletedProcess:
+    """Several ``align`` commands one after another in one launch of two processes (tests/ddp_rank_reward.py,
+    which also registers the ``rank_split`` reward)."""
+    joined = [word for command in commands for word in ("+", *command)][1:]
+    return launch([*torchrun_launcher(), str(ROOT / "tests" / "ddp_rank_reward.py"), *joined])
+
 
 LAUNCHERS = {
     "accelerate": ["accelerate", "launch", "--config_file", str(ROOT / "configs/accelerate/multi_cpu.yaml"),
@@ -67,18 +86,11 @@ def test_processes_whose_groups_are_all_dropped_keep_step_with_the_others(tmp_pa
     """DDP all-reduces in every backward: a process with nothing to train must still run the same
     forward / backward calls (with weight 0), or the other process waits forever. Every trainer of
     UNEVEN in turn, in one launch of two processes."""
-    commands = []
-    for trainer in sorted(UNEVEN):
-        commands += ["+", "train", trainer, "model.name=toy", "rewards=[rank_split]", "iterations=2",
-                     "prompts_per_iteration=2", "rollout.num_steps=4", "rollout.guidance_scale=1.0",
-                     "eval_prompts=['a red digit 3']", "eval.per_prompt=1", f"run.output_dir={tmp_path / trainer}",
-                     "run.resume=null", "run.progress=false", "run.log_with=none", "run.checkpoint_every=0",
-                     *UNEVEN[trainer]]
-    command = [*torchrun_launcher(),
-               str(ROOT / "tests" / "ddp_rank_reward.py"), *commands[1:]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun_commands(*(["train", trainer, "model.name=toy", "rewards=[rank_split]", "iterations=2",
+                         "prompts_per_iteration=2", "rollout.num_steps=4", "rollout.guidance_scale=1.0",
+                         "eval_prompts=['a red digit 3']", "eval.per_prompt=1", f"run.output_dir={tmp_path / trainer}",
+                         "run.resume=null", "run.progress=false", "run.log_with=none", "run.checkpoint_every=0",
+                         *UNEVEN[trainer]] for trainer in sorted(UNEVEN)))
     for trainer in sorted(UNEVEN):
         rows = [json.loads(line) for line in (tmp_path / trainer / "metrics.jsonl").read_text().splitlines()]
         assert [m["iteration"] for m in rows if "train/grad_norm" in m] == [1, 2], trainer
@@ -195,12 +207,6 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     assert trained > 100 * moved  # the two updates moved the LoRA far more than the layouts differ
 
 
-def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    launcher = [*torchrun_launcher(processes), "-m", "align"] if processes > 1 else [sys.executable, "-m", "align"]
-    done = subprocess.run([*launcher, *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done
 
 
 @pytest.mark.slow
@@ -221,13 +227,9 @@ def test_fsdp2_fully_shard_trains_as_ddp_saves_whole_weights_and_resumes(tmp_pat
     sharded, ddp = tmp_path / "sharded", tmp_path / "ddp"
     # one launch of two processes: the sharded run, the same under DDP, then the sharded run resumed
     # for a third iteration (its checkpoint of iteration 2 stays: checkpoint_limit 2)
-    command = [*torchrun_launcher(), str(ROOT / "tests" / "ddp_rank_reward.py"),
-               *common, "iterations=2", "run.fully_shard=true", f"run.output_dir={sharded}",
-               "+", *common, "iterations=2", f"run.output_dir={ddp}",
-               "+", *common, "iterations=3", "run.fully_shard=true", "run.resume=auto", f"run.output_dir={sharded}"]
-    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun_commands([*common, "iterations=2", "run.fully_shard=true", f"run.output_dir={sharded}"],
+                      [*common, "iterations=2", f"run.output_dir={ddp}"],
+                      [*common, "iterations=3", "run.fully_shard=true", "run.resume=auto", f"run.output_dir={sharded}"])
     assert "fully_shard: 9 modules sharded over 2 processes (FSDP2)" in (sharded / "log.txt").read_text()
     weights = {name: read_part(run / "checkpoints" / "iteration-000002", "trainable") for name, run in
                (("sharded", sharded), ("ddp", ddp))}
